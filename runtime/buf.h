@@ -1,0 +1,36 @@
+/*
+ * buf.h: a growable byte buffer, the one way ebb builds text (JSON, SQL
+ * results, HTTP responses). Out-of-memory is sticky: once an append fails,
+ * `oom` stays set and later appends do nothing, so a caller may check once
+ * at the end.
+ */
+#ifndef EBB_BUF_H
+#define EBB_BUF_H
+
+#include <stddef.h>
+
+typedef struct ebb_buf {
+  char *data;   /* always NUL-terminated when len > 0 or after ebb_buf_cstr */
+  size_t len;
+  size_t cap;
+  int oom;
+} ebb_buf;
+
+#define EBB_BUF_INIT {NULL, 0, 0, 0}
+
+void ebb_buf_init(ebb_buf *b);
+void ebb_buf_free(ebb_buf *b);            /* frees and re-inits; harmless twice */
+void ebb_buf_reset(ebb_buf *b);           /* len = 0, keeps the memory */
+int ebb_buf_reserve(ebb_buf *b, size_t extra); /* 0 or -1 (oom) */
+int ebb_buf_append(ebb_buf *b, const void *p, size_t n);
+int ebb_buf_puts(ebb_buf *b, const char *s);
+int ebb_buf_putc(ebb_buf *b, char c);
+int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends s as a JSON string literal (quotes and escapes); s must be UTF-8. */
+int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n);
+/* Returns the NUL-terminated text ("" for an empty buffer); NULL after oom. */
+const char *ebb_buf_cstr(ebb_buf *b);
+/* Hands the memory to the caller (malloc'd, NUL-terminated) and re-inits b. */
+char *ebb_buf_take(ebb_buf *b, size_t *len);
+
+#endif

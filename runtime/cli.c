@@ -1,0 +1,638 @@
+/*
+ * cli.c: the `ebb` command line (see cli.h and README.md).
+ *
+ * Every command works on a data directory directly through the runtime.
+ * Output is JSON, one object per line for lists, so it pipes into jq;
+ * errors go to stderr as "ebb: <code>: <message>" with an exit code per kind.
+ */
+#include "cli.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "json.h"
+#include "runtime.h"
+#include "uuid.h"
+
+#define MAX_POSITIONAL 8
+#define PAGE 1000
+
+typedef struct cli {
+  const char *command;
+  const char *pos[MAX_POSITIONAL];
+  int npos;
+  /* global options */
+  const char *data, *aggregates, *projections, *durability;
+  /* command options */
+  const char *expect, *command_id, *metadata, *from, *limit, *after, *before, *category, *type;
+  int backward, help;
+} cli;
+
+typedef struct option {
+  const char *name;
+  int takes_value;
+  size_t offset;
+} option;
+
+#define OPT(n, f) {n, 1, offsetof(cli, f)}
+#define FLAG(n, f) {n, 0, offsetof(cli, f)}
+
+static const option global_options[] = {
+    OPT("data", data), OPT("aggregates", aggregates), OPT("projections", projections),
+    OPT("durability", durability), FLAG("help", help), {NULL, 0, 0},
+};
+
+typedef struct command {
+  const char *name;
+  int (*run)(cli *);
+  int min_pos, max_pos;
+  const char *options; /* names allowed, space-separated */
+  const char *usage;
+  const char *help;
+} command;
+
+static const command *find_command(const char *name);
+
+/* ---------------------------------------------------------------- output */
+
+static int exit_code(int code) {
+  switch (code) {
+    case EBB_OK: return EBB_EXIT_OK;
+    case EBB_ENOTFOUND: return EBB_EXIT_NOTFOUND;
+    case EBB_EVERSION:
+    case EBB_ECONFLICT: return EBB_EXIT_CONFLICT;
+    case EBB_EREJECTED: return EBB_EXIT_REJECTED;
+    case EBB_ESCRIPT: return EBB_EXIT_SCRIPT;
+    case EBB_EBADREQ:
+    case EBB_ETOOLARGE: return EBB_EXIT_INVALID;
+    case EBB_EBUSY: return EBB_EXIT_BUSY;
+    default: return EBB_EXIT_FAILURE;
+  }
+}
+
+/* Prints the error as one line of text and, for scripts, one JSON line:
+ * ebb: wrong_expected_version: ... */
+static int fail(ebb_error *err) {
+  fprintf(stderr, "ebb: %s: %s\n", ebb_error_name(err->code), err->message);
+  if (err->details) fprintf(stderr, "ebb: details: %s\n", err->details);
+  int rc = exit_code(err->code);
+  ebb_error_clear(err);
+  return rc;
+}
+
+static int usage_error(const char *fmt, const char *arg) {
+  fprintf(stderr, "ebb: ");
+  fprintf(stderr, fmt, arg);
+  fprintf(stderr, "\nRun 'ebb --help' for usage.\n");
+  return EBB_EXIT_USAGE;
+}
+
+/* ---------------------------------------------------------------- arguments */
+
+static int parse_int(const char *s, const char *what, int64_t min, int64_t *out) {
+  char *end;
+  errno = 0;
+  long long v = strtoll(s, &end, 10);
+  if (errno || end == s || *end || v < min) {
+    fprintf(stderr, "ebb: %s must be an integer of at least %lld, not \"%s\"\n", what,
+            (long long)min, s);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+static int set_option(cli *c, const option *opts, const char *name, const char *value,
+                      int *used_value) {
+  for (const option *o = opts; o->name; o++) {
+    if (strcmp(o->name, name) != 0) continue;
+    if (o->takes_value) {
+      if (value == NULL) return usage_error("option --%s needs a value", name);
+      *(const char **)((char *)c + o->offset) = value;
+      *used_value = 1;
+    } else {
+      *(int *)((char *)c + o->offset) = 1;
+    }
+    return 0;
+  }
+  return -1;
+}
+
+static const option command_options[] = {
+    OPT("expect", expect),   OPT("command-id", command_id), OPT("metadata", metadata),
+    OPT("from", from),       OPT("limit", limit),           OPT("after", after),
+    OPT("before", before),   OPT("category", category),     OPT("type", type),
+    FLAG("backward", backward), {NULL, 0, 0},
+};
+
+static int option_allowed(const command *cmd, const char *name) {
+  size_t n = strlen(name);
+  for (const char *p = cmd->options; (p = strstr(p, name)) != NULL; p += n)
+    if ((p == cmd->options || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) return 1;
+  return 0;
+}
+
+static int parse_args(cli *c, int argc, char **argv) {
+  int only_positional = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (!only_positional && strcmp(a, "--") == 0) {
+      only_positional = 1;
+      continue;
+    }
+    if (!only_positional && a[0] == '-' && a[1] == '-' && a[2]) {
+      char name[64];
+      const char *eq = strchr(a + 2, '=');
+      size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+      if (n >= sizeof name) return usage_error("unknown option %s", a);
+      memcpy(name, a + 2, n);
+      name[n] = '\0';
+      const char *value = eq ? eq + 1 : (i + 1 < argc ? argv[i + 1] : NULL);
+      int used = 0;
+      int rc = set_option(c, global_options, name, value, &used);
+      if (rc < 0) {
+        const command *cmd = c->command ? find_command(c->command) : NULL;
+        if (cmd == NULL || !option_allowed(cmd, name))
+          return usage_error("unknown option --%s for this command", name);
+        rc = set_option(c, command_options, name, value, &used);
+      }
+      if (rc > 0) return rc;
+      if (used && !eq) i++;
+      if (!used && eq) return usage_error("option --%s takes no value", name);
+      continue;
+    }
+    if (!only_positional && a[0] == '-' && a[1] && a[1] != '-' && strcmp(a, "-h") == 0) {
+      c->help = 1;
+      continue;
+    }
+    if (c->command == NULL) {
+      c->command = a;
+      continue;
+    }
+    if (c->npos == MAX_POSITIONAL) return usage_error("too many arguments (%s)", a);
+    c->pos[c->npos++] = a;
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------- opening */
+
+static int open_runtime(cli *c, ebb_runtime **rt) {
+  ebb_runtime_options o = {
+      .data_dir = c->data,
+      .aggregates_dir = c->aggregates,
+      .durability = strcmp(c->durability, "normal") == 0 ? EBB_DURABILITY_NORMAL
+                                                          : EBB_DURABILITY_FULL,
+  };
+  if (strcmp(c->durability, "full") != 0 && strcmp(c->durability, "normal") != 0)
+    return usage_error("--durability must be full or normal, not \"%s\"", c->durability);
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_runtime_open(rt, &o, &err) != 0) return fail(&err);
+  return 0;
+}
+
+static void print_events(ebb_event_list *l) {
+  ebb_buf b = EBB_BUF_INIT;
+  for (size_t i = 0; i < l->n; i++) {
+    ebb_buf_reset(&b);
+    ebb_event_to_json(&l->items[i], &b);
+    ebb_buf_putc(&b, '\n');
+    fwrite(b.data, 1, b.len, stdout);
+  }
+  ebb_buf_free(&b);
+}
+
+/* ---------------------------------------------------------------- commands */
+
+static int cmd_send(cli *c) {
+  ebb_command cmd = {
+      .aggregate = c->pos[0],
+      .id = c->pos[1],
+      .type = c->pos[2],
+      .data = c->npos > 3 ? c->pos[3] : NULL,
+      .data_len = c->npos > 3 ? strlen(c->pos[3]) : 0,
+      .metadata = c->metadata,
+      .metadata_len = c->metadata ? strlen(c->metadata) : 0,
+      .command_id = c->command_id,
+  };
+  if (c->expect) {
+    cmd.has_expected = 1;
+    if (ebb_parse_expected(c->expect, &cmd.expected) != 0)
+      return usage_error("--expect takes any, no_stream, exists or a version, not \"%s\"",
+                         c->expect);
+  }
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  char *result;
+  ebb_error err;
+  ebb_error_init(&err);
+  rc = ebb_runtime_send(rt, &cmd, &result, &err);
+  ebb_runtime_close(rt);
+  if (rc) return fail(&err);
+  puts(result);
+  free(result);
+  return 0;
+}
+
+static int cmd_read(cli *c) {
+  int64_t from = 0, limit = INT64_MAX;
+  if ((c->from && parse_int(c->from, "--from", 0, &from)) ||
+      (c->limit && parse_int(c->limit, "--limit", 1, &limit)))
+    return EBB_EXIT_USAGE;
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  ebb_error err;
+  ebb_error_init(&err);
+  int64_t printed = 0;
+  for (;;) {
+    int64_t want = limit - printed < PAGE ? limit - printed : PAGE;
+    if (ebb_store_read_stream(ebb_runtime_store(rt), c->pos[0], from, want, c->backward, &l,
+                              &err) != 0)
+      break;
+    print_events(&l);
+    printed += (int64_t)l.n;
+    if ((int64_t)l.n < want || printed >= limit) break;
+    int64_t last = l.items[l.n - 1].version;
+    from = c->backward ? last - 1 : last + 1;
+    ebb_event_list_clear(&l);
+    if (c->backward && from < 1) break;
+  }
+  ebb_event_list_free(&l);
+  ebb_runtime_close(rt);
+  if (err.code) return fail(&err);
+  if (printed == 0 && !c->from) {
+    /* An empty answer would hide a typo in the stream name. */
+    ebb_error_set(&err, EBB_ENOTFOUND, "stream %s does not exist", c->pos[0]);
+    return fail(&err);
+  }
+  return 0;
+}
+
+/* Pages through all events after `after` (and before `before`, when > 0). */
+static int page_events(cli *c, int64_t after, int64_t before, int64_t limit) {
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  ebb_error err;
+  ebb_error_init(&err);
+  int64_t printed = 0;
+  ebb_read_all q = {.after = after, .category = c->category, .type = c->type};
+  for (;;) {
+    q.limit = limit - printed < PAGE ? limit - printed : PAGE;
+    if (ebb_store_read_all(ebb_runtime_store(rt), &q, &l, &err) != 0) break;
+    size_t keep = l.n;
+    while (before > 0 && keep > 0 && l.items[keep - 1].position >= before) keep--;
+    size_t n = l.n;
+    l.n = keep;
+    print_events(&l);
+    l.n = n;
+    printed += (int64_t)keep;
+    if ((int64_t)n < q.limit || keep < n || printed >= limit) break;
+    q.after = l.items[n - 1].position;
+    ebb_event_list_clear(&l);
+  }
+  ebb_event_list_free(&l);
+  ebb_runtime_close(rt);
+  if (err.code) return fail(&err);
+  return 0;
+}
+
+static int cmd_events(cli *c) {
+  int64_t after = 0, limit = INT64_MAX;
+  if ((c->after && parse_int(c->after, "--after", 0, &after)) ||
+      (c->limit && parse_int(c->limit, "--limit", 1, &limit)))
+    return EBB_EXIT_USAGE;
+  return page_events(c, after, 0, limit);
+}
+
+static int cmd_export(cli *c) {
+  int64_t after = 0, before = 0;
+  if ((c->after && parse_int(c->after, "--after", 0, &after)) ||
+      (c->before && parse_int(c->before, "--before", 1, &before)))
+    return EBB_EXIT_USAGE;
+  return page_events(c, after, before, INT64_MAX);
+}
+
+static int cmd_state(cli *c) {
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  char *result;
+  ebb_error err;
+  ebb_error_init(&err);
+  rc = ebb_runtime_state(rt, c->pos[0], c->pos[1], &result, &err);
+  ebb_runtime_close(rt);
+  if (rc) return fail(&err);
+  puts(result);
+  free(result);
+  return 0;
+}
+
+static int cmd_check(cli *c) {
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  ebb_buf b = EBB_BUF_INIT;
+  int problems = ebb_runtime_check(rt, &b);
+  ebb_runtime_close(rt);
+  if (problems) {
+    fprintf(stderr, "%s", b.data);
+    fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", problems, problems == 1 ? "" : "s",
+            c->aggregates);
+    ebb_buf_free(&b);
+    return EBB_EXIT_SCRIPT;
+  }
+  ebb_buf_free(&b);
+  printf("{\"ok\":true,\"aggregates\":\"%s\"}\n", c->aggregates);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- import */
+
+/* One event line, turned into owned C strings by l_parse_line. */
+typedef struct import_event {
+  char *stream, *id, *type, *data, *metadata, *recorded_at;
+  int64_t version, schema;
+  size_t data_len, metadata_len;
+  long line;
+} import_event;
+
+static void import_event_free(import_event *e) {
+  free(e->stream);
+  free(e->id);
+  free(e->type);
+  free(e->data);
+  free(e->metadata);
+  free(e->recorded_at);
+  memset(e, 0, sizeof *e);
+}
+
+static char *take_string_field(lua_State *L, int t, const char *k) {
+  if (lua_getfield(L, t, k) != LUA_TSTRING) luaL_error(L, "field \"%s\" must be a string", k);
+  char *s = strdup(lua_tostring(L, -1));
+  lua_pop(L, 1);
+  if (s == NULL) luaL_error(L, "out of memory");
+  return s;
+}
+
+/* Parses one NDJSON line (argument 1: text, 2: import_event*). Raises with a message. */
+static int l_parse_line(lua_State *L) {
+  size_t len;
+  const char *text = lua_tolstring(L, 1, &len);
+  import_event *e = lua_touserdata(L, 2);
+  char msg[512];
+  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
+  if (!lua_istable(L, -1)) luaL_error(L, "an event must be a JSON object");
+  int t = lua_gettop(L);
+  e->stream = take_string_field(L, t, "stream");
+  e->id = take_string_field(L, t, "id");
+  e->type = take_string_field(L, t, "type");
+  e->recorded_at = take_string_field(L, t, "recorded_at");
+  if (lua_getfield(L, t, "version") != LUA_TNUMBER || !lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1)
+    luaL_error(L, "field \"version\" must be a positive integer");
+  e->version = lua_tointeger(L, -1);
+  int st = lua_getfield(L, t, "schema");
+  if (st != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1))
+    luaL_error(L, "field \"schema\" must be a positive integer");
+  e->schema = st == LUA_TNIL ? 1 : lua_tointeger(L, -1);
+  lua_pop(L, 2);
+  static const char *const parts[2] = {"data", "metadata"};
+  for (int k = 0; k < 2; k++) {
+    int ft = lua_getfield(L, t, parts[k]);
+    ebb_buf b = EBB_BUF_INIT;
+    if (ft == LUA_TNIL) ebb_buf_puts(&b, "{}");
+    else if (ft != LUA_TTABLE || ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0 ||
+             b.data[0] != '{') {
+      ebb_buf_free(&b);
+      luaL_error(L, "field \"%s\" must be a JSON object", parts[k]);
+    }
+    char **dst = k ? &e->metadata : &e->data;
+    *dst = ebb_buf_take(&b, k ? &e->metadata_len : &e->data_len);
+    if (*dst == NULL) luaL_error(L, "out of memory");
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+typedef struct import_state {
+  ebb_store *store;
+  import_event *events;
+  size_t n, cap;
+  long imported, skipped;
+} import_state;
+
+/* Appends the collected events, one request per run of one stream's
+ * consecutive versions, in one transaction. */
+static int import_flush(import_state *s, ebb_error *err) {
+  if (s->n == 0) return 0;
+  ebb_event_in *in = calloc(s->n, sizeof *in);
+  ebb_append *reqs = calloc(s->n, sizeof *reqs);
+  if (!in || !reqs) {
+    free(in);
+    free(reqs);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  size_t nreq = 0;
+  for (size_t i = 0; i < s->n; i++) {
+    import_event *e = &s->events[i];
+    in[i] = (ebb_event_in){e->id, e->type, e->schema, e->data, e->data_len,
+                           e->metadata, e->metadata_len, e->recorded_at};
+    ebb_append *last = nreq ? &reqs[nreq - 1] : NULL;
+    if (last && strcmp(last->stream, e->stream) == 0 &&
+        s->events[i - 1].version + 1 == e->version && last->events + last->n == &in[i]) {
+      last->n++;
+      continue;
+    }
+    reqs[nreq++] = (ebb_append){.stream = e->stream, .expected = e->version - 1, .events = &in[i],
+                                .n = 1};
+  }
+  int rc = ebb_store_append(s->store, reqs, nreq, err);
+  for (size_t r = 0; r < nreq && rc == 0; r++) {
+    if (reqs[r].err.code) {
+      long line = s->events[reqs[r].events - in].line;
+      ebb_error_set(err, reqs[r].err.code, "line %ld: %s", line, reqs[r].err.message);
+      err->expected = reqs[r].err.expected;
+      err->actual = reqs[r].err.actual;
+      rc = err->code;
+    } else if (reqs[r].result.idempotent) {
+      s->skipped += (long)reqs[r].n;
+    } else {
+      s->imported += (long)reqs[r].n;
+    }
+  }
+  for (size_t r = 0; r < nreq; r++) ebb_error_clear(&reqs[r].err);
+  for (size_t i = 0; i < s->n; i++) import_event_free(&s->events[i]);
+  s->n = 0;
+  free(in);
+  free(reqs);
+  return rc;
+}
+
+static int cmd_import(cli *c) {
+  FILE *f = stdin;
+  if (c->npos > 0 && strcmp(c->pos[0], "-") != 0 && (f = fopen(c->pos[0], "r")) == NULL) {
+    fprintf(stderr, "ebb: cannot open %s: %s\n", c->pos[0], strerror(errno));
+    return EBB_EXIT_USAGE;
+  }
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) {
+    if (f != stdin) fclose(f);
+    return rc;
+  }
+  lua_State *L = luaL_newstate();
+  import_state s = {.store = ebb_runtime_store(rt)};
+  ebb_error err;
+  ebb_error_init(&err);
+  char *line = NULL;
+  size_t linecap = 0;
+  ssize_t len;
+  long lineno = 0;
+  if (L == NULL) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  while (L && !err.code && (len = getline(&line, &linecap, f)) >= 0) {
+    lineno++;
+    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
+    if (len == 0) continue;
+    if (s.n == s.cap) {
+      size_t cap = s.cap ? s.cap * 2 : 256;
+      import_event *p = realloc(s.events, cap * sizeof *p);
+      if (p == NULL) {
+        ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+        break;
+      }
+      s.events = p;
+      s.cap = cap;
+    }
+    import_event *e = &s.events[s.n];
+    memset(e, 0, sizeof *e);
+    e->line = lineno;
+    lua_pushcfunction(L, l_parse_line);
+    lua_pushlstring(L, line, (size_t)len);
+    lua_pushlightuserdata(L, e);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+      ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, lua_tostring(L, -1));
+      lua_pop(L, 1);
+      import_event_free(e);
+      break;
+    }
+    s.n++;
+    if (s.n == PAGE) import_flush(&s, &err);
+  }
+  if (!err.code && ferror(f)) ebb_error_set(&err, EBB_ESTORE, "reading input: %s", strerror(errno));
+  if (!err.code) import_flush(&s, &err);
+  for (size_t i = 0; i < s.n; i++) import_event_free(&s.events[i]);
+  free(s.events);
+  free(line);
+  if (L) lua_close(L);
+  if (f != stdin) fclose(f);
+  ebb_runtime_close(rt);
+  printf("{\"imported\":%ld,\"skipped\":%ld}\n", s.imported, s.skipped);
+  if (err.code) return fail(&err);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- help */
+
+static int cmd_help(cli *c);
+
+static const command commands[] = {
+    {"send", cmd_send, 3, 4, "expect command-id metadata",
+     "ebb send AGGREGATE ID COMMAND [JSON] [--expect N] [--command-id ID] [--metadata JSON]",
+     "Runs COMMAND on the aggregate AGGREGATE (its type, e.g. Order, or module name, e.g. order)\n"
+     "with instance id ID; JSON is the command's data (an object). Prints the result:\n"
+     "{stream, version, position, events}. --expect makes the command fail unless the stream is\n"
+     "at that version (any, no_stream, exists or N); --command-id makes it idempotent: sending\n"
+     "the same id again returns the original result and records nothing."},
+    {"read", cmd_read, 1, 1, "from limit backward",
+     "ebb read STREAM [--from N] [--limit N] [--backward]",
+     "Prints the events of STREAM, one JSON object per line, from version N (forward: the first\n"
+     "by default; --backward: the last by default)."},
+    {"events", cmd_events, 0, 0, "after limit category type",
+     "ebb events [--after POS] [--limit N] [--category C] [--type T]",
+     "Prints all events in global order after position POS, optionally only those of stream\n"
+     "category C (the text before a stream's first '-') and/or of event type T."},
+    {"state", cmd_state, 2, 2, "", "ebb state AGGREGATE ID",
+     "Prints the aggregate's current state: {aggregate, id, stream, version, position, state}."},
+    {"check", cmd_check, 0, 0, "", "ebb check",
+     "Loads and validates every module in the aggregates directory; prints each problem with its\n"
+     "file and line and exits 6 if there is any."},
+    {"export", cmd_export, 0, 0, "after before", "ebb export [--after POS] [--before POS]",
+     "Writes events in global order as NDJSON (one event per line) to standard output: those\n"
+     "with position > --after and < --before. For backups and cold storage; events stay in the\n"
+     "store."},
+    {"import", cmd_import, 0, 1, "", "ebb import [FILE]",
+     "Reads NDJSON events (as written by export) from FILE or standard input and appends them,\n"
+     "keeping stream, version, id, schema, data, metadata and recorded_at. Idempotent by event\n"
+     "id: events already stored at the same place are skipped. Prints {imported, skipped}."},
+    {"help", cmd_help, 0, 1, "", "ebb help [COMMAND]", "Shows help for COMMAND."},
+    {NULL, NULL, 0, 0, NULL, NULL, NULL},
+};
+
+static const command *find_command(const char *name) {
+  for (const command *c = commands; c->name; c++)
+    if (strcmp(c->name, name) == 0) return c;
+  return NULL;
+}
+
+static void print_overview(FILE *f) {
+  fprintf(f,
+          "ebb: a Lua-scriptable event-sourcing runtime\n\n"
+          "Usage: ebb COMMAND [ARGS] [OPTIONS]\n\nCommands:\n");
+  for (const command *c = commands; c->name; c++) fprintf(f, "  %s\n", c->usage);
+  fprintf(f,
+          "\nOptions for every command:\n"
+          "  --data DIR          data directory (default ./data)\n"
+          "  --aggregates DIR    aggregate modules (default ./aggregates)\n"
+          "  --projections DIR   projection modules (default ./projections)\n"
+          "  --durability LEVEL  full (default: fsync every commit) or normal\n\n"
+          "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 conflict, 5 rejected,\n"
+          "6 script error, 7 invalid input, 8 busy. 'ebb help COMMAND' for more.\n");
+}
+
+static int cmd_help(cli *c) {
+  if (c->npos == 0) {
+    print_overview(stdout);
+    return 0;
+  }
+  const command *cmd = find_command(c->pos[0]);
+  if (cmd == NULL) return usage_error("unknown command \"%s\"", c->pos[0]);
+  printf("Usage: %s\n\n%s\n", cmd->usage, cmd->help);
+  return 0;
+}
+
+int ebb_cli_main(int argc, char **argv) {
+  cli c = {0};
+  c.data = getenv("EBB_DATA") ? getenv("EBB_DATA") : "data";
+  c.aggregates = getenv("EBB_AGGREGATES") ? getenv("EBB_AGGREGATES") : "aggregates";
+  c.projections = getenv("EBB_PROJECTIONS") ? getenv("EBB_PROJECTIONS") : "projections";
+  c.durability = getenv("EBB_DURABILITY") ? getenv("EBB_DURABILITY") : "full";
+  int rc = parse_args(&c, argc, argv);
+  if (rc) return rc;
+  if (c.command == NULL) {
+    print_overview(c.help ? stdout : stderr);
+    return c.help ? 0 : EBB_EXIT_USAGE;
+  }
+  const command *cmd = find_command(c.command);
+  if (cmd == NULL) return usage_error("unknown command \"%s\"", c.command);
+  if (c.help) {
+    printf("Usage: %s\n\n%s\n", cmd->usage, cmd->help);
+    return 0;
+  }
+  if (c.npos < cmd->min_pos || c.npos > cmd->max_pos) {
+    fprintf(stderr, "ebb: wrong number of arguments\nUsage: %s\n", cmd->usage);
+    return EBB_EXIT_USAGE;
+  }
+  return cmd->run(&c);
+}

@@ -1,0 +1,55 @@
+/*
+ * json.h: ebb's own JSON <-> Lua value codec. It exists because ebb must keep
+ * 64-bit integers exact through event data, commands and state, which
+ * lua-cjson cannot (it turns every number into a double). This file owns the
+ * mapping between JSON and Lua values:
+ *
+ *   JSON integer that fits int64   <-> Lua integer
+ *   other JSON numbers             <-> Lua float (always written back with a
+ *                                      '.' or an exponent, so it stays a float)
+ *   string (strict UTF-8)          <-> string
+ *   null                           <-> light userdata NULL (ebb_json_push_null)
+ *   array                          <-> table whose metatable has __jsontype = "array"
+ *                                      (decoded arrays share one such metatable)
+ *   object                         <-> plain table with string keys
+ *
+ * Nesting is limited to EBB_JSON_MAX_DEPTH on both sides.
+ */
+#ifndef EBB_JSON_H
+#define EBB_JSON_H
+
+#include <stddef.h>
+
+#include <lua.h>
+
+#include "buf.h"
+
+#define EBB_JSON_MAX_DEPTH 256
+
+/* Parses JSON text (RFC 8259, exactly one value, surrounding whitespace
+ * allowed) and pushes the Lua value. Returns 0, or -1 with a message in err
+ * (e.g. "invalid JSON at byte 17: expected ':'", the byte counted from 0) and
+ * the stack as it was. Numbers too large for a double are refused. Must be
+ * called in a protected Lua context (memory errors raise). */
+int ebb_json_decode(lua_State *L, const char *text, size_t len, char *err, size_t errlen);
+
+/* Appends the JSON text of the value at idx to out. Returns 0, or -1 with a
+ * message naming the path of the offending value, the value itself being
+ * called "data" (e.g. "cannot encode data.items[3]: sparse array",
+ * "cannot encode data.x: function"); on -1, out is back to its old length.
+ * Tables are read raw (no metamethods run). Protected context required.
+ * Leaves the stack as it was. */
+int ebb_json_encode(lua_State *L, int idx, ebb_buf *out, char *err, size_t errlen);
+
+/* Checks that text is one valid JSON value without building anything (no Lua
+ * needed): 0, or -1 with the same message ebb_json_decode would give. */
+int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen);
+
+/* The null sentinel: a light userdata holding NULL (the same value as cjson.null). */
+void ebb_json_push_null(lua_State *L);
+
+/* Pushes the shared metatable that marks tables as JSON arrays (created once
+ * per state, kept in the registry). */
+void ebb_json_push_array_mt(lua_State *L);
+
+#endif

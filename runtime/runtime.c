@@ -1,0 +1,866 @@
+/*
+ * runtime.c: the command path (see runtime.h).
+ *
+ * C owns the order of things and every resource; Lua only ever runs inside
+ * ebb_sandbox_call. A command is decided in one protected call (decide())
+ * that folds the stream, runs the handler and encodes the new events into C
+ * memory owned by a `decision`; only after Lua is done does C append, so a
+ * Lua failure of any kind cannot leave half an append behind.
+ */
+#include "runtime.h"
+
+#include <dirent.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "json.h"
+#include "sandbox.h"
+#include "uuid.h"
+
+#define FOLD_CHUNK 1024
+
+struct ebb_runtime {
+  ebb_store *store;
+  ebb_sandbox *sb;
+  int modules_ref;  /* registry: module name and type -> module table */
+  ebb_buf problems; /* what loading the modules found, one line each */
+};
+
+ebb_store *ebb_runtime_store(ebb_runtime *rt) {
+  return rt->store;
+}
+
+/* ---------------------------------------------------------------- JSON of events */
+
+void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
+  ebb_buf_printf(out, "{\"position\":%lld,\"stream\":", (long long)e->position);
+  ebb_buf_json_string(out, e->stream, strlen(e->stream));
+  ebb_buf_printf(out, ",\"version\":%lld,\"id\":", (long long)e->version);
+  ebb_buf_json_string(out, e->id, strlen(e->id));
+  ebb_buf_puts(out, ",\"type\":");
+  ebb_buf_json_string(out, e->type, strlen(e->type));
+  ebb_buf_printf(out, ",\"schema\":%lld,\"data\":", (long long)e->schema);
+  ebb_buf_append(out, e->data, e->data_len);
+  ebb_buf_puts(out, ",\"metadata\":");
+  ebb_buf_append(out, e->metadata, e->metadata_len);
+  ebb_buf_puts(out, ",\"recorded_at\":");
+  ebb_buf_json_string(out, e->recorded_at, strlen(e->recorded_at));
+  ebb_buf_putc(out, '}');
+}
+
+/* Pushes an event as the table that `apply` sees. Protected context. */
+static void push_event(lua_State *L, const ebb_event *e) {
+  char msg[256];
+  lua_createtable(L, 0, 9);
+  lua_pushinteger(L, e->position);
+  lua_setfield(L, -2, "position");
+  lua_pushstring(L, e->stream);
+  lua_setfield(L, -2, "stream");
+  lua_pushinteger(L, e->version);
+  lua_setfield(L, -2, "version");
+  lua_pushstring(L, e->id);
+  lua_setfield(L, -2, "id");
+  lua_pushstring(L, e->type);
+  lua_setfield(L, -2, "type");
+  lua_pushinteger(L, e->schema);
+  lua_setfield(L, -2, "schema");
+  lua_pushstring(L, e->recorded_at);
+  lua_setfield(L, -2, "recorded_at");
+  if (ebb_json_decode(L, e->data, e->data_len, msg, sizeof msg) != 0)
+    luaL_error(L, "stored event at position %I has unreadable data: %s", (lua_Integer)e->position,
+               msg);
+  lua_setfield(L, -2, "data");
+  if (ebb_json_decode(L, e->metadata, e->metadata_len, msg, sizeof msg) != 0)
+    luaL_error(L, "stored event at position %I has unreadable metadata: %s",
+               (lua_Integer)e->position, msg);
+  lua_setfield(L, -2, "metadata");
+}
+
+/* ---------------------------------------------------------------- modules */
+
+/* Validates the module at index 1 (loaded from file name at index 2) and
+ * registers it. Returns nothing when registered or not an aggregate, else a
+ * problem string. Runs protected. */
+static int l_register(lua_State *L) {
+  const char *file = lua_tostring(L, 2);
+  int registry = lua_upvalueindex(1);
+  if (!lua_istable(L, 1)) {
+    lua_pushfstring(L, "%s: the module returns %s, expected a table", file, luaL_typename(L, 1));
+    return 1;
+  }
+  int has_type = lua_getfield(L, 1, "type") != LUA_TNIL;
+  int has_handle = lua_getfield(L, 1, "handle") != LUA_TNIL;
+  lua_pop(L, 2);
+  if (!has_type && !has_handle) return 0; /* a helper library, not an aggregate */
+  if (lua_getfield(L, 1, "type") != LUA_TSTRING || lua_rawlen(L, -1) == 0) {
+    lua_pushfstring(L, "%s: `type` must be a non-empty string", file);
+    return 1;
+  }
+  const char *type = lua_tostring(L, -1);
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_validate_name("`type`", type, &err) != 0 || strchr(type, '-') != NULL) {
+    lua_pushfstring(L, "%s: %s", file,
+                    err.code ? err.message : "`type` must not contain '-' (it names the category)");
+    return 1;
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "initial") != LUA_TFUNCTION) {
+    lua_pushfstring(L, "%s: `initial` must be a function returning the initial state", file);
+    return 1;
+  }
+  lua_pop(L, 1);
+  static const char *const tables[] = {"apply", "handle"};
+  for (int t = 0; t < 2; t++) {
+    if (lua_getfield(L, 1, tables[t]) != LUA_TTABLE) {
+      lua_pushfstring(L, "%s: `%s` must be a table of functions keyed by %s type", file, tables[t],
+                      t == 0 ? "event" : "command");
+      return 1;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING || !lua_isfunction(L, -1)) {
+        lua_pushfstring(L, "%s: %s[%s] must be a function keyed by a name, not %s", file,
+                        tables[t], luaL_tolstring(L, -2, NULL), luaL_typename(L, -2));
+        return 1;
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  int t = lua_getfield(L, 1, "snapshot_every");
+  if (t != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1)) {
+    lua_pushfstring(L, "%s: `snapshot_every` must be a positive integer", file);
+    return 1;
+  }
+  lua_pop(L, 1);
+  t = lua_getfield(L, 1, "schemas");
+  if (t != LUA_TNIL) {
+    if (t != LUA_TTABLE) {
+      lua_pushfstring(L, "%s: `schemas` must be a table of event type -> schema version", file);
+      return 1;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING || !lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1) {
+        lua_pushfstring(L, "%s: schemas[%s] must be a positive integer", file,
+                        luaL_tolstring(L, -2, NULL));
+        return 1;
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  t = lua_getfield(L, 1, "upcast");
+  if (t != LUA_TNIL) {
+    if (t != LUA_TTABLE) {
+      lua_pushfstring(L, "%s: `upcast` must be a table of event type -> {[schema] = function}", file);
+      return 1;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING || !lua_istable(L, -1)) {
+        lua_pushfstring(L, "%s: upcast[%s] must be a table of schema -> function", file,
+                        luaL_tolstring(L, -2, NULL));
+        return 1;
+      }
+      lua_pushnil(L);
+      while (lua_next(L, -2)) {
+        if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1 || !lua_isfunction(L, -1)) {
+          lua_pushfstring(L, "%s: upcast[%s] must map schema numbers to functions", file,
+                          lua_tostring(L, -4));
+          return 1;
+        }
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  /* Registered under its type ("Order") and its file name ("order"). */
+  lua_pushvalue(L, 1);
+  lua_getfield(L, 1, "type");
+  if (lua_rawget(L, registry) != LUA_TNIL) {
+    lua_pushfstring(L, "%s: another module already declares type %s", file, type);
+    return 1;
+  }
+  lua_pop(L, 2);
+  lua_getfield(L, 1, "type");
+  lua_pushvalue(L, 1);
+  lua_rawset(L, registry);
+  size_t n = strlen(file);
+  lua_pushlstring(L, file, n > 4 ? n - 4 : n);
+  lua_pushvalue(L, 1);
+  lua_rawset(L, registry);
+  return 0;
+}
+
+static int names_cmp(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void load_modules(ebb_runtime *rt, const char *dir) {
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  DIR *d = opendir(dir);
+  if (d == NULL) {
+    ebb_buf_printf(&rt->problems, "%s: cannot open the aggregates directory\n", dir);
+    return;
+  }
+  char **names = NULL;
+  size_t n = 0, cap = 0;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    size_t len = strlen(de->d_name);
+    if (len < 5 || strcmp(de->d_name + len - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
+    if (n == cap) {
+      cap = cap ? cap * 2 : 16;
+      char **p = realloc(names, cap * sizeof *names);
+      if (p == NULL) break;
+      names = p;
+    }
+    if ((names[n] = strdup(de->d_name)) != NULL) n++;
+  }
+  closedir(d);
+  qsort(names, n, sizeof *names, names_cmp);
+  for (size_t i = 0; i < n; i++) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+    ebb_error err;
+    ebb_error_init(&err);
+    if (ebb_sandbox_load_file(rt->sb, path, names[i], &err) != 0) {
+      ebb_buf_printf(&rt->problems, "%s\n", err.message);
+      ebb_error_clear(&err);
+      continue;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, rt->modules_ref);
+    lua_pushcclosure(L, l_register, 1);
+    lua_insert(L, -2);
+    lua_pushstring(L, names[i]);
+    int status = ebb_sandbox_call(rt->sb, 2, 1);
+    if (status != LUA_OK)
+      ebb_buf_printf(&rt->problems, "%s: %s\n", names[i],
+                     lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "validation failed");
+    else if (lua_type(L, -1) == LUA_TSTRING)
+      ebb_buf_printf(&rt->problems, "%s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+  for (size_t i = 0; i < n; i++) free(names[i]);
+  free(names);
+}
+
+/* Loads the runtime library into the sandbox and gives it the JSON null. */
+static int l_prepare(lua_State *L) {
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "ebb");
+  lua_call(L, 1, 1);
+  if (lua_istable(L, -1)) {
+    ebb_json_push_null(L);
+    lua_setfield(L, -2, "null");
+  }
+  return 0;
+}
+
+int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_error *err) {
+  *out = NULL;
+  ebb_runtime *rt = calloc(1, sizeof *rt);
+  if (rt == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  ebb_buf_init(&rt->problems);
+  rt->modules_ref = LUA_NOREF;
+  ebb_store_options so = {.dir = opt->data_dir, .durability = opt->durability};
+  if (ebb_store_open(&rt->store, &so, err) != 0) goto fail;
+  const char *dirs[1] = {opt->aggregates_dir};
+  ebb_sandbox_options sbo = {
+      .module_dirs = dirs,
+      .n_module_dirs = 1,
+      .runtime_dir = opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR,
+      .memory_limit = opt->memory_limit,
+      .instruction_budget = opt->instruction_budget,
+  };
+  if (ebb_sandbox_new(&rt->sb, &sbo, err) != 0) goto fail;
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  lua_pushcfunction(L, l_prepare);
+  if (ebb_sandbox_call(rt->sb, 0, 0) != LUA_OK) {
+    ebb_error_set(err, EBB_ESCRIPT, "cannot load the runtime library from %s: %s", sbo.runtime_dir,
+                  lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "unknown error");
+    lua_pop(L, 1);
+    goto fail;
+  }
+  lua_newtable(L);
+  rt->modules_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  load_modules(rt, opt->aggregates_dir);
+  *out = rt;
+  return 0;
+fail:
+  ebb_runtime_close(rt);
+  return err->code;
+}
+
+void ebb_runtime_close(ebb_runtime *rt) {
+  if (rt == NULL) return;
+  ebb_sandbox_free(rt->sb);
+  ebb_store_close(rt->store);
+  ebb_buf_free(&rt->problems);
+  free(rt);
+}
+
+int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report) {
+  int n = 0;
+  for (size_t i = 0; i < rt->problems.len; i++)
+    if (rt->problems.data[i] == '\n') n++;
+  if (rt->problems.len) ebb_buf_append(report, rt->problems.data, rt->problems.len);
+  return n;
+}
+
+/* ---------------------------------------------------------------- deciding */
+
+typedef struct new_event {
+  char id[EBB_UUID_LEN + 1];
+  char *type;
+  int64_t schema;
+  char *data, *metadata;
+  size_t data_len, metadata_len;
+} new_event;
+
+/* Everything one protected call needs and produces; owned by the C caller,
+ * so memory it holds is freed even when Lua unwinds past it. */
+typedef struct decision {
+  ebb_runtime *rt;
+  const ebb_command *cmd;      /* NULL when only folding for the state */
+  const char *aggregate;
+  const char *id;
+  char stream[EBB_MAX_NAME + 1];
+  char now[EBB_TIME_LEN + 1];
+  char command_uuid[EBB_UUID_LEN + 1];
+  ebb_event_list chunk;
+  int64_t version, last_position;
+  /* out */
+  ebb_error err;
+  new_event *events;
+  size_t n_events;
+  char *state_json;
+} decision;
+
+static void decision_free(decision *d) {
+  ebb_event_list_free(&d->chunk);
+  for (size_t i = 0; i < d->n_events; i++) {
+    free(d->events[i].type);
+    free(d->events[i].data);
+    free(d->events[i].metadata);
+  }
+  free(d->events);
+  free(d->state_json);
+  ebb_error_clear(&d->err);
+}
+
+/* Encodes the value at idx into a malloc'd JSON object text, or raises. */
+static char *encode_object(lua_State *L, int idx, size_t *len, const char *what) {
+  ebb_buf b = EBB_BUF_INIT;
+  char msg[512];
+  if (ebb_json_encode(L, idx, &b, msg, sizeof msg) != 0) {
+    ebb_buf_free(&b);
+    luaL_error(L, "%s cannot be stored: %s", what, msg);
+  }
+  if (b.len == 0 || b.data[0] != '{') {
+    ebb_buf_free(&b);
+    luaL_error(L, "%s must be a table with string keys (a JSON object)", what);
+  }
+  char *p = ebb_buf_take(&b, len);
+  if (p == NULL) luaL_error(L, "out of memory encoding %s", what);
+  return p;
+}
+
+static int l_new_id(lua_State *L) {
+  char id[EBB_UUID_LEN + 1];
+  ebb_uuid_new(id);
+  lua_pushstring(L, id);
+  return 1;
+}
+
+/* Calls apply[type](state, event) for the event at the top, which it pops.
+ * Stack: ... module(mi) state(si) event -> ... module state' */
+static void apply_event(lua_State *L, int mi, int si) {
+  lua_getfield(L, mi, "apply");
+  lua_getfield(L, -2, "type");
+  lua_gettable(L, -2); /* apply[type] */
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 3); /* an event this aggregate does not fold: state unchanged */
+    return;
+  }
+  lua_pushvalue(L, si);
+  lua_pushvalue(L, -4); /* the event */
+  lua_call(L, 2, 1);
+  if (!lua_isnil(L, -1)) lua_replace(L, si);
+  else lua_pop(L, 1);
+  lua_pop(L, 2); /* apply table, event */
+}
+
+/* Validates the handler's return value (at ri) and turns each event into a
+ * new_event, applying it to the state. Raises on a bad shape. */
+static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int cmdi) {
+  const char *handler = d->cmd->type;
+  if (!lua_istable(L, ri))
+    luaL_error(L, "handle.%s returned %s; it must return a list of events (or {} for none)",
+               handler, luaL_typename(L, ri));
+  lua_Integer n = (lua_Integer)lua_rawlen(L, ri);
+  lua_pushnil(L);
+  while (lua_next(L, ri)) {
+    if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1 || lua_tointeger(L, -2) > n)
+      luaL_error(L, "handle.%s returned a table that is not a list of events", handler);
+    lua_pop(L, 1);
+  }
+  d->events = calloc((size_t)n ? (size_t)n : 1, sizeof *d->events);
+  if (d->events == NULL) luaL_error(L, "out of memory");
+  lua_getfield(L, cmdi, "metadata");
+  int cmeta = lua_gettop(L);
+  for (lua_Integer i = 1; i <= n; i++) {
+    char what[128];
+    lua_rawgeti(L, ri, i);
+    int ei = lua_gettop(L);
+    if (!lua_istable(L, ei))
+      luaL_error(L, "handle.%s returned event %d as %s, expected a table {type=, data=}", handler,
+                 (int)i, luaL_typename(L, ei));
+    if (lua_getfield(L, ei, "type") != LUA_TSTRING || lua_rawlen(L, -1) == 0)
+      luaL_error(L, "handle.%s returned event %d without a string `type`", handler, (int)i);
+    const char *type = lua_tostring(L, -1);
+    ebb_error verr;
+    ebb_error_init(&verr);
+    if (ebb_validate_name("event type", type, &verr) != 0)
+      luaL_error(L, "handle.%s returned event %d: %s", handler, (int)i, verr.message);
+    new_event *ne = &d->events[d->n_events];
+    ne->type = strdup(type);
+    if (ne->type == NULL) luaL_error(L, "out of memory");
+    d->n_events++;
+    ebb_uuid_new(ne->id);
+    lua_getfield(L, mi, "schemas");
+    ne->schema = 1;
+    if (lua_istable(L, -1) && lua_getfield(L, -1, type) == LUA_TNUMBER) ne->schema = lua_tointeger(L, -1);
+    lua_settop(L, ei + 1); /* event, type */
+    int dt = lua_getfield(L, ei, "data");
+    if (dt == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, ei, "data");
+    } else if (dt != LUA_TTABLE) {
+      luaL_error(L, "handle.%s returned event %d (%s) whose data is %s, expected a table", handler,
+                 (int)i, type, luaL_typename(L, -1));
+    }
+    snprintf(what, sizeof what, "the data of event %d (%s) from handle.%s", (int)i, type, handler);
+    ne->data = encode_object(L, -1, &ne->data_len, what);
+    lua_pop(L, 1);
+    /* metadata: the command's, then the event's own, then the causal links */
+    lua_newtable(L);
+    int mt = lua_gettop(L);
+    for (int src = 0; src < 2; src++) {
+      if (src == 1) {
+        int t = lua_getfield(L, ei, "metadata");
+        if (t != LUA_TNIL && t != LUA_TTABLE)
+          luaL_error(L, "handle.%s returned event %d (%s) whose metadata is %s, expected a table",
+                     handler, (int)i, type, luaL_typename(L, -1));
+      } else {
+        lua_pushvalue(L, cmeta);
+      }
+      if (lua_istable(L, -1)) {
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+          lua_pushvalue(L, -2);
+          lua_insert(L, -2);
+          lua_settable(L, mt);
+        }
+      }
+      lua_pop(L, 1);
+    }
+    const char *cmd_id = d->cmd->command_id ? d->cmd->command_id : d->command_uuid;
+    lua_pushstring(L, cmd_id);
+    lua_setfield(L, mt, "causation_id");
+    lua_pushstring(L, cmd_id);
+    lua_setfield(L, mt, "command_id");
+    if (lua_getfield(L, cmeta, "correlation_id") == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_pushstring(L, cmd_id);
+    }
+    lua_setfield(L, mt, "correlation_id");
+    snprintf(what, sizeof what, "the metadata of event %d (%s) from handle.%s", (int)i, type,
+             handler);
+    ne->metadata = encode_object(L, mt, &ne->metadata_len, what);
+    /* Fold it too: an apply that fails on the new event fails the command. */
+    lua_createtable(L, 0, 9);
+    lua_pushstring(L, d->stream);
+    lua_setfield(L, -2, "stream");
+    lua_pushinteger(L, d->version + i);
+    lua_setfield(L, -2, "version");
+    lua_pushstring(L, ne->id);
+    lua_setfield(L, -2, "id");
+    lua_pushstring(L, type);
+    lua_setfield(L, -2, "type");
+    lua_pushinteger(L, ne->schema);
+    lua_setfield(L, -2, "schema");
+    lua_pushstring(L, d->now);
+    lua_setfield(L, -2, "recorded_at");
+    lua_getfield(L, ei, "data");
+    lua_setfield(L, -2, "data");
+    lua_pushvalue(L, mt);
+    lua_setfield(L, -2, "metadata");
+    apply_event(L, mi, si);
+    lua_settop(L, cmeta);
+  }
+}
+
+/* The protected half of a command or a state query. Argument: the decision. */
+static int l_decide(lua_State *L) {
+  decision *d = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, d->rt->modules_ref);
+  if (lua_getfield(L, 1, d->aggregate) != LUA_TTABLE) {
+    ebb_error_set(&d->err, EBB_ENOTFOUND, "unknown aggregate %s", d->aggregate);
+    return 0;
+  }
+  int mi = 2;
+  lua_getfield(L, mi, "type");
+  const char *type = lua_tostring(L, -1);
+  if (snprintf(d->stream, sizeof d->stream, "%s-%s", type, d->id) >= (int)sizeof d->stream) {
+    ebb_error_set(&d->err, EBB_EBADREQ, "stream name %s-%s is too long", type, d->id);
+    return 0;
+  }
+  lua_pop(L, 1);
+  /* Unknown command: refused before any work. */
+  if (d->cmd) {
+    lua_getfield(L, mi, "handle");
+    if (lua_getfield(L, -1, d->cmd->type) != LUA_TFUNCTION) {
+      ebb_error_set(&d->err, EBB_ENOTFOUND, "%s has no command %s", type, d->cmd->type);
+      return 0;
+    }
+    lua_pop(L, 2);
+  }
+  lua_getfield(L, mi, "initial");
+  lua_call(L, 0, 1);
+  if (!lua_istable(L, -1))
+    luaL_error(L, "%s.initial() returned %s, expected a table", type, luaL_typename(L, -1));
+  int si = lua_gettop(L);
+  /* Fold the stream in chunks, so memory does not grow with its length. */
+  for (;;) {
+    ebb_event_list_clear(&d->chunk);
+    ebb_error rerr;
+    ebb_error_init(&rerr);
+    if (ebb_store_read_stream(d->rt->store, d->stream, d->version + 1, FOLD_CHUNK, 0, &d->chunk,
+                              &rerr) != 0) {
+      ebb_error_move(&d->err, &rerr);
+      return 0;
+    }
+    for (size_t i = 0; i < d->chunk.n; i++) {
+      push_event(L, &d->chunk.items[i]);
+      apply_event(L, mi, si);
+      d->version = d->chunk.items[i].version;
+      d->last_position = d->chunk.items[i].position;
+    }
+    if (d->chunk.n < FOLD_CHUNK) break;
+  }
+  ebb_event_list_clear(&d->chunk);
+  if (d->cmd == NULL) {
+    ebb_buf b = EBB_BUF_INIT;
+    char msg[512];
+    if (ebb_json_encode(L, si, &b, msg, sizeof msg) != 0) {
+      ebb_buf_free(&b);
+      luaL_error(L, "the state of %s cannot be shown as JSON: %s", d->stream, msg);
+    }
+    d->state_json = ebb_buf_take(&b, NULL);
+    if (d->state_json == NULL) luaL_error(L, "out of memory");
+    return 0;
+  }
+  const ebb_command *cmd = d->cmd;
+  if (cmd->has_expected && cmd->expected != d->version &&
+      !(cmd->expected == EBB_EXPECT_ANY ||
+        (cmd->expected == EBB_EXPECT_NO_STREAM && d->version == 0) ||
+        (cmd->expected == EBB_EXPECT_EXISTS && d->version > 0))) {
+    char buf[24];
+    ebb_error_set(&d->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
+                  d->stream, ebb_expected_name(cmd->expected, buf, sizeof buf),
+                  (long long)d->version);
+    d->err.expected = cmd->expected;
+    d->err.actual = d->version;
+    return 0;
+  }
+  /* handler(state, command, ctx) */
+  lua_getfield(L, mi, "handle");
+  lua_getfield(L, -1, cmd->type);
+  lua_remove(L, -2);
+  int fi = lua_gettop(L);
+  lua_createtable(L, 0, 5);
+  int cmdi = lua_gettop(L);
+  char msg[512];
+  lua_pushstring(L, cmd->type);
+  lua_setfield(L, cmdi, "type");
+  lua_pushstring(L, d->id);
+  lua_setfield(L, cmdi, "id");
+  if (cmd->command_id) {
+    lua_pushstring(L, cmd->command_id);
+    lua_setfield(L, cmdi, "command_id");
+  }
+  static const char *const parts[2] = {"data", "metadata"};
+  for (int k = 0; k < 2; k++) {
+    const char *text = k == 0 ? cmd->data : cmd->metadata;
+    size_t len = k == 0 ? cmd->data_len : cmd->metadata_len;
+    if (text == NULL) text = "{}", len = 2;
+    if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) {
+      ebb_error_set(&d->err, EBB_EBADREQ, "command %s is not valid JSON: %s", parts[k], msg);
+      return 0;
+    }
+    if (!lua_istable(L, -1) || lua_getmetatable(L, -1)) {
+      ebb_error_set(&d->err, EBB_EBADREQ, "command %s must be a JSON object", parts[k]);
+      return 0;
+    }
+    lua_setfield(L, cmdi, parts[k]);
+  }
+  lua_createtable(L, 0, 3);
+  int ctxi = lua_gettop(L);
+  lua_pushstring(L, d->now);
+  lua_setfield(L, ctxi, "now");
+  lua_pushcfunction(L, l_new_id);
+  lua_setfield(L, ctxi, "id");
+  lua_getfield(L, cmdi, "metadata");
+  lua_setfield(L, ctxi, "metadata");
+  lua_pushvalue(L, fi);
+  lua_pushvalue(L, si);
+  lua_pushvalue(L, cmdi);
+  lua_pushvalue(L, ctxi);
+  if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
+    if (ebb_sandbox_killed(d->rt->sb)) lua_error(L);
+    int ei = lua_gettop(L);
+    if (lua_istable(L, ei) && lua_getmetatable(L, ei)) {
+      lua_getfield(L, -1, "__ebb");
+      int is_rejection = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "rejection") == 0;
+      lua_pop(L, 2);
+      if (is_rejection) {
+        lua_getfield(L, ei, "message");
+        ebb_error_set(&d->err, EBB_EREJECTED, "%s",
+                      lua_isstring(L, -1) ? lua_tostring(L, -1) : "rejected");
+        lua_pop(L, 1);
+        if (lua_getfield(L, ei, "details") != LUA_TNIL) {
+          ebb_buf b = EBB_BUF_INIT;
+          if (ebb_json_encode(L, -1, &b, msg, sizeof msg) == 0)
+            ebb_error_set_details(&d->err, ebb_buf_take(&b, NULL));
+          else ebb_buf_free(&b);
+        }
+        return 0;
+      }
+    }
+    const char *m = luaL_tolstring(L, ei, NULL);
+    ebb_error_set(&d->err, EBB_ESCRIPT, "%s", m);
+    return 0;
+  }
+  take_events(L, d, mi, si, lua_gettop(L), cmdi);
+  return 0;
+}
+
+/* Runs l_decide in the sandbox and turns a Lua failure into d->err. */
+static int decide(ebb_runtime *rt, decision *d) {
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  lua_pushcfunction(L, l_decide);
+  lua_pushlightuserdata(L, d);
+  int status = ebb_sandbox_call(rt->sb, 1, 0);
+  if (status != LUA_OK) {
+    const char *killed = ebb_sandbox_killed(rt->sb);
+    if (killed) ebb_error_set(&d->err, EBB_ESCRIPT, "%s", killed);
+    else if (status == LUA_ERRMEM) ebb_error_set(&d->err, EBB_ESCRIPT, "out of memory in Lua");
+    else if (lua_type(L, -1) == LUA_TSTRING) ebb_error_set(&d->err, EBB_ESCRIPT, "%s", lua_tostring(L, -1));
+    else ebb_error_set(&d->err, EBB_ESCRIPT, "a %s was raised as an error", luaL_typename(L, -1));
+    lua_pop(L, 1);
+  }
+  return d->err.code;
+}
+
+static void decision_init(decision *d, ebb_runtime *rt, const char *aggregate, const char *id) {
+  memset(d, 0, sizeof *d);
+  d->rt = rt;
+  d->aggregate = aggregate;
+  d->id = id;
+  ebb_event_list_init(&d->chunk);
+  ebb_error_init(&d->err);
+  ebb_clock_format(ebb_clock_now_ms(), d->now);
+  ebb_uuid_new(d->command_uuid);
+}
+
+static int fail_with(decision *d, ebb_error *err) {
+  int code = d->err.code;
+  if (err) ebb_error_move(err, &d->err);
+  decision_free(d);
+  return code;
+}
+
+/* {"stream","version","position","events":[...]} from events read back. */
+static char *result_from_events(const char *stream, int64_t version, int64_t position,
+                                const ebb_event_list *l) {
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_puts(&b, "{\"stream\":");
+  ebb_buf_json_string(&b, stream, strlen(stream));
+  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)version,
+                 (long long)position);
+  for (size_t i = 0; i < l->n; i++) {
+    if (i) ebb_buf_putc(&b, ',');
+    ebb_event_to_json(&l->items[i], &b);
+  }
+  ebb_buf_puts(&b, "]}");
+  return ebb_buf_take(&b, NULL);
+}
+
+/* Resolves the module's type name. Argument: aggregate name; returns the type or nothing. */
+static int l_module_type(lua_State *L) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, (int)lua_tointeger(L, lua_upvalueindex(1)));
+  if (lua_getfield(L, -1, lua_tostring(L, 1)) != LUA_TTABLE) return 0;
+  lua_getfield(L, -1, "type");
+  return 1;
+}
+
+/* Is `stream` the stream that cmd addresses? */
+static int same_stream(ebb_runtime *rt, const ebb_command *cmd, const char *stream) {
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  lua_pushinteger(L, rt->modules_ref);
+  lua_pushcclosure(L, l_module_type, 1);
+  lua_pushstring(L, cmd->aggregate);
+  if (ebb_sandbox_call(rt->sb, 1, 1) != LUA_OK || !lua_isstring(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  size_t tlen;
+  const char *type = lua_tolstring(L, -1, &tlen);
+  int same = strncmp(stream, type, tlen) == 0 && stream[tlen] == '-' &&
+             strcmp(stream + tlen + 1, cmd->id) == 0;
+  lua_pop(L, 1);
+  return same;
+}
+
+static int validate_command(const ebb_command *cmd, ebb_error *err) {
+  if (ebb_validate_name("aggregate", cmd->aggregate, err) ||
+      ebb_validate_name("aggregate id", cmd->id, err) ||
+      ebb_validate_name("command type", cmd->type, err) ||
+      (cmd->command_id && ebb_validate_name("command id", cmd->command_id, err)))
+    return err->code;
+  return 0;
+}
+
+int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb_error *err) {
+  *result = NULL;
+  if (validate_command(cmd, err)) return err->code;
+  decision d;
+  decision_init(&d, rt, cmd->aggregate, cmd->id);
+  d.cmd = cmd;
+  if (cmd->command_id) {
+    ebb_command_record rec;
+    int found = ebb_store_find_command(rt->store, cmd->command_id, &rec, &d.err);
+    if (found < 0) return fail_with(&d, err);
+    if (found) {
+      ebb_event_list l;
+      ebb_event_list_init(&l);
+      if (rec.first_position &&
+          ebb_store_read_range(rt->store, rec.first_position, rec.position, &l, &d.err) != 0) {
+        ebb_event_list_free(&l);
+        return fail_with(&d, err);
+      }
+      /* Answered from the record only for the same command on the same aggregate. */
+      if (strcmp(rec.type, cmd->type) != 0 || !same_stream(rt, cmd, rec.stream)) {
+        ebb_event_list_free(&l);
+        ebb_error_set(&d.err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
+                      cmd->command_id, rec.type, rec.stream);
+        return fail_with(&d, err);
+      }
+      *result = result_from_events(rec.stream, rec.version, rec.position, &l);
+      ebb_event_list_free(&l);
+      decision_free(&d);
+      return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    }
+  }
+  if (decide(rt, &d) != 0) return fail_with(&d, err);
+  ebb_event_in *in = calloc(d.n_events ? d.n_events : 1, sizeof *in);
+  if (in == NULL) {
+    ebb_error_set(&d.err, EBB_ENOMEM, "out of memory");
+    return fail_with(&d, err);
+  }
+  for (size_t i = 0; i < d.n_events; i++) {
+    in[i] = (ebb_event_in){
+        .id = d.events[i].id,
+        .type = d.events[i].type,
+        .schema = d.events[i].schema,
+        .data = d.events[i].data,
+        .data_len = d.events[i].data_len,
+        .metadata = d.events[i].metadata,
+        .metadata_len = d.events[i].metadata_len,
+        .recorded_at = d.now,
+    };
+  }
+  ebb_append req = {
+      .stream = d.stream,
+      .expected = d.version,
+      .events = in,
+      .n = d.n_events,
+      .command_id = cmd->command_id,
+      .command_type = cmd->type,
+  };
+  ebb_error_init(&req.err);
+  ebb_append_result res = {.version = d.version, .position = d.last_position};
+  if (d.n_events || cmd->command_id) {
+    ebb_store_append(rt->store, &req, 1, NULL);
+    if (req.err.code) {
+      free(in);
+      ebb_error_move(&d.err, &req.err);
+      return fail_with(&d, err);
+    }
+    res = req.result;
+    if (d.n_events == 0) res.position = d.last_position;
+  }
+  free(in);
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_puts(&b, "{\"stream\":");
+  ebb_buf_json_string(&b, d.stream, strlen(d.stream));
+  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)res.version,
+                 (long long)res.position);
+  for (size_t i = 0; i < d.n_events; i++) {
+    ebb_event e = {
+        .position = res.first_position + (int64_t)i,
+        .version = res.first_version + (int64_t)i,
+        .schema = d.events[i].schema,
+        .stream = d.stream,
+        .id = d.events[i].id,
+        .type = d.events[i].type,
+        .data = d.events[i].data,
+        .data_len = d.events[i].data_len,
+        .metadata = d.events[i].metadata,
+        .metadata_len = d.events[i].metadata_len,
+        .recorded_at = d.now,
+    };
+    if (i) ebb_buf_putc(&b, ',');
+    ebb_event_to_json(&e, &b);
+  }
+  ebb_buf_puts(&b, "]}");
+  decision_free(&d);
+  *result = ebb_buf_take(&b, NULL);
+  return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+}
+
+int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
+                      ebb_error *err) {
+  *result = NULL;
+  if (ebb_validate_name("aggregate", aggregate, err) || ebb_validate_name("aggregate id", id, err))
+    return err->code;
+  decision d;
+  decision_init(&d, rt, aggregate, id);
+  if (decide(rt, &d) != 0) return fail_with(&d, err);
+  ebb_buf b = EBB_BUF_INIT;
+  size_t cat = ebb_stream_category_len(d.stream);
+  ebb_buf_puts(&b, "{\"aggregate\":");
+  ebb_buf_json_string(&b, d.stream, cat);
+  ebb_buf_puts(&b, ",\"id\":");
+  ebb_buf_json_string(&b, id, strlen(id));
+  ebb_buf_puts(&b, ",\"stream\":");
+  ebb_buf_json_string(&b, d.stream, strlen(d.stream));
+  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"state\":", (long long)d.version,
+                 (long long)d.last_position);
+  ebb_buf_puts(&b, d.state_json);
+  ebb_buf_putc(&b, '}');
+  decision_free(&d);
+  *result = ebb_buf_take(&b, NULL);
+  return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+}

@@ -1,0 +1,68 @@
+/*
+ * runtime.h: ebb's command path. A runtime owns one store and one sandboxed
+ * Lua state with the aggregate modules loaded, and turns commands into
+ * events: load the stream, fold it with `apply`, run `handle`, append what it
+ * returns with the version it saw as the expected version.
+ *
+ * A runtime belongs to one thread. Commands and results cross this interface
+ * as C strings and JSON text, never as Lua values, so any host (CLI, daemon,
+ * the Lua binding) can drive it.
+ */
+#ifndef EBB_RUNTIME_H
+#define EBB_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "error.h"
+#include "store.h"
+
+typedef struct ebb_runtime ebb_runtime;
+
+typedef struct ebb_runtime_options {
+  const char *data_dir;        /* the store's directory */
+  const char *aggregates_dir;  /* where aggregate modules live */
+  const char *lua_dir;         /* the runtime's Lua library; NULL: the built-in default */
+  int durability;              /* enum ebb_durability */
+  size_t memory_limit;         /* Lua state cap in bytes; 0: the sandbox default */
+  int64_t instruction_budget;  /* per call; 0: the sandbox default */
+} ebb_runtime_options;
+
+typedef struct ebb_command {
+  const char *aggregate;       /* the module's `type` ("Order") or its file name ("order") */
+  const char *id;              /* the aggregate instance: stream = type .. "-" .. id */
+  const char *type;            /* the command: a key of the module's `handle` */
+  const char *data;            /* JSON object text; NULL: {} */
+  size_t data_len;
+  const char *metadata;        /* JSON object text; NULL: {} (user_id, correlation_id, free keys) */
+  size_t metadata_len;
+  int has_expected;            /* 1: `expected` must equal the version loaded */
+  int64_t expected;
+  const char *command_id;      /* NULL: no deduplication */
+} ebb_command;
+
+int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_error *err);
+void ebb_runtime_close(ebb_runtime *rt); /* NULL-safe */
+ebb_store *ebb_runtime_store(ebb_runtime *rt);
+
+/* Runs a command. On success *result is a malloc'd JSON object
+ * {"stream","version","position","events":[...]} (position: the last event's,
+ * or the stream's last when the command recorded none). On failure returns the
+ * EBB_E* code with err filled (EBB_EREJECTED may carry details) and nothing
+ * was appended. */
+int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb_error *err);
+
+/* The aggregate's current state as a malloc'd JSON object
+ * {"aggregate","id","stream","version","state"}. */
+int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
+                      ebb_error *err);
+
+/* Appends one line per problem found while loading and validating the
+ * modules ("order.lua:12: ..."); returns the number of problems. */
+int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report);
+
+/* Appends the JSON text of an event read from the store (without a newline). */
+void ebb_event_to_json(const ebb_event *e, ebb_buf *out);
+
+#endif

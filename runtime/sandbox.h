@@ -1,0 +1,77 @@
+/*
+ * sandbox.h: the sandboxed, bounded Lua state in which user modules
+ * (aggregates, later projections) run.
+ *
+ * This file owns the one place where untrusted-ish domain code meets the
+ * process: which globals a module sees (an allow-list modelled on Redis's
+ * script_lua.c), how modules are found and loaded (`require` from fixed
+ * directories, text only, each module in an environment of its own), and the
+ * bounds on every call into Lua (a byte cap on the whole state and a VM
+ * instruction budget per call, both enforced by a kill that Lua code cannot
+ * catch). Everything else about Lua (what handlers are called with, how
+ * results are decoded) belongs to the callers.
+ *
+ * Host notes:
+ * - The state's global table (LUA_RIDX_GLOBALS) is the table of safe globals
+ *   that every module environment falls back to; lua_setglobal() from C
+ *   therefore defines something every module sees. Modules cannot write it.
+ * - The memory cap applies to host allocations too: push and build values
+ *   inside lua_pcall when they may be large, or a refusal outside protected
+ *   mode ends in Lua's panic.
+ * - The sandbox owns the allocator's ud and every thread's extra space
+ *   (lua_getextraspace); do not repurpose them.
+ */
+#ifndef EBB_SANDBOX_H
+#define EBB_SANDBOX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "error.h"
+
+typedef struct ebb_sandbox ebb_sandbox;
+
+typedef struct ebb_sandbox_options {
+  const char *const *module_dirs;  /* directories `require` may load user modules from, in order */
+  size_t n_module_dirs;
+  const char *runtime_dir;         /* the runtime's own Lua library (require "ebb" -> runtime_dir/ebb/init.lua); searched first */
+  size_t memory_limit;             /* bytes for the whole state; 0 = 128 MiB */
+  int64_t instruction_budget;      /* VM instructions per ebb_sandbox_call; 0 = 50,000,000 */
+} ebb_sandbox_options;
+
+#define EBB_SANDBOX_DEFAULT_MEMORY ((size_t)128 * 1024 * 1024)
+#define EBB_SANDBOX_DEFAULT_BUDGET ((int64_t)50000000)
+
+/* Creates the state with the safe globals installed. opt may be NULL
+   (defaults, no module directories). Returns 0 or EBB_ENOMEM / EBB_ESCRIPT. */
+int ebb_sandbox_new(ebb_sandbox **out, const ebb_sandbox_options *opt, ebb_error *err);
+void ebb_sandbox_free(ebb_sandbox *sb);            /* NULL-safe */
+lua_State *ebb_sandbox_state(ebb_sandbox *sb);
+
+/* Loads the Lua source file at path (text only, never binary chunks) with
+   chunk name "@"..chunkname (so errors read "order.lua:12: ..."; NULL means
+   path), in a fresh environment table of its own whose __index is the safe
+   globals, runs it under the same bounds as ebb_sandbox_call, and pushes its
+   single return value. Returns 0, or an EBB_E* code with a message naming
+   file and line (syntax error, runtime error, budget); on failure nothing is
+   pushed. A file that cannot be opened is EBB_ENOTFOUND. */
+int ebb_sandbox_load_file(ebb_sandbox *sb, const char *path, const char *chunkname, ebb_error *err);
+
+/* Like lua_pcall(L, nargs, nresults, <traceback handler>) but bounded:
+   resets the instruction budget, arms the hook, clears any previous kill.
+   Returns a LUA_* status. On error the error object is on top of the stack,
+   unchanged if it is not a string (rejections are tables and must arrive
+   intact); for string errors it is the message, and the traceback is
+   available from ebb_sandbox_traceback(). When the call was killed the error
+   is always the kill reason (a string) and the status is never LUA_OK. */
+int ebb_sandbox_call(ebb_sandbox *sb, int nargs, int nresults);
+const char *ebb_sandbox_traceback(ebb_sandbox *sb);   /* of the last failed call, or "" */
+/* Why the last call was killed: NULL if it was not, else e.g.
+   "instruction budget of 50000000 exceeded at order.lua:12" or
+   "memory limit of 134217728 bytes exceeded". */
+const char *ebb_sandbox_killed(ebb_sandbox *sb);
+size_t ebb_sandbox_memory(ebb_sandbox *sb);           /* bytes in use by the state */
+
+#endif

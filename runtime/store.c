@@ -1,0 +1,226 @@
+/*
+ * store.c: the backend-independent half of the event store (see store.h):
+ * argument checks that every backend would otherwise repeat, event lists,
+ * and dispatch through the backend's vtable.
+ */
+#include "store.h"
+
+#include "json.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- names */
+
+size_t ebb_stream_category_len(const char *stream) {
+  const char *dash = strchr(stream, '-');
+  return dash ? (size_t)(dash - stream) : strlen(stream);
+}
+
+/* Length of the valid UTF-8 sequence at p (with n bytes left), or 0. */
+static size_t utf8_seq(const unsigned char *p, size_t n) {
+  unsigned c = p[0];
+  if (c < 0x80) return 1;
+  size_t len;
+  unsigned min;
+  if ((c & 0xE0) == 0xC0) len = 2, min = 0x80;
+  else if ((c & 0xF0) == 0xE0) len = 3, min = 0x800;
+  else if ((c & 0xF8) == 0xF0) len = 4, min = 0x10000;
+  else return 0;
+  if (len > n) return 0;
+  unsigned cp = c & (0x7F >> len);
+  for (size_t i = 1; i < len; i++) {
+    if ((p[i] & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (p[i] & 0x3F);
+  }
+  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+  return len;
+}
+
+int ebb_validate_name(const char *what, const char *s, ebb_error *err) {
+  if (s == NULL || s[0] == '\0') return ebb_error_set(err, EBB_EBADREQ, "%s must not be empty", what);
+  size_t n = strlen(s);
+  if (n > EBB_MAX_NAME)
+    return ebb_error_set(err, EBB_EBADREQ, "%s is %zu bytes long; the limit is %d", what, n,
+                         EBB_MAX_NAME);
+  const unsigned char *p = (const unsigned char *)s;
+  for (size_t i = 0; i < n;) {
+    if (p[i] < 0x20 || p[i] == 0x7F)
+      return ebb_error_set(err, EBB_EBADREQ, "%s contains a control character at byte %zu", what, i);
+    size_t k = utf8_seq(p + i, n - i);
+    if (k == 0) return ebb_error_set(err, EBB_EBADREQ, "%s is not valid UTF-8 at byte %zu", what, i);
+    i += k;
+  }
+  return 0;
+}
+
+int ebb_parse_expected(const char *s, int64_t *out) {
+  if (strcmp(s, "any") == 0) *out = EBB_EXPECT_ANY;
+  else if (strcmp(s, "no_stream") == 0) *out = EBB_EXPECT_NO_STREAM;
+  else if (strcmp(s, "exists") == 0) *out = EBB_EXPECT_EXISTS;
+  else {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end != '\0' || v < 0 || s[0] == '-' || s[0] == '+') return -1;
+    *out = v;
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------- event lists */
+
+void ebb_event_list_init(ebb_event_list *l) {
+  memset(l, 0, sizeof *l);
+}
+
+static void event_free(ebb_event *e) {
+  free(e->stream);
+  free(e->id);
+  free(e->type);
+  free(e->data);
+  free(e->metadata);
+  free(e->recorded_at);
+}
+
+void ebb_event_list_clear(ebb_event_list *l) {
+  for (size_t i = 0; i < l->n; i++) event_free(&l->items[i]);
+  l->n = 0;
+}
+
+void ebb_event_list_free(ebb_event_list *l) {
+  ebb_event_list_clear(l);
+  free(l->items);
+  ebb_event_list_init(l);
+}
+
+static char *dup_n(const char *s, size_t n) {
+  char *p = malloc(n + 1);
+  if (p) {
+    memcpy(p, s, n);
+    p[n] = '\0';
+  }
+  return p;
+}
+
+int ebb_event_list_push(ebb_event_list *l, const ebb_event *ev) {
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 16;
+    ebb_event *items = realloc(l->items, cap * sizeof *items);
+    if (items == NULL) return EBB_ENOMEM;
+    l->items = items;
+    l->cap = cap;
+  }
+  ebb_event *e = &l->items[l->n];
+  *e = *ev;
+  e->stream = dup_n(ev->stream, strlen(ev->stream));
+  e->id = dup_n(ev->id, strlen(ev->id));
+  e->type = dup_n(ev->type, strlen(ev->type));
+  e->data = dup_n(ev->data, ev->data_len);
+  e->metadata = dup_n(ev->metadata, ev->metadata_len);
+  e->recorded_at = dup_n(ev->recorded_at, strlen(ev->recorded_at));
+  if (!e->stream || !e->id || !e->type || !e->data || !e->metadata || !e->recorded_at) {
+    event_free(e);
+    return EBB_ENOMEM;
+  }
+  l->n++;
+  return 0;
+}
+
+/* ---------------------------------------------------------------- dispatch */
+
+int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err) {
+  *out = NULL;
+  if (opt == NULL || opt->dir == NULL || opt->dir[0] == '\0')
+    return ebb_error_set(err, EBB_EBADREQ, "no data directory given");
+  if (opt->durability != EBB_DURABILITY_FULL && opt->durability != EBB_DURABILITY_NORMAL)
+    return ebb_error_set(err, EBB_EBADREQ, "unknown durability level %d", opt->durability);
+  return ebb__store_sqlite_open(out, opt, err);
+}
+
+void ebb_store_close(ebb_store *s) {
+  if (s) s->vt->close(s);
+}
+
+static int check_request(ebb_append *r) {
+  ebb_error_clear(&r->err);
+  memset(&r->result, 0, sizeof r->result);
+  if (ebb_validate_name("stream name", r->stream, &r->err)) return -1;
+  if (r->expected < 0 && r->expected != EBB_EXPECT_ANY && r->expected != EBB_EXPECT_NO_STREAM &&
+      r->expected != EBB_EXPECT_EXISTS)
+    return ebb_error_set(&r->err, EBB_EBADREQ, "invalid expected version %lld",
+                         (long long)r->expected);
+  if (r->command_id && ebb_validate_name("command id", r->command_id, &r->err)) return -1;
+  if (r->n == 0 && r->command_id == NULL)
+    return ebb_error_set(&r->err, EBB_EBADREQ, "an append needs at least one event");
+  for (size_t i = 0; i < r->n; i++) {
+    const ebb_event_in *e = &r->events[i];
+    if (ebb_validate_name("event id", e->id, &r->err) ||
+        ebb_validate_name("event type", e->type, &r->err))
+      return -1;
+    if (e->schema < 1)
+      return ebb_error_set(&r->err, EBB_EBADREQ, "event %zu: schema must be at least 1", i + 1);
+    if (e->data == NULL || e->data_len == 0 || e->data[0] != '{' || e->metadata == NULL ||
+        e->metadata_len == 0 || e->metadata[0] != '{')
+      return ebb_error_set(&r->err, EBB_EBADREQ, "event %zu: data and metadata must be JSON objects",
+                           i + 1);
+    /* A malformed text would make the stream unreadable forever: check it here,
+     * whoever the caller is. */
+    char msg[256];
+    if (ebb_json_validate(e->data, e->data_len, msg, sizeof msg) != 0)
+      return ebb_error_set(&r->err, EBB_EBADREQ, "event %zu: data is not valid JSON: %s", i + 1, msg);
+    if (ebb_json_validate(e->metadata, e->metadata_len, msg, sizeof msg) != 0)
+      return ebb_error_set(&r->err, EBB_EBADREQ, "event %zu: metadata is not valid JSON: %s", i + 1,
+                           msg);
+    for (size_t j = 0; j < i; j++)
+      if (strcmp(r->events[j].id, e->id) == 0)
+        return ebb_error_set(&r->err, EBB_EBADREQ, "event id %s appears twice in one append", e->id);
+  }
+  return 0;
+}
+
+int ebb_store_append(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err) {
+  for (size_t i = 0; i < n; i++) check_request(&reqs[i]);
+  return s->vt->append(s, reqs, n, err);
+}
+
+static int check_limit(int64_t limit, ebb_error *err) {
+  if (limit <= 0) return ebb_error_set(err, EBB_EBADREQ, "limit must be positive");
+  return 0;
+}
+
+int ebb_store_read_stream(ebb_store *s, const char *stream, int64_t from, int64_t limit,
+                          int backward, ebb_event_list *out, ebb_error *err) {
+  if (ebb_validate_name("stream name", stream, err) || check_limit(limit, err)) return err->code;
+  if (from < 0) return ebb_error_set(err, EBB_EBADREQ, "from must not be negative");
+  return s->vt->read_stream(s, stream, from, limit, backward, out, err);
+}
+
+int ebb_store_read_all(ebb_store *s, const ebb_read_all *q, ebb_event_list *out, ebb_error *err) {
+  if (check_limit(q->limit, err)) return err->code;
+  if (q->after < 0) return ebb_error_set(err, EBB_EBADREQ, "after must not be negative");
+  if (q->category && ebb_validate_name("category", q->category, err)) return err->code;
+  if (q->type && ebb_validate_name("event type", q->type, err)) return err->code;
+  return s->vt->read_all(s, q, out, err);
+}
+
+int ebb_store_read_range(ebb_store *s, int64_t first, int64_t last, ebb_event_list *out,
+                         ebb_error *err) {
+  return s->vt->read_range(s, first, last, out, err);
+}
+
+int ebb_store_stream_version(ebb_store *s, const char *stream, int64_t *version, ebb_error *err) {
+  if (ebb_validate_name("stream name", stream, err)) return err->code;
+  return s->vt->stream_version(s, stream, version, err);
+}
+
+int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err) {
+  return s->vt->head(s, position, err);
+}
+
+int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_record *out,
+                           ebb_error *err) {
+  if (ebb_validate_name("command id", command_id, err)) return err->code;
+  return s->vt->find_command(s, command_id, out, err);
+}

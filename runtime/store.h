@@ -1,0 +1,158 @@
+/*
+ * store.h: the event store, as the rest of ebb sees it.
+ *
+ * A store keeps streams of immutable events with a global, gap-free position
+ * and a 1-based version per stream. Dispatch, the CLI and the Lua binding only
+ * use the functions below; a backend (SQLite today) supplies them through
+ * ebb_store_vtable, so another one (PostgreSQL) can be added without touching
+ * its callers. A store handle belongs to one thread at a time.
+ *
+ * Event data and metadata cross this interface as JSON object text; the store
+ * validates it (a malformed text would make its stream unreadable) but never
+ * rewrites it.
+ */
+#ifndef EBB_STORE_H
+#define EBB_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "uuid.h"
+
+#define EBB_MAX_NAME 512 /* bytes in a stream name, event type or id */
+
+enum ebb_durability {
+  EBB_DURABILITY_FULL = 0,   /* fsync the WAL at every commit */
+  EBB_DURABILITY_NORMAL = 1  /* WAL without fsync per commit */
+};
+
+typedef struct ebb_store_options {
+  const char *dir;      /* data directory, created if missing */
+  int durability;       /* enum ebb_durability */
+  int readonly;         /* open for reading only */
+} ebb_store_options;
+
+/* One event to append. All strings are borrowed for the duration of the call. */
+typedef struct ebb_event_in {
+  const char *id;          /* required: ebb_uuid_new() when the writer gives none */
+  const char *type;
+  int64_t schema;          /* >= 1 */
+  const char *data;        /* JSON object text */
+  size_t data_len;
+  const char *metadata;    /* JSON object text */
+  size_t metadata_len;
+  const char *recorded_at; /* NULL: now. Only import passes the original time. */
+} ebb_event_in;
+
+typedef struct ebb_append_result {
+  int64_t first_version, version;    /* versions of the first and last event */
+  int64_t first_position, position;  /* positions of the first and last event */
+  int idempotent;                    /* 1: these events were already stored; nothing new */
+} ebb_append_result;
+
+/* A command that has been handled, for command-id deduplication. */
+typedef struct ebb_command_record {
+  char stream[EBB_MAX_NAME + 1];
+  char type[EBB_MAX_NAME + 1];
+  int64_t version;                   /* the stream's version after the command */
+  int64_t first_position, position;  /* 0, 0 when the command recorded no event */
+} ebb_command_record;
+
+/* One append request: a stream, its expected version and events. Several go
+ * into one ebb_store_append call (one transaction), each failing alone. */
+typedef struct ebb_append {
+  const char *stream;
+  int64_t expected;              /* EBB_EXPECT_* sentinel or an exact version */
+  const ebb_event_in *events;
+  size_t n;
+  const char *command_id;        /* non-NULL: record the command, atomically with the events */
+  const char *command_type;
+  ebb_append_result result;      /* out */
+  ebb_error err;                 /* out: EBB_OK or why this request failed */
+} ebb_append;
+
+/* An event read back. Strings are owned by the list that holds the event. */
+typedef struct ebb_event {
+  int64_t position, version, schema;
+  char *stream, *id, *type, *data, *metadata, *recorded_at;
+  size_t data_len, metadata_len;
+} ebb_event;
+
+typedef struct ebb_event_list {
+  ebb_event *items;
+  size_t n, cap;
+} ebb_event_list;
+
+void ebb_event_list_init(ebb_event_list *l);
+void ebb_event_list_clear(ebb_event_list *l); /* frees the events, keeps the list usable */
+void ebb_event_list_free(ebb_event_list *l);
+/* Adds a copy of the given fields; returns 0 or EBB_ENOMEM. Used by backends. */
+int ebb_event_list_push(ebb_event_list *l, const ebb_event *ev);
+
+typedef struct ebb_read_all {
+  int64_t after;          /* events with position > after */
+  int64_t limit;          /* > 0 */
+  const char *category;   /* NULL: any */
+  const char *type;       /* NULL: any */
+} ebb_read_all;
+
+typedef struct ebb_store ebb_store;
+
+typedef struct ebb_store_vtable {
+  const char *name;
+  int (*append)(ebb_store *, ebb_append *reqs, size_t n, ebb_error *err);
+  int (*read_stream)(ebb_store *, const char *stream, int64_t from, int64_t limit, int backward,
+                     ebb_event_list *out, ebb_error *err);
+  int (*read_all)(ebb_store *, const ebb_read_all *q, ebb_event_list *out, ebb_error *err);
+  int (*read_range)(ebb_store *, int64_t first, int64_t last, ebb_event_list *out, ebb_error *err);
+  int (*stream_version)(ebb_store *, const char *stream, int64_t *version, ebb_error *err);
+  int (*head)(ebb_store *, int64_t *position, ebb_error *err);
+  int (*find_command)(ebb_store *, const char *command_id, ebb_command_record *out, ebb_error *err);
+  void (*close)(ebb_store *);
+} ebb_store_vtable;
+
+/* Every backend's handle starts with this. */
+struct ebb_store {
+  const ebb_store_vtable *vt;
+};
+
+/* Opens the SQLite store in opt->dir. 0 or an EBB_E* code. */
+int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
+void ebb_store_close(ebb_store *s); /* NULL-safe */
+
+/* Appends each request in one transaction. Returns 0 when the transaction
+ * committed, whatever the individual requests' outcomes (see reqs[i].err);
+ * a negative code when the transaction itself failed, in which case every
+ * request carries that error and nothing was written. Validates names and
+ * expected versions before touching the database. */
+int ebb_store_append(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err);
+
+/* Events of one stream from version `from` (inclusive; 0 or 1 = the start when
+ * reading forward, 0 = the end when reading backward), at most `limit` (> 0). */
+int ebb_store_read_stream(ebb_store *s, const char *stream, int64_t from, int64_t limit,
+                          int backward, ebb_event_list *out, ebb_error *err);
+int ebb_store_read_all(ebb_store *s, const ebb_read_all *q, ebb_event_list *out, ebb_error *err);
+/* Events with first <= position <= last, in order. */
+int ebb_store_read_range(ebb_store *s, int64_t first, int64_t last, ebb_event_list *out,
+                         ebb_error *err);
+/* The stream's last version; 0 when it does not exist. */
+int ebb_store_stream_version(ebb_store *s, const char *stream, int64_t *version, ebb_error *err);
+/* The last position in the store; 0 when empty. */
+int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err);
+/* 1 and *out filled when command_id was handled before, 0 when not, or < 0. */
+int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_record *out,
+                           ebb_error *err);
+
+/* The store's category of a stream: the text before its first '-' (all of it without one). */
+size_t ebb_stream_category_len(const char *stream);
+/* Validates a stream name, event type or id: non-empty, at most EBB_MAX_NAME bytes, UTF-8,
+ * no control characters. `what` names it in the message. */
+int ebb_validate_name(const char *what, const char *s, ebb_error *err);
+/* Parses "any", "no_stream", "exists" or a non-negative integer. */
+int ebb_parse_expected(const char *s, int64_t *out);
+
+/* Internal: the SQLite backend's constructor. */
+int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
+
+#endif

@@ -1,0 +1,548 @@
+/*
+ * store_sqlite.c: the event store on SQLite (one file, WAL). Implements
+ * ebb_store_vtable (store.h).
+ *
+ * Schema: `events` holds every event once, its INTEGER PRIMARY KEY being the
+ * global position. Events are never deleted or updated, so SQLite's rowid
+ * choice (max + 1) makes positions gap-free and, with one writer at a time
+ * (BEGIN IMMEDIATE), ordered by commit. UNIQUE(stream, version) and UNIQUE(id)
+ * are enforced by the schema, not by code. `commands` remembers handled
+ * command ids so a retried command is answered, not run again.
+ *
+ * Every statement is prepared once at open and reset after each use.
+ */
+#include "store.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "clock.h"
+
+#define SCHEMA_VERSION 1
+
+static const char *const schema_sql =
+    "CREATE TABLE IF NOT EXISTS events ("
+    "  position INTEGER PRIMARY KEY,"
+    "  stream TEXT NOT NULL,"
+    "  version INTEGER NOT NULL CHECK (version >= 1),"
+    "  id TEXT NOT NULL UNIQUE,"
+    "  type TEXT NOT NULL,"
+    "  schema INTEGER NOT NULL DEFAULT 1 CHECK (schema >= 1),"
+    "  data TEXT NOT NULL,"
+    "  metadata TEXT NOT NULL,"
+    "  recorded_at TEXT NOT NULL,"
+    "  category TEXT NOT NULL,"
+    "  UNIQUE (stream, version));"
+    "CREATE INDEX IF NOT EXISTS events_by_category ON events (category, position);"
+    "CREATE INDEX IF NOT EXISTS events_by_type ON events (type, position);"
+    "CREATE TABLE IF NOT EXISTS commands ("
+    "  command_id TEXT PRIMARY KEY,"
+    "  stream TEXT NOT NULL,"
+    "  type TEXT NOT NULL,"
+    "  version INTEGER NOT NULL,"
+    "  first_position INTEGER NOT NULL,"
+    "  last_position INTEGER NOT NULL,"
+    "  recorded_at TEXT NOT NULL) WITHOUT ROWID;";
+
+#define EVENT_COLUMNS "position, stream, version, id, type, schema, data, metadata, recorded_at"
+
+enum {
+  S_BEGIN,
+  S_COMMIT,
+  S_ROLLBACK,
+  S_SAVEPOINT,
+  S_RELEASE,
+  S_ROLLBACK_TO,
+  S_VERSION,
+  S_INSERT,
+  S_FIND_ID,
+  S_FIND_COMMAND,
+  S_INSERT_COMMAND,
+  S_READ_FWD,
+  S_READ_BACK,
+  S_READ_ALL,
+  S_READ_ALL_CAT,
+  S_READ_ALL_TYPE,
+  S_READ_ALL_CAT_TYPE,
+  S_READ_RANGE,
+  S_HEAD,
+  S_COUNT
+};
+
+static const char *const statements[S_COUNT] = {
+    [S_BEGIN] = "BEGIN IMMEDIATE",
+    [S_COMMIT] = "COMMIT",
+    [S_ROLLBACK] = "ROLLBACK",
+    [S_SAVEPOINT] = "SAVEPOINT request",
+    [S_RELEASE] = "RELEASE request",
+    [S_ROLLBACK_TO] = "ROLLBACK TO request",
+    [S_VERSION] = "SELECT max(version) FROM events WHERE stream = ?1",
+    [S_INSERT] = "INSERT INTO events (stream, version, id, type, schema, data, metadata, "
+                 "recorded_at, category) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [S_FIND_ID] = "SELECT stream, version, position FROM events WHERE id = ?1",
+    [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position "
+                       "FROM commands WHERE command_id = ?1",
+    [S_INSERT_COMMAND] = "INSERT INTO commands (command_id, stream, type, version, "
+                         "first_position, last_position, recorded_at) "
+                         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [S_READ_FWD] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = ?1 AND version >= ?2 "
+                   "ORDER BY version LIMIT ?3",
+    [S_READ_BACK] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = ?1 AND version <= ?2 "
+                    "ORDER BY version DESC LIMIT ?3",
+    [S_READ_ALL] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > ?1 "
+                   "ORDER BY position LIMIT ?2",
+    [S_READ_ALL_CAT] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > ?1 "
+                       "AND category = ?3 ORDER BY position LIMIT ?2",
+    [S_READ_ALL_TYPE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > ?1 "
+                        "AND type = ?4 ORDER BY position LIMIT ?2",
+    [S_READ_ALL_CAT_TYPE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > ?1 "
+                            "AND category = ?3 AND type = ?4 ORDER BY position LIMIT ?2",
+    [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN ?1 AND ?2 "
+                     "ORDER BY position",
+    [S_HEAD] = "SELECT max(position) FROM events",
+};
+
+typedef struct sqlite_store {
+  ebb_store base;
+  sqlite3 *db;
+  sqlite3_stmt *stmt[S_COUNT];
+} sqlite_store;
+
+static int db_error(sqlite_store *s, ebb_error *err, const char *doing) {
+  int rc = sqlite3_extended_errcode(s->db);
+  int code = (rc & 0xFF) == SQLITE_BUSY || (rc & 0xFF) == SQLITE_LOCKED ? EBB_EBUSY
+             : (rc & 0xFF) == SQLITE_NOMEM                              ? EBB_ENOMEM
+                                                                        : EBB_ESTORE;
+  return ebb_error_set(err, code, "%s: %s", doing, sqlite3_errmsg(s->db));
+}
+
+/* Runs a statement that returns no rows. */
+static int run(sqlite_store *s, int which, ebb_error *err, const char *doing) {
+  sqlite3_stmt *st = s->stmt[which];
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(s, err, doing);
+  return 0;
+}
+
+static void bind_text(sqlite3_stmt *st, int i, const char *s) {
+  if (s) sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC);
+  else sqlite3_bind_null(st, i);
+}
+
+/* ---------------------------------------------------------------- open / close */
+
+static int make_dirs(const char *dir, ebb_error *err) {
+  char path[4096];
+  size_t n = strlen(dir);
+  if (n >= sizeof path) return ebb_error_set(err, EBB_EBADREQ, "data directory path is too long");
+  memcpy(path, dir, n + 1);
+  for (size_t i = 1; i <= n; i++) {
+    if (path[i] != '/' && path[i] != '\0') continue;
+    char c = path[i];
+    path[i] = '\0';
+    if (mkdir(path, 0755) != 0 && errno != EEXIST)
+      return ebb_error_set(err, EBB_ESTORE, "cannot create data directory %s: %s", path,
+                           strerror(errno));
+    path[i] = c;
+  }
+  struct stat st;
+  if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+    return ebb_error_set(err, EBB_ESTORE, "%s is not a directory", dir);
+  return 0;
+}
+
+static void sqlite_close(ebb_store *base) {
+  sqlite_store *s = (sqlite_store *)base;
+  for (int i = 0; i < S_COUNT; i++) sqlite3_finalize(s->stmt[i]);
+  sqlite3_close(s->db);
+  free(s);
+}
+
+static int exec(sqlite_store *s, const char *sql, ebb_error *err, const char *doing) {
+  char *msg = NULL;
+  if (sqlite3_exec(s->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+    ebb_error_set(err, EBB_ESTORE, "%s: %s", doing, msg ? msg : "unknown error");
+    sqlite3_free(msg);
+    return EBB_ESTORE;
+  }
+  return 0;
+}
+
+static int setup_schema(sqlite_store *s, ebb_error *err) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(s->db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
+    return db_error(s, err, "reading the schema version");
+  int version = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+  sqlite3_finalize(st);
+  if (version > SCHEMA_VERSION)
+    return ebb_error_set(err, EBB_ESTORE,
+                         "the store's schema version %d is newer than this ebb knows (%d)", version,
+                         SCHEMA_VERSION);
+  if (version == SCHEMA_VERSION) return 0;
+  char sql[4096];
+  snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version = %d; COMMIT;", schema_sql,
+           SCHEMA_VERSION);
+  if (exec(s, sql, err, "creating the schema")) {
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    return err->code;
+  }
+  return 0;
+}
+
+static const ebb_store_vtable sqlite_vtable;
+
+int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err) {
+  *out = NULL;
+  if (!opt->readonly && make_dirs(opt->dir, err)) return err->code;
+  char path[4200];
+  snprintf(path, sizeof path, "%s/events.db", opt->dir);
+  sqlite_store *s = calloc(1, sizeof *s);
+  if (s == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory opening the store");
+  s->base.vt = &sqlite_vtable;
+  int flags = opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
+  if (sqlite3_open_v2(path, &s->db, flags | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+    ebb_error_set(err, EBB_ESTORE, "cannot open %s: %s", path,
+                  s->db ? sqlite3_errmsg(s->db) : "out of memory");
+    sqlite_close(&s->base);
+    return EBB_ESTORE;
+  }
+  sqlite3_busy_timeout(s->db, 10000);
+  char pragmas[256];
+  snprintf(pragmas, sizeof pragmas,
+           "PRAGMA journal_mode = WAL; PRAGMA synchronous = %s; PRAGMA foreign_keys = OFF;",
+           opt->durability == EBB_DURABILITY_FULL ? "FULL" : "NORMAL");
+  if (exec(s, pragmas, err, "configuring the store") ||
+      (!opt->readonly && setup_schema(s, err))) {
+    sqlite_close(&s->base);
+    return err->code;
+  }
+  for (int i = 0; i < S_COUNT; i++) {
+    if (sqlite3_prepare_v3(s->db, statements[i], -1, SQLITE_PREPARE_PERSISTENT, &s->stmt[i],
+                           NULL) != SQLITE_OK) {
+      db_error(s, err, "preparing a statement");
+      sqlite_close(&s->base);
+      return err->code;
+    }
+  }
+  *out = &s->base;
+  return 0;
+}
+
+/* ---------------------------------------------------------------- append */
+
+static int stream_version(sqlite_store *s, const char *stream, int64_t *version, ebb_error *err) {
+  sqlite3_stmt *st = s->stmt[S_VERSION];
+  bind_text(st, 1, stream);
+  int rc = sqlite3_step(st);
+  *version = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+  sqlite3_reset(st);
+  if (rc != SQLITE_ROW) return db_error(s, err, "reading a stream's version");
+  return 0;
+}
+
+static int expected_matches(int64_t expected, int64_t actual) {
+  if (expected == EBB_EXPECT_ANY) return 1;
+  if (expected == EBB_EXPECT_NO_STREAM) return actual == 0;
+  if (expected == EBB_EXPECT_EXISTS) return actual > 0;
+  return expected == actual;
+}
+
+/* After a failed append: are these events already stored, exactly where this
+ * request would have put them? 1: yes (r->result filled), 0: none of the ids
+ * is stored (the original error stands), < 0: some are stored elsewhere or
+ * only some are stored (r->err says which). */
+static int check_idempotent(sqlite_store *s, ebb_append *r) {
+  sqlite3_stmt *st = s->stmt[S_FIND_ID];
+  size_t found = 0;
+  int64_t first_version = 0, first_position = 0, last_version = 0, last_position = 0;
+  char where[EBB_MAX_NAME + 1] = "";
+  const char *bad = NULL, *first_found = NULL;
+  for (size_t i = 0; i < r->n; i++) {
+    bind_text(st, 1, r->events[i].id);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+      const char *stream = (const char *)sqlite3_column_text(st, 0);
+      int64_t version = sqlite3_column_int64(st, 1), position = sqlite3_column_int64(st, 2);
+      if (found == 0) {
+        first_found = r->events[i].id;
+        first_version = version;
+        first_position = position;
+      }
+      if (strcmp(stream, r->stream) != 0 || version != first_version + (int64_t)i || found != i) {
+        snprintf(where, sizeof where, "%s", stream);
+        last_version = version;
+        bad = r->events[i].id;
+      }
+      if (!bad) {
+        last_version = version;
+        last_position = position;
+      }
+      found++;
+    } else if (rc != SQLITE_DONE) {
+      sqlite3_reset(st);
+      return db_error(s, &r->err, "looking up an event id");
+    }
+    sqlite3_reset(st);
+    if (bad) break;
+  }
+  if (found == 0) return 0;
+  int64_t want_first = r->expected >= 0 ? r->expected + 1
+                       : r->expected == EBB_EXPECT_NO_STREAM ? 1
+                                                             : 0;
+  if (!bad && found == r->n &&
+      (want_first == 0 || first_version == want_first) &&
+      (r->expected != EBB_EXPECT_EXISTS || first_version > 1)) {
+    ebb_error_clear(&r->err);
+    r->result.first_version = first_version;
+    r->result.version = last_version;
+    r->result.first_position = first_position;
+    r->result.position = last_position;
+    r->result.idempotent = 1;
+    return 1;
+  }
+  if (bad)
+    return ebb_error_set(&r->err, EBB_ECONFLICT,
+                         "event id %s is already stored in stream %s at version %lld", bad, where,
+                         (long long)last_version);
+  return ebb_error_set(&r->err, EBB_ECONFLICT,
+                       "event id %s is already stored in %s at version %lld, and %zu of the %zu "
+                       "events are; an idempotent re-send must repeat exactly the same events at "
+                       "the same place",
+                       first_found, r->stream, (long long)first_version, found, r->n);
+}
+
+static int find_command(sqlite_store *s, const char *command_id, ebb_command_record *out,
+                        ebb_error *err) {
+  sqlite3_stmt *st = s->stmt[S_FIND_COMMAND];
+  bind_text(st, 1, command_id);
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) {
+    snprintf(out->stream, sizeof out->stream, "%s", (const char *)sqlite3_column_text(st, 0));
+    snprintf(out->type, sizeof out->type, "%s", (const char *)sqlite3_column_text(st, 1));
+    out->version = sqlite3_column_int64(st, 2);
+    out->first_position = sqlite3_column_int64(st, 3);
+    out->position = sqlite3_column_int64(st, 4);
+  }
+  sqlite3_reset(st);
+  if (rc == SQLITE_ROW) return 1;
+  if (rc == SQLITE_DONE) return 0;
+  return db_error(s, err, "looking up a command id");
+}
+
+/* One request inside the open transaction and its savepoint. 0 or < 0 with r->err set. */
+static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
+  if (r->command_id) {
+    ebb_command_record rec;
+    int found = find_command(s, r->command_id, &rec, &r->err);
+    if (found < 0) return found;
+    if (found) {
+      if (strcmp(rec.stream, r->stream) != 0 ||
+          (r->command_type && strcmp(rec.type, r->command_type) != 0))
+        return ebb_error_set(&r->err, EBB_ECONFLICT,
+                             "command id %s was already used for %s on %s", r->command_id, rec.type,
+                             rec.stream);
+      r->result.first_position = rec.first_position;
+      r->result.position = rec.position;
+      r->result.version = rec.version;
+      r->result.first_version = rec.first_position ? rec.version - (rec.position - rec.first_position) : rec.version;
+      r->result.idempotent = 1;
+      return 0;
+    }
+  }
+  int64_t version;
+  if (stream_version(s, r->stream, &version, &r->err)) return r->err.code;
+  if (!expected_matches(r->expected, version)) {
+    int rc = r->n ? check_idempotent(s, r) : 0;
+    if (rc != 0) return rc > 0 ? 0 : rc;
+    ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
+                  r->stream,
+                  ebb_expected_name(r->expected, (char[24]){0}, 24), (long long)version);
+    r->err.expected = r->expected;
+    r->err.actual = version;
+    return EBB_EVERSION;
+  }
+  size_t category_len = ebb_stream_category_len(r->stream);
+  sqlite3_stmt *st = s->stmt[S_INSERT];
+  for (size_t i = 0; i < r->n; i++) {
+    const ebb_event_in *e = &r->events[i];
+    sqlite3_bind_text(st, 1, r->stream, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, version + 1 + (int64_t)i);
+    sqlite3_bind_text(st, 3, e->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, e->type, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, e->schema);
+    sqlite3_bind_text(st, 6, e->data, (int)e->data_len, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, e->metadata, (int)e->metadata_len, SQLITE_STATIC);
+    sqlite3_bind_text(st, 8, e->recorded_at ? e->recorded_at : now, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 9, r->stream, (int)category_len, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc == SQLITE_CONSTRAINT) {
+      /* Only the id can collide: the version was checked in this transaction. */
+      int idem = check_idempotent(s, r);
+      if (idem > 0) return 0;
+      if (idem == 0) db_error(s, &r->err, "appending an event");
+      return r->err.code;
+    }
+    if (rc != SQLITE_DONE) return db_error(s, &r->err, "appending an event");
+    int64_t position = sqlite3_last_insert_rowid(s->db);
+    if (i == 0) r->result.first_position = position;
+    r->result.position = position;
+  }
+  r->result.first_version = r->n ? version + 1 : version;
+  r->result.version = version + (int64_t)r->n;
+  if (r->command_id) {
+    st = s->stmt[S_INSERT_COMMAND];
+    bind_text(st, 1, r->command_id);
+    bind_text(st, 2, r->stream);
+    bind_text(st, 3, r->command_type ? r->command_type : "");
+    sqlite3_bind_int64(st, 4, r->result.version);
+    sqlite3_bind_int64(st, 5, r->result.first_position);
+    sqlite3_bind_int64(st, 6, r->result.position);
+    bind_text(st, 7, now);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) return db_error(s, &r->err, "recording a command id");
+  }
+  return 0;
+}
+
+static int sqlite_append(ebb_store *base, ebb_append *reqs, size_t n, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  char now[EBB_TIME_LEN + 1];
+  ebb_clock_format(ebb_clock_now_ms(), now);
+  ebb_error txerr;
+  ebb_error_init(&txerr);
+  if (run(s, S_BEGIN, &txerr, "starting a transaction")) goto fail;
+  for (size_t i = 0; i < n; i++) {
+    ebb_append *r = &reqs[i];
+    if (r->err.code) continue; /* refused by the checks in store.c */
+    if (n > 1 && run(s, S_SAVEPOINT, &txerr, "starting a savepoint")) goto rollback;
+    if (append_one(s, r, now) != 0) {
+      memset(&r->result, 0, sizeof r->result);
+      if (n == 1) {
+        /* Nothing else in the transaction: undo it whole. */
+        run(s, S_ROLLBACK, &txerr, "rolling back");
+        ebb_error_clear(&txerr);
+        return 0;
+      }
+      if (run(s, S_ROLLBACK_TO, &txerr, "rolling back a savepoint")) goto rollback;
+    }
+    if (n > 1 && run(s, S_RELEASE, &txerr, "releasing a savepoint")) goto rollback;
+  }
+  if (run(s, S_COMMIT, &txerr, "committing")) goto rollback;
+  return 0;
+rollback:
+  if (!sqlite3_get_autocommit(s->db)) sqlite3_step(s->stmt[S_ROLLBACK]), sqlite3_reset(s->stmt[S_ROLLBACK]);
+fail:
+  for (size_t i = 0; i < n; i++) {
+    memset(&reqs[i].result, 0, sizeof reqs[i].result);
+    ebb_error_clear(&reqs[i].err);
+    ebb_error_set(&reqs[i].err, txerr.code, "%s", txerr.message);
+  }
+  int code = txerr.code;
+  if (err) ebb_error_move(err, &txerr);
+  ebb_error_clear(&txerr);
+  return code;
+}
+
+/* ---------------------------------------------------------------- reads */
+
+static int collect(sqlite_store *s, sqlite3_stmt *st, ebb_event_list *out, ebb_error *err) {
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    ebb_event ev = {
+        .position = sqlite3_column_int64(st, 0),
+        .stream = (char *)sqlite3_column_text(st, 1),
+        .version = sqlite3_column_int64(st, 2),
+        .id = (char *)sqlite3_column_text(st, 3),
+        .type = (char *)sqlite3_column_text(st, 4),
+        .schema = sqlite3_column_int64(st, 5),
+        .data = (char *)sqlite3_column_text(st, 6),
+        .data_len = (size_t)sqlite3_column_bytes(st, 6),
+        .metadata = (char *)sqlite3_column_text(st, 7),
+        .metadata_len = (size_t)sqlite3_column_bytes(st, 7),
+        .recorded_at = (char *)sqlite3_column_text(st, 8),
+    };
+    if (!ev.stream || !ev.id || !ev.type || !ev.data || !ev.metadata || !ev.recorded_at) {
+      sqlite3_reset(st);
+      return db_error(s, err, "reading an event");
+    }
+    if (ebb_event_list_push(out, &ev)) {
+      sqlite3_reset(st);
+      return ebb_error_set(err, EBB_ENOMEM, "out of memory reading events");
+    }
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(s, err, "reading events");
+  return 0;
+}
+
+static int sqlite_read_stream(ebb_store *base, const char *stream, int64_t from, int64_t limit,
+                              int backward, ebb_event_list *out, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[backward ? S_READ_BACK : S_READ_FWD];
+  bind_text(st, 1, stream);
+  sqlite3_bind_int64(st, 2, backward && from == 0 ? INT64_MAX : from);
+  sqlite3_bind_int64(st, 3, limit);
+  return collect(s, st, out, err);
+}
+
+static int sqlite_read_all(ebb_store *base, const ebb_read_all *q, ebb_event_list *out,
+                           ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  int which = q->category ? (q->type ? S_READ_ALL_CAT_TYPE : S_READ_ALL_CAT)
+                          : (q->type ? S_READ_ALL_TYPE : S_READ_ALL);
+  sqlite3_stmt *st = s->stmt[which];
+  sqlite3_bind_int64(st, 1, q->after);
+  sqlite3_bind_int64(st, 2, q->limit);
+  if (q->category) bind_text(st, 3, q->category);
+  if (q->type) bind_text(st, 4, q->type);
+  return collect(s, st, out, err);
+}
+
+static int sqlite_read_range(ebb_store *base, int64_t first, int64_t last, ebb_event_list *out,
+                             ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_READ_RANGE];
+  sqlite3_bind_int64(st, 1, first);
+  sqlite3_bind_int64(st, 2, last);
+  return collect(s, st, out, err);
+}
+
+static int sqlite_stream_version(ebb_store *base, const char *stream, int64_t *version,
+                                 ebb_error *err) {
+  return stream_version((sqlite_store *)base, stream, version, err);
+}
+
+static int sqlite_head(ebb_store *base, int64_t *position, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_HEAD];
+  int rc = sqlite3_step(st);
+  *position = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+  sqlite3_reset(st);
+  if (rc != SQLITE_ROW) return db_error(s, err, "reading the head position");
+  return 0;
+}
+
+static int sqlite_find_command(ebb_store *base, const char *command_id, ebb_command_record *out,
+                               ebb_error *err) {
+  return find_command((sqlite_store *)base, command_id, out, err);
+}
+
+static const ebb_store_vtable sqlite_vtable = {
+    .name = "sqlite",
+    .append = sqlite_append,
+    .read_stream = sqlite_read_stream,
+    .read_all = sqlite_read_all,
+    .read_range = sqlite_read_range,
+    .stream_version = sqlite_stream_version,
+    .head = sqlite_head,
+    .find_command = sqlite_find_command,
+    .close = sqlite_close,
+};

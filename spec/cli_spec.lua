@@ -1,0 +1,162 @@
+-- The `ebb` command line end to end: output, exit codes, export/import.
+local core = require "ebb.core"
+local support = require "support"
+
+local decode = core.json_decode
+
+describe("ebb CLI", function()
+  local dir
+
+  local function ebb(args, opts)
+    local full = { "--data", dir, "--aggregates", support.root .. "/aggregates", "--durability", "normal" }
+    for _, a in ipairs(args) do full[#full + 1] = a end
+    return support.run(full, opts)
+  end
+
+  before_each(function() dir = support.tmpdir() end)
+  after_each(function() support.rmdir(dir) end)
+
+  it("sends commands and prints the result as JSON", function()
+    local out, err, code = ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c-1"}' }
+    assert.equal(0, code, err)
+    local r = decode(out)
+    assert.equal("Order-o-1", r.stream)
+    assert.equal(1, r.version)
+    assert.equal("OrderCreated", r.events[1].type)
+    out, err, code = ebb { "send", "order", "o-1", "AddItem", '{"sku":"A","qty":2,"price":9007199254740993}' }
+    assert.equal(0, code, err)
+    assert.equal(9007199254740993, decode(out).events[1].data.price)
+  end)
+
+  it("exits with a code per kind of error and says why on stderr", function()
+    assert.equal(0, select(3, ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c-1"}' }))
+    local cases = {
+      { { "send", "Nope", "1", "X" }, 3, "not_found: unknown aggregate Nope" },
+      { { "send", "Order", "o-1", "Fly" }, 3, "not_found: Order has no command Fly" },
+      { { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c-1"}', "--expect", "0" }, 4,
+        "wrong_expected_version: wrong expected version for Order%-o%-1: expected 0, actual 1" },
+      { { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c-1"}' }, 5, "rejected:" },
+      { { "send", "Order", "o-1", "AddItem", "{nope" }, 7, "bad_request: command data is not valid JSON" },
+      { { "send", "Order", "o-1" }, 2, "wrong number of arguments" },
+      { { "frobnicate" }, 2, 'unknown command "frobnicate"' },
+      { { "read", "Order-o-1", "--limit", "0" }, 2, "%-%-limit must be an integer of at least 1" },
+      { { "read", "Order-o-404" }, 3, "stream Order%-o%-404 does not exist" },
+      { { "send", "Order", "o-1", "ConfirmOrder", "--frob" }, 2, "unknown option %-%-frob" },
+    }
+    for _, c in ipairs(cases) do
+      local out, err, code = ebb(c[1])
+      assert.equal(c[2], code, table.concat(c[1], " ") .. ": " .. err)
+      assert.matches(c[3], err)
+      assert.equal("", out)
+    end
+    assert.equal(1, #support.lines(ebb { "read", "Order-o-1" }, decode))
+  end)
+
+  it("exits 6 for a script error", function()
+    local aggs = support.aggregates_copy()
+    support.write(aggs .. "/bad.lua", [[return { type = "Bad", initial = function() return {} end, apply = {},
+      handle = { Boom = function() error("boom") end } }]])
+    local out, err, code = support.run { "--data", dir, "--aggregates", aggs, "send", "Bad", "1", "Boom" }
+    assert.equal(6, code)
+    assert.equal("", out)
+    assert.matches("script_error: bad%.lua:2: boom", err)
+    support.rmdir(aggs)
+  end)
+
+  it("deduplicates by --command-id", function()
+    local first = ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c"}', "--command-id", "k-1" }
+    local again, err, code = ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c"}', "--command-id", "k-1" }
+    assert.equal(0, code, err)
+    assert.equal(first, again)
+    assert.equal(1, #support.lines(ebb { "events" }, decode))
+  end)
+
+  it("reads streams forward and backward, and all events with filters", function()
+    ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c-1"}' }
+    for i = 1, 4 do ebb { "send", "Order", "o-1", "AddItem", ('{"sku":"S%d","qty":1,"price":100}'):format(i) } end
+    ebb { "send", "BankAccount", "a-1", "OpenAccount", '{"owner":"Ann","initial_deposit":50}' }
+    local fwd = support.lines(ebb { "read", "Order-o-1", "--from", "2", "--limit", "2" }, decode)
+    assert.same({ 2, 3 }, { fwd[1].version, fwd[2].version })
+    local back = support.lines(ebb { "read", "Order-o-1", "--backward", "--limit", "2" }, decode)
+    assert.same({ 5, 4 }, { back[1].version, back[2].version })
+    assert.equal(6, #support.lines(ebb { "events" }, decode))
+    assert.equal(1, #support.lines(ebb { "events", "--category", "BankAccount" }, decode))
+    assert.equal(4, #support.lines(ebb { "events", "--type", "ItemAdded" }, decode))
+    local after = support.lines(ebb { "events", "--after", "4", "--limit", "1" }, decode)
+    assert.equal(5, after[1].position)
+  end)
+
+  it("prints an aggregate's state", function()
+    ebb { "send", "BankAccount", "a-1", "OpenAccount", '{"owner":"Ann","initial_deposit":50}' }
+    ebb { "send", "BankAccount", "a-1", "Deposit", '{"amount":25}' }
+    local out, err, code = ebb { "state", "BankAccount", "a-1" }
+    assert.equal(0, code, err)
+    local s = decode(out)
+    assert.equal(2, s.version)
+    assert.equal("BankAccount-a-1", s.stream)
+    assert.equal(75, s.state.balance)
+  end)
+
+  it("checks modules, reporting file and line", function()
+    local out, err, code = ebb { "check" }
+    assert.equal(0, code, err)
+    assert.is_true(decode(out).ok)
+    local aggs = support.aggregates_copy()
+    support.write(aggs .. "/broken.lua", "local x = \n")
+    out, err, code = support.run { "--data", dir, "--aggregates", aggs, "check" }
+    assert.equal(6, code)
+    assert.matches("broken%.lua:%d+:", err)
+    support.rmdir(aggs)
+  end)
+
+  it("exports and imports NDJSON idempotently, keeping int64 values exact", function()
+    ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c-1"}' }
+    ebb { "send", "Order", "o-1", "AddItem", '{"sku":"A","qty":1,"price":9223372036854775807}' }
+    ebb { "send", "BankAccount", "a-1", "OpenAccount", '{"owner":"Ann","initial_deposit":0}' }
+    ebb { "send", "Order", "o-1", "ConfirmOrder" }
+    local exported = ebb { "export" }
+    assert.equal(4, #support.lines(exported, decode))
+    assert.matches('"price":9223372036854775807', exported)
+
+    local other = support.tmpdir()
+    local args = { "--data", other, "import" }
+    local out, err, code = support.run(args, { stdin = exported })
+    assert.equal(0, code, err)
+    assert.same({ imported = 4, skipped = 0 }, decode(out))
+    out, err, code = support.run(args, { stdin = exported })
+    assert.equal(0, code, err)
+    assert.same({ imported = 0, skipped = 4 }, decode(out))
+    assert.equal(exported, (support.run { "--data", other, "export" }))
+
+    local old = ebb { "export", "--before", "3" }
+    assert.equal(2, #support.lines(old, decode))
+    assert.equal(2, #support.lines(ebb { "export", "--after", "2" }, decode))
+    support.rmdir(other)
+  end)
+
+  it("refuses a malformed import line, naming it, and keeps what came before", function()
+    local other = support.tmpdir()
+    local good = '{"stream":"A-1","version":1,"id":"i-1","type":"X","data":{},"metadata":{},' ..
+      '"recorded_at":"2026-01-01T00:00:00.000Z"}'
+    local out, err, code = support.run({ "--data", other, "import" }, { stdin = good .. "\n{oops\n" })
+    assert.equal(7, code)
+    assert.matches("line 2", err)
+    assert.same({ imported = 0, skipped = 0 }, decode(out))
+    local gap = good:gsub('"version":1', '"version":3'):gsub("i%-1", "i-3")
+    out, err, code = support.run({ "--data", other, "import" }, { stdin = gap .. "\n" })
+    assert.equal(4, code)
+    assert.matches("line 1: wrong expected version", err)
+    support.rmdir(other)
+  end)
+
+  it("prints help for every command", function()
+    local out, _, code = support.run { "--help" }
+    assert.equal(0, code)
+    for _, name in ipairs { "send", "read", "events", "state", "check", "export", "import" } do
+      assert.matches("ebb " .. name, out)
+      local h, _, c = support.run { "help", name }
+      assert.equal(0, c)
+      assert.matches("^Usage: ebb " .. name, h)
+    end
+  end)
+end)

@@ -1,0 +1,283 @@
+-- The command path through ebb.core: dispatch, metadata, every error kind
+-- (each leaving the store untouched), command-id deduplication, the sandbox.
+local core = require "ebb.core"
+local support = require "support"
+
+-- A test aggregate whose commands misbehave on purpose.
+local PROBE = [[
+local ebb = require "ebb"
+local probe = { type = "Probe" }
+function probe.initial() return { count = 0 } end
+probe.apply = {
+  Counted = function(s) s.count = s.count + 1; return s end,
+  Broken = function() error("apply failed") end,
+}
+local function run(code)
+  return function(s, c)
+    local f = assert(load(code))
+    f(s, c)
+    return { { type = "Counted", data = {} } }
+  end
+end
+probe.handle = {
+  Count = function(_, c, ctx)
+    return { { type = "Counted", data = { n = c.data.n, id = ctx.id(), now = ctx.now } ,
+               metadata = { source = "probe" } } }
+  end,
+  Nothing = function() return {} end,
+  Reject = function(s) ebb.reject("not today", { count = s.count, why = "probe" }) end,
+  Fail = function() local t = nil; return t.field end,
+  ReturnString = function() return "oops" end,
+  ReturnNil = function() end,
+  ReturnMap = function() return { a = { type = "Counted", data = {} } } end,
+  NoType = function() return { { data = {} } } end,
+  DataString = function() return { { type = "Counted", data = "x" } } end,
+  DataFunction = function() return { { type = "Counted", data = { f = print } } } end,
+  Unapplicable = function() return { { type = "Broken", data = {} } } end,
+  Io = run "return io.open('/etc/passwd')",
+  OsExecute = run "return os.execute('true')",
+  OsGetenv = run "return os.getenv('HOME')",
+  OsTimeNow = run "return os.time()",
+  Debug = run "return debug.getinfo(1)",
+  Package = run "return package.loaded",
+  RequireC = run "return require 'cjson'",
+  RequireParent = run "return require '..secret'",
+  Dofile = run "return dofile('/etc/passwd')",
+  Loadfile = run "return loadfile('/etc/passwd')",
+  Dump = run "return ('').dump(print)",
+  Binary = run "return load('\27Lua' .. string.rep('x', 40))()",
+  Random = run "return math.random()",
+  Gc = run "return setmetatable({}, { __gc = function() end })",
+  Loop = function() while true do end end,
+  LoopInPcall = function() while true do pcall(function() while true do end end) end end,
+  LoopInCoroutine = function()
+    while true do coroutine.resume(coroutine.create(function() while true do end end)) end
+  end,
+  MemoryBomb = function()
+    local t = {}
+    while true do t[#t + 1] = string.rep("x", 1000000) .. #t end
+  end,
+  MemoryBombInPcall = function()
+    while true do
+      pcall(function()
+        local t = {}
+        while true do t[#t + 1] = string.rep("y", 1000000) .. #t end
+      end)
+    end
+  end,
+}
+return probe
+]]
+
+describe("commands", function()
+  local dir, aggs, rt
+
+  local function open()
+    return assert(core.open { data = dir, aggregates = aggs, durability = "normal",
+                              memory_limit = 64 * 1024 * 1024, instruction_budget = 5000000 })
+  end
+
+  before_each(function()
+    dir = support.tmpdir()
+    aggs = support.aggregates_copy()
+    support.write(aggs .. "/probe.lua", PROBE)
+    rt = open()
+  end)
+
+  after_each(function()
+    rt:close()
+    support.rmdir(dir)
+    support.rmdir(aggs)
+  end)
+
+  local function send(type_, data, extra)
+    local c = { aggregate = "Probe", id = "p-1", type = type_, data = data or {} }
+    for k, v in pairs(extra or {}) do c[k] = v end
+    return rt:send(c)
+  end
+
+  it("runs a command and appends its events with causal metadata", function()
+    local r = assert(send("Count", { n = 7 }, { metadata = { user_id = "u-9", tenant = "acme" } }))
+    assert.equal("Probe-p-1", r.stream)
+    assert.equal(1, r.version)
+    assert.equal(1, r.position)
+    assert.equal(1, #r.events)
+    local e = rt:read("Probe-p-1")[1]
+    assert.equal("Counted", e.type)
+    assert.equal(7, e.data.n)
+    assert.equal("integer", math.type(e.data.n))
+    assert.equal(e.recorded_at, e.data.now)
+    assert.matches("^%x+%-", e.data.id)
+    assert.equal("u-9", e.metadata.user_id)
+    assert.equal("acme", e.metadata.tenant)
+    assert.equal("probe", e.metadata.source)
+    assert.equal(e.metadata.command_id, e.metadata.causation_id)
+    assert.equal(e.metadata.command_id, e.metadata.correlation_id)
+    assert.same(r.events[1], e)
+  end)
+
+  it("keeps a given correlation id and uses the command id as causation", function()
+    assert(send("Count", {}, { command_id = "cmd-1", metadata = { correlation_id = "flow-1" } }))
+    local m = rt:read("Probe-p-1")[1].metadata
+    assert.equal("flow-1", m.correlation_id)
+    assert.equal("cmd-1", m.causation_id)
+    assert.equal("cmd-1", m.command_id)
+  end)
+
+  it("folds earlier events with apply before deciding", function()
+    for _ = 1, 3 do assert(send("Count")) end
+    local s = assert(rt:state("Probe", "p-1"))
+    assert.equal(3, s.version)
+    assert.equal(3, s.state.count)
+    local _, _, _, info = send("Reject")
+    assert.equal(3, info.details.count)
+  end)
+
+  it("accepts a handler that returns no events", function()
+    local r = assert(send("Nothing"))
+    assert.equal(0, r.version)
+    assert.same({}, r.events)
+    assert.equal(0, rt:head())
+  end)
+
+  it("appends with the loaded version, or a matching expected_version", function()
+    assert(send("Count"))
+    assert(send("Count", {}, { expected_version = 1 }))
+    local r, msg, code, info = send("Count", {}, { expected_version = 1 })
+    assert.is_nil(r)
+    assert.equal("wrong_expected_version", code)
+    assert.same({ 1, 2 }, { info.expected, info.actual })
+    assert.matches("expected 1, actual 2", msg)
+    assert.equal(2, rt:head())
+  end)
+
+  describe("refuses without appending anything", function()
+    local function refused(expected_code, pattern, type_, data, extra)
+      local head = rt:head()
+      local r, msg, code, info = send(type_, data, extra)
+      assert.is_nil(r)
+      assert.equal(expected_code, code)
+      if pattern then assert.matches(pattern, msg) end
+      assert.equal(head, rt:head())
+      assert.equal(0, rt:version("Probe-p-1"))
+      return msg, info
+    end
+
+    it("an unknown aggregate", function()
+      local r, msg, code = rt:send { aggregate = "Nope", id = "1", type = "X" }
+      assert.is_nil(r)
+      assert.equal("not_found", code)
+      assert.matches("unknown aggregate Nope", msg)
+    end)
+
+    it("an unknown command", function() refused("not_found", "Probe has no command Missing", "Missing") end)
+
+    it("a rejection, with its message and details", function()
+      local _, info = refused("rejected", "^not today$", "Reject")
+      assert.same({ count = 0, why = "probe" }, info.details)
+    end)
+
+    it("a Lua error, with module and line", function() refused("script_error", "probe%.lua:%d+:", "Fail") end)
+
+    it("a handler returning a string", function() refused("script_error", "handle.ReturnString returned string", "ReturnString") end)
+    it("a handler returning nothing", function() refused("script_error", "handle.ReturnNil returned nil", "ReturnNil") end)
+    it("a handler returning a map", function() refused("script_error", "not a list of events", "ReturnMap") end)
+    it("an event without a type", function() refused("script_error", "without a string `type`", "NoType") end)
+    it("event data that is not a table", function() refused("script_error", "data is string", "DataString") end)
+    it("event data that cannot be stored", function() refused("script_error", "cannot be stored", "DataFunction") end)
+    it("an event that apply cannot fold", function() refused("script_error", "apply failed", "Unapplicable") end)
+
+    it("malformed command data", function()
+      refused("bad_request", "not valid JSON", "Count", '{"n": 1,}')
+      refused("bad_request", "must be a JSON object", "Count", "[1,2]")
+    end)
+
+    it("invalid names", function()
+      local r, _, code = rt:send { aggregate = "Probe", id = "bad\1id", type = "Count" }
+      assert.is_nil(r)
+      assert.equal("bad_request", code)
+    end)
+  end)
+
+  describe("command ids", function()
+    it("return the original result and append nothing the second time", function()
+      local first = assert(send("Count", { n = 1 }, { command_id = "c-1" }))
+      local again = assert(send("Count", { n = 2 }, { command_id = "c-1" }))
+      assert.same(first, again)
+      assert.equal(1, rt:head())
+    end)
+
+    it("hold across a reopen", function()
+      local first = assert(send("Count", { n = 1 }, { command_id = "c-1" }))
+      rt:close()
+      rt = open()
+      assert.same(first, assert(send("Count", { n = 1 }, { command_id = "c-1" })))
+      assert.equal(1, rt:head())
+    end)
+
+    it("remember commands that recorded no event", function()
+      assert(send("Nothing", {}, { command_id = "c-0" }))
+      assert(send("Count"))
+      local again = assert(send("Nothing", {}, { command_id = "c-0" }))
+      assert.equal(0, again.version)
+      assert.equal(1, rt:head())
+    end)
+
+    it("conflict when reused for another command or aggregate", function()
+      assert(send("Count", {}, { command_id = "c-1" }))
+      local r, _, code = send("Nothing", {}, { command_id = "c-1" })
+      assert.is_nil(r)
+      assert.equal("conflict", code)
+      r, _, code = send("Count", {}, { command_id = "c-1", id = "p-2" })
+      assert.is_nil(r)
+      assert.equal("conflict", code)
+      assert.equal(1, rt:head())
+    end)
+  end)
+
+  describe("sandbox", function()
+    local forbidden = { "Io", "OsExecute", "OsGetenv", "OsTimeNow", "Debug", "Package", "RequireC",
+                        "RequireParent", "Dofile", "Loadfile", "Dump", "Binary", "Random", "Gc" }
+    for _, name in ipairs(forbidden) do
+      it("refuses " .. name .. " as a script error", function()
+        local r, msg, code = send(name)
+        assert.is_nil(r, "the sandbox let " .. name .. " through")
+        assert.equal("script_error", code)
+        assert.is_string(msg)
+        assert.equal(0, rt:head())
+      end)
+    end
+
+    for _, name in ipairs { "Loop", "LoopInPcall", "LoopInCoroutine", "MemoryBomb", "MemoryBombInPcall" } do
+      it("ends " .. name .. " as a script error within a second, and lives on", function()
+        local cpu, _, r, msg, code = support.elapsed(function() return send(name) end)
+        assert.is_nil(r)
+        assert.equal("script_error", code)
+        assert.matches(name:match("Memory") and "memory" or "instruction budget", msg)
+        assert.is_true(cpu < 1.0, ("took %.2fs"):format(cpu))
+        assert.equal(0, rt:head())
+        assert(send("Count"))
+        assert.equal(1, rt:head())
+      end)
+    end
+  end)
+
+  describe("modules", function()
+    it("reports a broken module with file and line, and keeps the others working", function()
+      support.write(aggs .. "/broken.lua", "local x = {\nreturn x\n")
+      support.write(aggs .. "/shapeless.lua", "return { type = 'Shapeless', handle = {} }")
+      rt:close()
+      rt = open()
+      local problems = rt:check()
+      assert.equal(2, #problems)
+      assert.matches("broken%.lua:%d+:", problems[1])
+      assert.matches("shapeless%.lua: `initial` must be a function", problems[2])
+      assert(send("Count"))
+    end)
+
+    it("finds an aggregate by type or by module name", function()
+      assert(rt:send { aggregate = "probe", id = "p-1", type = "Count" })
+      assert.equal(1, rt:version("Probe-p-1"))
+    end)
+  end)
+end)

@@ -1,0 +1,81 @@
+-- Shared helpers for the specs: temporary data directories, the ebb binary,
+-- and running the CLI with its output and exit code.
+local support = {}
+
+support.root = assert(os.getenv("PWD"), "run the specs from the repository root")
+support.build = os.getenv("EBB_BUILD") or (support.root .. "/build")
+support.ebb = support.build .. "/ebb"
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+support.quote = sh_quote
+
+function support.tmpdir()
+  local name = os.tmpname()
+  os.remove(name)
+  assert(os.execute("mkdir -p " .. sh_quote(name)))
+  return name
+end
+
+function support.rmdir(dir)
+  if dir and dir:match("^/tmp/") then os.execute("rm -rf " .. sh_quote(dir)) end
+end
+
+function support.write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+function support.read(path)
+  local f = assert(io.open(path, "r"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Copies the example aggregates into a fresh directory, so a spec can add modules.
+function support.aggregates_copy()
+  local dir = support.tmpdir()
+  assert(os.execute("cp " .. support.root .. "/aggregates/*.lua " .. sh_quote(dir)))
+  return dir
+end
+
+-- Runs `ebb args...` (a list of strings); returns stdout, stderr, exit code.
+function support.run(args, opts)
+  opts = opts or {}
+  local parts = { sh_quote(support.ebb) }
+  for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
+  local errfile = os.tmpname()
+  local cmd = table.concat(parts, " ")
+  if opts.stdin then
+    local infile = os.tmpname()
+    support.write(infile, opts.stdin)
+    cmd = cmd .. " < " .. sh_quote(infile)
+  end
+  if opts.cwd then cmd = "cd " .. sh_quote(opts.cwd) .. " && " .. cmd end
+  local p = assert(io.popen(cmd .. " 2> " .. sh_quote(errfile), "r"))
+  local out = p:read("a")
+  local _, _, code = p:close()
+  local err = support.read(errfile)
+  os.remove(errfile)
+  return out, err, code
+end
+
+-- Splits NDJSON output into decoded objects.
+function support.lines(text, decode)
+  local list = {}
+  for line in text:gmatch("[^\n]+") do list[#list + 1] = decode(line) end
+  return list
+end
+
+-- Milliseconds of wall-clock time spent in fn (coarse; for "within a second" checks).
+function support.elapsed(fn)
+  local t0 = os.time()
+  local c0 = os.clock()
+  local r = table.pack(fn())
+  return os.clock() - c0, os.time() - t0, table.unpack(r, 1, r.n)
+end
+
+return support

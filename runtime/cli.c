@@ -410,17 +410,21 @@ static int l_parse_line(lua_State *L) {
   lua_pop(L, 2);
   static const char *const parts[2] = {"data", "metadata"};
   for (int k = 0; k < 2; k++) {
-    int ft = lua_getfield(L, t, parts[k]);
-    ebb_buf b = EBB_BUF_INIT;
-    if (ft == LUA_TNIL) ebb_buf_puts(&b, "{}");
-    else if (ft != LUA_TTABLE || ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0 ||
-             b.data[0] != '{') {
-      ebb_buf_free(&b);
-      luaL_error(L, "field \"%s\" must be a JSON object", parts[k]);
-    }
     char **dst = k ? &e->metadata : &e->data;
-    *dst = ebb_buf_take(&b, k ? &e->metadata_len : &e->data_len);
-    if (*dst == NULL) luaL_error(L, "out of memory");
+    size_t *dst_len = k ? &e->metadata_len : &e->data_len;
+    int ft = lua_getfield(L, t, parts[k]);
+    if (ft != LUA_TNIL && (ft != LUA_TTABLE || lua_getmetatable(L, -1)))
+      luaL_error(L, "field \"%s\" must be a JSON object", parts[k]);
+    /* The value's own text, byte for byte, so export -> import -> export is exact. */
+    const char *v;
+    size_t vlen;
+    if (ft == LUA_TNIL) v = "{}", vlen = 2;
+    else if (ebb_json_member(text, len, parts[k], &v, &vlen) != 1)
+      luaL_error(L, "field \"%s\" must be spelled without escapes", parts[k]);
+    if ((*dst = malloc(vlen + 1)) == NULL) luaL_error(L, "out of memory");
+    memcpy(*dst, v, vlen);
+    (*dst)[vlen] = '\0';
+    *dst_len = vlen;
     lua_pop(L, 1);
   }
   return 0;

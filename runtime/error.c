@@ -10,7 +10,12 @@
 #include <string.h>
 
 void ebb_error_init(ebb_error *err) {
-  memset(err, 0, sizeof *err);
+  /* Not a memset: errors are initialised several times per command, and the
+   * message is only read when code says there is one. */
+  err->code = EBB_OK;
+  err->message[0] = '\0';
+  err->expected = err->actual = 0;
+  err->details = NULL;
 }
 
 void ebb_error_clear(ebb_error *err) {

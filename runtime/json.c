@@ -486,6 +486,56 @@ int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen) {
   return parse_document(&ps);
 }
 
+int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
+                    size_t *value_len) {
+  char err[8];
+  parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
+               (const unsigned char *)text + len, err, sizeof err, 0};
+  size_t klen = strlen(key);
+  int found = 0;
+  skip_ws(&ps);
+  if (ps.p == ps.end || *ps.p != '{') return -1;
+  ps.p++;
+  skip_ws(&ps);
+  if (ps.p < ps.end && *ps.p == '}') {
+    ps.p++;
+  } else {
+    for (;;) {
+      if (ps.p == ps.end || *ps.p != '"') return -1;
+      const unsigned char *k = ps.p + 1;
+      if (parse_string(&ps) != 0) return -1;
+      /* Raw comparison: a key spelled with escapes is not matched, and the
+       * caller falls back to the decoded value. */
+      int match = (size_t)(ps.p - 1 - k) == klen && memcmp(k, key, klen) == 0;
+      skip_ws(&ps);
+      if (ps.p == ps.end || *ps.p != ':') return -1;
+      ps.p++;
+      skip_ws(&ps);
+      const unsigned char *v = ps.p;
+      if (parse_value(&ps, 1) != 0) return -1;
+      if (match) { /* the last occurrence wins, as in decode */
+        *value = (const char *)v;
+        *value_len = (size_t)(ps.p - v);
+        found = 1;
+      }
+      skip_ws(&ps);
+      if (ps.p < ps.end && *ps.p == ',') {
+        ps.p++;
+        skip_ws(&ps);
+        continue;
+      }
+      if (ps.p < ps.end && *ps.p == '}') {
+        ps.p++;
+        break;
+      }
+      return -1;
+    }
+  }
+  skip_ws(&ps);
+  if (ps.p != ps.end) return -1;
+  return found;
+}
+
 /* ------------------------------------------------------------------ */
 /* Sentinels                                                           */
 

@@ -45,6 +45,12 @@ int ebb_json_encode(lua_State *L, int idx, ebb_buf *out, char *err, size_t errle
  * needed): 0, or -1 with the same message ebb_json_decode would give. */
 int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen);
 
+/* Finds the top-level member `key` of a JSON object text and gives the exact
+ * bytes of its value, so a caller can keep a value's text as it was written.
+ * 1: found (the last occurrence), 0: absent, -1: text is not a valid object. */
+int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
+                    size_t *value_len);
+
 /* The null sentinel: a light userdata holding NULL (the same value as cjson.null). */
 void ebb_json_push_null(lua_State *L);
 

@@ -96,6 +96,7 @@ static int l_open(lua_State *L) {
   else luaL_error(L, "durability must be \"full\" or \"normal\", not \"%s\"", durability);
   o.memory_limit = (size_t)opt_int_field(L, 1, "memory_limit", 0);
   o.instruction_budget = opt_int_field(L, 1, "instruction_budget", 0);
+  o.cache_size = opt_int_field(L, 1, "cache_size", 0);
   lruntime *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->rt = NULL; /* closed until opened, so __gc is safe if opening fails */
   luaL_setmetatable(L, RUNTIME_MT);
@@ -389,6 +390,26 @@ static int l_check(lua_State *L) {
   return 1;
 }
 
+/* rt:cache_stats() -> {size, max, hits, misses, evictions} */
+static int l_cache_stats(lua_State *L) {
+  ebb_runtime *rt = check_rt(L);
+  size_t size, max;
+  uint64_t hits, misses, evictions;
+  ebb_runtime_cache_stats(rt, &size, &max, &hits, &misses, &evictions);
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, (lua_Integer)size);
+  lua_setfield(L, -2, "size");
+  lua_pushinteger(L, (lua_Integer)max);
+  lua_setfield(L, -2, "max");
+  lua_pushinteger(L, (lua_Integer)hits);
+  lua_setfield(L, -2, "hits");
+  lua_pushinteger(L, (lua_Integer)misses);
+  lua_setfield(L, -2, "misses");
+  lua_pushinteger(L, (lua_Integer)evictions);
+  lua_setfield(L, -2, "evictions");
+  return 1;
+}
+
 static int l_uuid(lua_State *L) {
   char id[EBB_UUID_LEN + 1];
   ebb_uuid_new(id);
@@ -399,7 +420,7 @@ static int l_uuid(lua_State *L) {
 static const luaL_Reg runtime_methods[] = {
     {"append", l_append}, {"read", l_read},   {"events", l_events}, {"version", l_version},
     {"head", l_head},     {"send", l_send},   {"state", l_state},   {"check", l_check},
-    {"close", l_close},   {NULL, NULL},
+    {"cache_stats", l_cache_stats}, {"close", l_close}, {NULL, NULL},
 };
 
 int luaopen_ebb_core(lua_State *L) {

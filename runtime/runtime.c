@@ -19,6 +19,7 @@
 #include "clock.h"
 #include "json.h"
 #include "sandbox.h"
+#include "state_cache.h"
 #include "uuid.h"
 
 #define FOLD_CHUNK 1024
@@ -27,6 +28,7 @@ struct ebb_runtime {
   ebb_store *store;
   ebb_sandbox *sb;
   int modules_ref;  /* registry: module name and type -> module table */
+  ebb_state_cache *cache;
   ebb_buf problems; /* what loading the modules found, one line each */
 };
 
@@ -291,6 +293,13 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   }
   lua_newtable(L);
   rt->modules_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  rt->cache = ebb_state_cache_new(opt->cache_size < 0   ? 0
+                                  : opt->cache_size == 0 ? EBB_DEFAULT_CACHE_SIZE
+                                                         : (size_t)opt->cache_size);
+  if (rt->cache == NULL) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory creating the state cache");
+    goto fail;
+  }
   load_modules(rt, opt->aggregates_dir);
   *out = rt;
   return 0;
@@ -301,6 +310,7 @@ fail:
 
 void ebb_runtime_close(ebb_runtime *rt) {
   if (rt == NULL) return;
+  if (rt->sb) ebb_state_cache_free(rt->cache, ebb_sandbox_state(rt->sb));
   ebb_sandbox_free(rt->sb);
   ebb_store_close(rt->store);
   ebb_buf_free(&rt->problems);
@@ -337,6 +347,7 @@ typedef struct decision {
   char command_uuid[EBB_UUID_LEN + 1];
   ebb_event_list chunk;
   int64_t version, last_position;
+  int state_ref;               /* the folded (and, after a command, evolved) state */
   /* out */
   ebb_error err;
   new_event *events;
@@ -345,6 +356,9 @@ typedef struct decision {
 } decision;
 
 static void decision_free(decision *d) {
+  if (d->state_ref != LUA_NOREF)
+    luaL_unref(ebb_sandbox_state(d->rt->sb), LUA_REGISTRYINDEX, d->state_ref);
+  d->state_ref = LUA_NOREF;
   ebb_event_list_free(&d->chunk);
   for (size_t i = 0; i < d->n_events; i++) {
     free(d->events[i].type);
@@ -510,6 +524,21 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
   }
 }
 
+static int expected_matches(int64_t expected, int64_t version) {
+  if (expected == EBB_EXPECT_ANY) return 1;
+  if (expected == EBB_EXPECT_NO_STREAM) return version == 0;
+  if (expected == EBB_EXPECT_EXISTS) return version > 0;
+  return expected == version;
+}
+
+/* Hands the decision's state to the cache, as of version and position. */
+static void cache_state(decision *d, int64_t version, int64_t position) {
+  if (d->state_ref == LUA_NOREF) return;
+  ebb_state_cache_put(d->rt->cache, ebb_sandbox_state(d->rt->sb), d->stream, d->state_ref, version,
+                      position);
+  d->state_ref = LUA_NOREF;
+}
+
 /* The protected half of a command or a state query. Argument: the decision. */
 static int l_decide(lua_State *L) {
   decision *d = lua_touserdata(L, 1);
@@ -536,10 +565,19 @@ static int l_decide(lua_State *L) {
     }
     lua_pop(L, 2);
   }
-  lua_getfield(L, mi, "initial");
-  lua_call(L, 0, 1);
-  if (!lua_istable(L, -1))
-    luaL_error(L, "%s.initial() returned %s, expected a table", type, luaL_typename(L, -1));
+  int ref;
+  int64_t version, position;
+  if (ebb_state_cache_take(d->rt->cache, d->stream, &ref, &version, &position)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    d->version = version;
+    d->last_position = position;
+  } else {
+    lua_getfield(L, mi, "initial");
+    lua_call(L, 0, 1);
+    if (!lua_istable(L, -1))
+      luaL_error(L, "%s.initial() returned %s, expected a table", type, luaL_typename(L, -1));
+  }
   int si = lua_gettop(L);
   /* Fold the stream in chunks, so memory does not grow with its length. */
   for (;;) {
@@ -560,6 +598,11 @@ static int l_decide(lua_State *L) {
     if (d->chunk.n < FOLD_CHUNK) break;
   }
   ebb_event_list_clear(&d->chunk);
+  if (d->cmd == NULL || (d->cmd->has_expected && !expected_matches(d->cmd->expected, d->version))) {
+    /* The state is folded and unchanged: it may go back to the cache. */
+    lua_pushvalue(L, si);
+    d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   if (d->cmd == NULL) {
     ebb_buf b = EBB_BUF_INIT;
     char msg[512];
@@ -572,10 +615,7 @@ static int l_decide(lua_State *L) {
     return 0;
   }
   const ebb_command *cmd = d->cmd;
-  if (cmd->has_expected && cmd->expected != d->version &&
-      !(cmd->expected == EBB_EXPECT_ANY ||
-        (cmd->expected == EBB_EXPECT_NO_STREAM && d->version == 0) ||
-        (cmd->expected == EBB_EXPECT_EXISTS && d->version > 0))) {
+  if (cmd->has_expected && !expected_matches(cmd->expected, d->version)) {
     char buf[24];
     ebb_error_set(&d->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
                   d->stream, ebb_expected_name(cmd->expected, buf, sizeof buf),
@@ -653,6 +693,8 @@ static int l_decide(lua_State *L) {
     return 0;
   }
   take_events(L, d, mi, si, lua_gettop(L), cmdi);
+  lua_pushvalue(L, si);
+  d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
 }
 
@@ -676,6 +718,7 @@ static int decide(ebb_runtime *rt, decision *d) {
 static void decision_init(decision *d, ebb_runtime *rt, const char *aggregate, const char *id) {
   memset(d, 0, sizeof *d);
   d->rt = rt;
+  d->state_ref = LUA_NOREF;
   d->aggregate = aggregate;
   d->id = id;
   ebb_event_list_init(&d->chunk);
@@ -773,7 +816,10 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
       return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
     }
   }
-  if (decide(rt, &d) != 0) return fail_with(&d, err);
+  if (decide(rt, &d) != 0) {
+    if (d.err.code == EBB_EVERSION) cache_state(&d, d.version, d.last_position);
+    return fail_with(&d, err);
+  }
   ebb_event_in *in = calloc(d.n_events ? d.n_events : 1, sizeof *in);
   if (in == NULL) {
     ebb_error_set(&d.err, EBB_ENOMEM, "out of memory");
@@ -812,6 +858,7 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
     if (d.n_events == 0) res.position = d.last_position;
   }
   free(in);
+  cache_state(&d, res.version, d.n_events ? res.position : d.last_position);
   ebb_buf b = EBB_BUF_INIT;
   ebb_buf_puts(&b, "{\"stream\":");
   ebb_buf_json_string(&b, d.stream, strlen(d.stream));
@@ -860,7 +907,19 @@ int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, ch
                  (long long)d.last_position);
   ebb_buf_puts(&b, d.state_json);
   ebb_buf_putc(&b, '}');
+  cache_state(&d, d.version, d.last_position);
   decision_free(&d);
   *result = ebb_buf_take(&b, NULL);
   return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+}
+
+void ebb_runtime_cache_stats(ebb_runtime *rt, size_t *size, size_t *max, uint64_t *hits,
+                             uint64_t *misses, uint64_t *evictions) {
+  ebb_state_cache_stats st;
+  ebb_state_cache_stats_get(rt->cache, &st);
+  *size = st.size;
+  *max = st.max;
+  *hits = st.hits;
+  *misses = st.misses;
+  *evictions = st.evictions;
 }

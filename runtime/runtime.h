@@ -27,7 +27,10 @@ typedef struct ebb_runtime_options {
   int durability;              /* enum ebb_durability */
   size_t memory_limit;         /* Lua state cap in bytes; 0: the sandbox default */
   int64_t instruction_budget;  /* per call; 0: the sandbox default */
+  int64_t cache_size;          /* streams whose folded state is kept; 0: default, < 0: none */
 } ebb_runtime_options;
+
+#define EBB_DEFAULT_CACHE_SIZE 10000
 
 typedef struct ebb_command {
   const char *aggregate;       /* the module's `type` ("Order") or its file name ("order") */
@@ -57,6 +60,10 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
  * {"aggregate","id","stream","version","state"}. */
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
                       ebb_error *err);
+
+/* Cache figures for metrics: entries, capacity, hits, misses, evictions. */
+void ebb_runtime_cache_stats(ebb_runtime *rt, size_t *size, size_t *max, uint64_t *hits,
+                             uint64_t *misses, uint64_t *evictions);
 
 /* Appends one line per problem found while loading and validating the
  * modules ("order.lua:12: ..."); returns the number of problems. */

@@ -254,6 +254,10 @@ const char *ebb_sandbox_traceback(ebb_sandbox *sb) {
 }
 
 const char *ebb_sandbox_killed(ebb_sandbox *sb) {
+  /* Asked during a call (say after a host lua_pcall failed with a memory
+     error), a refusal still pending is final: Lua's retry would have come
+     before any host code ran. */
+  if (sb->depth > 0 && sb->pending && !sb->killing) kill_for_memory(sb);
   return sb->was_killed ? sb->reason : NULL;
 }
 

@@ -26,6 +26,8 @@ probe.handle = {
   end,
   Nothing = function() return {} end,
   Reject = function(s) ebb.reject("not today", { count = s.count, why = "probe" }) end,
+  MutateThenReject = function(s) s.count = 999; ebb.reject("changed my mind") end,
+  MutateThenFail = function(s) s.count = 999; error("half done") end,
   Fail = function() local t = nil; return t.field end,
   ReturnString = function() return "oops" end,
   ReturnNil = function() end,
@@ -74,7 +76,7 @@ describe("commands", function()
 
   local function open()
     return assert(core.open { data = dir, aggregates = aggs, durability = "normal",
-                              memory_limit = 64 * 1024 * 1024, instruction_budget = 5000000 })
+                              memory_limit = 32 * 1024 * 1024, instruction_budget = 5000000 })
   end
 
   before_each(function()
@@ -179,8 +181,12 @@ describe("commands", function()
 
     it("a Lua error, with module and line", function() refused("script_error", "probe%.lua:%d+:", "Fail") end)
 
-    it("a handler returning a string", function() refused("script_error", "handle.ReturnString returned string", "ReturnString") end)
-    it("a handler returning nothing", function() refused("script_error", "handle.ReturnNil returned nil", "ReturnNil") end)
+    it("a handler returning a string", function()
+      refused("script_error", "handle.ReturnString returned string", "ReturnString")
+    end)
+    it("a handler returning nothing", function()
+      refused("script_error", "handle.ReturnNil returned nil", "ReturnNil")
+    end)
     it("a handler returning a map", function() refused("script_error", "not a list of events", "ReturnMap") end)
     it("an event without a type", function() refused("script_error", "without a string `type`", "NoType") end)
     it("event data that is not a table", function() refused("script_error", "data is string", "DataString") end)
@@ -260,6 +266,51 @@ describe("commands", function()
         assert.equal(1, rt:head())
       end)
     end
+  end)
+
+  describe("state cache", function()
+    it("keeps no trace of a handler that changed the state and then failed", function()
+      assert(send("Count"))
+      assert.equal(1, rt:state("Probe", "p-1").state.count)
+      local count = 1
+      for _, name in ipairs { "MutateThenReject", "MutateThenFail" } do
+        assert.is_nil(send(name))
+        assert.equal(count, rt:state("Probe", "p-1").state.count)
+        count = assert(send("Count")).version
+        assert.equal(count, rt:state("Probe", "p-1").state.count)
+      end
+    end)
+
+    it("catches up with events appended by another writer", function()
+      assert(send("Count"))
+      assert.equal(1, rt:cache_stats().size)
+      local other = open()
+      assert(other:send { aggregate = "Probe", id = "p-1", type = "Count" })
+      assert(rt:append("Probe-p-1", 2, { { type = "Counted", data = {} } }))
+      other:close()
+      local r = assert(send("Count"))
+      assert.equal(4, r.version)
+      assert.equal(4, rt:state("Probe", "p-1").state.count)
+      assert.is_true(rt:cache_stats().hits >= 2)
+    end)
+
+    it("holds at most cache_size streams", function()
+      rt:close()
+      rt = assert(core.open { data = dir, aggregates = aggs, durability = "normal", cache_size = 2 })
+      for i = 1, 5 do assert(send("Count", {}, { id = "p-" .. i })) end
+      local stats = rt:cache_stats()
+      assert.same({ 2, 2, 3 }, { stats.size, stats.max, stats.evictions })
+      for i = 1, 5 do assert.equal(1, rt:state("Probe", "p-" .. i).state.count) end
+    end)
+
+    it("can be turned off", function()
+      rt:close()
+      rt = assert(core.open { data = dir, aggregates = aggs, durability = "normal", cache_size = -1 })
+      assert(send("Count"))
+      assert(send("Count"))
+      assert.same({ 0, 0 }, { rt:cache_stats().size, rt:cache_stats().hits })
+      assert.equal(2, rt:state("Probe", "p-1").state.count)
+    end)
   end)
 
   describe("modules", function()

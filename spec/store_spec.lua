@@ -80,7 +80,8 @@ describe("event store", function()
 
   it("appends several events all or nothing", function()
     assert(rt:append("A-1", "any", { ev("X", {}, "id-taken") }))
-    local r, _, code = rt:append("A-2", "any", { ev("X", {}, "fresh-1"), ev("Y", {}, "fresh-2"), ev("Z", {}, "id-taken") })
+    local r, _, code = rt:append("A-2", "any",
+      { ev("X", {}, "fresh-1"), ev("Y", {}, "fresh-2"), ev("Z", {}, "id-taken") })
     assert.is_nil(r)
     assert.equal("conflict", code)
     assert.equal(0, rt:version("A-2"))

@@ -97,6 +97,9 @@ static int l_open(lua_State *L) {
   o.memory_limit = (size_t)opt_int_field(L, 1, "memory_limit", 0);
   o.instruction_budget = opt_int_field(L, 1, "instruction_budget", 0);
   o.cache_size = opt_int_field(L, 1, "cache_size", 0);
+  lua_getfield(L, 1, "exclusive");
+  o.exclusive = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lruntime *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->rt = NULL; /* closed until opened, so __gc is safe if opening fails */
   luaL_setmetatable(L, RUNTIME_MT);

@@ -272,7 +272,8 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   if (rt == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   ebb_buf_init(&rt->problems);
   rt->modules_ref = LUA_NOREF;
-  ebb_store_options so = {.dir = opt->data_dir, .durability = opt->durability};
+  ebb_store_options so = {
+      .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
   if (ebb_store_open(&rt->store, &so, err) != 0) goto fail;
   const char *dirs[1] = {opt->aggregates_dir};
   ebb_sandbox_options sbo = {

@@ -28,6 +28,7 @@ typedef struct ebb_runtime_options {
   size_t memory_limit;         /* Lua state cap in bytes; 0: the sandbox default */
   int64_t instruction_budget;  /* per call; 0: the sandbox default */
   int64_t cache_size;          /* streams whose folded state is kept; 0: default, < 0: none */
+  int exclusive;               /* the store's exclusive lock (see ebb_store_options) */
 } ebb_runtime_options;
 
 #define EBB_DEFAULT_CACHE_SIZE 10000

@@ -31,6 +31,8 @@ typedef struct ebb_store_options {
   const char *dir;      /* data directory, created if missing */
   int durability;       /* enum ebb_durability */
   int readonly;         /* open for reading only */
+  int exclusive;        /* hold the database lock while open: no other process may read or
+                         * write it, and each transaction skips the lock system calls */
 } ebb_store_options;
 
 /* One event to append. All strings are borrowed for the duration of the call. */

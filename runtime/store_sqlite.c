@@ -215,7 +215,8 @@ int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_er
   sqlite3_busy_timeout(s->db, 10000);
   char pragmas[256];
   snprintf(pragmas, sizeof pragmas,
-           "PRAGMA journal_mode = WAL; PRAGMA synchronous = %s; PRAGMA foreign_keys = OFF;",
+           "PRAGMA locking_mode = %s; PRAGMA journal_mode = WAL; PRAGMA synchronous = %s;",
+           opt->exclusive ? "EXCLUSIVE" : "NORMAL",
            opt->durability == EBB_DURABILITY_FULL ? "FULL" : "NORMAL");
   if (exec(s, pragmas, err, "configuring the store") ||
       (!opt->readonly && setup_schema(s, err))) {

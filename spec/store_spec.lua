@@ -274,6 +274,19 @@ describe("event store", function()
     assert.equal(1, rt:read("A-1")[1].data.n)
   end)
 
+  it("works the same with the exclusive store lock", function()
+    rt:close()
+    rt = assert(core.open { data = dir, aggregates = support.root .. "/aggregates", exclusive = true })
+    assert(rt:append("A-1", "no_stream", { ev("X", { n = 1 }) }))
+    assert(rt:send { aggregate = "BankAccount", id = "b-1", type = "OpenAccount", data = { owner = "A" } })
+    assert.equal(1, rt:read("A-1")[1].data.n)
+    assert.equal(2, rt:head())
+    rt:close()
+    -- the lock goes with the handle: another one can open the store afterwards
+    rt = assert(core.open { data = dir, aggregates = support.root .. "/aggregates" })
+    assert.equal(2, rt:head())
+  end)
+
   it("refuses an unknown durability level", function()
     assert.has_error(function() core.open { data = dir, durability = "sometimes" } end,
       'durability must be "full" or "normal", not "sometimes"')

@@ -349,6 +349,7 @@ typedef struct decision {
   ebb_event_list chunk;
   int64_t version, last_position;
   int state_ref;               /* the folded (and, after a command, evolved) state */
+  int from_cache;              /* a command decided on cached state, not re-read */
   /* out */
   ebb_error err;
   new_event *events;
@@ -573,6 +574,10 @@ static int l_decide(lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
     d->version = version;
     d->last_position = position;
+    /* A command trusts the cached state without reading the stream: if another
+     * writer appended meanwhile, the append's version check fails and the
+     * command is decided again on state read from the store. */
+    d->from_cache = d->cmd != NULL;
   } else {
     lua_getfield(L, mi, "initial");
     lua_call(L, 0, 1);
@@ -581,7 +586,7 @@ static int l_decide(lua_State *L) {
   }
   int si = lua_gettop(L);
   /* Fold the stream in chunks, so memory does not grow with its length. */
-  for (;;) {
+  for (; !d->from_cache;) {
     ebb_event_list_clear(&d->chunk);
     ebb_error rerr;
     ebb_error_init(&rerr);
@@ -817,7 +822,9 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
       return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
     }
   }
+decide_again:
   if (decide(rt, &d) != 0) {
+    if (d.err.code == EBB_EVERSION && d.from_cache) goto stale;
     if (d.err.code == EBB_EVERSION) cache_state(&d, d.version, d.last_position);
     return fail_with(&d, err);
   }
@@ -852,6 +859,10 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
     ebb_store_append(rt->store, &req, 1, NULL);
     if (req.err.code) {
       free(in);
+      if (req.err.code == EBB_EVERSION && d.from_cache) {
+        ebb_error_clear(&req.err);
+        goto stale;
+      }
       ebb_error_move(&d.err, &req.err);
       return fail_with(&d, err);
     }
@@ -886,6 +897,13 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
   decision_free(&d);
   *result = ebb_buf_take(&b, NULL);
   return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+stale:
+  /* The cached state was behind the store: its entry is gone already, so
+   * this attempt folds the stream from the store. */
+  decision_free(&d);
+  decision_init(&d, rt, cmd->aggregate, cmd->id);
+  d.cmd = cmd;
+  goto decide_again;
 }
 
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,

@@ -526,13 +526,6 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
   }
 }
 
-static int expected_matches(int64_t expected, int64_t version) {
-  if (expected == EBB_EXPECT_ANY) return 1;
-  if (expected == EBB_EXPECT_NO_STREAM) return version == 0;
-  if (expected == EBB_EXPECT_EXISTS) return version > 0;
-  return expected == version;
-}
-
 /* Hands the decision's state to the cache, as of version and position. */
 static void cache_state(decision *d, int64_t version, int64_t position) {
   if (d->state_ref == LUA_NOREF) return;
@@ -604,7 +597,7 @@ static int l_decide(lua_State *L) {
     if (d->chunk.n < FOLD_CHUNK) break;
   }
   ebb_event_list_clear(&d->chunk);
-  if (d->cmd == NULL || (d->cmd->has_expected && !expected_matches(d->cmd->expected, d->version))) {
+  if (d->cmd == NULL || (d->cmd->has_expected && !ebb_expected_matches(d->cmd->expected, d->version))) {
     /* The state is folded and unchanged: it may go back to the cache. */
     lua_pushvalue(L, si);
     d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -621,7 +614,7 @@ static int l_decide(lua_State *L) {
     return 0;
   }
   const ebb_command *cmd = d->cmd;
-  if (cmd->has_expected && !expected_matches(cmd->expected, d->version)) {
+  if (cmd->has_expected && !ebb_expected_matches(cmd->expected, d->version)) {
     char buf[24];
     ebb_error_set(&d->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
                   d->stream, ebb_expected_name(cmd->expected, buf, sizeof buf),

@@ -55,6 +55,13 @@ int ebb_validate_name(const char *what, const char *s, ebb_error *err) {
   return 0;
 }
 
+int ebb_expected_matches(int64_t expected, int64_t actual) {
+  if (expected == EBB_EXPECT_ANY) return 1;
+  if (expected == EBB_EXPECT_NO_STREAM) return actual == 0;
+  if (expected == EBB_EXPECT_EXISTS) return actual > 0;
+  return expected == actual;
+}
+
 int ebb_parse_expected(const char *s, int64_t *out) {
   if (strcmp(s, "any") == 0) *out = EBB_EXPECT_ANY;
   else if (strcmp(s, "no_stream") == 0) *out = EBB_EXPECT_NO_STREAM;

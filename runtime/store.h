@@ -151,9 +151,13 @@ size_t ebb_stream_category_len(const char *stream);
 /* Validates a stream name, event type or id: non-empty, at most EBB_MAX_NAME bytes, UTF-8,
  * no control characters. `what` names it in the message. */
 int ebb_validate_name(const char *what, const char *s, ebb_error *err);
+/* Does a stream at version `actual` (0: none) satisfy `expected`? */
+int ebb_expected_matches(int64_t expected, int64_t actual);
 /* Parses "any", "no_stream", "exists" or a non-negative integer. */
 int ebb_parse_expected(const char *s, int64_t *out);
 
+/* Internal: the SQLite backend's schema (the benchmark's baseline uses it too). */
+extern const char *const ebb__sqlite_schema_sql;
 /* Internal: the SQLite backend's constructor. */
 int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
 

@@ -25,7 +25,7 @@
 
 #define SCHEMA_VERSION 1
 
-static const char *const schema_sql =
+const char *const ebb__sqlite_schema_sql =
     "CREATE TABLE IF NOT EXISTS events ("
     "  position INTEGER PRIMARY KEY,"
     "  stream TEXT NOT NULL,"
@@ -186,7 +186,7 @@ static int setup_schema(sqlite_store *s, ebb_error *err) {
                          SCHEMA_VERSION);
   if (version == SCHEMA_VERSION) return 0;
   char sql[4096];
-  snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version = %d; COMMIT;", schema_sql,
+  snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version = %d; COMMIT;", ebb__sqlite_schema_sql,
            SCHEMA_VERSION);
   if (exec(s, sql, err, "creating the schema")) {
     sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
@@ -245,13 +245,6 @@ static int stream_version(sqlite_store *s, const char *stream, int64_t *version,
   sqlite3_reset(st);
   if (rc != SQLITE_ROW) return db_error(s, err, "reading a stream's version");
   return 0;
-}
-
-static int expected_matches(int64_t expected, int64_t actual) {
-  if (expected == EBB_EXPECT_ANY) return 1;
-  if (expected == EBB_EXPECT_NO_STREAM) return actual == 0;
-  if (expected == EBB_EXPECT_EXISTS) return actual > 0;
-  return expected == actual;
 }
 
 /* After a failed append: are these events already stored, exactly where this
@@ -358,7 +351,7 @@ static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
   }
   int64_t version;
   if (stream_version(s, r->stream, &version, &r->err)) return r->err.code;
-  if (!expected_matches(r->expected, version)) {
+  if (!ebb_expected_matches(r->expected, version)) {
     int rc = r->n ? check_idempotent(s, r) : 0;
     if (rc != 0) return rc > 0 ? 0 : rc;
     ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",

@@ -43,25 +43,6 @@
 #define STREAM_EVENTS 10 /* events per stream in the one-event cases: short, typical streams */
 #define ROUNDS 3         /* alternating rounds of (a) and (b), see main() */
 
-/* store_sqlite.c's events table and indexes, verbatim: the baseline must pay
- * for the same index maintenance (two UNIQUE constraints, two indexes) that
- * the store does, or the ratio would measure the schema instead of ebb. */
-static const char *const events_ddl =
-    "CREATE TABLE IF NOT EXISTS events ("
-    "  position INTEGER PRIMARY KEY,"
-    "  stream TEXT NOT NULL,"
-    "  version INTEGER NOT NULL CHECK (version >= 1),"
-    "  id TEXT NOT NULL UNIQUE,"
-    "  type TEXT NOT NULL,"
-    "  schema INTEGER NOT NULL DEFAULT 1 CHECK (schema >= 1),"
-    "  data TEXT NOT NULL,"
-    "  metadata TEXT NOT NULL,"
-    "  recorded_at TEXT NOT NULL,"
-    "  category TEXT NOT NULL,"
-    "  UNIQUE (stream, version));"
-    "CREATE INDEX IF NOT EXISTS events_by_category ON events (category, position);"
-    "CREATE INDEX IF NOT EXISTS events_by_type ON events (type, position);";
-
 static const char *const insert_sql =
     "INSERT INTO events (stream, version, id, type, schema, data, metadata, recorded_at, "
     "category) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
@@ -258,7 +239,9 @@ static int64_t run_raw(int durability, int per_tx, double seconds, double *secs)
            durability == EBB_DURABILITY_FULL ? "FULL" : "NORMAL");
   char *msg = NULL;
   if (sqlite3_exec(db, pragmas, NULL, NULL, &msg) != SQLITE_OK ||
-      sqlite3_exec(db, events_ddl, NULL, NULL, &msg) != SQLITE_OK)
+      /* The store's own schema: the baseline pays for the same index maintenance
+       * (two UNIQUE constraints, two indexes), so the ratio measures ebb, not the schema. */
+      sqlite3_exec(db, ebb__sqlite_schema_sql, NULL, NULL, &msg) != SQLITE_OK)
     die("setting up %s: %s", path, msg ? msg : "unknown error");
   sqlite3_stmt *begin = prepare(db, "BEGIN IMMEDIATE"), *commit = prepare(db, "COMMIT"),
                *insert = prepare(db, insert_sql);

@@ -18,8 +18,10 @@ local ebb = require "ebb"
 local order = {
   type = "Order",
   snapshot_every = 100,
-  schemas = { OrderCreated = 1 },
-  upcast = {},
+  -- OrderCreated gained its currency in schema 2; older events are upcast on
+  -- every read by the sibling module order_upcasters.lua.
+  schemas = { OrderCreated = 2 },
+  upcast = require "order_upcasters",
 }
 
 function order.initial()

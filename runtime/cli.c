@@ -30,7 +30,7 @@ typedef struct cli {
   const char *data, *aggregates, *projections, *durability;
   /* command options */
   const char *expect, *command_id, *metadata, *from, *limit, *after, *before, *category, *type;
-  int backward, help;
+  int backward, help, raw;
 } cli;
 
 typedef struct option {
@@ -127,7 +127,7 @@ static const option command_options[] = {
     OPT("expect", expect),   OPT("command-id", command_id), OPT("metadata", metadata),
     OPT("from", from),       OPT("limit", limit),           OPT("after", after),
     OPT("before", before),   OPT("category", category),     OPT("type", type),
-    FLAG("backward", backward), {NULL, 0, 0},
+    FLAG("backward", backward), FLAG("raw", raw), {NULL, 0, 0},
 };
 
 static int option_allowed(const command *cmd, const char *name) {
@@ -197,7 +197,9 @@ static int open_runtime(cli *c, ebb_runtime **rt) {
   return 0;
 }
 
-static void print_events(ebb_event_list *l) {
+/* Prints events one per line, upcast to their current schema unless --raw. */
+static int print_events(cli *c, ebb_runtime *rt, ebb_event_list *l, ebb_error *err) {
+  if (!c->raw && ebb_runtime_upcast(rt, l, err) != 0) return err->code;
   ebb_buf b = EBB_BUF_INIT;
   for (size_t i = 0; i < l->n; i++) {
     ebb_buf_reset(&b);
@@ -206,6 +208,7 @@ static void print_events(ebb_event_list *l) {
     fwrite(b.data, 1, b.len, stdout);
   }
   ebb_buf_free(&b);
+  return 0;
 }
 
 /* ---------------------------------------------------------------- commands */
@@ -259,7 +262,7 @@ static int cmd_read(cli *c) {
     if (ebb_store_read_stream(ebb_runtime_store(rt), c->pos[0], from, want, c->backward, &l,
                               &err) != 0)
       break;
-    print_events(&l);
+    if (print_events(c, rt, &l, &err) != 0) break;
     printed += (int64_t)l.n;
     if ((int64_t)l.n < want || printed >= limit) break;
     int64_t last = l.items[l.n - 1].version;
@@ -296,8 +299,9 @@ static int page_events(cli *c, int64_t after, int64_t before, int64_t limit) {
     while (before > 0 && keep > 0 && l.items[keep - 1].position >= before) keep--;
     size_t n = l.n;
     l.n = keep;
-    print_events(&l);
+    rc = print_events(c, rt, &l, &err);
     l.n = n;
+    if (rc) break;
     printed += (int64_t)keep;
     if ((int64_t)n < q.limit || keep < n || printed >= limit) break;
     q.after = l.items[n - 1].position;
@@ -559,23 +563,26 @@ static const command commands[] = {
      "{stream, version, position, events}. --expect makes the command fail unless the stream is\n"
      "at that version (any, no_stream, exists or N); --command-id makes it idempotent: sending\n"
      "the same id again returns the original result and records nothing."},
-    {"read", cmd_read, 1, 1, "from limit backward",
-     "ebb read STREAM [--from N] [--limit N] [--backward]",
+    {"read", cmd_read, 1, 1, "from limit backward raw",
+     "ebb read STREAM [--from N] [--limit N] [--backward] [--raw]",
      "Prints the events of STREAM, one JSON object per line, from version N (forward: the first\n"
-     "by default; --backward: the last by default)."},
-    {"events", cmd_events, 0, 0, "after limit category type",
-     "ebb events [--after POS] [--limit N] [--category C] [--type T]",
+     "by default; --backward: the last by default). Events stored with an older schema are\n"
+     "upcast to the current one by the aggregate modules; --raw prints them as stored."},
+    {"events", cmd_events, 0, 0, "after limit category type raw",
+     "ebb events [--after POS] [--limit N] [--category C] [--type T] [--raw]",
      "Prints all events in global order after position POS, optionally only those of stream\n"
-     "category C (the text before a stream's first '-') and/or of event type T."},
+     "category C (the text before a stream's first '-') and/or of stored event type T; upcast\n"
+     "to their current schema unless --raw."},
     {"state", cmd_state, 2, 2, "", "ebb state AGGREGATE ID",
      "Prints the aggregate's current state: {aggregate, id, stream, version, position, state}."},
     {"check", cmd_check, 0, 0, "", "ebb check",
      "Loads and validates every module in the aggregates directory; prints each problem with its\n"
      "file and line and exits 6 if there is any."},
-    {"export", cmd_export, 0, 0, "after before", "ebb export [--after POS] [--before POS]",
+    {"export", cmd_export, 0, 0, "after before raw",
+     "ebb export [--after POS] [--before POS] [--raw]",
      "Writes events in global order as NDJSON (one event per line) to standard output: those\n"
-     "with position > --after and < --before. For backups and cold storage; events stay in the\n"
-     "store."},
+     "with position > --after and < --before, upcast to their current schema; --raw writes them\n"
+     "exactly as stored (use it for backups and cold storage). Events stay in the store."},
     {"import", cmd_import, 0, 1, "", "ebb import [FILE]",
      "Reads NDJSON events (as written by export) from FILE or standard input and appends them,\n"
      "keeping stream, version, id, schema, data, metadata and recorded_at. Idempotent by event\n"

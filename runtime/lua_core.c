@@ -218,7 +218,14 @@ bad:
   return 1;
 }
 
-static void push_events(lua_State *L, ebb_event_list *l) {
+/* Upcasts (unless raw) and pushes the events as a list; frees the list. */
+static int push_events(lua_State *L, ebb_runtime *rt, ebb_event_list *l, int raw) {
+  ebb_error err;
+  ebb_error_init(&err);
+  if (!raw && ebb_runtime_upcast(rt, l, &err) != 0) {
+    ebb_event_list_free(l);
+    return push_failure(L, &err);
+  }
   ebb_buf b = EBB_BUF_INIT;
   lua_createtable(L, (int)l->n, 0);
   for (size_t i = 0; i < l->n; i++) {
@@ -226,14 +233,16 @@ static void push_events(lua_State *L, ebb_event_list *l) {
     ebb_event_to_json(&l->items[i], &b);
     char msg[256];
     if (b.oom || ebb_json_decode(L, b.data, b.len, msg, sizeof msg) != 0) {
+      lua_Integer position = (lua_Integer)l->items[i].position;
       ebb_buf_free(&b);
       ebb_event_list_free(l);
-      luaL_error(L, "cannot read event at position %I", (lua_Integer)l->items[i].position);
+      luaL_error(L, "cannot read event at position %I", position);
     }
     lua_rawseti(L, -2, (lua_Integer)i + 1);
   }
   ebb_buf_free(&b);
   ebb_event_list_free(l);
+  return 1;
 }
 
 /* rt:read(stream, {from=, limit=, backward=}) */
@@ -241,14 +250,16 @@ static int l_read(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
   const char *stream = luaL_checkstring(L, 2);
   int64_t from = 0, limit = 1000;
-  int backward = 0;
+  int backward = 0, raw = 0;
   if (!lua_isnoneornil(L, 3)) {
     luaL_checktype(L, 3, LUA_TTABLE);
     from = opt_int_field(L, 3, "from", 0);
     limit = opt_int_field(L, 3, "limit", 1000);
     lua_getfield(L, 3, "backward");
     backward = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    lua_getfield(L, 3, "raw");
+    raw = lua_toboolean(L, -1);
+    lua_pop(L, 2);
   }
   ebb_event_list l;
   ebb_event_list_init(&l);
@@ -258,15 +269,18 @@ static int l_read(lua_State *L) {
     ebb_event_list_free(&l);
     return push_failure(L, &err);
   }
-  push_events(L, &l);
-  return 1;
+  return push_events(L, rt, &l, raw);
 }
 
 /* rt:events({after=, limit=, category=, type=}) */
 static int l_events(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
   ebb_read_all q = {.after = 0, .limit = 1000};
+  int raw = 0;
   if (!lua_isnoneornil(L, 2)) {
+    lua_getfield(L, 2, "raw");
+    raw = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     q.after = opt_int_field(L, 2, "after", 0);
     q.limit = opt_int_field(L, 2, "limit", 1000);
@@ -281,8 +295,7 @@ static int l_events(lua_State *L) {
     ebb_event_list_free(&l);
     return push_failure(L, &err);
   }
-  push_events(L, &l);
-  return 1;
+  return push_events(L, rt, &l, raw);
 }
 
 static int l_version(lua_State *L) {

@@ -28,6 +28,9 @@ struct ebb_runtime {
   ebb_store *store;
   ebb_sandbox *sb;
   int modules_ref;  /* registry: module name and type -> module table */
+  int owners_ref;   /* registry: event type -> the module that declares its schema */
+  struct schema_entry *schemas; /* event type -> current schema, for a quick check in C */
+  size_t n_schemas;
   ebb_state_cache *cache;
   ebb_buf problems; /* what loading the modules found, one line each */
 };
@@ -191,6 +194,35 @@ static int l_register(lua_State *L) {
     return 1;
   }
   lua_pop(L, 2);
+  /* The event types whose schema it declares or upcasts are its own: each
+   * stored event is upcast by exactly one module. */
+  int owners = lua_upvalueindex(2);
+  static const char *const declaring[2] = {"schemas", "upcast"};
+  for (int pass = 0; pass < 2; pass++) /* check everything, then record */
+    for (int k = 0; k < 2; k++) {
+      if (lua_getfield(L, 1, declaring[k]) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        continue;
+      }
+      lua_pushnil(L);
+      while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        if (pass == 0) {
+          if (lua_rawget(L, owners) != LUA_TNIL && !lua_rawequal(L, -1, 1)) {
+            lua_getfield(L, -1, "type"); /* key, owner, owner's type */
+            lua_pushfstring(L, "%s: event type %s is already declared by the %s aggregate", file,
+                            lua_tostring(L, -3), lua_tostring(L, -1));
+            return 1;
+          }
+          lua_pop(L, 1);
+        } else {
+          lua_pushvalue(L, 1);
+          lua_rawset(L, owners);
+        }
+      }
+      lua_pop(L, 1);
+    }
   lua_getfield(L, 1, "type");
   lua_pushvalue(L, 1);
   lua_rawset(L, registry);
@@ -239,7 +271,8 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
       continue;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, rt->modules_ref);
-    lua_pushcclosure(L, l_register, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, rt->owners_ref);
+    lua_pushcclosure(L, l_register, 2);
     lua_insert(L, -2);
     lua_pushstring(L, names[i]);
     int status = ebb_sandbox_call(rt->sb, 2, 1);
@@ -252,6 +285,179 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
   }
   for (size_t i = 0; i < n; i++) free(names[i]);
   free(names);
+}
+
+/* ---------------------------------------------------------------- upcasting */
+
+typedef struct schema_entry {
+  char *type;
+  int64_t schema;
+} schema_entry;
+
+/* The current schema of `type` by the module at mi: its `schemas` entry; for
+ * a type it only upcasts (one renamed away), one past its last upcaster;
+ * else 1. Leaves the stack as it was. */
+static lua_Integer current_schema(lua_State *L, int mi, const char *type) {
+  int top = lua_gettop(L);
+  mi = lua_absindex(L, mi);
+  lua_Integer current = 1;
+  if (lua_getfield(L, mi, "schemas") == LUA_TTABLE && lua_getfield(L, -1, type) == LUA_TNUMBER) {
+    current = lua_tointeger(L, -1);
+  } else {
+    lua_settop(L, top);
+    if (lua_getfield(L, mi, "upcast") == LUA_TTABLE && lua_getfield(L, -1, type) == LUA_TTABLE) {
+      lua_pushnil(L);
+      while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= current)
+          current = lua_tointeger(L, -1) + 1;
+      }
+    }
+  }
+  lua_settop(L, top);
+  return current;
+}
+
+/* Copies event type -> current schema out of the modules, so that deciding
+ * whether a stored event needs upcasting costs no Lua call. Argument: rt. */
+static int l_collect_schemas(lua_State *L) {
+  ebb_runtime *rt = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, rt->owners_ref);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    int64_t schema = current_schema(L, -1, lua_tostring(L, -2));
+    lua_pop(L, 1);
+    schema_entry *p = realloc(rt->schemas, (rt->n_schemas + 1) * sizeof *p);
+    if (p == NULL) return luaL_error(L, "out of memory");
+    rt->schemas = p;
+    if ((p[rt->n_schemas].type = strdup(lua_tostring(L, -1))) == NULL)
+      return luaL_error(L, "out of memory");
+    p[rt->n_schemas++].schema = schema;
+  }
+  return 0;
+}
+
+/* Does a stored event of this type and schema need the upcasters (or is it
+ * newer than the code, which they must refuse)? */
+static int needs_upcast(const ebb_runtime *rt, const char *type, int64_t schema) {
+  for (size_t i = 0; i < rt->n_schemas; i++)
+    if (strcmp(rt->schemas[i].type, type) == 0) return schema != rt->schemas[i].schema;
+  return 0;
+}
+
+/* Brings the event table on top of the stack to its type's current schema,
+ * one upcaster at a time; a rename continues with the new type's chain.
+ * Raises with the event's position, type and schema on any failure. */
+static void upcast_top(lua_State *L, ebb_runtime *rt) {
+  int ei = lua_gettop(L);
+  lua_getfield(L, ei, "position");
+  lua_Integer position = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, rt->owners_ref);
+  int owners = lua_gettop(L);
+  for (int steps = 0;; steps++) {
+    lua_getfield(L, ei, "type");
+    const char *type = lua_tostring(L, -1);
+    lua_getfield(L, ei, "schema");
+    lua_Integer schema = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (lua_getfield(L, owners, type) != LUA_TTABLE) { /* nobody declares it: as stored */
+      lua_settop(L, ei);
+      return;
+    }
+    int mi = lua_gettop(L);
+    lua_Integer current = current_schema(L, mi, type);
+    if (schema == current) {
+      lua_settop(L, ei);
+      return;
+    }
+    if (schema > current || steps > 1000)
+      luaL_error(L, "event at position %I (%s, schema %I) is newer than the code: its aggregate "
+                 "declares schema %I", position, type, schema, current);
+    if (lua_getfield(L, mi, "upcast") != LUA_TTABLE || lua_getfield(L, -1, type) != LUA_TTABLE ||
+        lua_rawgeti(L, -1, schema) != LUA_TFUNCTION)
+      luaL_error(L, "event at position %I (%s, schema %I) cannot be read: no upcaster "
+                 "upcast.%s[%I] to schema %I", position, type, schema, type, schema, schema + 1);
+    lua_getfield(L, ei, "data");
+    if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+      if (ebb_sandbox_killed(rt->sb) || lua_type(L, -1) != LUA_TSTRING) lua_error(L);
+      luaL_error(L, "upcaster upcast.%s[%I] failed on the event at position %I: %s", type, schema,
+                 position, lua_tostring(L, -1));
+    }
+    if (!lua_istable(L, -2))
+      luaL_error(L, "upcaster upcast.%s[%I] returned %s for the event at position %I, expected "
+                 "its data as a table", type, schema, luaL_typename(L, -2), position);
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "upcaster upcast.%s[%I] returned a new type that is not a string (event at "
+                 "position %I)", type, schema, position);
+    if (lua_isstring(L, -1)) lua_setfield(L, ei, "type");
+    else lua_pop(L, 1);
+    lua_setfield(L, ei, "data");
+    lua_pushinteger(L, schema + 1);
+    lua_setfield(L, ei, "schema");
+    lua_settop(L, owners);
+  }
+}
+
+typedef struct upcast_job {
+  ebb_runtime *rt;
+  ebb_event_list *events;
+} upcast_job;
+
+/* Rewrites, in the list, the events that need upcasting. Argument: the job. */
+static int l_upcast_list(lua_State *L) {
+  upcast_job *job = lua_touserdata(L, 1);
+  char msg[512];
+  for (size_t i = 0; i < job->events->n; i++) {
+    ebb_event *e = &job->events->items[i];
+    if (!needs_upcast(job->rt, e->type, e->schema)) continue;
+    lua_settop(L, 1);
+    push_event(L, e);
+    upcast_top(L, job->rt);
+    ebb_buf b = EBB_BUF_INIT;
+    lua_getfield(L, 2, "data");
+    if (ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0 || b.len == 0 || b.data[0] != '{') {
+      ebb_buf_free(&b);
+      luaL_error(L, "the upcast data of the event at position %I cannot be stored: %s",
+                 (lua_Integer)e->position, msg);
+    }
+    lua_getfield(L, 2, "type");
+    char *type = strdup(lua_tostring(L, -1));
+    size_t len;
+    char *data = ebb_buf_take(&b, &len);
+    if (type == NULL || data == NULL) {
+      free(type);
+      free(data);
+      luaL_error(L, "out of memory");
+    }
+    lua_getfield(L, 2, "schema");
+    free(e->type);
+    free(e->data);
+    e->type = type;
+    e->data = data;
+    e->data_len = len;
+    e->schema = lua_tointeger(L, -1);
+  }
+  return 0;
+}
+
+int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) {
+  size_t i = 0;
+  while (i < events->n && !needs_upcast(rt, events->items[i].type, events->items[i].schema)) i++;
+  if (i == events->n) return 0; /* the common case: nothing to do, no Lua */
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  upcast_job job = {rt, events};
+  lua_pushcfunction(L, l_upcast_list);
+  lua_pushlightuserdata(L, &job);
+  if (ebb_sandbox_call(rt->sb, 1, 0) != LUA_OK) {
+    const char *killed = ebb_sandbox_killed(rt->sb);
+    ebb_error_set(err, EBB_ESCRIPT, "%s",
+                  killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+                                                                    : "upcasting failed");
+    lua_pop(L, 1);
+    return EBB_ESCRIPT;
+  }
+  return 0;
 }
 
 /* Loads the runtime library into the sandbox and gives it the JSON null. */
@@ -294,6 +500,8 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   }
   lua_newtable(L);
   rt->modules_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_newtable(L);
+  rt->owners_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   rt->cache = ebb_state_cache_new(opt->cache_size < 0   ? 0
                                   : opt->cache_size == 0 ? EBB_DEFAULT_CACHE_SIZE
                                                          : (size_t)opt->cache_size);
@@ -302,6 +510,13 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
     goto fail;
   }
   load_modules(rt, opt->aggregates_dir);
+  lua_pushcfunction(L, l_collect_schemas);
+  lua_pushlightuserdata(L, rt);
+  if (ebb_sandbox_call(rt->sb, 1, 0) != LUA_OK) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory collecting event schemas");
+    lua_pop(L, 1);
+    goto fail;
+  }
   *out = rt;
   return 0;
 fail:
@@ -315,6 +530,8 @@ void ebb_runtime_close(ebb_runtime *rt) {
   ebb_sandbox_free(rt->sb);
   ebb_store_close(rt->store);
   ebb_buf_free(&rt->problems);
+  for (size_t i = 0; i < rt->n_schemas; i++) free(rt->schemas[i].type);
+  free(rt->schemas);
   free(rt);
 }
 
@@ -590,6 +807,8 @@ static int l_decide(lua_State *L) {
     }
     for (size_t i = 0; i < d->chunk.n; i++) {
       push_event(L, &d->chunk.items[i]);
+      if (needs_upcast(d->rt, d->chunk.items[i].type, d->chunk.items[i].schema))
+        upcast_top(L, d->rt);
       apply_event(L, mi, si);
       d->version = d->chunk.items[i].version;
       d->last_position = d->chunk.items[i].position;

@@ -70,6 +70,12 @@ void ebb_runtime_cache_stats(ebb_runtime *rt, size_t *size, size_t *max, uint64_
  * modules ("order.lua:12: ..."); returns the number of problems. */
 int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report);
 
+/* Brings stored events of an older schema to their type's current schema
+ * through the aggregate modules' upcasters, in the list (the store is never
+ * changed). EBB_ESCRIPT, naming the event's position, type and schema, when
+ * an upcaster is missing or fails; the list may then be partly upcast. */
+int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err);
+
 /* Appends the JSON text of an event read from the store (without a newline). */
 void ebb_event_to_json(const ebb_event *e, ebb_buf *out);
 

@@ -22,8 +22,8 @@ describe("Order", function()
   it("declares its type, snapshot interval and schemas", function()
     assert.are.equal("Order", order.type)
     assert.are.equal(100, order.snapshot_every)
-    assert.are.same({ OrderCreated = 1 }, order.schemas)
-    assert.are.same({}, order.upcast)
+    assert.are.same({ OrderCreated = 2 }, order.schemas)
+    assert.is_function(order.upcast.OrderCreated[1])
   end)
 
   it("starts with no order, no items and integer zero totals", function()
@@ -36,6 +36,14 @@ describe("Order", function()
   end)
 
   describe("CreateOrder", function()
+    it("reads an OrderCreated of schema 1, written before currencies, as a euro order", function()
+      t.scenario(order, "o-1")
+        :given { { type = "OrderCreated", schema = 1, data = { customer_id = "c-1" } } }
+        :when("AddItem", { sku = "A", qty = 1, price = 100 })
+        :expect_events { { type = "ItemAdded", data = { sku = "A", qty = 1, price = 100 } } }
+        :expect_state { status = "created", customer_id = "c-1", currency = "EUR", total = 100 }
+    end)
+
     it("creates the order in the given currency", function()
       t.scenario(order, "o-1")
         :when("CreateOrder", { customer_id = "c-1", currency = "USD" })

@@ -142,7 +142,8 @@ return doc
       "position 1 %(Gapped, schema 2%) cannot be read: no upcaster upcast.Gapped%[2%]" },
     { "a failing upcaster", "Failing", 1,
       "upcaster upcast.Failing%[1%] failed on the event at position 1: .*doc%.lua:%d+:" },
-    { "an upcaster returning no table", "Bad", 1, "upcaster upcast.Bad%[1%] returned string for the event at position 1" },
+    { "an upcaster returning no table", "Bad", 1,
+      "upcaster upcast.Bad%[1%] returned string for the event at position 1" },
     { "an event newer than the code", "Written", 7, "position 1 %(Written, schema 7%) is newer than the code" },
   }
   for _, f in ipairs(failures) do

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "json.h"
 #include "runtime.h"
 #include "uuid.h"
@@ -30,6 +31,7 @@ typedef struct cli {
   const char *data, *aggregates, *projections, *durability;
   /* command options */
   const char *expect, *command_id, *metadata, *from, *limit, *after, *before, *category, *type;
+  const char *version, *at;
   int backward, help, raw;
 } cli;
 
@@ -127,6 +129,7 @@ static const option command_options[] = {
     OPT("expect", expect),   OPT("command-id", command_id), OPT("metadata", metadata),
     OPT("from", from),       OPT("limit", limit),           OPT("after", after),
     OPT("before", before),   OPT("category", category),     OPT("type", type),
+    OPT("version", version), OPT("at", at),
     FLAG("backward", backward), FLAG("raw", raw), {NULL, 0, 0},
 };
 
@@ -330,13 +333,17 @@ static int cmd_export(cli *c) {
 }
 
 static int cmd_state(cli *c) {
+  int64_t version = 0;
+  if (c->version && parse_int(c->version, "--version", 0, &version)) return EBB_EXIT_USAGE;
+  if (c->version && c->at) return usage_error("%s", "give --version or --at, not both");
   ebb_runtime *rt;
   int rc = open_runtime(c, &rt);
   if (rc) return rc;
   char *result;
   ebb_error err;
   ebb_error_init(&err);
-  rc = ebb_runtime_state(rt, c->pos[0], c->pos[1], &result, &err);
+  rc = ebb_runtime_state_at(rt, c->pos[0], c->pos[1], c->version ? version : -1, c->at, &result,
+                            &err);
   ebb_runtime_close(rt);
   if (rc) return fail(&err);
   puts(result);
@@ -404,6 +411,14 @@ static int l_parse_line(lua_State *L) {
   e->id = take_string_field(L, t, "id");
   e->type = take_string_field(L, t, "type");
   e->recorded_at = take_string_field(L, t, "recorded_at");
+  /* Stored in one canonical form (UTC, milliseconds), so times compare as text. */
+  int64_t ms;
+  if (ebb_clock_parse(e->recorded_at, &ms) != 0)
+    luaL_error(L, "field \"recorded_at\" is not an RFC 3339 time: %s", e->recorded_at);
+  char *canonical = realloc(e->recorded_at, EBB_TIME_LEN + 1);
+  if (canonical == NULL) luaL_error(L, "out of memory");
+  e->recorded_at = canonical;
+  ebb_clock_format(ms, e->recorded_at);
   if (lua_getfield(L, t, "version") != LUA_TNUMBER || !lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1)
     luaL_error(L, "field \"version\" must be a positive integer");
   e->version = lua_tointeger(L, -1);
@@ -573,8 +588,10 @@ static const command commands[] = {
      "Prints all events in global order after position POS, optionally only those of stream\n"
      "category C (the text before a stream's first '-') and/or of stored event type T; upcast\n"
      "to their current schema unless --raw."},
-    {"state", cmd_state, 2, 2, "", "ebb state AGGREGATE ID",
-     "Prints the aggregate's current state: {aggregate, id, stream, version, position, state}."},
+    {"state", cmd_state, 2, 2, "version at", "ebb state AGGREGATE ID [--version N | --at TIME]",
+     "Prints the aggregate's state: {aggregate, id, stream, version, position, state}; by default\n"
+     "the current one, with --version N as it was after version N, with --at TIME (RFC 3339) as it\n"
+     "was at that time. Before the first event it is the initial state at version 0."},
     {"check", cmd_check, 0, 0, "", "ebb check",
      "Loads and validates every module in the aggregates directory; prints each problem with its\n"
      "file and line and exits 6 if there is any."},

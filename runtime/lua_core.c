@@ -15,6 +15,7 @@
 
 #include "json.h"
 #include "runtime.h"
+#include "serialize.h"
 #include "uuid.h"
 
 #define RUNTIME_MT "ebb.Runtime"
@@ -377,13 +378,22 @@ static int l_send(lua_State *L) {
   return push_result(L, result);
 }
 
-/* rt:state(aggregate, id) */
+/* rt:state(aggregate, id[, {version = N} | {at = "RFC 3339"}]) */
 static int l_state(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
+  int64_t version = -1;
+  const char *at = NULL;
+  if (!lua_isnoneornil(L, 4)) {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    version = opt_int_field(L, 4, "version", -1);
+    luaL_argcheck(L, version >= -1, 4, "version must not be negative");
+    at = opt_string_field(L, 4, "at", NULL);
+  }
   char *result;
   ebb_error err;
   ebb_error_init(&err);
-  if (ebb_runtime_state(rt, luaL_checkstring(L, 2), luaL_checkstring(L, 3), &result, &err) != 0)
+  if (ebb_runtime_state_at(rt, luaL_checkstring(L, 2), luaL_checkstring(L, 3), version, at,
+                           &result, &err) != 0)
     return push_failure(L, &err);
   return push_result(L, result);
 }
@@ -456,6 +466,10 @@ int luaopen_ebb_core(lua_State *L) {
   lua_setfield(L, -2, "open");
   lua_pushcfunction(L, l_uuid);
   lua_setfield(L, -2, "uuid");
+  lua_pushcfunction(L, ebb_serialize_lua);
+  lua_setfield(L, -2, "serialize");
+  lua_pushcfunction(L, ebb_deserialize_lua);
+  lua_setfield(L, -2, "deserialize");
   ebb__lua_json_open(L);
   return 1;
 }

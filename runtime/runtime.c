@@ -567,6 +567,8 @@ typedef struct decision {
   int64_t version, last_position;
   int state_ref;               /* the folded (and, after a command, evolved) state */
   int from_cache;              /* a command decided on cached state, not re-read */
+  int64_t until_version;       /* a state query as of this version (-1: the latest) */
+  const char *until_time;      /* ... or as of this canonical RFC 3339 time (NULL: now) */
   /* out */
   ebb_error err;
   new_event *events;
@@ -779,7 +781,8 @@ static int l_decide(lua_State *L) {
   }
   int ref;
   int64_t version, position;
-  if (ebb_state_cache_take(d->rt->cache, d->stream, &ref, &version, &position)) {
+  int past = d->until_version >= 0 || d->until_time != NULL;
+  if (!past && ebb_state_cache_take(d->rt->cache, d->stream, &ref, &version, &position)) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
     d->version = version;
@@ -796,7 +799,7 @@ static int l_decide(lua_State *L) {
   }
   int si = lua_gettop(L);
   /* Fold the stream in chunks, so memory does not grow with its length. */
-  for (; !d->from_cache;) {
+  for (int done = d->from_cache; !done;) {
     ebb_event_list_clear(&d->chunk);
     ebb_error rerr;
     ebb_error_init(&rerr);
@@ -806,6 +809,12 @@ static int l_decide(lua_State *L) {
       return 0;
     }
     for (size_t i = 0; i < d->chunk.n; i++) {
+      /* As of a version or a time: the stream's prefix up to it. */
+      if ((d->until_version >= 0 && d->chunk.items[i].version > d->until_version) ||
+          (d->until_time && strcmp(d->chunk.items[i].recorded_at, d->until_time) > 0)) {
+        done = 1;
+        break;
+      }
       push_event(L, &d->chunk.items[i]);
       if (needs_upcast(d->rt, d->chunk.items[i].type, d->chunk.items[i].schema))
         upcast_top(L, d->rt);
@@ -814,6 +823,17 @@ static int l_decide(lua_State *L) {
       d->last_position = d->chunk.items[i].position;
     }
     if (d->chunk.n < FOLD_CHUNK) break;
+  }
+  if (past && d->cmd == NULL) {
+    ebb_buf b = EBB_BUF_INIT;
+    char msg[512];
+    if (ebb_json_encode(L, si, &b, msg, sizeof msg) != 0) {
+      ebb_buf_free(&b);
+      luaL_error(L, "the state of %s cannot be shown as JSON: %s", d->stream, msg);
+    }
+    d->state_json = ebb_buf_take(&b, NULL);
+    if (d->state_json == NULL) luaL_error(L, "out of memory");
+    return 0; /* a past state never goes into the cache */
   }
   ebb_event_list_clear(&d->chunk);
   if (d->cmd == NULL || (d->cmd->has_expected && !ebb_expected_matches(d->cmd->expected, d->version))) {
@@ -937,6 +957,7 @@ static void decision_init(decision *d, ebb_runtime *rt, const char *aggregate, c
   memset(d, 0, sizeof *d);
   d->rt = rt;
   d->state_ref = LUA_NOREF;
+  d->until_version = -1;
   d->aggregate = aggregate;
   d->id = id;
   ebb_event_list_init(&d->chunk);
@@ -1120,11 +1141,26 @@ stale:
 
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
                       ebb_error *err) {
+  return ebb_runtime_state_at(rt, aggregate, id, -1, NULL, result, err);
+}
+
+int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id, int64_t version,
+                         const char *at, char **result, ebb_error *err) {
   *result = NULL;
   if (ebb_validate_name("aggregate", aggregate, err) || ebb_validate_name("aggregate id", id, err))
     return err->code;
+  char time[EBB_TIME_LEN + 1];
+  if (at) {
+    int64_t ms;
+    if (ebb_clock_parse(at, &ms) != 0)
+      return ebb_error_set(err, EBB_EBADREQ,
+                           "\"%s\" is not an RFC 3339 time such as 2026-01-31T12:00:00Z", at);
+    ebb_clock_format(ms, time);
+  }
   decision d;
   decision_init(&d, rt, aggregate, id);
+  d.until_version = version;
+  d.until_time = at ? time : NULL;
   if (decide(rt, &d) != 0) return fail_with(&d, err);
   ebb_buf b = EBB_BUF_INIT;
   size_t cat = ebb_stream_category_len(d.stream);

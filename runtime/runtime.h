@@ -62,6 +62,13 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
                       ebb_error *err);
 
+/* The state as it was after `version` (>= 0; -1: no limit), or at time `at`
+ * (RFC 3339, any offset; NULL: no limit): the stream's events up to that point folded,
+ * {"aggregate","id","stream","version","position","state"}. Before the first
+ * event it is the initial state at version 0. */
+int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id, int64_t version,
+                         const char *at, char **result, ebb_error *err);
+
 /* Cache figures for metrics: entries, capacity, hits, misses, evictions. */
 void ebb_runtime_cache_stats(ebb_runtime *rt, size_t *size, size_t *max, uint64_t *hits,
                              uint64_t *misses, uint64_t *evictions);

@@ -31,7 +31,7 @@ typedef struct cli {
   const char *data, *aggregates, *projections, *durability;
   /* command options */
   const char *expect, *command_id, *metadata, *from, *limit, *after, *before, *category, *type;
-  const char *version, *at;
+  const char *version, *at, *reason;
   int backward, help, raw;
 } cli;
 
@@ -73,6 +73,7 @@ static int exit_code(int code) {
     case EBB_EBADREQ:
     case EBB_ETOOLARGE: return EBB_EXIT_INVALID;
     case EBB_EBUSY: return EBB_EXIT_BUSY;
+    case EBB_EDELETED: return EBB_EXIT_DELETED;
     default: return EBB_EXIT_FAILURE;
   }
 }
@@ -129,7 +130,7 @@ static const option command_options[] = {
     OPT("expect", expect),   OPT("command-id", command_id), OPT("metadata", metadata),
     OPT("from", from),       OPT("limit", limit),           OPT("after", after),
     OPT("before", before),   OPT("category", category),     OPT("type", type),
-    OPT("version", version), OPT("at", at),
+    OPT("version", version), OPT("at", at), OPT("reason", reason),
     FLAG("backward", backward), FLAG("raw", raw), {NULL, 0, 0},
 };
 
@@ -348,6 +349,29 @@ static int cmd_state(cli *c) {
   if (rc) return fail(&err);
   puts(result);
   free(result);
+  return 0;
+}
+
+static int cmd_delete(cli *c) {
+  int64_t expected = EBB_EXPECT_EXISTS;
+  if (c->expect && ebb_parse_expected(c->expect, &expected) != 0)
+    return usage_error("--expect takes any, exists or a version, not \"%s\"", c->expect);
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  ebb_append_result r;
+  ebb_error err;
+  ebb_error_init(&err);
+  rc = ebb_store_delete(ebb_runtime_store(rt), c->pos[0], expected, c->reason, &r, &err);
+  ebb_runtime_close(rt);
+  if (rc) return fail(&err);
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_puts(&b, "{\"stream\":");
+  ebb_buf_json_string(&b, c->pos[0], strlen(c->pos[0]));
+  ebb_buf_printf(&b, ",\"deleted\":true,\"version\":%lld,\"position\":%lld}", (long long)r.version,
+                 (long long)r.position);
+  puts(ebb_buf_cstr(&b));
+  ebb_buf_free(&b);
   return 0;
 }
 
@@ -592,6 +616,10 @@ static const command commands[] = {
      "Prints the aggregate's state: {aggregate, id, stream, version, position, state}; by default\n"
      "the current one, with --version N as it was after version N, with --at TIME (RFC 3339) as it\n"
      "was at that time. Before the first event it is the initial state at version 0."},
+    {"delete", cmd_delete, 1, 1, "expect reason", "ebb delete STREAM [--expect N] [--reason TEXT]",
+     "Soft-deletes STREAM: appends a tombstone event ($deleted, with the reason). The stream\n"
+     "then takes no more commands or appends (exit 9, stream_deleted), its state says deleted,\n"
+     "and its events stay readable for audit. Nothing is ever removed or edited."},
     {"check", cmd_check, 0, 0, "", "ebb check",
      "Loads and validates every module in the aggregates directory; prints each problem with its\n"
      "file and line and exits 6 if there is any."},
@@ -626,7 +654,7 @@ static void print_overview(FILE *f) {
           "  --projections DIR   projection modules (default ./projections)\n"
           "  --durability LEVEL  full (default: fsync every commit) or normal\n\n"
           "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 conflict, 5 rejected,\n"
-          "6 script error, 7 invalid input, 8 busy. 'ebb help COMMAND' for more.\n");
+          "6 script error, 7 invalid input, 8 busy, 9 stream deleted. 'ebb help COMMAND' for more.\n");
 }
 
 static int cmd_help(cli *c) {

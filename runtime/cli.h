@@ -16,7 +16,8 @@ enum {
   EBB_EXIT_REJECTED = 5,  /* the aggregate refused the command (ebb.reject) */
   EBB_EXIT_SCRIPT = 6,    /* a module failed: Lua error, budget, memory cap, `ebb check` problems */
   EBB_EXIT_INVALID = 7,   /* invalid input: malformed JSON, bad names */
-  EBB_EXIT_BUSY = 8       /* the data directory is locked by another writer */
+  EBB_EXIT_BUSY = 8,      /* the data directory is locked by another writer */
+  EBB_EXIT_DELETED = 9    /* the stream was deleted (a tombstone closes it) */
 };
 
 int ebb_cli_main(int argc, char **argv);

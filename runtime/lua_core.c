@@ -302,11 +302,42 @@ static int l_events(lua_State *L) {
 static int l_version(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
   int64_t v;
+  int deleted;
   ebb_error err;
   ebb_error_init(&err);
-  if (ebb_store_stream_version(ebb_runtime_store(rt), luaL_checkstring(L, 2), &v, &err) != 0)
+  if (ebb_store_stream_version(ebb_runtime_store(rt), luaL_checkstring(L, 2), &v, &deleted, &err) !=
+      0)
     return push_failure(L, &err);
   lua_pushinteger(L, v);
+  lua_pushboolean(L, deleted);
+  return 2;
+}
+
+/* rt:delete(stream[, {expected_version =, reason =}]) -> append result */
+static int l_delete(lua_State *L) {
+  ebb_runtime *rt = check_rt(L);
+  const char *stream = luaL_checkstring(L, 2);
+  int64_t expected = EBB_EXPECT_EXISTS;
+  const char *reason = NULL;
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_getfield(L, 3, "expected_version");
+    if (!lua_isnil(L, -1)) expected = check_expected(L, lua_gettop(L));
+    lua_pop(L, 1);
+    reason = opt_string_field(L, 3, "reason", NULL);
+  }
+  ebb_append_result r;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_store_delete(ebb_runtime_store(rt), stream, expected, reason, &r, &err) != 0)
+    return push_failure(L, &err);
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, stream);
+  lua_setfield(L, -2, "stream");
+  lua_pushinteger(L, r.version);
+  lua_setfield(L, -2, "version");
+  lua_pushinteger(L, r.position);
+  lua_setfield(L, -2, "position");
   return 1;
 }
 
@@ -446,7 +477,7 @@ static int l_uuid(lua_State *L) {
 static const luaL_Reg runtime_methods[] = {
     {"append", l_append}, {"read", l_read},   {"events", l_events}, {"version", l_version},
     {"head", l_head},     {"send", l_send},   {"state", l_state},   {"check", l_check},
-    {"cache_stats", l_cache_stats}, {"close", l_close}, {NULL, NULL},
+    {"cache_stats", l_cache_stats}, {"delete", l_delete}, {"close", l_close}, {NULL, NULL},
 };
 
 int luaopen_ebb_core(lua_State *L) {

@@ -569,6 +569,7 @@ typedef struct decision {
   int from_cache;              /* a command decided on cached state, not re-read */
   int64_t until_version;       /* a state query as of this version (-1: the latest) */
   const char *until_time;      /* ... or as of this canonical RFC 3339 time (NULL: now) */
+  int deleted;                 /* the fold ended on a tombstone */
   /* out */
   ebb_error err;
   new_event *events;
@@ -815,12 +816,13 @@ static int l_decide(lua_State *L) {
         done = 1;
         break;
       }
+      d->version = d->chunk.items[i].version;
+      d->last_position = d->chunk.items[i].position;
+      if ((d->deleted = strcmp(d->chunk.items[i].type, EBB_TOMBSTONE) == 0)) continue;
       push_event(L, &d->chunk.items[i]);
       if (needs_upcast(d->rt, d->chunk.items[i].type, d->chunk.items[i].schema))
         upcast_top(L, d->rt);
       apply_event(L, mi, si);
-      d->version = d->chunk.items[i].version;
-      d->last_position = d->chunk.items[i].position;
     }
     if (d->chunk.n < FOLD_CHUNK) break;
   }
@@ -836,7 +838,14 @@ static int l_decide(lua_State *L) {
     return 0; /* a past state never goes into the cache */
   }
   ebb_event_list_clear(&d->chunk);
-  if (d->cmd == NULL || (d->cmd->has_expected && !ebb_expected_matches(d->cmd->expected, d->version))) {
+  if (d->deleted && d->cmd) {
+    ebb_error_set(&d->err, EBB_EDELETED,
+                  "%s was deleted at version %lld; its events stay readable, but it takes no "
+                  "commands", d->stream, (long long)d->version);
+    return 0;
+  }
+  if (!d->deleted && (d->cmd == NULL || (d->cmd->has_expected &&
+                                         !ebb_expected_matches(d->cmd->expected, d->version)))) {
     /* The state is folded and unchanged: it may go back to the cache. */
     lua_pushvalue(L, si);
     d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -1170,8 +1179,8 @@ int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id,
   ebb_buf_json_string(&b, id, strlen(id));
   ebb_buf_puts(&b, ",\"stream\":");
   ebb_buf_json_string(&b, d.stream, strlen(d.stream));
-  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"state\":", (long long)d.version,
-                 (long long)d.last_position);
+  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"deleted\":%s,\"state\":",
+                 (long long)d.version, (long long)d.last_position, d.deleted ? "true" : "false");
   ebb_buf_puts(&b, d.state_json);
   ebb_buf_putc(&b, '}');
   cache_state(&d, d.version, d.last_position);

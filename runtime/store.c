@@ -166,6 +166,10 @@ static int check_request(ebb_append *r) {
     if (ebb_validate_name("event id", e->id, &r->err) ||
         ebb_validate_name("event type", e->type, &r->err))
       return -1;
+    if (e->type[0] == '$' && !r->reserved)
+      return ebb_error_set(&r->err, EBB_EBADREQ,
+                           "event %zu: types starting with '$' (%s) are reserved for ebb", i + 1,
+                           e->type);
     if (e->schema < 1)
       return ebb_error_set(&r->err, EBB_EBADREQ, "event %zu: schema must be at least 1", i + 1);
     if (e->data == NULL || e->data_len == 0 || e->data[0] != '{' || e->metadata == NULL ||
@@ -217,9 +221,50 @@ int ebb_store_read_range(ebb_store *s, int64_t first, int64_t last, ebb_event_li
   return s->vt->read_range(s, first, last, out, err);
 }
 
-int ebb_store_stream_version(ebb_store *s, const char *stream, int64_t *version, ebb_error *err) {
+int ebb_store_stream_version(ebb_store *s, const char *stream, int64_t *version, int *deleted,
+                             ebb_error *err) {
+  int ignored;
   if (ebb_validate_name("stream name", stream, err)) return err->code;
-  return s->vt->stream_version(s, stream, version, err);
+  return s->vt->stream_version(s, stream, version, deleted ? deleted : &ignored, err);
+}
+
+int ebb_store_delete(ebb_store *s, const char *stream, int64_t expected, const char *reason,
+                     ebb_append_result *result, ebb_error *err) {
+  ebb_buf data = EBB_BUF_INIT;
+  ebb_buf_puts(&data, "{");
+  if (reason) {
+    ebb_buf_puts(&data, "\"reason\":");
+    ebb_buf_json_string(&data, reason, strlen(reason));
+  }
+  ebb_buf_puts(&data, "}");
+  char id[EBB_UUID_LEN + 1];
+  ebb_uuid_new(id);
+  ebb_event_in ev = {.id = id, .type = EBB_TOMBSTONE, .schema = 1, .data = data.data,
+                     .data_len = data.len, .metadata = "{}", .metadata_len = 2};
+  ebb_append req = {.stream = stream, .expected = expected, .events = &ev, .n = 1, .reserved = 1};
+  ebb_error_init(&req.err);
+  if (data.oom) {
+    ebb_buf_free(&data);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  if (reason && ebb_validate_name("reason", reason, &req.err) != 0) {
+    ebb_buf_free(&data);
+    ebb_error_move(err, &req.err);
+    return err->code;
+  }
+  int rc = ebb_store_append(s, &req, 1, NULL);
+  ebb_buf_free(&data);
+  if (rc == 0 && req.err.code == EBB_EVERSION && req.err.actual == 0) {
+    ebb_error_clear(&req.err);
+    ebb_error_set(&req.err, EBB_ENOTFOUND, "stream %s does not exist", stream);
+  }
+  if (req.err.code) {
+    int code = req.err.code;
+    ebb_error_move(err, &req.err);
+    return code;
+  }
+  if (result) *result = req.result;
+  return 0;
 }
 
 int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err) {

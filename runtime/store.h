@@ -22,6 +22,10 @@
 
 #define EBB_MAX_NAME 512 /* bytes in a stream name, event type or id */
 
+/* The event type that closes a deleted stream. Types starting with '$' are
+ * reserved for ebb: writers cannot append them. */
+#define EBB_TOMBSTONE "$deleted"
+
 enum ebb_durability {
   EBB_DURABILITY_FULL = 0,   /* fsync the WAL at every commit */
   EBB_DURABILITY_NORMAL = 1  /* WAL without fsync per commit */
@@ -70,6 +74,7 @@ typedef struct ebb_append {
   size_t n;
   const char *command_id;        /* non-NULL: record the command, atomically with the events */
   const char *command_type;
+  int reserved;                  /* may append reserved ('$') types: only ebb_store_delete */
   ebb_append_result result;      /* out */
   ebb_error err;                 /* out: EBB_OK or why this request failed */
 } ebb_append;
@@ -108,7 +113,8 @@ typedef struct ebb_store_vtable {
                      ebb_event_list *out, ebb_error *err);
   int (*read_all)(ebb_store *, const ebb_read_all *q, ebb_event_list *out, ebb_error *err);
   int (*read_range)(ebb_store *, int64_t first, int64_t last, ebb_event_list *out, ebb_error *err);
-  int (*stream_version)(ebb_store *, const char *stream, int64_t *version, ebb_error *err);
+  int (*stream_version)(ebb_store *, const char *stream, int64_t *version, int *deleted,
+                        ebb_error *err);
   int (*head)(ebb_store *, int64_t *position, ebb_error *err);
   int (*find_command)(ebb_store *, const char *command_id, ebb_command_record *out, ebb_error *err);
   void (*close)(ebb_store *);
@@ -138,8 +144,17 @@ int ebb_store_read_all(ebb_store *s, const ebb_read_all *q, ebb_event_list *out,
 /* Events with first <= position <= last, in order. */
 int ebb_store_read_range(ebb_store *s, int64_t first, int64_t last, ebb_event_list *out,
                          ebb_error *err);
-/* The stream's last version; 0 when it does not exist. */
-int ebb_store_stream_version(ebb_store *s, const char *stream, int64_t *version, ebb_error *err);
+/* The stream's last version (0 when it does not exist) and, if deleted is not
+ * NULL, whether it ends with a tombstone. */
+int ebb_store_stream_version(ebb_store *s, const char *stream, int64_t *version, int *deleted,
+                             ebb_error *err);
+/* Soft-deletes a stream: appends a tombstone (its data {"reason": reason} when
+ * reason is not NULL, a JSON string literal's contents are escaped here) with
+ * the expected version given (EBB_EXPECT_EXISTS for none). Later appends fail
+ * with EBB_EDELETED; the events stay readable. EBB_ENOTFOUND when there is no
+ * such stream. */
+int ebb_store_delete(ebb_store *s, const char *stream, int64_t expected, const char *reason,
+                     ebb_append_result *result, ebb_error *err);
 /* The last position in the store; 0 when empty. */
 int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err);
 /* 1 and *out filled when command_id was handled before, 0 when not, or < 0. */

@@ -81,7 +81,7 @@ static const char *const statements[S_COUNT] = {
     [S_SAVEPOINT] = "SAVEPOINT request",
     [S_RELEASE] = "RELEASE request",
     [S_ROLLBACK_TO] = "ROLLBACK TO request",
-    [S_VERSION] = "SELECT max(version) FROM events WHERE stream = ?1",
+    [S_VERSION] = "SELECT version, type FROM events WHERE stream = ?1 ORDER BY version DESC LIMIT 1",
     [S_INSERT] = "INSERT INTO events (stream, version, id, type, schema, data, metadata, "
                  "recorded_at, category) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [S_FIND_ID] = "SELECT stream, version, position FROM events WHERE id = ?1",
@@ -237,13 +237,16 @@ int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_er
 
 /* ---------------------------------------------------------------- append */
 
-static int stream_version(sqlite_store *s, const char *stream, int64_t *version, ebb_error *err) {
+static int stream_version(sqlite_store *s, const char *stream, int64_t *version, int *deleted,
+                          ebb_error *err) {
   sqlite3_stmt *st = s->stmt[S_VERSION];
   bind_text(st, 1, stream);
   int rc = sqlite3_step(st);
   *version = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+  *deleted = rc == SQLITE_ROW &&
+             strcmp((const char *)sqlite3_column_text(st, 1), EBB_TOMBSTONE) == 0;
   sqlite3_reset(st);
-  if (rc != SQLITE_ROW) return db_error(s, err, "reading a stream's version");
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_error(s, err, "reading a stream's version");
   return 0;
 }
 
@@ -350,7 +353,12 @@ static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
     }
   }
   int64_t version;
-  if (stream_version(s, r->stream, &version, &r->err)) return r->err.code;
+  int deleted;
+  if (stream_version(s, r->stream, &version, &deleted, &r->err)) return r->err.code;
+  if (deleted)
+    return ebb_error_set(&r->err, EBB_EDELETED,
+                         "stream %s was deleted at version %lld; its events stay readable",
+                         r->stream, (long long)version);
   if (!ebb_expected_matches(r->expected, version)) {
     int rc = r->n ? check_idempotent(s, r) : 0;
     if (rc != 0) return rc > 0 ? 0 : rc;
@@ -510,8 +518,8 @@ static int sqlite_read_range(ebb_store *base, int64_t first, int64_t last, ebb_e
 }
 
 static int sqlite_stream_version(ebb_store *base, const char *stream, int64_t *version,
-                                 ebb_error *err) {
-  return stream_version((sqlite_store *)base, stream, version, err);
+                                 int *deleted, ebb_error *err) {
+  return stream_version((sqlite_store *)base, stream, version, deleted, err);
 }
 
 static int sqlite_head(ebb_store *base, int64_t *position, ebb_error *err) {

@@ -32,7 +32,7 @@ typedef struct cli {
   /* command options */
   const char *expect, *command_id, *metadata, *from, *limit, *after, *before, *category, *type;
   const char *version, *at, *reason;
-  int backward, help, raw;
+  int backward, help, raw, stale;
 } cli;
 
 typedef struct option {
@@ -131,7 +131,7 @@ static const option command_options[] = {
     OPT("from", from),       OPT("limit", limit),           OPT("after", after),
     OPT("before", before),   OPT("category", category),     OPT("type", type),
     OPT("version", version), OPT("at", at), OPT("reason", reason),
-    FLAG("backward", backward), FLAG("raw", raw), {NULL, 0, 0},
+    FLAG("backward", backward), FLAG("raw", raw), FLAG("stale", stale), {NULL, 0, 0},
 };
 
 static int option_allowed(const command *cmd, const char *name) {
@@ -373,6 +373,28 @@ static int cmd_delete(cli *c) {
   puts(ebb_buf_cstr(&b));
   ebb_buf_free(&b);
   return 0;
+}
+
+static int cmd_snapshots(cli *c) {
+  int deleting = c->npos > 0;
+  if (deleting && strcmp(c->pos[0], "delete") != 0)
+    return usage_error("unknown snapshots action \"%s\" (only delete)", c->pos[0]);
+  if (!deleting && c->stale) return usage_error("%s", "--stale goes with delete");
+  ebb_runtime *rt;
+  int rc = open_runtime(c, &rt);
+  if (rc) return rc;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_buf b = EBB_BUF_INIT;
+  int64_t deleted = 0;
+  rc = deleting ? ebb_runtime_delete_snapshots(rt, c->npos > 1 ? c->pos[1] : NULL, c->stale,
+                                               &deleted, &err)
+                : ebb_runtime_snapshots(rt, &b, &err);
+  ebb_runtime_close(rt);
+  if (rc == 0 && deleting) printf("{\"deleted\":%lld}\n", (long long)deleted);
+  else if (rc == 0) fwrite(b.data ? b.data : "", 1, b.len, stdout);
+  ebb_buf_free(&b);
+  return rc ? fail(&err) : 0;
 }
 
 static int cmd_check(cli *c) {
@@ -620,6 +642,11 @@ static const command commands[] = {
      "Soft-deletes STREAM: appends a tombstone event ($deleted, with the reason). The stream\n"
      "then takes no more commands or appends (exit 9, stream_deleted), its state says deleted,\n"
      "and its events stay readable for audit. Nothing is ever removed or edited."},
+    {"snapshots", cmd_snapshots, 0, 2, "stale", "ebb snapshots [delete [STREAM] [--stale]]",
+     "Lists the stored snapshots, one JSON object per line: {stream, version, position,\n"
+     "recorded_at, fingerprint, bytes, created_at, current}; current is false for snapshots made\n"
+     "by other code, which are never loaded. 'delete' removes them (of STREAM only if given; only\n"
+     "the stale ones with --stale) and prints {deleted}. Snapshots are taken again as needed."},
     {"check", cmd_check, 0, 0, "", "ebb check",
      "Loads and validates every module in the aggregates directory; prints each problem with its\n"
      "file and line and exits 6 if there is any."},

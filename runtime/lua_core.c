@@ -100,7 +100,9 @@ static int l_open(lua_State *L) {
   o.cache_size = opt_int_field(L, 1, "cache_size", 0);
   lua_getfield(L, 1, "exclusive");
   o.exclusive = lua_toboolean(L, -1);
-  lua_pop(L, 1);
+  lua_getfield(L, 1, "snapshots");
+  o.no_snapshots = lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1);
+  lua_pop(L, 2);
   lruntime *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->rt = NULL; /* closed until opened, so __gc is safe if opening fails */
   luaL_setmetatable(L, RUNTIME_MT);
@@ -313,6 +315,63 @@ static int l_version(lua_State *L) {
   return 2;
 }
 
+/* rt:flush() -> true: writes the snapshots taken so far */
+static int l_flush(lua_State *L) {
+  ebb_runtime *rt = check_rt(L);
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_runtime_flush(rt, &err) != 0) return push_failure(L, &err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* rt:snapshots() -> list of {stream, version, position, recorded_at, fingerprint, bytes,
+ * created_at, current} */
+static int l_snapshots(lua_State *L) {
+  ebb_runtime *rt = check_rt(L);
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_runtime_snapshots(rt, &b, &err) != 0) {
+    ebb_buf_free(&b);
+    return push_failure(L, &err);
+  }
+  lua_newtable(L);
+  lua_Integer n = 0;
+  char msg[256];
+  for (size_t i = 0, start = 0; i < b.len; i++) {
+    if (b.data[i] != '\n') continue;
+    if (ebb_json_decode(L, b.data + start, i - start, msg, sizeof msg) != 0) {
+      ebb_buf_free(&b);
+      return luaL_error(L, "internal: %s", msg);
+    }
+    lua_rawseti(L, -2, ++n);
+    start = i + 1;
+  }
+  ebb_buf_free(&b);
+  return 1;
+}
+
+/* rt:delete_snapshots{stream =, stale =} -> number deleted */
+static int l_delete_snapshots(lua_State *L) {
+  ebb_runtime *rt = check_rt(L);
+  const char *stream = NULL;
+  int stale = 0;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    stream = opt_string_field(L, 2, "stream", NULL);
+    lua_getfield(L, 2, "stale");
+    stale = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+  }
+  int64_t n;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_runtime_delete_snapshots(rt, stream, stale, &n, &err) != 0) return push_failure(L, &err);
+  lua_pushinteger(L, n);
+  return 1;
+}
+
 /* rt:delete(stream[, {expected_version =, reason =}]) -> append result */
 static int l_delete(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
@@ -477,7 +536,8 @@ static int l_uuid(lua_State *L) {
 static const luaL_Reg runtime_methods[] = {
     {"append", l_append}, {"read", l_read},   {"events", l_events}, {"version", l_version},
     {"head", l_head},     {"send", l_send},   {"state", l_state},   {"check", l_check},
-    {"cache_stats", l_cache_stats}, {"delete", l_delete}, {"close", l_close}, {NULL, NULL},
+    {"cache_stats", l_cache_stats}, {"delete", l_delete},
+    {"flush", l_flush}, {"snapshots", l_snapshots}, {"delete_snapshots", l_delete_snapshots}, {"close", l_close}, {NULL, NULL},
 };
 
 int luaopen_ebb_core(lua_State *L) {

@@ -19,6 +19,7 @@
 #include "clock.h"
 #include "json.h"
 #include "sandbox.h"
+#include "serialize.h"
 #include "state_cache.h"
 #include "uuid.h"
 
@@ -31,6 +32,11 @@ struct ebb_runtime {
   int owners_ref;   /* registry: event type -> the module that declares its schema */
   struct schema_entry *schemas; /* event type -> current schema, for a quick check in C */
   size_t n_schemas;
+  struct fingerprint_entry *fingerprints; /* aggregate type -> the fingerprint of its code */
+  size_t n_fingerprints;
+  int snapshots;                /* take and load snapshots */
+  struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
+  size_t n_pending;
   ebb_state_cache *cache;
   ebb_buf problems; /* what loading the modules found, one line each */
 };
@@ -230,7 +236,97 @@ static int l_register(lua_State *L) {
   lua_pushlstring(L, file, n > 4 ? n - 4 : n);
   lua_pushvalue(L, 1);
   lua_rawset(L, registry);
-  return 0;
+  lua_pushboolean(L, 1); /* an aggregate */
+  return 1;
+}
+
+/* ---------------------------------------------------------------- fingerprints */
+
+typedef struct fingerprint_entry {
+  char *type;
+  char *value; /* "code:<hex>" or "declared:<snapshot_version>" */
+} fingerprint_entry;
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+  const unsigned char *b = p;
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+/* FNV-1a of a file's bytes, folded into h; h unchanged if it cannot be read. */
+static uint64_t hash_file(uint64_t h, const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (f == NULL) return h;
+  char buf[8192];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, f)) > 0) h = fnv(h, buf, n);
+  fclose(f);
+  return h;
+}
+
+/* Argument: a module's file name. Returns its type and snapshot_version. */
+static int l_module_identity(lua_State *L) {
+  ebb_runtime *rt = lua_touserdata(L, 1);
+  size_t n;
+  const char *file = lua_tolstring(L, 2, &n);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, rt->modules_ref);
+  lua_pushlstring(L, file, n - 4);
+  if (lua_rawget(L, -2) != LUA_TTABLE) return 0;
+  lua_getfield(L, -1, "type");
+  if (lua_getfield(L, -2, "snapshot_version") != LUA_TNIL) {
+    luaL_tolstring(L, -1, NULL);
+    lua_remove(L, -2);
+  }
+  return 2;
+}
+
+/* A snapshot may be loaded only by the code that made it: the aggregate's
+ * module and every helper module beside it (upcasters, shared functions), or
+ * the snapshot_version the module declares instead. */
+static void compute_fingerprints(ebb_runtime *rt, const char *dir, char **names, int *kinds,
+                                 size_t n) {
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  uint64_t helpers = 1469598103934665603ull;
+  char path[4096];
+  for (size_t i = 0; i < n; i++) {
+    if (kinds[i] != 0) continue;
+    snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+    helpers = hash_file(fnv(helpers, names[i], strlen(names[i]) + 1), path);
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (kinds[i] != 1) continue;
+    snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+    uint64_t h = hash_file(fnv(helpers, "\x01", 1), path);
+    h = fnv(h, &(int){EBB_SERIALIZE_VERSION}, sizeof(int));
+    lua_pushcfunction(L, l_module_identity);
+    lua_pushlightuserdata(L, rt);
+    lua_pushstring(L, names[i]);
+    if (ebb_sandbox_call(rt->sb, 2, 2) != LUA_OK) {
+      lua_pop(L, 1);
+      continue;
+    }
+    char value[EBB_MAX_NAME + 16];
+    if (lua_isstring(L, -1)) snprintf(value, sizeof value, "declared:%s", lua_tostring(L, -1));
+    else snprintf(value, sizeof value, "code:%016llx", (unsigned long long)h);
+    fingerprint_entry *p = lua_isstring(L, -2)
+                         ? realloc(rt->fingerprints, (rt->n_fingerprints + 1) * sizeof *p)
+                         : NULL;
+    if (p != NULL) {
+      rt->fingerprints = p;
+      p[rt->n_fingerprints].type = strdup(lua_tostring(L, -2));
+      p[rt->n_fingerprints].value = strdup(value);
+      if (p[rt->n_fingerprints].type && p[rt->n_fingerprints].value) rt->n_fingerprints++;
+      else free(p[rt->n_fingerprints].type), free(p[rt->n_fingerprints].value);
+    }
+    lua_pop(L, 2);
+  }
+}
+
+static const char *fingerprint_of(const ebb_runtime *rt, const char *type, size_t len) {
+  for (size_t i = 0; i < rt->n_fingerprints; i++)
+    if (strncmp(rt->fingerprints[i].type, type, len) == 0 && rt->fingerprints[i].type[len] == 0)
+      return rt->fingerprints[i].value;
+  return NULL;
 }
 
 static int names_cmp(const void *a, const void *b) {
@@ -260,7 +356,8 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
   }
   closedir(d);
   qsort(names, n, sizeof *names, names_cmp);
-  for (size_t i = 0; i < n; i++) {
+  int *kinds = calloc(n ? n : 1, sizeof *kinds); /* 0 helper, 1 aggregate, -1 broken */
+  for (size_t i = 0; i < n && kinds; i++) {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, names[i]);
     ebb_error err;
@@ -268,6 +365,7 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
     if (ebb_sandbox_load_file(rt->sb, path, names[i], &err) != 0) {
       ebb_buf_printf(&rt->problems, "%s\n", err.message);
       ebb_error_clear(&err);
+      kinds[i] = -1;
       continue;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, rt->modules_ref);
@@ -281,8 +379,11 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
                      lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "validation failed");
     else if (lua_type(L, -1) == LUA_TSTRING)
       ebb_buf_printf(&rt->problems, "%s\n", lua_tostring(L, -1));
+    kinds[i] = status != LUA_OK || lua_type(L, -1) == LUA_TSTRING ? -1 : lua_toboolean(L, -1);
     lua_pop(L, 1);
   }
+  if (kinds) compute_fingerprints(rt, dir, names, kinds, n);
+  free(kinds);
   for (size_t i = 0; i < n; i++) free(names[i]);
   free(names);
 }
@@ -478,6 +579,7 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   if (rt == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   ebb_buf_init(&rt->problems);
   rt->modules_ref = LUA_NOREF;
+  rt->snapshots = !opt->no_snapshots;
   ebb_store_options so = {
       .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
   if (ebb_store_open(&rt->store, &so, err) != 0) goto fail;
@@ -526,6 +628,12 @@ fail:
 
 void ebb_runtime_close(ebb_runtime *rt) {
   if (rt == NULL) return;
+  if (rt->store) ebb_runtime_flush(rt, NULL);
+  for (size_t i = 0; i < rt->n_fingerprints; i++) {
+    free(rt->fingerprints[i].type);
+    free(rt->fingerprints[i].value);
+  }
+  free(rt->fingerprints);
   if (rt->sb) ebb_state_cache_free(rt->cache, ebb_sandbox_state(rt->sb));
   ebb_sandbox_free(rt->sb);
   ebb_store_close(rt->store);
@@ -570,6 +678,13 @@ typedef struct decision {
   int64_t until_version;       /* a state query as of this version (-1: the latest) */
   const char *until_time;      /* ... or as of this canonical RFC 3339 time (NULL: now) */
   int deleted;                 /* the fold ended on a tombstone */
+  int hit;                     /* the state came from the cache */
+  int64_t base_version;        /* the version of the snapshot the fold started from (0: none) */
+  char last_recorded_at[EBB_TIME_LEN + 1]; /* of the last event folded */
+  ebb_buf loaded;              /* the bytes of the snapshot loaded */
+  ebb_buf snap;                /* a snapshot taken by this decision, to be queued */
+  const char *snap_fingerprint;/* non-NULL when snap holds one */
+  int64_t snap_version;
   /* out */
   ebb_error err;
   new_event *events;
@@ -582,6 +697,8 @@ static void decision_free(decision *d) {
     luaL_unref(ebb_sandbox_state(d->rt->sb), LUA_REGISTRYINDEX, d->state_ref);
   d->state_ref = LUA_NOREF;
   ebb_event_list_free(&d->chunk);
+  ebb_buf_free(&d->loaded);
+  ebb_buf_free(&d->snap);
   for (size_t i = 0; i < d->n_events; i++) {
     free(d->events[i].type);
     free(d->events[i].data);
@@ -746,6 +863,103 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
   }
 }
 
+/* Pushes the newest valid snapshot's state for the decision (at or below its
+ * version or time limit) and sets the fold's starting point; 0 when there is
+ * none or it cannot be read (the fold then starts from the beginning). */
+static int load_snapshot(lua_State *L, decision *d, const char *fingerprint) {
+  int64_t version, position;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_buf_reset(&d->loaded);
+  if (ebb_store_snapshot_load(d->rt->store, d->stream, fingerprint, d->until_version, d->until_time,
+                              &version, &position, &d->loaded, &err) != 1) {
+    ebb_error_clear(&err);
+    return 0;
+  }
+  char msg[256];
+  if (ebb_deserialize(L, d->loaded.data, d->loaded.len, msg, sizeof msg) != 0) return 0;
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  d->version = d->base_version = version;
+  d->last_position = position;
+  return 1;
+}
+
+/* Serializes the state at si as the decision's snapshot at `version`; a state
+ * that cannot be serialized simply gets no snapshot. */
+static void take_snapshot(lua_State *L, decision *d, int si, const char *fingerprint,
+                          int64_t version) {
+  char msg[256];
+  ebb_buf_reset(&d->snap);
+  if (ebb_serialize(L, si, &d->snap, msg, sizeof msg) != 0 || d->snap.oom) return;
+  d->snap_fingerprint = fingerprint;
+  d->snap_version = version;
+}
+
+typedef struct pending_snapshot {
+  char *stream, *state;
+  const char *fingerprint; /* owned by rt->fingerprints */
+  size_t state_len;
+  int64_t version, position;
+  char recorded_at[EBB_TIME_LEN + 1];
+} pending_snapshot;
+
+int ebb_runtime_flush(ebb_runtime *rt, ebb_error *err) {
+  if (rt->n_pending == 0) return 0;
+  ebb_snapshot *snaps = calloc(rt->n_pending, sizeof *snaps);
+  int rc = 0;
+  if (snaps == NULL) {
+    rc = ebb_error_set(err, EBB_ENOMEM, "out of memory writing snapshots");
+  } else {
+    for (size_t i = 0; i < rt->n_pending; i++) {
+      pending_snapshot *p = &rt->pending[i];
+      snaps[i] = (ebb_snapshot){.stream = p->stream, .version = p->version, .position = p->position,
+                                .recorded_at = p->recorded_at, .fingerprint = p->fingerprint,
+                                .state = p->state, .state_len = p->state_len};
+    }
+    rc = ebb_store_snapshot_save(rt->store, snaps, rt->n_pending, err);
+    free(snaps);
+  }
+  /* Snapshots can always be taken again: a failed write drops them. */
+  for (size_t i = 0; i < rt->n_pending; i++) {
+    free(rt->pending[i].stream);
+    free(rt->pending[i].state);
+  }
+  free(rt->pending);
+  rt->pending = NULL;
+  rt->n_pending = 0;
+  return rc;
+}
+
+#define MAX_PENDING_SNAPSHOTS 64
+
+/* Queues the decision's snapshot, written by the next ebb_runtime_flush (the
+ * host's idle time, at close, or when the queue is full) so that no
+ * command's answer waits for it. */
+static void queue_snapshot(ebb_runtime *rt, decision *d, int64_t position, const char *recorded_at) {
+  if (d->snap_fingerprint == NULL) return;
+  if (rt->n_pending >= MAX_PENDING_SNAPSHOTS) ebb_runtime_flush(rt, NULL);
+  pending_snapshot *p = realloc(rt->pending, (rt->n_pending + 1) * sizeof *p);
+  if (p == NULL) return;
+  rt->pending = p;
+  p += rt->n_pending;
+  p->stream = strdup(d->stream);
+  p->state = ebb_buf_take(&d->snap, &p->state_len);
+  if (p->stream == NULL || p->state == NULL) {
+    free(p->stream);
+    free(p->state);
+    return;
+  }
+  p->fingerprint = d->snap_fingerprint;
+  p->version = d->snap_version;
+  p->position = position;
+  snprintf(p->recorded_at, sizeof p->recorded_at, "%s", recorded_at);
+  rt->n_pending++;
+  d->snap_fingerprint = NULL;
+}
+
 /* Hands the decision's state to the cache, as of version and position. */
 static void cache_state(decision *d, int64_t version, int64_t position) {
   if (d->state_ref == LUA_NOREF) return;
@@ -783,6 +997,13 @@ static int l_decide(lua_State *L) {
   int ref;
   int64_t version, position;
   int past = d->until_version >= 0 || d->until_time != NULL;
+  lua_getfield(L, mi, "snapshot_every");
+  int64_t every = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 0;
+  lua_pop(L, 1);
+  const char *fingerprint =
+      every > 0 && d->rt->snapshots
+          ? fingerprint_of(d->rt, d->stream, ebb_stream_category_len(d->stream))
+          : NULL;
   if (!past && ebb_state_cache_take(d->rt->cache, d->stream, &ref, &version, &position)) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
@@ -792,7 +1013,8 @@ static int l_decide(lua_State *L) {
      * writer appended meanwhile, the append's version check fails and the
      * command is decided again on state read from the store. */
     d->from_cache = d->cmd != NULL;
-  } else {
+    d->hit = 1;
+  } else if (!(fingerprint && load_snapshot(L, d, fingerprint))) {
     lua_getfield(L, mi, "initial");
     lua_call(L, 0, 1);
     if (!lua_istable(L, -1))
@@ -824,8 +1046,15 @@ static int l_decide(lua_State *L) {
         upcast_top(L, d->rt);
       apply_event(L, mi, si);
     }
+    if (d->chunk.n && !done)
+      memcpy(d->last_recorded_at, d->chunk.items[d->chunk.n - 1].recorded_at,
+             strnlen(d->chunk.items[d->chunk.n - 1].recorded_at, EBB_TIME_LEN) + 1);
     if (d->chunk.n < FOLD_CHUNK) break;
   }
+  /* A snapshot when the fold read `every` events or more past the last one. */
+  if (fingerprint && !past && !d->hit && !d->deleted && d->cmd == NULL &&
+      d->version - d->base_version >= every)
+    take_snapshot(L, d, si, fingerprint, d->version);
   if (past && d->cmd == NULL) {
     ebb_buf b = EBB_BUF_INIT;
     char msg[512];
@@ -940,6 +1169,10 @@ static int l_decide(lua_State *L) {
     return 0;
   }
   take_events(L, d, mi, si, lua_gettop(L), cmdi);
+  int64_t after = d->version + (int64_t)d->n_events;
+  if (fingerprint && d->n_events &&
+      (after / every != d->version / every || (!d->hit && after - d->base_version >= every)))
+    take_snapshot(L, d, si, fingerprint, after);
   lua_pushvalue(L, si);
   d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
@@ -967,6 +1200,8 @@ static void decision_init(decision *d, ebb_runtime *rt, const char *aggregate, c
   d->rt = rt;
   d->state_ref = LUA_NOREF;
   d->until_version = -1;
+  ebb_buf_init(&d->loaded);
+  ebb_buf_init(&d->snap);
   d->aggregate = aggregate;
   d->id = id;
   ebb_event_list_init(&d->chunk);
@@ -1113,6 +1348,7 @@ decide_again:
   }
   free(in);
   cache_state(&d, res.version, d.n_events ? res.position : d.last_position);
+  if (d.n_events && !res.idempotent) queue_snapshot(rt, &d, res.position, d.now);
   ebb_buf b = EBB_BUF_INIT;
   ebb_buf_puts(&b, "{\"stream\":");
   ebb_buf_json_string(&b, d.stream, strlen(d.stream));
@@ -1179,11 +1415,15 @@ int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id,
   ebb_buf_json_string(&b, id, strlen(id));
   ebb_buf_puts(&b, ",\"stream\":");
   ebb_buf_json_string(&b, d.stream, strlen(d.stream));
-  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"deleted\":%s,\"state\":",
-                 (long long)d.version, (long long)d.last_position, d.deleted ? "true" : "false");
+  ebb_buf_printf(&b,
+                 ",\"version\":%lld,\"position\":%lld,\"deleted\":%s,\"snapshot_version\":%lld,"
+                 "\"state\":",
+                 (long long)d.version, (long long)d.last_position, d.deleted ? "true" : "false",
+                 (long long)d.base_version);
   ebb_buf_puts(&b, d.state_json);
   ebb_buf_putc(&b, '}');
   cache_state(&d, d.version, d.last_position);
+  queue_snapshot(rt, &d, d.last_position, d.last_recorded_at);
   decision_free(&d);
   *result = ebb_buf_take(&b, NULL);
   return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
@@ -1198,4 +1438,83 @@ void ebb_runtime_cache_stats(ebb_runtime *rt, size_t *size, size_t *max, uint64_
   *hits = st.hits;
   *misses = st.misses;
   *evictions = st.evictions;
+}
+
+/* ---------------------------------------------------------------- snapshot listing */
+
+typedef struct snapshot_listing {
+  ebb_runtime *rt;
+  ebb_buf *out;
+  const char *stream;
+  int stale_only;
+  ebb_snapshot *doomed; /* for deletion: copies of stream and fingerprint */
+  size_t n_doomed;
+  int oom;
+} snapshot_listing;
+
+static int snapshot_is_current(const ebb_runtime *rt, const ebb_snapshot *snap) {
+  const char *fp = fingerprint_of(rt, snap->stream, ebb_stream_category_len(snap->stream));
+  return fp != NULL && strcmp(fp, snap->fingerprint) == 0;
+}
+
+static int list_one(void *ud, const ebb_snapshot *snap) {
+  snapshot_listing *l = ud;
+  ebb_buf *b = l->out;
+  ebb_buf_puts(b, "{\"stream\":");
+  ebb_buf_json_string(b, snap->stream, strlen(snap->stream));
+  ebb_buf_printf(b, ",\"version\":%lld,\"position\":%lld,\"recorded_at\":", (long long)snap->version,
+                 (long long)snap->position);
+  ebb_buf_json_string(b, snap->recorded_at, strlen(snap->recorded_at));
+  ebb_buf_puts(b, ",\"fingerprint\":");
+  ebb_buf_json_string(b, snap->fingerprint, strlen(snap->fingerprint));
+  ebb_buf_printf(b, ",\"bytes\":%zu,\"created_at\":", snap->state_len);
+  ebb_buf_json_string(b, snap->created_at, strlen(snap->created_at));
+  ebb_buf_printf(b, ",\"current\":%s}\n", snapshot_is_current(l->rt, snap) ? "true" : "false");
+  return 0;
+}
+
+int ebb_runtime_snapshots(ebb_runtime *rt, ebb_buf *out, ebb_error *err) {
+  if (ebb_runtime_flush(rt, err) != 0) return err->code;
+  snapshot_listing l = {.rt = rt, .out = out};
+  return ebb_store_snapshot_list(rt->store, list_one, &l, err);
+}
+
+static int doom_one(void *ud, const ebb_snapshot *snap) {
+  snapshot_listing *l = ud;
+  if ((l->stream && strcmp(l->stream, snap->stream) != 0) || snapshot_is_current(l->rt, snap))
+    return 0;
+  ebb_snapshot *p = realloc(l->doomed, (l->n_doomed + 1) * sizeof *p);
+  if (p == NULL) return l->oom = 1;
+  l->doomed = p;
+  p[l->n_doomed] = (ebb_snapshot){.stream = strdup(snap->stream),
+                                  .fingerprint = strdup(snap->fingerprint),
+                                  .version = snap->version};
+  if (!p[l->n_doomed].stream || !p[l->n_doomed].fingerprint) {
+    free((char *)p[l->n_doomed].stream);
+    free((char *)p[l->n_doomed].fingerprint);
+    return l->oom = 1;
+  }
+  l->n_doomed++;
+  return 0;
+}
+
+int ebb_runtime_delete_snapshots(ebb_runtime *rt, const char *stream, int stale_only,
+                                 int64_t *deleted, ebb_error *err) {
+  *deleted = 0;
+  if (ebb_runtime_flush(rt, err) != 0) return err->code;
+  if (!stale_only) return ebb_store_snapshot_delete(rt->store, stream, NULL, -1, deleted, err);
+  snapshot_listing l = {.rt = rt, .stream = stream, .stale_only = 1};
+  int rc = ebb_store_snapshot_list(rt->store, doom_one, &l, err);
+  if (rc == 0 && l.oom) rc = ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  for (size_t i = 0; i < l.n_doomed; i++) {
+    int64_t n = 0;
+    if (rc == 0)
+      rc = ebb_store_snapshot_delete(rt->store, l.doomed[i].stream, l.doomed[i].fingerprint,
+                                     l.doomed[i].version, &n, err);
+    *deleted += n;
+    free((char *)l.doomed[i].stream);
+    free((char *)l.doomed[i].fingerprint);
+  }
+  free(l.doomed);
+  return rc;
 }

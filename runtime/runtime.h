@@ -29,6 +29,7 @@ typedef struct ebb_runtime_options {
   int64_t instruction_budget;  /* per call; 0: the sandbox default */
   int64_t cache_size;          /* streams whose folded state is kept; 0: default, < 0: none */
   int exclusive;               /* the store's exclusive lock (see ebb_store_options) */
+  int no_snapshots;            /* neither take nor load snapshots */
 } ebb_runtime_options;
 
 #define EBB_DEFAULT_CACHE_SIZE 10000
@@ -68,6 +69,20 @@ int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, ch
  * event it is the initial state at version 0. */
 int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id, int64_t version,
                          const char *at, char **result, ebb_error *err);
+
+/* Writes the snapshots taken since the last flush, in one transaction of
+ * their own. Commands only take (serialize) snapshots; writing them waits for
+ * this, which ebb_runtime_close also does, so no answer waits for it. */
+int ebb_runtime_flush(ebb_runtime *rt, ebb_error *err);
+
+/* Appends one JSON line per stored snapshot: {stream, version, position,
+ * recorded_at, fingerprint, bytes, created_at, current} (current: made by the
+ * code loaded now, so it will be used). */
+int ebb_runtime_snapshots(ebb_runtime *rt, ebb_buf *out, ebb_error *err);
+/* Deletes the snapshots of stream (NULL: all), only the stale ones (made by
+ * other code) if stale_only. */
+int ebb_runtime_delete_snapshots(ebb_runtime *rt, const char *stream, int stale_only,
+                                 int64_t *deleted, ebb_error *err);
 
 /* Cache figures for metrics: entries, capacity, hits, misses, evictions. */
 void ebb_runtime_cache_stats(ebb_runtime *rt, size_t *size, size_t *max, uint64_t *hits,

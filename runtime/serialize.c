@@ -32,6 +32,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "json.h"
@@ -104,12 +105,26 @@ typedef struct {
   lua_Integer index; /* STEP_INDEX: the array index */
 } enc_step;
 
+/* The tables already written, by address: an open-addressing hash set,
+ * malloc'd. A Lua table keyed by the tables did the same at twice the cost
+ * of the whole encoding. This is sound because, once ebb_serialize has set
+ * up, the encoder calls nothing in Lua that allocates: no GC step can run,
+ * so no finalizer can change the value graph or free a table and reuse its
+ * address, and nothing can raise, so the set cannot leak. */
+typedef struct {
+  const void *p; /* NULL: empty */
+  lua_Integer n; /* the table's number */
+} ref_slot;
+
+#define REFS_INITIAL 32 /* slots; a power of two */
+
 typedef struct {
   lua_State *L;
   ebb_buf *out;
   char *err;
   size_t errlen;
-  int refs;  /* stack index of the table -> number map of tables already written */
+  ref_slot *slots;
+  size_t mask; /* number of slots - 1 */
   int amt;   /* stack index of the shared array metatable */
   int omt;   /* stack index of the shared object metatable */
   lua_Integer ntables;
@@ -230,6 +245,35 @@ static inline unsigned char *room(encoder *e, size_t n) {
 
 static int enc_table(encoder *e, int t, int depth);
 
+static inline size_t ref_hash(const void *p) {
+  uint64_t h = (uint64_t)(uintptr_t)p * UINT64_C(0x9E3779B97F4A7C15);
+  return (size_t)(h >> 32);
+}
+
+/* The slot of p: the one holding it, or the empty one where it belongs. */
+static inline ref_slot *ref_find(encoder *e, const void *p) {
+  size_t i = ref_hash(p) & e->mask;
+  while (e->slots[i].p != NULL && e->slots[i].p != p) i = (i + 1) & e->mask;
+  return &e->slots[i];
+}
+
+/* Makes room for one more table, keeping the load at most one half.
+ * 0, or -1 when memory ran out. */
+static int ref_grow(encoder *e) {
+  size_t cap = e->mask + 1;
+  if ((size_t)e->ntables + 1 <= cap / 2) return 0;
+  if (cap > ((size_t)-1) / (4 * sizeof(ref_slot))) return -1;
+  ref_slot *old = e->slots;
+  ref_slot *slots = calloc(2 * cap, sizeof *slots);
+  if (slots == NULL) return -1;
+  e->slots = slots;
+  e->mask = 2 * cap - 1;
+  for (size_t i = 0; i < cap; i++)
+    if (old[i].p != NULL) *ref_find(e, old[i].p) = old[i];
+  free(old);
+  return 0;
+}
+
 /* What a value of this type is called in a refusal. */
 static const char *a_type(lua_State *L, int idx) {
   switch (lua_type(L, idx)) {
@@ -348,16 +392,14 @@ static int enc_table(encoder *e, int t, int depth) {
   unsigned char *p;
 
   /* Seen before: a back-reference keeps it one table (and ends cycles). */
-  lua_pushvalue(L, t);
-  if (lua_rawget(L, e->refs) == LUA_TNUMBER) {
-    lua_Integer n = lua_tointeger(L, -1);
-    lua_pop(L, 1);
+  const void *addr = lua_topointer(L, t);
+  ref_slot *slot = ref_find(e, addr);
+  if (slot->p != NULL) {
     if ((p = room(e, 1 + VARINT_MAX)) == NULL) return OOM(e, depth);
     *p = T_REF;
-    e->out->len += 1 + put_varint(p + 1, (uint64_t)n);
+    e->out->len += 1 + put_varint(p + 1, (uint64_t)slot->n);
     return 0;
   }
-  lua_pop(L, 1);
   if (depth >= EBB_SERIALIZE_MAX_DEPTH)
     return enc_fail(e, depth, "nested deeper than %d tables", EBB_SERIALIZE_MAX_DEPTH);
   if (!lua_checkstack(L, 8)) return enc_fail(e, depth, "Lua stack overflow");
@@ -374,9 +416,10 @@ static int enc_table(encoder *e, int t, int depth) {
   }
 
   /* Numbered before its contents, as the decoder numbers it. */
-  lua_pushvalue(L, t);
-  lua_pushinteger(L, ++e->ntables);
-  lua_rawset(L, e->refs);
+  if (ref_grow(e) != 0) return OOM(e, depth);
+  slot = ref_find(e, addr);
+  slot->p = addr;
+  slot->n = ++e->ntables;
 
   /* Two bytes are kept for narr and nhash, which are known only at the
    * end; the contents move up in the rare case that they need more. */
@@ -440,20 +483,22 @@ int ebb_serialize(lua_State *L, int idx, ebb_buf *out, char *err, size_t errlen)
   e.errlen = errlen;
   e.ntables = 0;
   if (!lua_checkstack(L, 8)) return enc_fail(&e, 0, "Lua stack overflow");
-  lua_newtable(L);
-  e.refs = lua_gettop(L);
+  /* The only Lua allocations: the marker metatables, made once per state. */
   ebb_json_push_array_mt(L);
   e.amt = lua_gettop(L);
   ebb_serialize_push_object_mt(L);
   e.omt = lua_gettop(L);
 
-  unsigned char *p = room(&e, 1);
+  e.slots = calloc(REFS_INITIAL, sizeof *e.slots);
+  e.mask = REFS_INITIAL - 1;
+  unsigned char *p = e.slots ? room(&e, 1) : NULL;
   int rc = p == NULL ? OOM(&e, 0) : 0;
   if (rc == 0) {
     *p = EBB_SERIALIZE_VERSION;
     out->len++;
     rc = enc_value(&e, idx, 0);
   }
+  free(e.slots);
   if (rc != 0) out->len = oldlen;
   if (out->data && !out->oom) out->data[out->len] = '\0';
   lua_settop(L, base);

@@ -267,6 +267,28 @@ int ebb_store_delete(ebb_store *s, const char *stream, int64_t expected, const c
   return 0;
 }
 
+int ebb_store_snapshot_save(ebb_store *s, const ebb_snapshot *snaps, size_t n, ebb_error *err) {
+  if (n == 0) return 0;
+  return s->vt->snapshot_save(s, snaps, n, err);
+}
+
+int ebb_store_snapshot_load(ebb_store *s, const char *stream, const char *fingerprint,
+                            int64_t max_version, const char *max_time, int64_t *version,
+                            int64_t *position, ebb_buf *state_buf, ebb_error *err) {
+  return s->vt->snapshot_load(s, stream, fingerprint, max_version, max_time, version, position,
+                              state_buf, err);
+}
+
+int ebb_store_snapshot_list(ebb_store *s, ebb_snapshot_fn fn, void *ud, ebb_error *err) {
+  return s->vt->snapshot_list(s, fn, ud, err);
+}
+
+int ebb_store_snapshot_delete(ebb_store *s, const char *stream, const char *fingerprint,
+                              int64_t version, int64_t *deleted, ebb_error *err) {
+  if (stream && ebb_validate_name("stream name", stream, err)) return err->code;
+  return s->vt->snapshot_delete(s, stream, fingerprint, version, deleted, err);
+}
+
 int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err) {
   return s->vt->head(s, position, err);
 }

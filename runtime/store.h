@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "buf.h"
 #include "error.h"
 #include "uuid.h"
 
@@ -104,6 +105,21 @@ typedef struct ebb_read_all {
   const char *type;       /* NULL: any */
 } ebb_read_all;
 
+/* A saved aggregate state. In a list, strings are owned by the entry. */
+typedef struct ebb_snapshot {
+  const char *stream;
+  int64_t version, position;  /* of the last event folded into it */
+  const char *recorded_at;    /* of that event: time queries need it */
+  const char *fingerprint;    /* of the code that made it: only that code may load it */
+  const char *state;          /* ebb_serialize output */
+  size_t state_len;
+  const char *created_at;     /* list only */
+} ebb_snapshot;
+
+/* Called once per snapshot by ebb_store_snapshot_list (state is NULL there);
+ * a non-zero return stops the listing. */
+typedef int (*ebb_snapshot_fn)(void *ud, const ebb_snapshot *snap);
+
 typedef struct ebb_store ebb_store;
 
 typedef struct ebb_store_vtable {
@@ -117,6 +133,13 @@ typedef struct ebb_store_vtable {
                         ebb_error *err);
   int (*head)(ebb_store *, int64_t *position, ebb_error *err);
   int (*find_command)(ebb_store *, const char *command_id, ebb_command_record *out, ebb_error *err);
+  int (*snapshot_save)(ebb_store *, const ebb_snapshot *snaps, size_t n, ebb_error *err);
+  int (*snapshot_load)(ebb_store *, const char *stream, const char *fingerprint,
+                       int64_t max_version, const char *max_time, int64_t *version,
+                       int64_t *position, ebb_buf *state_buf, ebb_error *err);
+  int (*snapshot_list)(ebb_store *, ebb_snapshot_fn fn, void *ud, ebb_error *err);
+  int (*snapshot_delete)(ebb_store *, const char *stream, const char *fingerprint, int64_t version,
+                         int64_t *deleted, ebb_error *err);
   void (*close)(ebb_store *);
 } ebb_store_vtable;
 
@@ -160,6 +183,22 @@ int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err);
 /* 1 and *out filled when command_id was handled before, 0 when not, or < 0. */
 int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_record *out,
                            ebb_error *err);
+
+/* Saves snapshots in one transaction (a snapshot at the same stream, version
+ * and fingerprint is replaced). */
+int ebb_store_snapshot_save(ebb_store *s, const ebb_snapshot *snaps, size_t n, ebb_error *err);
+/* The newest snapshot of stream by fingerprint at or below max_version (< 0:
+ * any) and max_time (canonical RFC 3339; NULL: any): 1 with its version,
+ * position and state (appended to the ebb_buf state_buf), 0 when there is
+ * none, or < 0. */
+int ebb_store_snapshot_load(ebb_store *s, const char *stream, const char *fingerprint,
+                            int64_t max_version, const char *max_time, int64_t *version,
+                            int64_t *position, ebb_buf *state_buf, ebb_error *err);
+int ebb_store_snapshot_list(ebb_store *s, ebb_snapshot_fn fn, void *ud, ebb_error *err);
+/* Deletes the snapshots matching stream, fingerprint and version (NULL, NULL,
+ * -1: all); *deleted says how many. */
+int ebb_store_snapshot_delete(ebb_store *s, const char *stream, const char *fingerprint,
+                              int64_t version, int64_t *deleted, ebb_error *err);
 
 /* The store's category of a stream: the text before its first '-' (all of it without one). */
 size_t ebb_stream_category_len(const char *stream);

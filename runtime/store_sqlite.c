@@ -23,7 +23,9 @@
 
 #include "clock.h"
 
-#define SCHEMA_VERSION 1
+/* 1: events, commands. 2: snapshots. Every statement of the schema is
+ * IF NOT EXISTS, so running it again upgrades an older store. */
+#define SCHEMA_VERSION 2
 
 const char *const ebb__sqlite_schema_sql =
     "CREATE TABLE IF NOT EXISTS events ("
@@ -47,7 +49,16 @@ const char *const ebb__sqlite_schema_sql =
     "  version INTEGER NOT NULL,"
     "  first_position INTEGER NOT NULL,"
     "  last_position INTEGER NOT NULL,"
-    "  recorded_at TEXT NOT NULL) WITHOUT ROWID;";
+    "  recorded_at TEXT NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS snapshots ("
+    "  stream TEXT NOT NULL,"
+    "  fingerprint TEXT NOT NULL,"
+    "  version INTEGER NOT NULL,"
+    "  position INTEGER NOT NULL,"
+    "  recorded_at TEXT NOT NULL,"
+    "  state BLOB NOT NULL,"
+    "  created_at TEXT NOT NULL,"
+    "  PRIMARY KEY (stream, fingerprint, version)) WITHOUT ROWID;";
 
 #define EVENT_COLUMNS "position, stream, version, id, type, schema, data, metadata, recorded_at"
 
@@ -71,6 +82,10 @@ enum {
   S_READ_ALL_CAT_TYPE,
   S_READ_RANGE,
   S_HEAD,
+  S_SNAP_SAVE,
+  S_SNAP_LOAD,
+  S_SNAP_LIST,
+  S_SNAP_DELETE,
   S_COUNT
 };
 
@@ -105,6 +120,15 @@ static const char *const statements[S_COUNT] = {
     [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN ?1 AND ?2 "
                      "ORDER BY position",
     [S_HEAD] = "SELECT max(position) FROM events",
+    [S_SNAP_SAVE] = "INSERT OR REPLACE INTO snapshots (stream, fingerprint, version, position, "
+                    "recorded_at, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [S_SNAP_LOAD] = "SELECT version, position, state FROM snapshots WHERE stream = ?1 AND "
+                    "fingerprint = ?2 AND version <= ?3 AND recorded_at <= ?4 "
+                    "ORDER BY version DESC LIMIT 1",
+    [S_SNAP_LIST] = "SELECT stream, version, position, recorded_at, fingerprint, length(state), "
+                    "created_at FROM snapshots ORDER BY stream, version",
+    [S_SNAP_DELETE] = "DELETE FROM snapshots WHERE (?1 IS NULL OR stream = ?1) AND "
+                      "(?2 IS NULL OR fingerprint = ?2) AND (?3 < 0 OR version = ?3)",
 };
 
 typedef struct sqlite_store {
@@ -537,6 +561,89 @@ static int sqlite_find_command(ebb_store *base, const char *command_id, ebb_comm
   return find_command((sqlite_store *)base, command_id, out, err);
 }
 
+/* ---------------------------------------------------------------- snapshots */
+
+static int sqlite_snapshot_save(ebb_store *base, const ebb_snapshot *snaps, size_t n,
+                                ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  char now[EBB_TIME_LEN + 1];
+  ebb_clock_format(ebb_clock_now_ms(), now);
+  if (run(s, S_BEGIN, err, "starting a transaction")) return err->code;
+  sqlite3_stmt *st = s->stmt[S_SNAP_SAVE];
+  for (size_t i = 0; i < n; i++) {
+    bind_text(st, 1, snaps[i].stream);
+    bind_text(st, 2, snaps[i].fingerprint);
+    sqlite3_bind_int64(st, 3, snaps[i].version);
+    sqlite3_bind_int64(st, 4, snaps[i].position);
+    bind_text(st, 5, snaps[i].recorded_at);
+    sqlite3_bind_blob64(st, 6, snaps[i].state, snaps[i].state_len, SQLITE_STATIC);
+    bind_text(st, 7, now);
+    if (run(s, S_SNAP_SAVE, err, "saving a snapshot")) {
+      sqlite3_step(s->stmt[S_ROLLBACK]);
+      sqlite3_reset(s->stmt[S_ROLLBACK]);
+      return err->code;
+    }
+  }
+  return run(s, S_COMMIT, err, "committing snapshots");
+}
+
+static int sqlite_snapshot_load(ebb_store *base, const char *stream, const char *fingerprint,
+                                int64_t max_version, const char *max_time, int64_t *version,
+                                int64_t *position, ebb_buf *state_buf, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_SNAP_LOAD];
+  bind_text(st, 1, stream);
+  bind_text(st, 2, fingerprint);
+  sqlite3_bind_int64(st, 3, max_version < 0 ? INT64_MAX : max_version);
+  bind_text(st, 4, max_time ? max_time : "9999");
+  int rc = sqlite3_step(st);
+  int found = 0;
+  if (rc == SQLITE_ROW) {
+    *version = sqlite3_column_int64(st, 0);
+    *position = sqlite3_column_int64(st, 1);
+    const void *blob = sqlite3_column_blob(st, 2);
+    int len = sqlite3_column_bytes(st, 2);
+    found = ebb_buf_append(state_buf, blob, (size_t)len) == 0 ? 1 : EBB_ENOMEM;
+  }
+  sqlite3_reset(st);
+  if (found == EBB_ENOMEM) return ebb_error_set(err, EBB_ENOMEM, "out of memory loading a snapshot");
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_error(s, err, "loading a snapshot");
+  return found;
+}
+
+static int sqlite_snapshot_list(ebb_store *base, ebb_snapshot_fn fn, void *ud, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_SNAP_LIST];
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    ebb_snapshot snap = {
+        .stream = (const char *)sqlite3_column_text(st, 0),
+        .version = sqlite3_column_int64(st, 1),
+        .position = sqlite3_column_int64(st, 2),
+        .recorded_at = (const char *)sqlite3_column_text(st, 3),
+        .fingerprint = (const char *)sqlite3_column_text(st, 4),
+        .state_len = (size_t)sqlite3_column_int64(st, 5),
+        .created_at = (const char *)sqlite3_column_text(st, 6),
+    };
+    if (fn(ud, &snap) != 0) break;
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_error(s, err, "listing snapshots");
+  return 0;
+}
+
+static int sqlite_snapshot_delete(ebb_store *base, const char *stream, const char *fingerprint,
+                                  int64_t version, int64_t *deleted, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_SNAP_DELETE];
+  bind_text(st, 1, stream);
+  bind_text(st, 2, fingerprint);
+  sqlite3_bind_int64(st, 3, version);
+  if (run(s, S_SNAP_DELETE, err, "deleting snapshots")) return err->code;
+  *deleted = sqlite3_changes64(s->db);
+  return 0;
+}
+
 static const ebb_store_vtable sqlite_vtable = {
     .name = "sqlite",
     .append = sqlite_append,
@@ -546,5 +653,9 @@ static const ebb_store_vtable sqlite_vtable = {
     .stream_version = sqlite_stream_version,
     .head = sqlite_head,
     .find_command = sqlite_find_command,
+    .snapshot_save = sqlite_snapshot_save,
+    .snapshot_load = sqlite_snapshot_load,
+    .snapshot_list = sqlite_snapshot_list,
+    .snapshot_delete = sqlite_snapshot_delete,
     .close = sqlite_close,
 };

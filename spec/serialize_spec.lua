@@ -302,6 +302,16 @@ describe("core.serialize / core.deserialize", function()
       assert.equal(r, r[r])
     end)
 
+    it("keeps many shared subtables shared", function()
+      local list, again = {}, {}
+      for i = 1, 5000 do
+        list[i] = {i}
+        again[5001 - i] = list[i]
+      end
+      local r = assert_round_trip({list = list, again = again})
+      for i = 1, 5000 do assert.equal(r.list[i], r.again[5001 - i]) end
+    end)
+
     it("keeps two distinct but equal tables distinct", function()
       local r = rt({a = {1}, b = {1}})
       assert.are_not.equal(r.a, r.b)

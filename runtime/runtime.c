@@ -863,6 +863,28 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
   }
 }
 
+typedef struct pending_snapshot {
+  char *stream, *state;
+  const char *fingerprint; /* owned by rt->fingerprints */
+  size_t state_len;
+  int64_t version, position;
+  char recorded_at[EBB_TIME_LEN + 1];
+} pending_snapshot;
+
+/* The newest snapshot still waiting to be written that the decision may use, or NULL. */
+static const pending_snapshot *pending_for(const decision *d, const char *fingerprint) {
+  const pending_snapshot *best = NULL;
+  for (size_t i = 0; i < d->rt->n_pending; i++) {
+    const pending_snapshot *p = &d->rt->pending[i];
+    if (strcmp(p->stream, d->stream) != 0 || strcmp(p->fingerprint, fingerprint) != 0 ||
+        (d->until_version >= 0 && p->version > d->until_version) ||
+        (d->until_time && strcmp(p->recorded_at, d->until_time) > 0))
+      continue;
+    if (best == NULL || p->version > best->version) best = p;
+  }
+  return best;
+}
+
 /* Pushes the newest valid snapshot's state for the decision (at or below its
  * version or time limit) and sets the fold's starting point; 0 when there is
  * none or it cannot be read (the fold then starts from the beginning). */
@@ -871,13 +893,21 @@ static int load_snapshot(lua_State *L, decision *d, const char *fingerprint) {
   ebb_error err;
   ebb_error_init(&err);
   ebb_buf_reset(&d->loaded);
-  if (ebb_store_snapshot_load(d->rt->store, d->stream, fingerprint, d->until_version, d->until_time,
-                              &version, &position, &d->loaded, &err) != 1) {
-    ebb_error_clear(&err);
-    return 0;
+  /* A snapshot not yet written is newer than any stored one. */
+  const pending_snapshot *p = pending_for(d, fingerprint);
+  const char *bytes = p ? p->state : NULL;
+  size_t len = p ? p->state_len : 0;
+  if (p) {
+    version = p->version;
+    position = p->position;
+  } else if (ebb_store_snapshot_load(d->rt->store, d->stream, fingerprint, d->until_version,
+                                     d->until_time, &version, &position, &d->loaded, &err) == 1) {
+    bytes = d->loaded.data;
+    len = d->loaded.len;
   }
+  ebb_error_clear(&err);
   char msg[256];
-  if (ebb_deserialize(L, d->loaded.data, d->loaded.len, msg, sizeof msg) != 0) return 0;
+  if (bytes == NULL || ebb_deserialize(L, bytes, len, msg, sizeof msg) != 0) return 0;
   if (!lua_istable(L, -1)) {
     lua_pop(L, 1);
     return 0;
@@ -898,13 +928,6 @@ static void take_snapshot(lua_State *L, decision *d, int si, const char *fingerp
   d->snap_version = version;
 }
 
-typedef struct pending_snapshot {
-  char *stream, *state;
-  const char *fingerprint; /* owned by rt->fingerprints */
-  size_t state_len;
-  int64_t version, position;
-  char recorded_at[EBB_TIME_LEN + 1];
-} pending_snapshot;
 
 int ebb_runtime_flush(ebb_runtime *rt, ebb_error *err) {
   if (rt->n_pending == 0) return 0;
@@ -940,6 +963,10 @@ int ebb_runtime_flush(ebb_runtime *rt, ebb_error *err) {
  * command's answer waits for it. */
 static void queue_snapshot(ebb_runtime *rt, decision *d, int64_t position, const char *recorded_at) {
   if (d->snap_fingerprint == NULL) return;
+  for (size_t i = 0; i < rt->n_pending; i++)
+    if (rt->pending[i].version == d->snap_version && strcmp(rt->pending[i].stream, d->stream) == 0 &&
+        strcmp(rt->pending[i].fingerprint, d->snap_fingerprint) == 0)
+      return; /* already waiting */
   if (rt->n_pending >= MAX_PENDING_SNAPSHOTS) ebb_runtime_flush(rt, NULL);
   pending_snapshot *p = realloc(rt->pending, (rt->n_pending + 1) * sizeof *p);
   if (p == NULL) return;
@@ -952,11 +979,11 @@ static void queue_snapshot(ebb_runtime *rt, decision *d, int64_t position, const
     free(p->state);
     return;
   }
+  rt->n_pending++;
   p->fingerprint = d->snap_fingerprint;
   p->version = d->snap_version;
   p->position = position;
   snprintf(p->recorded_at, sizeof p->recorded_at, "%s", recorded_at);
-  rt->n_pending++;
   d->snap_fingerprint = NULL;
 }
 

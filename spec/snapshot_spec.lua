@@ -108,6 +108,20 @@ describe("snapshots", function()
     end
   end)
 
+  it("are used before they are written, so a cold runtime folds each event once", function()
+    rt:close()
+    rt = open { cache_size = -1 }
+    for i = 1, 25 do add(rt, "l-1", i, i) end
+    local s = assert(rt:state("Ledger", "l-1"))
+    assert.same({ 25, 20 }, { s.version, s.snapshot_version })
+    assert.same({ 10, 20 }, (function()
+      assert(rt:flush())
+      local versions = {}
+      for _, snap in ipairs(rt:snapshots()) do versions[#versions + 1] = snap.version end
+      return versions
+    end)())
+  end)
+
   it("are loaded instead of a full replay, which they equal", function()
     for i = 1, 25 do add(rt, "l-1", i, i) end
     rt:close()

@@ -547,8 +547,27 @@ void ebb_json_push_null(lua_State *L) {
   lua_pushlightuserdata(L, NULL);
 }
 
+int ebb_json_mt_is_pristine(lua_State *L, int idx, const char *kind) {
+  idx = lua_absindex(L, idx);
+  if (lua_getmetatable(L, idx)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int fields = 0, ok = 1;
+  lua_pushnil(L);
+  while (ok && lua_next(L, idx)) {
+    fields++;
+    ok = lua_type(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -2), "__jsontype") == 0 &&
+         lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), kind) == 0;
+    lua_pop(L, ok ? 1 : 2); /* on a mismatch the key goes too: the walk stops */
+  }
+  return ok && fields == 1;
+}
+
 void ebb_json_push_array_mt(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &array_mt_key) == LUA_TTABLE) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &array_mt_key) == LUA_TTABLE &&
+      ebb_json_mt_is_pristine(L, -1, "array"))
+    return;
   lua_pop(L, 1);
   lua_createtable(L, 0, 1);
   lua_pushliteral(L, "array");

@@ -566,9 +566,10 @@ static int l_prepare(lua_State *L) {
   lua_getglobal(L, "require");
   lua_pushliteral(L, "ebb");
   lua_call(L, 1, 1);
-  if (lua_istable(L, -1)) {
+  if (lua_istable(L, -1)) { /* a read-only proxy: set raw, past its __newindex */
+    lua_pushliteral(L, "null");
     ebb_json_push_null(L);
-    lua_setfield(L, -2, "null");
+    lua_rawset(L, -3);
   }
   return 0;
 }

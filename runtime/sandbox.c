@@ -57,6 +57,7 @@ struct ebb_sandbox {
   char reason[256];
   char *traceback;      /* malloc'd, of the last failed call, or NULL */
   char **dirs;          /* runtime_dir, then the module dirs */
+  int has_runtime_dir;  /* dirs[0] is the runtime's own library */
   size_t n_dirs;
   /* A refused allocation, remembered so that Lua's retry of the very same
      request after its emergency collection can be recognised: only a request
@@ -413,7 +414,7 @@ static int find_module(ebb_sandbox *sb, const char *name, char *path, size_t pat
       if (n < 0 || (size_t)n >= relsz) continue;
       n = snprintf(path, pathsz, "%s/%s", sb->dirs[d], rel);
       if (n < 0 || (size_t)n >= pathsz) continue;
-      if (is_file(path)) return 1;
+      if (is_file(path)) return (int)d + 1;
     }
   }
   return 0;
@@ -435,6 +436,8 @@ static int guard_close(lua_State *L) {
   return 0;
 }
 
+static void push_proxy(lua_State *L, const char *name, int real);
+
 static int sb_require(lua_State *L) {
   ebb_sandbox *sb = sb_of(L);
   size_t len;
@@ -451,7 +454,8 @@ static int sb_require(lua_State *L) {
   lua_pop(L, 1);
 
   char path[PATH_MAX], rel[PATH_MAX];
-  if (!find_module(sb, name, path, sizeof path, rel, sizeof rel)) {
+  int found = find_module(sb, name, path, sizeof path, rel, sizeof rel);
+  if (!found) {
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     lua_pushfstring(L, "module '%s' not found in ", name);
@@ -483,6 +487,12 @@ static int sb_require(lua_State *L) {
   if (lua_isnil(L, 4)) {
     lua_pop(L, 1);
     lua_pushboolean(L, 1);
+  }
+  if (found == 1 && sb->has_runtime_dir && lua_istable(L, 4)) {
+    /* The runtime's own library is shared by every module: nobody may change
+       it for the others (ebb.reject turned into a no-op, say). */
+    push_proxy(L, name, 4);
+    lua_replace(L, 4);
   }
   lua_pushvalue(L, 1);
   lua_pushvalue(L, 4);
@@ -806,17 +816,28 @@ static int ro_newindex(lua_State *L) {
   return luaL_error(L, "attempt to modify read-only library table '%s'", lua_tostring(L, lua_upvalueindex(1)));
 }
 
+/* The iterator pairs() returns for a proxy: next over the real table, which
+   stays an upvalue, so no script ever holds the writable table. */
+static int ro_next(lua_State *L) {
+  lua_settop(L, 2);
+  if (lua_next(L, lua_upvalueindex(1))) return 2;
+  lua_pushnil(L);
+  return 1;
+}
+
 static int ro_pairs(lua_State *L) {
-  lua_pushvalue(L, lua_upvalueindex(2)); /* next */
   lua_pushvalue(L, lua_upvalueindex(1)); /* the real table */
+  lua_pushcclosure(L, ro_next, 1);
+  lua_pushvalue(L, 1);
   lua_pushnil(L);
   return 3;
 }
 
-/* Sets G[name] to a read-only proxy of the table at index real: reads go
-   through, writes raise, the metatable is hidden, pairs walks the real
-   table. The real tables stay private to this state's C code. */
-static void set_proxy(lua_State *L, int G, const char *name, int real, int next) {
+/* Pushes a read-only proxy of the table at index real: reads go through,
+   writes raise (rawset included), the metatable is hidden, pairs walks the
+   real table without handing it out. */
+static void push_proxy(lua_State *L, const char *name, int real) {
+  real = lua_absindex(L, real);
   lua_newtable(L);              /* proxy */
   lua_createtable(L, 0, 5);     /* its metatable */
   lua_pushvalue(L, real);
@@ -825,20 +846,57 @@ static void set_proxy(lua_State *L, int G, const char *name, int real, int next)
   lua_pushcclosure(L, ro_newindex, 1);
   lua_setfield(L, -2, "__newindex");
   lua_pushvalue(L, real);
-  lua_pushvalue(L, next);
-  lua_pushcclosure(L, ro_pairs, 2);
+  lua_pushcclosure(L, ro_pairs, 1);
   lua_setfield(L, -2, "__pairs");
   lua_pushboolean(L, 0);
   lua_setfield(L, -2, "__metatable");
   lua_pushboolean(L, 1);
   lua_rawsetp(L, -2, &KEY_READONLY);
   lua_setmetatable(L, -2);
+}
+
+/* Sets G[name] to a read-only proxy of the library table at index real. */
+static void set_proxy(lua_State *L, int G, const char *name, int real, int next) {
+  (void)next;
+  push_proxy(L, name, real);
   lua_setfield(L, G, name);
 }
 
 static void copy_field(lua_State *L, int from, int to, const char *name) {
   lua_getfield(L, from, name);
   lua_setfield(L, to, name);
+}
+
+/* C loops that allocate nothing escape both the instruction hook and the
+ * memory cap: string.rep of an empty string and table.move over a huge
+ * range would spin for ever. These wrappers refuse such counts. */
+#define MAX_C_LOOP ((lua_Integer)1 << 26)
+
+static int sb_string_rep(lua_State *L) {
+  size_t l, lsep;
+  luaL_checklstring(L, 1, &l);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_optlstring(L, 3, "", &lsep);
+  if (n > 0 && l + lsep == 0) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  if (n > MAX_C_LOOP && (l + lsep) < 64)
+    return luaL_error(L, "string.rep: %I repetitions are too many for the sandbox", n);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 1);
+  return 1;
+}
+
+static int sb_table_move(lua_State *L) {
+  lua_Integer f = luaL_checkinteger(L, 2), e = luaL_checkinteger(L, 3);
+  if (e >= f && (lua_Unsigned)e - (lua_Unsigned)f > (lua_Unsigned)MAX_C_LOOP)
+    return luaL_error(L, "table.move: the range %I..%I is too large for the sandbox", f, e);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
 }
 
 static int sb_init(lua_State *L) {
@@ -863,6 +921,12 @@ static int sb_init(lua_State *L) {
   lua_setfield(L, MATH, "random");
   lua_pushnil(L);
   lua_setfield(L, MATH, "randomseed");
+  lua_getfield(L, STR, "rep");
+  lua_pushcclosure(L, sb_string_rep, 1);
+  lua_setfield(L, STR, "rep");
+  lua_getfield(L, TAB, "move");
+  lua_pushcclosure(L, sb_table_move, 1);
+  lua_setfield(L, TAB, "move");
   /* getmetatable("").__index.format = ... would change strings for every
      module: hide the string metatable. */
   lua_pushliteral(L, "");
@@ -966,6 +1030,7 @@ int ebb_sandbox_new(ebb_sandbox **out, const ebb_sandbox_options *opt, ebb_error
   if (sb->dirs == NULL) goto oom;
   if (opt != NULL && opt->runtime_dir != NULL) {
     if ((sb->dirs[sb->n_dirs++] = strdup(opt->runtime_dir)) == NULL) goto oom;
+    sb->has_runtime_dir = 1;
   }
   for (size_t i = 0; opt != NULL && i < opt->n_module_dirs; i++) {
     if (opt->module_dirs[i] == NULL) continue;

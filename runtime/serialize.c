@@ -62,7 +62,9 @@ enum {
 static const char object_mt_key = 'o';
 
 void ebb_serialize_push_object_mt(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &object_mt_key) == LUA_TTABLE) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &object_mt_key) == LUA_TTABLE &&
+      ebb_json_mt_is_pristine(L, -1, "object"))
+    return;
   lua_pop(L, 1);
   lua_createtable(L, 0, 1);
   lua_pushliteral(L, "object");

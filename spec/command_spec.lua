@@ -50,6 +50,17 @@ probe.handle = {
   Binary = run "return load('\27Lua' .. string.rep('x', 40))()",
   Random = run "return math.random()",
   Gc = run "return setmetatable({}, { __gc = function() end })",
+  LeakString = run "local _, t = pairs(string); t.upper = function() return 'HIJACKED' end",
+  RewriteEbb = run "require('ebb').reject = function() end",
+  RawsetEbb = run "rawset(require('ebb'), 'reject', function() end)",
+  Shout = function(_, c) return { { type = "Counted", data = { text = c.data.text:upper() } } } end,
+  PoisonArrays = function(_, c)
+    rawset(getmetatable(c.data.xs), "__gc", function() while true do end end)
+    rawset(getmetatable(c.data.xs), "__mode", "v")
+    return { { type = "Counted", data = { xs = c.data.xs } } }
+  end,
+  EmptyRep = function() return { { type = "Counted", data = { s = string.rep("", math.maxinteger) } } } end,
+  HugeMove = function() table.move({}, 1, 1 << 62, 1, {}) end,
   Loop = function() while true do end end,
   LoopInPcall = function() while true do pcall(function() while true do end end) end end,
   LoopInCoroutine = function()
@@ -253,6 +264,40 @@ describe("commands", function()
         assert.equal(0, rt:head())
       end)
     end
+
+    it("keeps the standard library and the ebb library read-only for every module", function()
+      for _, name in ipairs { "LeakString", "RewriteEbb", "RawsetEbb" } do
+        local r, msg, code = send(name)
+        assert.is_nil(r, name)
+        assert.equal("script_error", code)
+        assert.matches("read%-only", msg)
+      end
+      assert.equal("HELLO", assert(send("Shout", { text = "hello" })).events[1].data.text)
+      local _, _, code, info = send("Reject")
+      assert.equal("rejected", code)
+      assert.equal("probe", info.details.why)
+    end)
+
+    it("does not let a script change the metatable shared by decoded arrays", function()
+      assert(send("PoisonArrays", { xs = { 1, 2 } }))
+      local cpu, _, r = support.elapsed(function() return send("PoisonArrays", { xs = { 3, 4 } }) end)
+      assert.is_table(r)
+      assert.same({ 3, 4 }, r.events[1].data.xs)
+      assert.is_true(cpu < 1.0)
+      rt:close()
+      rt = open()
+      assert.same({ 3, 4 }, rt:read("Probe-p-1")[2].data.xs)
+    end)
+
+    it("bounds C loops that allocate nothing", function()
+      local r = assert(send("EmptyRep"))
+      assert.equal("", r.events[1].data.s)
+      local cpu, _, r2, msg, code = support.elapsed(function() return send("HugeMove") end)
+      assert.is_nil(r2)
+      assert.equal("script_error", code)
+      assert.matches("too large", msg)
+      assert.is_true(cpu < 1.0)
+    end)
 
     for _, name in ipairs { "Loop", "LoopInPcall", "LoopInCoroutine", "MemoryBomb", "MemoryBombInPcall" } do
       it("ends " .. name .. " as a script error within a second, and lives on", function()

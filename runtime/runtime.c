@@ -1372,9 +1372,24 @@ decide_again:
       return fail_with(&d, err);
     }
     res = req.result;
-    if (d.n_events == 0) res.position = d.last_position;
+    if (d.n_events == 0 && !res.idempotent) res.position = d.last_position;
   }
   free(in);
+  if (res.idempotent) {
+    /* The same command id was handled meanwhile (another process won the
+     * race): answer with what was stored, and forget this decision. */
+    ebb_event_list l;
+    ebb_event_list_init(&l);
+    if (res.first_position &&
+        ebb_store_read_range(rt->store, res.first_position, res.position, &l, &d.err) != 0) {
+      ebb_event_list_free(&l);
+      return fail_with(&d, err);
+    }
+    *result = result_from_events(d.stream, res.version, res.position, &l);
+    ebb_event_list_free(&l);
+    decision_free(&d);
+    return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
   cache_state(&d, res.version, d.n_events ? res.position : d.last_position);
   if (d.n_events && !res.idempotent) queue_snapshot(rt, &d, res.position, d.now);
   ebb_buf b = EBB_BUF_INIT;

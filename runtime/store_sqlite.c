@@ -82,6 +82,7 @@ enum {
   S_READ_ALL_CAT_TYPE,
   S_READ_RANGE,
   S_HEAD,
+  S_POSITION_OF,
   S_SNAP_SAVE,
   S_SNAP_LOAD,
   S_SNAP_LIST,
@@ -120,6 +121,7 @@ static const char *const statements[S_COUNT] = {
     [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN ?1 AND ?2 "
                      "ORDER BY position",
     [S_HEAD] = "SELECT max(position) FROM events",
+    [S_POSITION_OF] = "SELECT position FROM events WHERE stream = ?1 AND version = ?2",
     [S_SNAP_SAVE] = "INSERT OR REPLACE INTO snapshots (stream, fingerprint, version, position, "
                     "recorded_at, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     [S_SNAP_LOAD] = "SELECT version, position, state FROM snapshots WHERE stream = ?1 AND "
@@ -422,6 +424,16 @@ static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
   }
   r->result.first_version = r->n ? version + 1 : version;
   r->result.version = version + (int64_t)r->n;
+  if (r->n == 0 && version > 0) {
+    /* A command that recorded nothing answers with the stream's last position. */
+    st = s->stmt[S_POSITION_OF];
+    bind_text(st, 1, r->stream);
+    sqlite3_bind_int64(st, 2, version);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) r->result.position = sqlite3_column_int64(st, 0);
+    sqlite3_reset(st);
+    if (rc != SQLITE_ROW) return db_error(s, &r->err, "reading a stream's last position");
+  }
   if (r->command_id) {
     st = s->stmt[S_INSERT_COMMAND];
     bind_text(st, 1, r->command_id);

@@ -25,6 +25,11 @@ probe.handle = {
                metadata = { source = "probe" } } }
   end,
   Nothing = function() return {} end,
+  Slow = function(_, _, ctx)
+    local x = 0
+    for i = 1, 3000000 do x = x + i end
+    return { { type = "Counted", data = { token = ctx.id(), x = x } } }
+  end,
   Reject = function(s) ebb.reject("not today", { count = s.count, why = "probe" }) end,
   MutateThenReject = function(s) s.count = 999; ebb.reject("changed my mind") end,
   MutateThenFail = function(s) s.count = 999; error("half done") end,
@@ -238,6 +243,36 @@ describe("commands", function()
       local again = assert(send("Nothing", {}, { command_id = "c-0" }))
       assert.equal(0, again.version)
       assert.equal(1, rt:head())
+    end)
+
+    it("answer a process that lost the race with what the winner stored", function()
+      rt:close()
+      local q = support.quote
+      local cmd = table.concat({ q(support.ebb), "--data", q(dir), "--aggregates", q(aggs),
+                                 "--durability", "normal", "send", "Probe", "p-1", "Slow",
+                                 "--command-id", "same" }, " ")
+      local out1, out2 = os.tmpname(), os.tmpname()
+      assert(os.execute("(" .. cmd .. " > " .. out1 .. ") & (" .. cmd .. " > " .. out2 .. "); wait"))
+      rt = open()
+      local stored = rt:read("Probe-p-1")
+      assert.equal(1, #stored)
+      for _, f in ipairs { out1, out2 } do
+        local r = core.json_decode(support.read(f))
+        assert.equal(stored[1].id, r.events[1].id)
+        assert.equal(stored[1].data.token, r.events[1].data.token)
+        os.remove(f)
+      end
+      assert.same({ 1, 1 }, { rt:state("Probe", "p-1").version, rt:state("Probe", "p-1").state.count })
+    end)
+
+    it("answer a re-sent command that recorded nothing with the same position", function()
+      assert(send("Count"))
+      local first = assert(send("Nothing", {}, { command_id = "c-empty" }))
+      assert.same({ 1, 1 }, { first.version, first.position })
+      assert.same(first, assert(send("Nothing", {}, { command_id = "c-empty" })))
+      rt:close()
+      rt = open()
+      assert.same(first, assert(send("Nothing", {}, { command_id = "c-empty" })))
     end)
 
     it("conflict when reused for another command or aggregate", function()

@@ -412,7 +412,11 @@ static int cmd_check(cli *c) {
     return EBB_EXIT_SCRIPT;
   }
   ebb_buf_free(&b);
-  printf("{\"ok\":true,\"aggregates\":\"%s\"}\n", c->aggregates);
+  ebb_buf_puts(&b, "{\"ok\":true,\"aggregates\":");
+  ebb_buf_json_string(&b, c->aggregates, strlen(c->aggregates));
+  ebb_buf_puts(&b, "}\n");
+  fwrite(b.data, 1, b.len, stdout);
+  ebb_buf_free(&b);
   return 0;
 }
 
@@ -438,7 +442,10 @@ static void import_event_free(import_event *e) {
 
 static char *take_string_field(lua_State *L, int t, const char *k) {
   if (lua_getfield(L, t, k) != LUA_TSTRING) luaL_error(L, "field \"%s\" must be a string", k);
-  char *s = strdup(lua_tostring(L, -1));
+  size_t len;
+  const char *v = lua_tolstring(L, -1, &len);
+  if (strlen(v) != len) luaL_error(L, "field \"%s\" contains a NUL character", k);
+  char *s = strdup(v);
   lua_pop(L, 1);
   if (s == NULL) luaL_error(L, "out of memory");
   return s;
@@ -503,7 +510,9 @@ typedef struct import_state {
 } import_state;
 
 /* Appends the collected events, one request per run of one stream's
- * consecutive versions, in one transaction. */
+ * consecutive versions, all or nothing. When one request fails, those before
+ * it are appended again on their own, so that everything before the first bad
+ * line is imported and nothing after it. */
 static int import_flush(import_state *s, ebb_error *err) {
   if (s->n == 0) return 0;
   ebb_event_in *in = calloc(s->n, sizeof *in);
@@ -524,29 +533,40 @@ static int import_flush(import_state *s, ebb_error *err) {
       last->n++;
       continue;
     }
+    /* reserved: an export holds the tombstones of deleted streams too */
     reqs[nreq++] = (ebb_append){.stream = e->stream, .expected = e->version - 1, .events = &in[i],
-                                .n = 1};
+                                .n = 1, .reserved = 1};
   }
-  int rc = ebb_store_append(s->store, reqs, nreq, err);
-  for (size_t r = 0; r < nreq && rc == 0; r++) {
-    if (reqs[r].err.code) {
-      long line = s->events[reqs[r].events - in].line;
-      ebb_error_set(err, reqs[r].err.code, "line %ld: %s", line, reqs[r].err.message);
-      err->expected = reqs[r].err.expected;
-      err->actual = reqs[r].err.actual;
-      rc = err->code;
-    } else if (reqs[r].result.idempotent) {
-      s->skipped += (long)reqs[r].n;
-    } else {
-      s->imported += (long)reqs[r].n;
+  size_t good = nreq; /* requests before the first failing one */
+  int rc = ebb_store_append_atomic(s->store, reqs, nreq, err);
+  if (rc != 0 && !err->code) {
+    for (good = 0; good < nreq && reqs[good].err.code == EBB_EUNAVAIL; good++) {
     }
+    ebb_append *bad = &reqs[good];
+    const import_event *first = &s->events[bad->events - in];
+    ebb_error_set(err, bad->err.code, "line %ld (%s, from version %lld): %s", first->line,
+                  first->stream, (long long)first->version, bad->err.message);
+    err->expected = bad->err.expected;
+    err->actual = bad->err.actual;
+    if (good > 0) {
+      ebb_error again;
+      ebb_error_init(&again);
+      for (size_t r = 0; r < good; r++) ebb_error_clear(&reqs[r].err);
+      if (ebb_store_append_atomic(s->store, reqs, good, &again) != 0) good = 0;
+      ebb_error_clear(&again);
+    }
+  }
+  for (size_t r = 0; r < good; r++) {
+    if (reqs[r].err.code) continue;
+    if (reqs[r].result.idempotent) s->skipped += (long)reqs[r].n;
+    else s->imported += (long)reqs[r].n;
   }
   for (size_t r = 0; r < nreq; r++) ebb_error_clear(&reqs[r].err);
   for (size_t i = 0; i < s->n; i++) import_event_free(&s->events[i]);
   s->n = 0;
   free(in);
   free(reqs);
-  return rc;
+  return err->code;
 }
 
 static int cmd_import(cli *c) {
@@ -591,9 +611,11 @@ static int cmd_import(cli *c) {
     lua_pushlstring(L, line, (size_t)len);
     lua_pushlightuserdata(L, e);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-      ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, lua_tostring(L, -1));
-      lua_pop(L, 1);
       import_event_free(e);
+      /* everything before the bad line is imported, nothing after it */
+      if (import_flush(&s, &err) == 0)
+        ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, lua_tostring(L, -1));
+      lua_pop(L, 1);
       break;
     }
     s.n++;

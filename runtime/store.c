@@ -193,7 +193,12 @@ static int check_request(ebb_append *r) {
 
 int ebb_store_append(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err) {
   for (size_t i = 0; i < n; i++) check_request(&reqs[i]);
-  return s->vt->append(s, reqs, n, err);
+  return s->vt->append(s, reqs, n, 0, err);
+}
+
+int ebb_store_append_atomic(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err) {
+  for (size_t i = 0; i < n; i++) check_request(&reqs[i]);
+  return s->vt->append(s, reqs, n, 1, err);
 }
 
 static int check_limit(int64_t limit, ebb_error *err) {

@@ -124,7 +124,7 @@ typedef struct ebb_store ebb_store;
 
 typedef struct ebb_store_vtable {
   const char *name;
-  int (*append)(ebb_store *, ebb_append *reqs, size_t n, ebb_error *err);
+  int (*append)(ebb_store *, ebb_append *reqs, size_t n, int atomic, ebb_error *err);
   int (*read_stream)(ebb_store *, const char *stream, int64_t from, int64_t limit, int backward,
                      ebb_event_list *out, ebb_error *err);
   int (*read_all)(ebb_store *, const ebb_read_all *q, ebb_event_list *out, ebb_error *err);
@@ -158,6 +158,10 @@ void ebb_store_close(ebb_store *s); /* NULL-safe */
  * request carries that error and nothing was written. Validates names and
  * expected versions before touching the database. */
 int ebb_store_append(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err);
+/* The same, all or nothing: the first request that fails rolls the whole
+ * transaction back; it keeps its error, and every other request gets
+ * EBB_EUNAVAIL ("not appended"). Returns the failing request's code, or 0. */
+int ebb_store_append_atomic(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err);
 
 /* Events of one stream from version `from` (inclusive; 0 or 1 = the start when
  * reading forward, 0 = the end when reading backward), at most `limit` (> 0). */

@@ -450,18 +450,28 @@ static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
   return 0;
 }
 
-static int sqlite_append(ebb_store *base, ebb_append *reqs, size_t n, ebb_error *err) {
+/* atomic: a failing request fails them all (see ebb_store_append_atomic). */
+static int sqlite_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
   sqlite_store *s = (sqlite_store *)base;
   char now[EBB_TIME_LEN + 1];
   ebb_clock_format(ebb_clock_now_ms(), now);
   ebb_error txerr;
   ebb_error_init(&txerr);
+  size_t failed = 0;
   if (run(s, S_BEGIN, &txerr, "starting a transaction")) goto fail;
   for (size_t i = 0; i < n; i++) {
     ebb_append *r = &reqs[i];
+    if (r->err.code && atomic) {
+      failed = i;
+      goto undo_all;
+    }
     if (r->err.code) continue; /* refused by the checks in store.c */
     if (n > 1 && run(s, S_SAVEPOINT, &txerr, "starting a savepoint")) goto rollback;
-    if (append_one(s, r, now) != 0) {
+    if (append_one(s, r, now) != 0 && atomic) {
+      failed = i;
+      goto undo_all;
+    }
+    if (r->err.code) {
       memset(&r->result, 0, sizeof r->result);
       if (n == 1) {
         /* Nothing else in the transaction: undo it whole. */
@@ -475,6 +485,17 @@ static int sqlite_append(ebb_store *base, ebb_append *reqs, size_t n, ebb_error 
   }
   if (run(s, S_COMMIT, &txerr, "committing")) goto rollback;
   return 0;
+undo_all:
+  sqlite3_step(s->stmt[S_ROLLBACK]);
+  sqlite3_reset(s->stmt[S_ROLLBACK]);
+  for (size_t i = 0; i < n; i++) {
+    memset(&reqs[i].result, 0, sizeof reqs[i].result);
+    if (i == failed) continue;
+    ebb_error_clear(&reqs[i].err);
+    ebb_error_set(&reqs[i].err, EBB_EUNAVAIL, "not appended: request %zu of this append failed",
+                  failed + 1);
+  }
+  return reqs[failed].err.code;
 rollback:
   if (!sqlite3_get_autocommit(s->db)) sqlite3_step(s->stmt[S_ROLLBACK]), sqlite3_reset(s->stmt[S_ROLLBACK]);
 fail:

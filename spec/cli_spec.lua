@@ -142,12 +142,55 @@ describe("ebb CLI", function()
     local out, err, code = support.run({ "--data", other, "import" }, { stdin = good .. "\n{oops\n" })
     assert.equal(7, code)
     assert.matches("line 2", err)
-    assert.same({ imported = 0, skipped = 0 }, decode(out))
+    assert.same({ imported = 1, skipped = 0 }, decode(out))
+    assert.equal(1, #support.lines((support.run { "--data", other, "read", "A-1" }), decode))
     local gap = good:gsub('"version":1', '"version":3'):gsub("i%-1", "i-3")
     out, err, code = support.run({ "--data", other, "import" }, { stdin = gap .. "\n" })
     assert.equal(4, code)
     assert.same({ imported = 0, skipped = 0 }, decode(out))
-    assert.matches("line 1: wrong expected version", err)
+    assert.matches("line 1 %(A%-1, from version 3%): wrong expected version", err)
+    support.rmdir(other)
+  end)
+
+  it("imports everything before the first bad line and nothing after it", function()
+    local function ev(stream, version, id)
+      return ('{"stream":"%s","version":%d,"id":"%s","type":"X","data":{},"metadata":{},' ..
+              '"recorded_at":"2026-01-01T00:00:00.000Z"}'):format(stream, version, id)
+    end
+    local other = support.tmpdir()
+    local text = table.concat({ ev("A-1", 1, "a1"), ev("B-1", 5, "b5"), ev("C-1", 1, "c1") }, "\n") .. "\n"
+    local out, err, code = support.run({ "--data", other, "import" }, { stdin = text })
+    assert.equal(4, code)
+    assert.matches("line 2 %(B%-1, from version 5%): wrong expected version", err)
+    assert.same({ imported = 1, skipped = 0 }, decode(out))
+    local stored = support.lines((support.run { "--data", other, "events" }), decode)
+    assert.same({ "A-1" }, { stored[1].stream, stored[2] and stored[2].stream })
+    text = ev("D-1", 1, "d1") .. "\n" .. ev("D-1", 2, "d2") .. "\n{broken\n" .. ev("E-1", 1, "e1") .. "\n"
+    out, err, code = support.run({ "--data", other, "import" }, { stdin = text })
+    assert.equal(7, code)
+    assert.matches("line 3:", err)
+    assert.same({ imported = 2, skipped = 0 }, decode(out))
+    assert.equal(3, #support.lines((support.run { "--data", other, "events" }), decode))
+    local nul = ev("F-1\\u0000x", 1, "f1")
+    out, err, code = support.run({ "--data", other, "import" }, { stdin = nul .. "\n" })
+    assert.equal(7, code)
+    assert.matches("NUL", err)
+    assert.same({ imported = 0, skipped = 0 }, decode(out))
+    support.rmdir(other)
+  end)
+
+  it("restores deleted streams from an export", function()
+    ebb { "send", "Order", "o-1", "CreateOrder", '{"customer_id":"c"}' }
+    assert.equal(0, select(3, ebb { "delete", "Order-o-1", "--reason", "gone" }))
+    local exported = ebb { "export", "--raw" }
+    local other = support.tmpdir()
+    local out, err, code = support.run({ "--data", other, "import" }, { stdin = exported })
+    assert.equal(0, code, err)
+    assert.same({ imported = 2, skipped = 0 }, decode(out))
+    assert.equal(exported, (support.run { "--data", other, "export", "--raw" }))
+    local _, _, c2 = support.run { "--data", other, "--aggregates", support.root .. "/aggregates",
+                                   "send", "Order", "o-1", "ConfirmOrder" }
+    assert.equal(9, c2)
     support.rmdir(other)
   end)
 

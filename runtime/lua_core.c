@@ -67,8 +67,10 @@ static int push_failure(lua_State *L, ebb_error *err) {
 static const char *opt_string_field(lua_State *L, int t, const char *k, const char *def) {
   int type = lua_getfield(L, t, k);
   const char *v = def;
-  if (type == LUA_TSTRING) v = lua_tostring(L, -1);
-  else if (type != LUA_TNIL) luaL_error(L, "option %s must be a string", k);
+  size_t len;
+  if (type == LUA_TSTRING && strlen(v = lua_tolstring(L, -1, &len)) != len)
+    luaL_error(L, "option %s contains a NUL character", k);
+  else if (type != LUA_TSTRING && type != LUA_TNIL) luaL_error(L, "option %s must be a string", k);
   lua_pop(L, 1); /* the string stays alive: it is referenced by the options table */
   return v;
 }
@@ -141,38 +143,69 @@ static int64_t check_expected(lua_State *L, int idx) {
 
 /* Encodes table field k of the table at t as a JSON object (or "{}" when nil) into b. */
 static void field_json(lua_State *L, int t, const char *k, ebb_buf *b, int i) {
-  char msg[512];
+  char msg[512] = "";
   int type = lua_getfield(L, t, k);
   if (type == LUA_TNIL) ebb_buf_puts(b, "{}");
   else if (type != LUA_TTABLE || ebb_json_encode(L, -1, b, msg, sizeof msg) != 0 || b->data[0] != '{')
-    luaL_error(L, "event %d: %s must be a table with string keys%s%s", i, k,
-               type == LUA_TTABLE ? ": " : "", type == LUA_TTABLE ? msg : "");
+    luaL_error(L, "event %d: %s must be a table with string keys%s%s", i, k, msg[0] ? ": " : "",
+               msg);
   lua_pop(L, 1);
+}
+
+/* Buffers owned by a userdata, so that an error raised while they are being
+ * filled (a bad value, a metamethod, out of memory) frees them at collection. */
+#define BUFSET_MT "ebb.bufset"
+typedef struct bufset {
+  size_t n;
+  ebb_buf b[];
+} bufset;
+
+static int bufset_gc(lua_State *L) {
+  bufset *set = lua_touserdata(L, 1);
+  for (size_t i = 0; i < set->n; i++) ebb_buf_free(&set->b[i]);
+  return 0;
+}
+
+static ebb_buf *new_bufs(lua_State *L, size_t n) {
+  bufset *set = lua_newuserdatauv(L, sizeof *set + (n ? n : 1) * sizeof(ebb_buf), 0);
+  for (size_t i = 0; i < n; i++) ebb_buf_init(&set->b[i]);
+  set->n = n;
+  luaL_setmetatable(L, BUFSET_MT);
+  return set->b;
+}
+
+/* A name argument: a string without NUL bytes, which C would cut short. */
+static const char *check_name(lua_State *L, int idx) {
+  size_t len;
+  const char *s = luaL_checklstring(L, idx, &len);
+  luaL_argcheck(L, strlen(s) == len, idx, "contains a NUL character");
+  return s;
 }
 
 /* rt:append(stream, expected, events) */
 static int l_append(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
-  const char *stream = luaL_checkstring(L, 2);
+  const char *stream = check_name(L, 2);
   int64_t expected = check_expected(L, 3);
   luaL_checktype(L, 4, LUA_TTABLE);
   size_t n = (size_t)lua_rawlen(L, 4);
-  /* Buffers live in a userdata so a Lua error cannot leak them. */
   ebb_event_in *in = lua_newuserdatauv(L, (n ? n : 1) * sizeof *in, 0);
-  ebb_buf *bufs = lua_newuserdatauv(L, (n ? n : 1) * 2 * sizeof *bufs, 0);
+  ebb_buf *bufs = new_bufs(L, 2 * n);
   char(*ids)[EBB_UUID_LEN + 1] = lua_newuserdatauv(L, (n ? n : 1) * sizeof *ids, 0);
   memset(in, 0, (n ? n : 1) * sizeof *in);
-  for (size_t i = 0; i < 2 * n; i++) ebb_buf_init(&bufs[i]);
   int ok = 0;
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, 4, (lua_Integer)i + 1);
     int t = lua_gettop(L);
     if (!lua_istable(L, t)) goto bad;
+    size_t len;
     if (lua_getfield(L, t, "type") != LUA_TSTRING) goto bad;
-    in[i].type = lua_tostring(L, -1);
+    in[i].type = lua_tolstring(L, -1, &len);
+    if (strlen(in[i].type) != len) goto bad;
     lua_pop(L, 1); /* kept alive by the event table */
     if (lua_getfield(L, t, "id") == LUA_TSTRING) {
-      in[i].id = lua_tostring(L, -1);
+      in[i].id = lua_tolstring(L, -1, &len);
+      if (strlen(in[i].id) != len) goto bad;
     } else {
       ebb_uuid_new(ids[i]);
       in[i].id = ids[i];
@@ -190,10 +223,9 @@ static int l_append(lua_State *L) {
   }
   ok = 1;
 bad:
-  if (!ok) {
-    for (size_t i = 0; i < 2 * n; i++) ebb_buf_free(&bufs[i]);
-    return luaL_error(L, "events must be a list of tables {type=, data=, metadata=, id=}");
-  }
+  if (!ok)
+    return luaL_error(L, "events must be a list of tables {type=, data=, metadata=, id=} "
+                         "whose type and id are strings without NUL bytes");
   ebb_append req = {.stream = stream, .expected = expected, .events = in, .n = n};
   ebb_error_init(&req.err);
   ebb_store_append(ebb_runtime_store(rt), &req, 1, NULL);
@@ -251,7 +283,7 @@ static int push_events(lua_State *L, ebb_runtime *rt, ebb_event_list *l, int raw
 /* rt:read(stream, {from=, limit=, backward=}) */
 static int l_read(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
-  const char *stream = luaL_checkstring(L, 2);
+  const char *stream = check_name(L, 2);
   int64_t from = 0, limit = 1000;
   int backward = 0, raw = 0;
   if (!lua_isnoneornil(L, 3)) {
@@ -307,7 +339,7 @@ static int l_version(lua_State *L) {
   int deleted;
   ebb_error err;
   ebb_error_init(&err);
-  if (ebb_store_stream_version(ebb_runtime_store(rt), luaL_checkstring(L, 2), &v, &deleted, &err) !=
+  if (ebb_store_stream_version(ebb_runtime_store(rt), check_name(L, 2), &v, &deleted, &err) !=
       0)
     return push_failure(L, &err);
   lua_pushinteger(L, v);
@@ -375,7 +407,7 @@ static int l_delete_snapshots(lua_State *L) {
 /* rt:delete(stream[, {expected_version =, reason =}]) -> append result */
 static int l_delete(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
-  const char *stream = luaL_checkstring(L, 2);
+  const char *stream = check_name(L, 2);
   int64_t expected = EBB_EXPECT_EXISTS;
   const char *reason = NULL;
   if (!lua_isnoneornil(L, 3)) {
@@ -482,7 +514,7 @@ static int l_state(lua_State *L) {
   char *result;
   ebb_error err;
   ebb_error_init(&err);
-  if (ebb_runtime_state_at(rt, luaL_checkstring(L, 2), luaL_checkstring(L, 3), version, at,
+  if (ebb_runtime_state_at(rt, check_name(L, 2), check_name(L, 3), version, at,
                            &result, &err) != 0)
     return push_failure(L, &err);
   return push_result(L, result);
@@ -541,6 +573,11 @@ static const luaL_Reg runtime_methods[] = {
 };
 
 int luaopen_ebb_core(lua_State *L) {
+  if (luaL_newmetatable(L, BUFSET_MT)) {
+    lua_pushcfunction(L, bufset_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
   if (luaL_newmetatable(L, RUNTIME_MT)) {
     luaL_newlib(L, runtime_methods);
     lua_setfield(L, -2, "__index");

@@ -488,6 +488,15 @@ static void upcast_top(lua_State *L, ebb_runtime *rt) {
     if (!lua_istable(L, -2))
       luaL_error(L, "upcaster upcast.%s[%I] returned %s for the event at position %I, expected "
                  "its data as a table", type, schema, luaL_typename(L, -2), position);
+    int list = lua_rawlen(L, -2) > 0;
+    if (!list && lua_getmetatable(L, -2)) {
+      lua_getfield(L, -1, "__jsontype");
+      list = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "array") == 0;
+      lua_pop(L, 2);
+    }
+    if (list)
+      luaL_error(L, "upcaster upcast.%s[%I] returned a list for the event at position %I; event "
+                 "data is a table with string keys", type, schema, position);
     if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
       luaL_error(L, "upcaster upcast.%s[%I] returned a new type that is not a string (event at "
                  "position %I)", type, schema, position);
@@ -517,6 +526,7 @@ static int l_upcast_list(lua_State *L) {
     upcast_top(L, job->rt);
     ebb_buf b = EBB_BUF_INIT;
     lua_getfield(L, 2, "data");
+    snprintf(msg, sizeof msg, "it is not a table with string keys (a JSON object)");
     if (ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0 || b.len == 0 || b.data[0] != '{') {
       ebb_buf_free(&b);
       luaL_error(L, "the upcast data of the event at position %I cannot be stored: %s",

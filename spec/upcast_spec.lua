@@ -74,7 +74,8 @@ describe("upcaster chains", function()
   local dir, aggs, rt
 
   local DOC = [[
-local doc = { type = "Doc", schemas = { Written = 4, Renamed = 2, Gapped = 3, Failing = 2, Bad = 2 } }
+local doc = { type = "Doc", schemas = { Written = 4, Renamed = 2, Gapped = 3, Failing = 2, Bad = 2,
+                                        Listy = 2 } }
 function doc.initial() return { fields = {} } end
 doc.apply = {
   Written = function(s, e) s.fields = e.data; return s end,
@@ -91,6 +92,7 @@ doc.upcast = {
   Gapped = { [1] = function(d) return d end },
   Failing = { [1] = function(d) return d.missing.field end },
   Bad = { [1] = function() return "not a table" end },
+  Listy = { [1] = function() return { 1, 2, 3 } end },
 }
 return doc
 ]]
@@ -144,6 +146,8 @@ return doc
       "upcaster upcast.Failing%[1%] failed on the event at position 1: .*doc%.lua:%d+:" },
     { "an upcaster returning no table", "Bad", 1,
       "upcaster upcast.Bad%[1%] returned string for the event at position 1" },
+    { "an upcaster returning a list", "Listy", 1,
+      "upcaster upcast.Listy%[1%] returned a list for the event at position 1" },
     { "an event newer than the code", "Written", 7, "position 1 %(Written, schema 7%) is newer than the code" },
   }
   for _, f in ipairs(failures) do

@@ -10,6 +10,7 @@
 #include "runtime.h"
 
 #include <dirent.h>
+#include <sys/stat.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdio.h>
@@ -35,6 +36,7 @@ struct ebb_runtime {
   struct fingerprint_entry *fingerprints; /* aggregate type -> the fingerprint of its code */
   size_t n_fingerprints;
   int snapshots;                /* take and load snapshots */
+  char *lua_dir;                /* the runtime's Lua library (part of every fingerprint) */
   struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
   size_t n_pending;
   ebb_state_cache *cache;
@@ -264,6 +266,49 @@ static uint64_t hash_file(uint64_t h, const char *path) {
   return h;
 }
 
+static int names_cmp(const void *a, const void *b);
+
+/* Folds every .lua file below dir (sorted, recursively) into h, by relative
+ * name and content; top-level files flagged in skip (aggregates) are left out. */
+static uint64_t hash_tree(uint64_t h, const char *dir, const char *rel, char **skip, int *kinds,
+                          size_t nskip, int depth) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s%s%s", dir, rel[0] ? "/" : "", rel);
+  DIR *d = depth < 16 ? opendir(path) : NULL;
+  if (d == NULL) return h;
+  char **names = NULL;
+  size_t n = 0;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    if (de->d_name[0] == '.') continue;
+    char **p = realloc(names, (n + 1) * sizeof *names);
+    if (p == NULL) break;
+    names = p;
+    if ((names[n] = strdup(de->d_name)) != NULL) n++;
+  }
+  closedir(d);
+  if (names) qsort(names, n, sizeof *names, names_cmp);
+  for (size_t i = 0; i < n; i++) {
+    char sub[2048], full[4096];
+    snprintf(sub, sizeof sub, "%s%s%s", rel, rel[0] ? "/" : "", names[i]);
+    snprintf(full, sizeof full, "%s/%s", dir, sub);
+    struct stat st;
+    int skipped = 0;
+    for (size_t k = 0; depth == 0 && k < nskip; k++)
+      if (kinds[k] == 1 && strcmp(skip[k], names[i]) == 0) skipped = 1;
+    size_t len = strlen(names[i]);
+    if (skipped || stat(full, &st) != 0) {
+    } else if (S_ISDIR(st.st_mode)) {
+      h = hash_tree(h, dir, sub, skip, kinds, nskip, depth + 1);
+    } else if (len > 4 && strcmp(names[i] + len - 4, ".lua") == 0) {
+      h = hash_file(fnv(h, sub, strlen(sub) + 1), full);
+    }
+    free(names[i]);
+  }
+  free(names);
+  return h;
+}
+
 /* Argument: a module's file name. Returns its type and snapshot_version. */
 static int l_module_identity(lua_State *L) {
   ebb_runtime *rt = lua_touserdata(L, 1);
@@ -286,13 +331,11 @@ static int l_module_identity(lua_State *L) {
 static void compute_fingerprints(ebb_runtime *rt, const char *dir, char **names, int *kinds,
                                  size_t n) {
   lua_State *L = ebb_sandbox_state(rt->sb);
-  uint64_t helpers = 1469598103934665603ull;
+  /* Everything an aggregate can require: the helpers beside it (and below,
+   * as in require "lib.money") and the runtime's own library. */
+  uint64_t helpers = hash_tree(1469598103934665603ull, dir, "", names, kinds, n, 0);
+  helpers = hash_tree(helpers, rt->lua_dir, "", NULL, NULL, 0, 0);
   char path[4096];
-  for (size_t i = 0; i < n; i++) {
-    if (kinds[i] != 0) continue;
-    snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-    helpers = hash_file(fnv(helpers, names[i], strlen(names[i]) + 1), path);
-  }
   for (size_t i = 0; i < n; i++) {
     if (kinds[i] != 1) continue;
     snprintf(path, sizeof path, "%s/%s", dir, names[i]);
@@ -591,6 +634,11 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   ebb_buf_init(&rt->problems);
   rt->modules_ref = LUA_NOREF;
   rt->snapshots = !opt->no_snapshots;
+  rt->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
+  if (rt->lua_dir == NULL) {
+    free(rt);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
   ebb_store_options so = {
       .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
   if (ebb_store_open(&rt->store, &so, err) != 0) goto fail;
@@ -645,6 +693,7 @@ void ebb_runtime_close(ebb_runtime *rt) {
     free(rt->fingerprints[i].value);
   }
   free(rt->fingerprints);
+  free(rt->lua_dir);
   if (rt->sb) ebb_state_cache_free(rt->cache, ebb_sandbox_state(rt->sb));
   ebb_sandbox_free(rt->sb);
   ebb_store_close(rt->store);

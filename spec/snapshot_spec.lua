@@ -184,6 +184,21 @@ describe("snapshots", function()
     assert.equal(0, assert(rt:state("Ledger", "l-1")).snapshot_version)
   end)
 
+  it("are ignored when a helper in a subdirectory changes", function()
+    assert(os.execute("mkdir -p " .. support.quote(aggs .. "/lib")))
+    support.write(aggs .. "/lib/weights.lua", "return { weight = 1 }\n")
+    rt:close()
+    rt = open()
+    for i = 1, 10 do add(rt, "l-1", i, i) end
+    rt:close()
+    rt = open { cache_size = -1 }
+    assert.equal(10, assert(rt:state("Ledger", "l-1")).snapshot_version)
+    rt:close()
+    support.write(aggs .. "/lib/weights.lua", "return { weight = 100 }\n")
+    rt = open { cache_size = -1 }
+    assert.equal(0, assert(rt:state("Ledger", "l-1")).snapshot_version)
+  end)
+
   it("follow a declared snapshot_version instead of the code", function()
     rt:close()
     write_module { snapshot_version = 1 }

@@ -1131,6 +1131,10 @@ static int l_decide(lua_State *L) {
       push_event(L, &d->chunk.items[i]);
       if (needs_upcast(d->rt, d->chunk.items[i].type, d->chunk.items[i].schema))
         upcast_top(L, d->rt);
+      /* apply never sees a position: a command's new events have none yet,
+       * and a state folded from them must equal one folded on replay. */
+      lua_pushnil(L);
+      lua_setfield(L, -2, "position");
       apply_event(L, mi, si);
     }
     if (d->chunk.n && !done)

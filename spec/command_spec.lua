@@ -9,7 +9,7 @@ local ebb = require "ebb"
 local probe = { type = "Probe" }
 function probe.initial() return { count = 0 } end
 probe.apply = {
-  Counted = function(s) s.count = s.count + 1; return s end,
+  Counted = function(s, e) s.count = s.count + 1; s.saw_position = e.position ~= nil; return s end,
   Broken = function() error("apply failed") end,
 }
 local function run(code)
@@ -384,6 +384,14 @@ describe("commands", function()
       local _, _, code, info = send("Count", {}, { expected_version = 2 })
       assert.equal("wrong_expected_version", code)
       assert.same({ 2, 3 }, { info.expected, info.actual })
+    end)
+
+    it("folds the same with and without the cache: apply never sees a position", function()
+      assert(send("Count"))
+      assert.is_false(rt:state("Probe", "p-1").state.saw_position)
+      rt:close()
+      rt = open()
+      assert.is_false(rt:state("Probe", "p-1").state.saw_position)
     end)
 
     it("holds at most cache_size streams", function()

@@ -96,21 +96,32 @@ describe("ebb.testing", function()
                  { type = "Added", data = { n = 1 }, id = "e-x", schema = 2,
                    recorded_at = "2025-01-01T00:00:00.000Z", position = 77 } }
         :expect_state(function() end)
-      assert.are.same({ "Counter-c-1", 1, 1, "event-1", "2026-05-01T00:00:00.000Z", 2, "u" },
-                      { seen[1].stream, seen[1].version, seen[1].position, seen[1].id,
+      assert.are.same({ "Counter-c-1", 1, "event-1", "2026-05-01T00:00:00.000Z", 2, "u" },
+                      { seen[1].stream, seen[1].version, seen[1].id,
                         seen[1].recorded_at, seen[1].schema, seen[1].metadata.user_id })
-      assert.are.same({ 2, 77, "e-x", "2025-01-01T00:00:00.000Z" },
-                      { seen[2].version, seen[2].position, seen[2].id, seen[2].recorded_at })
+      assert.are.same({ 2, "e-x", "2025-01-01T00:00:00.000Z" },
+                      { seen[2].version, seen[2].id, seen[2].recorded_at })
+      -- as in the runtime, apply never sees a global position
+      assert.is_nil(seen[1].position)
+      assert.is_nil(seen[2].position)
     end)
 
     it("upcasts given events from their schema to the current one", function()
       local m = counter()
-      m.upcast.Added[1] = function(d) d.n = d.count; d.count = nil end
+      m.upcast.Added[1] = function(d) d.n = d.count; d.count = nil; return d end
       local schema
       m.apply.Added = function(s, e) s.total = s.total + e.data.n; schema = e.schema end
       t.scenario(m):given { { type = "Added", data = { count = 7 }, schema = 1 } }
         :expect_state { total = 7 }
       assert.are.equal(2, schema)
+    end)
+
+    it("refuses given events it cannot upcast, as the runtime does", function()
+      local m = counter()
+      m.schemas.Added = 3
+      local r = t.scenario(m):given { { type = "Added", data = { n = 1 }, schema = 1 } }:result()
+      assert.equal("script_error", r.outcome)
+      assert.matches("no upcaster upcast.Added%[1%]", r.message)
     end)
 
     it("replaces the state with what apply returns", function()

@@ -21,8 +21,8 @@ are plain tables, and values JSON cannot hold are refused.
 
 It differs from the runtime where a test needs it to: ids are "id-1",
 "id-2"... (ctx.id), "event-<version>" (events) and "command-1" (the command,
-when it has no command_id); positions equal versions; given events older than
-the module's schema are upcast (a missing step leaves the data as it is); and
+when it has no command_id); apply sees no position, as in the runtime; given events older than
+the module's schema are upcast (a missing step is a script error, as in the runtime); and
 a handler that changes the state it was given fails as a script error, since
 that change exists in no event and would be lost on reload.
 
@@ -296,9 +296,21 @@ local function upcast(module, e)
   local current = module.schemas and module.schemas[e.type] or 1
   local steps = module.upcast and module.upcast[e.type]
   local data, schema = e.data, e.schema or current
+  if schema > current then
+    stop("script_error", string.format("given event %s at schema %d is newer than the code: %s declares %d",
+      e.type, schema, module.type, current))
+  end
   while schema < current do
     local step = steps and steps[schema]
-    if step then data = call(step, data) or data end
+    if not step then
+      stop("script_error", string.format("given event %s (schema %d) cannot be read: no upcaster upcast.%s[%d]",
+        e.type, schema, e.type, schema))
+    end
+    data = call(step, data)
+    if type(data) ~= "table" then
+      stop("script_error", string.format("upcaster upcast.%s[%d] returned %s, expected its data as a table",
+        e.type, schema, type(data)))
+    end
     schema = schema + 1
   end
   return data, schema
@@ -398,8 +410,9 @@ local function run(sc, result)
   end
   for version, g in ipairs(sc.history) do
     local data, schema = upcast(module, g)
+    -- no position: apply never sees one (a command's new events have none yet)
     state = apply(module, state, {
-      position = g.position or version, stream = sc.stream, version = version,
+      stream = sc.stream, version = version,
       id = g.id or ("event-" .. version), type = g.type, schema = schema,
       recorded_at = g.recorded_at or sc.now, data = data, metadata = g.metadata,
     })

@@ -37,6 +37,10 @@ struct ebb_runtime {
   size_t n_fingerprints;
   int snapshots;                /* take and load snapshots */
   char *lua_dir;                /* the runtime's Lua library (part of every fingerprint) */
+  char *aggregates_dir;
+  size_t memory_limit;
+  int64_t instruction_budget;
+  int tainted;                  /* a call was killed: rebuild the Lua state before the next */
   struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
   size_t n_pending;
   ebb_state_cache *cache;
@@ -595,7 +599,10 @@ static int l_upcast_list(lua_State *L) {
   return 0;
 }
 
+static int recover(ebb_runtime *rt, ebb_error *err);
+
 int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) {
+  if (recover(rt, err) != 0) return err->code;
   size_t i = 0;
   while (i < events->n && !needs_upcast(rt, events->items[i].type, events->items[i].schema)) i++;
   if (i == events->n) return 0; /* the common case: nothing to do, no Lua */
@@ -605,6 +612,7 @@ int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) 
   lua_pushlightuserdata(L, &job);
   if (ebb_sandbox_call(rt->sb, 1, 0) != LUA_OK) {
     const char *killed = ebb_sandbox_killed(rt->sb);
+    if (killed) rt->tainted = 1;
     ebb_error_set(err, EBB_ESCRIPT, "%s",
                   killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
                                                                     : "upcasting failed");
@@ -627,6 +635,71 @@ static int l_prepare(lua_State *L) {
   return 0;
 }
 
+/* Builds the Lua side: a new sandbox with the runtime library and every
+ * module loaded, and the C copies of what the modules declare. */
+static int load_sandbox(ebb_runtime *rt, ebb_error *err) {
+  const char *dirs[1] = {rt->aggregates_dir};
+  ebb_sandbox_options sbo = {
+      .module_dirs = dirs,
+      .n_module_dirs = 1,
+      .runtime_dir = rt->lua_dir,
+      .memory_limit = rt->memory_limit,
+      .instruction_budget = rt->instruction_budget,
+  };
+  if (ebb_sandbox_new(&rt->sb, &sbo, err) != 0) return err->code;
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  lua_pushcfunction(L, l_prepare);
+  if (ebb_sandbox_call(rt->sb, 0, 0) != LUA_OK) {
+    ebb_error_set(err, EBB_ESCRIPT, "cannot load the runtime library from %s: %s", rt->lua_dir,
+                  lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "unknown error");
+    lua_pop(L, 1);
+    return err->code;
+  }
+  lua_newtable(L);
+  rt->modules_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_newtable(L);
+  rt->owners_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  load_modules(rt, rt->aggregates_dir);
+  lua_pushcfunction(L, l_collect_schemas);
+  lua_pushlightuserdata(L, rt);
+  if (ebb_sandbox_call(rt->sb, 1, 0) != LUA_OK) {
+    lua_pop(L, 1);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory collecting event schemas");
+  }
+  return 0;
+}
+
+/* Drops the Lua side: waiting snapshots are written first (they point at the
+ * fingerprints), cached states go with the state they live in. */
+static void unload_sandbox(ebb_runtime *rt) {
+  if (rt->store) ebb_runtime_flush(rt, NULL);
+  if (rt->sb) ebb_state_cache_clear(rt->cache, ebb_sandbox_state(rt->sb));
+  ebb_sandbox_free(rt->sb);
+  rt->sb = NULL;
+  for (size_t i = 0; i < rt->n_fingerprints; i++) {
+    free(rt->fingerprints[i].type);
+    free(rt->fingerprints[i].value);
+  }
+  free(rt->fingerprints);
+  rt->fingerprints = NULL;
+  rt->n_fingerprints = 0;
+  for (size_t i = 0; i < rt->n_schemas; i++) free(rt->schemas[i].type);
+  free(rt->schemas);
+  rt->schemas = NULL;
+  rt->n_schemas = 0;
+  ebb_buf_reset(&rt->problems);
+}
+
+/* After a kill the Lua state may hold whatever the runaway made reachable
+ * (from a module's globals, say) and fail every later call: start afresh. */
+static int recover(ebb_runtime *rt, ebb_error *err) {
+  if (!rt->tainted) return 0;
+  unload_sandbox(rt);
+  if (load_sandbox(rt, err) != 0) return err->code;
+  rt->tainted = 0;
+  return 0;
+}
+
 int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_error *err) {
   *out = NULL;
   ebb_runtime *rt = calloc(1, sizeof *rt);
@@ -634,50 +707,20 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   ebb_buf_init(&rt->problems);
   rt->modules_ref = LUA_NOREF;
   rt->snapshots = !opt->no_snapshots;
+  rt->memory_limit = opt->memory_limit;
+  rt->instruction_budget = opt->instruction_budget;
   rt->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
-  if (rt->lua_dir == NULL) {
-    free(rt);
-    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
-  }
-  ebb_store_options so = {
-      .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
-  if (ebb_store_open(&rt->store, &so, err) != 0) goto fail;
-  const char *dirs[1] = {opt->aggregates_dir};
-  ebb_sandbox_options sbo = {
-      .module_dirs = dirs,
-      .n_module_dirs = 1,
-      .runtime_dir = opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR,
-      .memory_limit = opt->memory_limit,
-      .instruction_budget = opt->instruction_budget,
-  };
-  if (ebb_sandbox_new(&rt->sb, &sbo, err) != 0) goto fail;
-  lua_State *L = ebb_sandbox_state(rt->sb);
-  lua_pushcfunction(L, l_prepare);
-  if (ebb_sandbox_call(rt->sb, 0, 0) != LUA_OK) {
-    ebb_error_set(err, EBB_ESCRIPT, "cannot load the runtime library from %s: %s", sbo.runtime_dir,
-                  lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "unknown error");
-    lua_pop(L, 1);
-    goto fail;
-  }
-  lua_newtable(L);
-  rt->modules_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_newtable(L);
-  rt->owners_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  rt->aggregates_dir = strdup(opt->aggregates_dir ? opt->aggregates_dir : "aggregates");
   rt->cache = ebb_state_cache_new(opt->cache_size < 0   ? 0
                                   : opt->cache_size == 0 ? EBB_DEFAULT_CACHE_SIZE
                                                          : (size_t)opt->cache_size);
-  if (rt->cache == NULL) {
-    ebb_error_set(err, EBB_ENOMEM, "out of memory creating the state cache");
+  if (rt->lua_dir == NULL || rt->aggregates_dir == NULL || rt->cache == NULL) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto fail;
   }
-  load_modules(rt, opt->aggregates_dir);
-  lua_pushcfunction(L, l_collect_schemas);
-  lua_pushlightuserdata(L, rt);
-  if (ebb_sandbox_call(rt->sb, 1, 0) != LUA_OK) {
-    ebb_error_set(err, EBB_ENOMEM, "out of memory collecting event schemas");
-    lua_pop(L, 1);
-    goto fail;
-  }
+  ebb_store_options so = {
+      .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
+  if (ebb_store_open(&rt->store, &so, err) != 0 || load_sandbox(rt, err) != 0) goto fail;
   *out = rt;
   return 0;
 fail:
@@ -687,19 +730,12 @@ fail:
 
 void ebb_runtime_close(ebb_runtime *rt) {
   if (rt == NULL) return;
-  if (rt->store) ebb_runtime_flush(rt, NULL);
-  for (size_t i = 0; i < rt->n_fingerprints; i++) {
-    free(rt->fingerprints[i].type);
-    free(rt->fingerprints[i].value);
-  }
-  free(rt->fingerprints);
-  free(rt->lua_dir);
-  if (rt->sb) ebb_state_cache_free(rt->cache, ebb_sandbox_state(rt->sb));
-  ebb_sandbox_free(rt->sb);
+  unload_sandbox(rt);
+  ebb_state_cache_free(rt->cache, NULL); /* empty: unload_sandbox cleared it */
   ebb_store_close(rt->store);
   ebb_buf_free(&rt->problems);
-  for (size_t i = 0; i < rt->n_schemas; i++) free(rt->schemas[i].type);
-  free(rt->schemas);
+  free(rt->lua_dir);
+  free(rt->aggregates_dir);
   free(rt);
 }
 
@@ -1275,6 +1311,7 @@ static int decide(ebb_runtime *rt, decision *d) {
   lua_pushcfunction(L, l_decide);
   lua_pushlightuserdata(L, d);
   int status = ebb_sandbox_call(rt->sb, 1, 0);
+  if (ebb_sandbox_killed(rt->sb)) rt->tainted = 1;
   if (status != LUA_OK) {
     const char *killed = ebb_sandbox_killed(rt->sb);
     if (killed) ebb_error_set(&d->err, EBB_ESCRIPT, "%s", killed);
@@ -1361,6 +1398,7 @@ static int validate_command(const ebb_command *cmd, ebb_error *err) {
 
 int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb_error *err) {
   *result = NULL;
+  if (recover(rt, err) != 0) return err->code;
   if (validate_command(cmd, err)) return err->code;
   decision d;
   decision_init(&d, rt, cmd->aggregate, cmd->id);
@@ -1498,6 +1536,7 @@ int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, ch
 int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id, int64_t version,
                          const char *at, char **result, ebb_error *err) {
   *result = NULL;
+  if (recover(rt, err) != 0) return err->code;
   if (ebb_validate_name("aggregate", aggregate, err) || ebb_validate_name("aggregate id", id, err))
     return err->code;
   char time[EBB_TIME_LEN + 1];

@@ -66,6 +66,7 @@ probe.handle = {
   end,
   EmptyRep = function() return { { type = "Counted", data = { s = string.rep("", math.maxinteger) } } } end,
   HugeMove = function() table.move({}, 1, 1 << 62, 1, {}) end,
+  Hoard = function() while true do hoard = { hoard } end end,
   Loop = function() while true do end end,
   LoopInPcall = function() while true do pcall(function() while true do end end) end end,
   LoopInCoroutine = function()
@@ -322,6 +323,19 @@ describe("commands", function()
       rt:close()
       rt = open()
       assert.same({ 3, 4 }, rt:read("Probe-p-1")[2].data.xs)
+    end)
+
+    it("starts afresh after a kill that left its garbage reachable", function()
+      rt:close()
+      rt = assert(core.open { data = dir, aggregates = aggs, durability = "normal",
+                              memory_limit = 4 * 1024 * 1024 })
+      assert(send("Count"))
+      local r, msg, code = send("Hoard")
+      assert.is_nil(r)
+      assert.equal("script_error", code)
+      assert.matches("memory", msg)
+      for _ = 1, 3 do assert(send("Count")) end
+      assert.equal(4, rt:state("Probe", "p-1").state.count)
     end)
 
     it("bounds C loops that allocate nothing", function()

@@ -14,13 +14,14 @@
 
 #include <locale.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <lauxlib.h>
+
+#include "valuepath.h"
 
 /* ------------------------------------------------------------------ */
 /* UTF-8 and byte classes                                              */
@@ -598,101 +599,22 @@ static inline void out_char(ebb_buf *b, char c) {
   else ebb_buf_append(b, &c, 1);
 }
 
-/* One step of the path from the root to the value being written: an array
- * index, or the stack slot of an object key (live while lua_next runs).
- * The path is only turned into text when something fails. */
-typedef struct {
-  int key; /* stack index of the key, or 0 for an array index */
-  lua_Integer index;
-} enc_step;
-
 typedef struct {
   lua_State *L;
   ebb_buf *out;
   char *err;
   size_t errlen;
   int jt; /* stack index of the string "__jsontype" */
-  enc_step path[EBB_JSON_MAX_DEPTH + 1];
+  /* The path from the root to the value being written (valuepath.h). JSON
+   * keys are always strings, so only index and key steps occur. */
+  ebb__path_step path[EBB_JSON_MAX_DEPTH + 1];
 } encoder;
 
-/* Appends to a bounded path text; once full, marks it cut. */
-typedef struct {
-  char *s;
-  size_t len, cap;
-  int cut;
-} pathbuf;
+static const ebb__path_style json_path_style = {"data", "cannot encode ", 128, 8, 0};
 
-static void path_add(pathbuf *pb, const char *s, size_t n) {
-  if (pb->cut) return;
-  if (pb->len + n >= pb->cap) {
-    pb->cut = 1;
-    return;
-  }
-  memcpy(pb->s + pb->len, s, n);
-  pb->len += n;
-  pb->s[pb->len] = '\0';
-}
-
-static int is_identifier(const char *s, size_t n) {
-  if (n == 0 || IS_DIGIT(s[0])) return 0;
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (!(c == '_' || IS_DIGIT(c) || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z'))) return 0;
-  }
-  return 1;
-}
-
-/* Sets err to "cannot encode <path>: <reason>" for the value reached by the
- * first `steps` steps. A long path is cut (ending in "...") so that the
- * reason always fits in err. */
-static int enc_fail(encoder *e, int steps, const char *fmt, ...) {
-  if (e->err == NULL || e->errlen == 0) return -1;
-  char reason[128], path[384];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(reason, sizeof reason, fmt, ap);
-  va_end(ap);
-  size_t room = sizeof path;
-  size_t fixed = strlen("cannot encode : ") + strlen(reason) + 1;
-  if (e->errlen > fixed && e->errlen - fixed < room) room = e->errlen - fixed;
-  if (room < 8) room = 8;
-  pathbuf pb = {path, 0, room - 3, 0}; /* 3: room for "..." */
-  path[0] = '\0';
-  path_add(&pb, "data", 4);
-  for (int i = 0; i < steps && !pb.cut; i++) {
-    char tmp[48];
-    if (e->path[i].key == 0) {
-      int n = snprintf(tmp, sizeof tmp, "[%lld]", (long long)e->path[i].index);
-      path_add(&pb, tmp, (size_t)n);
-      continue;
-    }
-    size_t kn;
-    const char *k = lua_tolstring(e->L, e->path[i].key, &kn); /* always a string key */
-    if (is_identifier(k, kn)) {
-      path_add(&pb, ".", 1);
-      path_add(&pb, k, kn);
-      continue;
-    }
-    path_add(&pb, "[\"", 2);
-    for (size_t j = 0; j < kn && !pb.cut; j++) {
-      unsigned char c = (unsigned char)k[j];
-      if (c == '"' || c == '\\') {
-        tmp[0] = '\\';
-        tmp[1] = (char)c;
-        path_add(&pb, tmp, 2);
-      } else if (c >= 0x20 && c < 0x7F) {
-        path_add(&pb, (const char *)&k[j], 1);
-      } else {
-        snprintf(tmp, sizeof tmp, "\\x%02x", c);
-        path_add(&pb, tmp, 4);
-      }
-    }
-    path_add(&pb, "\"]", 2);
-  }
-  if (pb.cut) memcpy(path + pb.len, "...", 4);
-  snprintf(e->err, e->errlen, "cannot encode %s: %s", path, reason);
-  return -1;
-}
+/* Sets err to "cannot encode <path>: <reason>" and returns -1. */
+#define enc_fail(e, steps, ...) \
+  ebb__path_fail(&json_path_style, (e)->L, (e)->path, (steps), (e)->err, (e)->errlen, __VA_ARGS__)
 
 /* Describes a key that makes a table neither an array nor an object. */
 static const char *key_kind(lua_State *L, int idx) {
@@ -867,7 +789,7 @@ static int enc_array(encoder *e, int t, int steps, int marked) {
   }
   if (count != n) return enc_fail(e, steps, "sparse array");
   out_char(e->out, '[');
-  e->path[steps].key = 0;
+  e->path[steps].kind = EBB__STEP_INDEX;
   for (lua_Integer i = 1; i <= n; i++) {
     if (i > 1) out_char(e->out, ',');
     lua_rawgeti(L, t, i);
@@ -886,6 +808,7 @@ static int enc_object(encoder *e, int t, int steps) {
   ebb_buf *b = e->out;
   int first = 1;
   out_char(b, '{');
+  e->path[steps].kind = EBB__STEP_KEY;
   do {
     if (lua_type(L, -2) != LUA_TSTRING) {
       if (lua_isinteger(L, -2)) return enc_fail(e, steps, "mixed integer and string keys");

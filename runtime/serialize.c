@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "valuepath.h"
 
 enum {
   T_NIL = 0x00,
@@ -97,16 +98,6 @@ static inline lua_Integer unzigzag(uint64_t u) {
 /* ------------------------------------------------------------------ */
 /* Encoder                                                             */
 
-/* One step of the path from the root to the value being written, turned
- * into text only when something fails. */
-enum { STEP_INDEX, STEP_KEY, STEP_KEYOF };
-
-typedef struct {
-  int kind;
-  int key;           /* STEP_KEY: stack index of the key (live while lua_next runs) */
-  lua_Integer index; /* STEP_INDEX: the array index */
-} enc_step;
-
 /* The tables already written, by address: an open-addressing hash set,
  * malloc'd. A Lua table keyed by the tables did the same at twice the cost
  * of the whole encoding. This is sound because, once ebb_serialize has set
@@ -130,109 +121,16 @@ typedef struct {
   int amt;   /* stack index of the shared array metatable */
   int omt;   /* stack index of the shared object metatable */
   lua_Integer ntables;
-  enc_step path[EBB_SERIALIZE_MAX_DEPTH + 1];
+  ebb__path_step path[EBB_SERIALIZE_MAX_DEPTH + 1]; /* see valuepath.h */
 } encoder;
 
-typedef struct {
-  char *s;
-  size_t len, cap;
-  int cut;
-} pathbuf;
-
-static void path_add(pathbuf *pb, const char *s, size_t n) {
-  if (pb->cut) return;
-  if (pb->len + n >= pb->cap) {
-    pb->cut = 1;
-    return;
-  }
-  memcpy(pb->s + pb->len, s, n);
-  pb->len += n;
-  pb->s[pb->len] = '\0';
-}
-
-static int is_identifier(const char *s, size_t n) {
-  if (n == 0 || (s[0] >= '0' && s[0] <= '9')) return 0;
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (!(c == '_' || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z')))
-      return 0;
-  }
-  return 1;
-}
-
-static void path_key(pathbuf *pb, lua_State *L, int k) {
-  char tmp[64];
-  int n;
-  switch (lua_type(L, k)) {
-    case LUA_TSTRING: {
-      size_t kn;
-      const char *s = lua_tolstring(L, k, &kn);
-      if (is_identifier(s, kn)) {
-        path_add(pb, ".", 1);
-        path_add(pb, s, kn);
-        return;
-      }
-      path_add(pb, "[\"", 2);
-      for (size_t j = 0; j < kn && !pb->cut; j++) {
-        unsigned char c = (unsigned char)s[j];
-        if (c == '"' || c == '\\') {
-          tmp[0] = '\\';
-          tmp[1] = (char)c;
-          path_add(pb, tmp, 2);
-        } else if (c >= 0x20 && c < 0x7F) {
-          path_add(pb, s + j, 1);
-        } else {
-          snprintf(tmp, sizeof tmp, "\\x%02x", c);
-          path_add(pb, tmp, 4);
-        }
-      }
-      path_add(pb, "\"]", 2);
-      return;
-    }
-    case LUA_TNUMBER:
-      if (lua_isinteger(L, k)) n = snprintf(tmp, sizeof tmp, "[%lld]", (long long)lua_tointeger(L, k));
-      else n = snprintf(tmp, sizeof tmp, "[%.17g]", (double)lua_tonumber(L, k));
-      break;
-    case LUA_TBOOLEAN: n = snprintf(tmp, sizeof tmp, "[%s]", lua_toboolean(L, k) ? "true" : "false"); break;
-    case LUA_TLIGHTUSERDATA: n = snprintf(tmp, sizeof tmp, "[null]"); break;
-    default: n = snprintf(tmp, sizeof tmp, "[%s]", luaL_typename(L, k)); break;
-  }
-  path_add(pb, tmp, (size_t)n);
-}
+/* "has ..." reads as a sentence after the path: "state.x has a metatable". */
+static const ebb__path_style snapshot_path_style = {"state", "", 160, 12, 1};
 
 /* Sets err to "<path>: <reason>" (or "<path> <reason>" when the reason
- * starts with "has ") for the value reached by the first `steps` steps. A
- * long path is cut (ending in "...") so that the reason always fits. */
-static int enc_fail(encoder *e, int steps, const char *fmt, ...) {
-  if (e->err == NULL || e->errlen == 0) return -1;
-  char reason[160], path[384];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(reason, sizeof reason, fmt, ap);
-  va_end(ap);
-  size_t room = sizeof path;
-  size_t fixed = strlen(reason) + 3;
-  if (e->errlen > fixed && e->errlen - fixed < room) room = e->errlen - fixed;
-  if (room < 12) room = 12;
-  pathbuf pb = {path, 0, room - 3, 0}; /* 3: room for "..." */
-  path[0] = '\0';
-  path_add(&pb, "state", 5);
-  for (int i = 0; i < steps && !pb.cut; i++) {
-    const enc_step *s = &e->path[i];
-    if (s->kind == STEP_INDEX) {
-      char tmp[32];
-      int n = snprintf(tmp, sizeof tmp, "[%lld]", (long long)s->index);
-      path_add(&pb, tmp, (size_t)n);
-    } else if (s->kind == STEP_KEY) {
-      path_key(&pb, e->L, s->key);
-    } else {
-      path_add(&pb, "[<key>]", 7);
-    }
-  }
-  if (pb.cut) memcpy(path + pb.len, "...", 4);
-  snprintf(e->err, e->errlen, "%s%s%s", path, strncmp(reason, "has ", 4) == 0 ? " " : ": ", reason);
-  return -1;
-}
+ * starts with "has ") and returns -1. */
+#define enc_fail(e, steps, ...) \
+  ebb__path_fail(&snapshot_path_style, (e)->L, (e)->path, (steps), (e)->err, (e)->errlen, __VA_ARGS__)
 
 /* A pointer to n writable bytes at the end of out (plus the NUL that
  * ebb_buf keeps), or NULL when memory ran out. The common case is one
@@ -376,7 +274,7 @@ static int enc_key(encoder *e, int k, int depth) {
   lua_State *L = e->L;
   switch (lua_type(L, k)) {
     case LUA_TTABLE:
-      e->path[depth].kind = STEP_KEYOF;
+      e->path[depth].kind = EBB__STEP_KEYOF;
       return enc_table(e, k, depth + 1);
     case LUA_TFUNCTION:
     case LUA_TTHREAD:
@@ -433,7 +331,7 @@ static int enc_table(encoder *e, int t, int depth) {
   /* The array part: 1, 2, ... up to the first nil. */
   lua_Integer narr = 0;
   int v = lua_gettop(L) + 1;
-  e->path[depth].kind = STEP_INDEX;
+  e->path[depth].kind = EBB__STEP_INDEX;
   while (lua_rawgeti(L, t, narr + 1) != LUA_TNIL) {
     e->path[depth].index = ++narr;
     if (enc_value(e, v, depth + 1) != 0) return -1;
@@ -453,7 +351,7 @@ static int enc_table(encoder *e, int t, int depth) {
       }
     }
     if (enc_key(e, v, depth) != 0) return -1;
-    e->path[depth].kind = STEP_KEY;
+    e->path[depth].kind = EBB__STEP_KEY;
     e->path[depth].key = v;
     if (enc_value(e, v + 1, depth + 1) != 0) return -1;
     lua_pop(L, 1);

@@ -1182,7 +1182,12 @@ static int l_decide(lua_State *L) {
   if (fingerprint && !past && !d->hit && !d->deleted && d->cmd == NULL &&
       d->version - d->base_version >= every)
     take_snapshot(L, d, si, fingerprint, d->version);
-  if (past && d->cmd == NULL) {
+  ebb_event_list_clear(&d->chunk);
+  if (d->cmd == NULL) { /* a state query */
+    if (!past && !d->deleted) { /* folded and unchanged: it may go back to the cache */
+      lua_pushvalue(L, si);
+      d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     ebb_buf b = EBB_BUF_INIT;
     char msg[512];
     if (ebb_json_encode(L, si, &b, msg, sizeof msg) != 0) {
@@ -1191,31 +1196,18 @@ static int l_decide(lua_State *L) {
     }
     d->state_json = ebb_buf_take(&b, NULL);
     if (d->state_json == NULL) luaL_error(L, "out of memory");
-    return 0; /* a past state never goes into the cache */
+    return 0;
   }
-  ebb_event_list_clear(&d->chunk);
-  if (d->deleted && d->cmd) {
+  if (d->deleted) {
     ebb_error_set(&d->err, EBB_EDELETED,
                   "%s was deleted at version %lld; its events stay readable, but it takes no "
                   "commands", d->stream, (long long)d->version);
     return 0;
   }
-  if (!d->deleted && (d->cmd == NULL || (d->cmd->has_expected &&
-                                         !ebb_expected_matches(d->cmd->expected, d->version)))) {
+  if (d->cmd->has_expected && !ebb_expected_matches(d->cmd->expected, d->version)) {
     /* The state is folded and unchanged: it may go back to the cache. */
     lua_pushvalue(L, si);
     d->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
-  if (d->cmd == NULL) {
-    ebb_buf b = EBB_BUF_INIT;
-    char msg[512];
-    if (ebb_json_encode(L, si, &b, msg, sizeof msg) != 0) {
-      ebb_buf_free(&b);
-      luaL_error(L, "the state of %s cannot be shown as JSON: %s", d->stream, msg);
-    }
-    d->state_json = ebb_buf_take(&b, NULL);
-    if (d->state_json == NULL) luaL_error(L, "out of memory");
-    return 0;
   }
   const ebb_command *cmd = d->cmd;
   if (cmd->has_expected && !ebb_expected_matches(cmd->expected, d->version)) {

@@ -7,11 +7,7 @@ local decode = core.json_decode
 describe("ebb CLI", function()
   local dir
 
-  local function ebb(args, opts)
-    local full = { "--data", dir, "--aggregates", support.root .. "/aggregates", "--durability", "normal" }
-    for _, a in ipairs(args) do full[#full + 1] = a end
-    return support.run(full, opts)
-  end
+  local function ebb(args, opts) return support.cli(dir)(args, opts) end
 
   before_each(function() dir = support.tmpdir() end)
   after_each(function() support.rmdir(dir) end)

@@ -231,12 +231,7 @@ describe("snapshots", function()
     for i = 1, 20 do add(rt, "l-1", i, i) end
     for i = 1, 10 do add(rt, "l-2", i, i) end
     rt:close()
-    local base = { "--data", dir, "--aggregates", aggs }
-    local function ebb(...)
-      local args = { table.unpack(base) }
-      for _, a in ipairs { ... } do args[#args + 1] = a end
-      return support.run(args)
-    end
+    local ebb = support.cli(dir, aggs)
     local out, err, code = ebb("snapshots")
     assert.equal(0, code, err)
     local list = support.lines(out, core.json_decode)

@@ -62,12 +62,8 @@ describe("state in time", function()
   end)
 
   it("works from the CLI, with its usage errors", function()
-    local base = { "--data", dir, "--aggregates", support.root .. "/aggregates", "state", "Order", "old-1" }
-    local function state(...)
-      local args = { table.unpack(base) }
-      for _, a in ipairs { ... } do args[#args + 1] = a end
-      return support.run(args)
-    end
+    local ebb = support.cli(dir)
+    local function state(...) return ebb("state", "Order", "old-1", ...) end
     assert.equal(2, decode((state("--version", "2"))).version)
     assert.equal(0, decode((state("--version", "0"))).version)
     assert.equal(1, decode((state("--at", "2024-06-01T09:00:30Z"))).version)

@@ -63,6 +63,20 @@ function support.run(args, opts)
   return out, err, code
 end
 
+-- A runner of `ebb` on a data directory and aggregates directory (default: the
+-- example's), at normal durability: cli(args[, opts]) or cli(arg, arg, ...).
+function support.cli(data, aggregates)
+  local base = { "--data", data, "--aggregates", aggregates or (support.root .. "/aggregates"),
+                 "--durability", "normal" }
+  return function(first, ...)
+    local args, opts = { table.unpack(base) }, nil
+    local rest = type(first) == "table" and first or { first, ... }
+    if type(first) == "table" then opts = ... end
+    for _, a in ipairs(rest) do args[#args + 1] = a end
+    return support.run(args, opts)
+  end
+end
+
 -- Splits NDJSON output into decoded objects.
 function support.lines(text, decode)
   local list = {}

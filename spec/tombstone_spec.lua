@@ -75,12 +75,7 @@ describe("deleting a stream", function()
 
   it("works from the CLI with exit code 9 afterwards", function()
     rt:close()
-    local base = { "--data", dir, "--aggregates", support.root .. "/aggregates" }
-    local function ebb(...)
-      local args = { table.unpack(base) }
-      for _, a in ipairs { ... } do args[#args + 1] = a end
-      return support.run(args)
-    end
+    local ebb = support.cli(dir)
     local out, err, code = ebb("delete", "Order-o-1", "--reason", "closed")
     assert.equal(0, code, err)
     assert.same({ stream = "Order-o-1", deleted = true, version = 3, position = 3 }, decode(out))

@@ -10,11 +10,7 @@ local FIXTURE = support.root .. "/spec/fixtures/orders_schema1.ndjson"
 describe("upcasting the example's OrderCreated from schema 1", function()
   local dir
 
-  local function ebb(args, opts)
-    local full = { "--data", dir, "--aggregates", support.root .. "/aggregates", "--durability", "normal" }
-    for _, a in ipairs(args) do full[#full + 1] = a end
-    return support.run(full, opts)
-  end
+  local function ebb(args, opts) return support.cli(dir)(args, opts) end
 
   before_each(function()
     dir = support.tmpdir()

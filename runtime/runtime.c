@@ -69,12 +69,12 @@ void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
   ebb_buf_putc(out, '}');
 }
 
-/* Pushes an event as the table that `apply` sees. Protected context. */
+/* Pushes an event as the table that `apply` sees: no global position, since
+ * a command's new events have none before their commit and a state must fold
+ * the same either way. Protected context. */
 static void push_event(lua_State *L, const ebb_event *e) {
   char msg[256];
-  lua_createtable(L, 0, 9);
-  lua_pushinteger(L, e->position);
-  lua_setfield(L, -2, "position");
+  lua_createtable(L, 0, 8);
   lua_pushstring(L, e->stream);
   lua_setfield(L, -2, "stream");
   lua_pushinteger(L, e->version);
@@ -496,11 +496,8 @@ static int needs_upcast(const ebb_runtime *rt, const char *type, int64_t schema)
 /* Brings the event table on top of the stack to its type's current schema,
  * one upcaster at a time; a rename continues with the new type's chain.
  * Raises with the event's position, type and schema on any failure. */
-static void upcast_top(lua_State *L, ebb_runtime *rt) {
+static void upcast_top(lua_State *L, ebb_runtime *rt, lua_Integer position) {
   int ei = lua_gettop(L);
-  lua_getfield(L, ei, "position");
-  lua_Integer position = lua_tointeger(L, -1);
-  lua_pop(L, 1);
   lua_rawgeti(L, LUA_REGISTRYINDEX, rt->owners_ref);
   int owners = lua_gettop(L);
   for (int steps = 0;; steps++) {
@@ -570,7 +567,7 @@ static int l_upcast_list(lua_State *L) {
     if (!needs_upcast(job->rt, e->type, e->schema)) continue;
     lua_settop(L, 1);
     push_event(L, e);
-    upcast_top(L, job->rt);
+    upcast_top(L, job->rt, (lua_Integer)e->position);
     ebb_buf b = EBB_BUF_INIT;
     lua_getfield(L, 2, "data");
     snprintf(msg, sizeof msg, "it is not a table with string keys (a JSON object)");
@@ -1166,11 +1163,7 @@ static int l_decide(lua_State *L) {
       if ((d->deleted = strcmp(d->chunk.items[i].type, EBB_TOMBSTONE) == 0)) continue;
       push_event(L, &d->chunk.items[i]);
       if (needs_upcast(d->rt, d->chunk.items[i].type, d->chunk.items[i].schema))
-        upcast_top(L, d->rt);
-      /* apply never sees a position: a command's new events have none yet,
-       * and a state folded from them must equal one folded on replay. */
-      lua_pushnil(L);
-      lua_setfield(L, -2, "position");
+        upcast_top(L, d->rt, (lua_Integer)d->chunk.items[i].position);
       apply_event(L, mi, si);
     }
     if (d->chunk.n && !done)
@@ -1450,6 +1443,7 @@ decide_again:
       .n = d.n_events,
       .command_id = cmd->command_id,
       .command_type = cmd->type,
+      .json_checked = 1, /* made by ebb_json_encode just now */
   };
   ebb_error_init(&req.err);
   ebb_append_result res = {.version = d.version, .position = d.last_position};

@@ -76,6 +76,7 @@ typedef struct ebb_append {
   const char *command_id;        /* non-NULL: record the command, atomically with the events */
   const char *command_type;
   int reserved;                  /* may append reserved ('$') types: only ebb_store_delete */
+  int json_checked;              /* data and metadata come from ebb_json_encode: no re-check */
   ebb_append_result result;      /* out */
   ebb_error err;                 /* out: EBB_OK or why this request failed */
 } ebb_append;

@@ -548,7 +548,7 @@ void ebb_json_push_null(lua_State *L) {
   lua_pushlightuserdata(L, NULL);
 }
 
-int ebb_json_mt_is_pristine(lua_State *L, int idx, const char *kind) {
+static int mt_is_pristine(lua_State *L, int idx, const char *kind) {
   idx = lua_absindex(L, idx);
   if (lua_getmetatable(L, idx)) {
     lua_pop(L, 1);
@@ -565,16 +565,18 @@ int ebb_json_mt_is_pristine(lua_State *L, int idx, const char *kind) {
   return ok && fields == 1;
 }
 
-void ebb_json_push_array_mt(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &array_mt_key) == LUA_TTABLE &&
-      ebb_json_mt_is_pristine(L, -1, "array"))
-    return;
+void ebb_json_push_marker_mt(lua_State *L, const void *key, const char *kind) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE && mt_is_pristine(L, -1, kind)) return;
   lua_pop(L, 1);
   lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "array");
+  lua_pushstring(L, kind);
   lua_setfield(L, -2, "__jsontype");
   lua_pushvalue(L, -1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &array_mt_key);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+}
+
+void ebb_json_push_array_mt(lua_State *L) {
+  ebb_json_push_marker_mt(L, &array_mt_key, "array");
 }
 
 /* ------------------------------------------------------------------ */

@@ -58,9 +58,10 @@ void ebb_json_push_null(lua_State *L);
  * per state, kept in the registry). */
 void ebb_json_push_array_mt(lua_State *L);
 
-/* Is the table at idx exactly {__jsontype = kind} and nothing else? Scripts can
- * reach shared marker metatables through getmetatable; one they changed (a
- * __gc, a __mode) must not be put on new tables, so a changed one is replaced. */
-int ebb_json_mt_is_pristine(lua_State *L, int idx, const char *kind);
+/* Pushes the shared marker metatable {__jsontype = kind} kept in the registry
+ * under key, making it on first use. Scripts can reach such metatables through
+ * getmetatable; one they changed (a __gc, a __mode) must not be put on new
+ * tables, so a changed one is replaced by a fresh one. */
+void ebb_json_push_marker_mt(lua_State *L, const void *key, const char *kind);
 
 #endif

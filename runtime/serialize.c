@@ -63,15 +63,7 @@ enum {
 static const char object_mt_key = 'o';
 
 void ebb_serialize_push_object_mt(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &object_mt_key) == LUA_TTABLE &&
-      ebb_json_mt_is_pristine(L, -1, "object"))
-    return;
-  lua_pop(L, 1);
-  lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "object");
-  lua_setfield(L, -2, "__jsontype");
-  lua_pushvalue(L, -1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &object_mt_key);
+  ebb_json_push_marker_mt(L, &object_mt_key, "object");
 }
 
 static inline size_t put_varint(unsigned char *p, uint64_t v) {

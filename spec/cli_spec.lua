@@ -190,6 +190,26 @@ describe("ebb CLI", function()
     support.rmdir(other)
   end)
 
+  it("takes its directories from EBB_* variables, options as --opt=value, and --metadata", function()
+    local q = support.quote
+    local cmd = "cd /tmp && EBB_DATA=" .. q(dir) .. " EBB_AGGREGATES=" .. q(support.root .. "/aggregates") ..
+      " EBB_DURABILITY=normal " .. q(support.ebb) ..
+      [[ send Order o-1 CreateOrder '{"customer_id":"c"}' --metadata='{"user_id":"u-1","tenant":"t"}']]
+    local p = assert(io.popen(cmd, "r"))
+    local r = decode(p:read("a"))
+    assert.is_true(p:close())
+    assert.same({ "u-1", "t" }, { r.events[1].metadata.user_id, r.events[1].metadata.tenant })
+    assert.equal("u-1", support.lines(ebb { "read", "Order-o-1" }, decode)[1].metadata.user_id)
+    local out, err, code = support.run { "--data", dir, "--durability", "sometimes", "events" }
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("%-%-durability must be full or normal", err)
+    out, err, code = ebb { "send", "Order", "o-1", "AddItem", "{}", "--metadata", "[1]" }
+    assert.equal(7, code)
+    assert.equal("", out)
+    assert.matches("command metadata must be a JSON object", err)
+  end)
+
   it("prints help for every command", function()
     local out, _, code = support.run { "--help" }
     assert.equal(0, code)

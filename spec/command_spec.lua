@@ -25,6 +25,10 @@ probe.handle = {
                metadata = { source = "probe" } } }
   end,
   Nothing = function() return {} end,
+  Nulls = function(_, c)
+    assert(c.data.gone == ebb.null and ebb.null ~= nil, "JSON null must arrive as ebb.null")
+    return { { type = "Counted", data = { gone = ebb.null, none = ebb.array(), list = c.data.list } } }
+  end,
   Slow = function(_, _, ctx)
     local x = 0
     for i = 1, 3000000 do x = x + i end
@@ -150,6 +154,15 @@ describe("commands", function()
     assert.equal(3, s.state.count)
     local _, _, _, info = send("Reject")
     assert.equal(3, info.details.count)
+  end)
+
+  it("gives handlers JSON null as ebb.null, and keeps empty arrays apart from objects", function()
+    local r = assert(send("Nulls", '{"gone":null,"list":[]}'))
+    assert.equal(core.null, r.events[1].data.gone)
+    local e = rt:read("Probe-p-1")[1]
+    assert.equal(core.null, e.data.gone)
+    assert.equal('[]', core.json_encode(e.data.none))
+    assert.equal('[]', core.json_encode(e.data.list))
   end)
 
   it("accepts a handler that returns no events", function()

@@ -1372,6 +1372,21 @@ static int same_stream(ebb_runtime *rt, const ebb_command *cmd, const char *stre
   return same;
 }
 
+/* The result of a command handled before, from the events it recorded
+ * (positions first..last; first = 0 when it recorded none). */
+static int answer_from_store(ebb_runtime *rt, const char *stream, int64_t version, int64_t first,
+                             int64_t last, char **result, ebb_error *err) {
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  if (first && ebb_store_read_range(rt->store, first, last, &l, err) != 0) {
+    ebb_event_list_free(&l);
+    return err->code;
+  }
+  *result = result_from_events(stream, version, last, &l);
+  ebb_event_list_free(&l);
+  return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+}
+
 static int validate_command(const ebb_command *cmd, ebb_error *err) {
   if (ebb_validate_name("aggregate", cmd->aggregate, err) ||
       ebb_validate_name("aggregate id", cmd->id, err) ||
@@ -1393,24 +1408,15 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
     int found = ebb_store_find_command(rt->store, cmd->command_id, &rec, &d.err);
     if (found < 0) return fail_with(&d, err);
     if (found) {
-      ebb_event_list l;
-      ebb_event_list_init(&l);
-      if (rec.first_position &&
-          ebb_store_read_range(rt->store, rec.first_position, rec.position, &l, &d.err) != 0) {
-        ebb_event_list_free(&l);
-        return fail_with(&d, err);
-      }
       /* Answered from the record only for the same command on the same aggregate. */
       if (strcmp(rec.type, cmd->type) != 0 || !same_stream(rt, cmd, rec.stream)) {
-        ebb_event_list_free(&l);
         ebb_error_set(&d.err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
                       cmd->command_id, rec.type, rec.stream);
         return fail_with(&d, err);
       }
-      *result = result_from_events(rec.stream, rec.version, rec.position, &l);
-      ebb_event_list_free(&l);
       decision_free(&d);
-      return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+      return answer_from_store(rt, rec.stream, rec.version, rec.first_position, rec.position,
+                               result, err);
     }
   }
 decide_again:
@@ -1465,20 +1471,12 @@ decide_again:
   if (res.idempotent) {
     /* The same command id was handled meanwhile (another process won the
      * race): answer with what was stored, and forget this decision. */
-    ebb_event_list l;
-    ebb_event_list_init(&l);
-    if (res.first_position &&
-        ebb_store_read_range(rt->store, res.first_position, res.position, &l, &d.err) != 0) {
-      ebb_event_list_free(&l);
-      return fail_with(&d, err);
-    }
-    *result = result_from_events(d.stream, res.version, res.position, &l);
-    ebb_event_list_free(&l);
     decision_free(&d);
-    return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    return answer_from_store(rt, d.stream, res.version, res.first_position,
+                             res.position, result, err);
   }
   cache_state(&d, res.version, d.n_events ? res.position : d.last_position);
-  if (d.n_events && !res.idempotent) queue_snapshot(rt, &d, res.position, d.now);
+  if (d.n_events) queue_snapshot(rt, &d, res.position, d.now);
   ebb_buf b = EBB_BUF_INIT;
   ebb_buf_puts(&b, "{\"stream\":");
   ebb_buf_json_string(&b, d.stream, strlen(d.stream));

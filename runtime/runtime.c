@@ -41,6 +41,7 @@ struct ebb_runtime {
   size_t memory_limit;
   int64_t instruction_budget;
   int tainted;                  /* a call was killed: rebuild the Lua state before the next */
+  uint64_t generation;          /* counts Lua states built: references die with theirs */
   struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
   size_t n_pending;
   ebb_state_cache *cache;
@@ -644,6 +645,7 @@ static int load_sandbox(ebb_runtime *rt, ebb_error *err) {
       .instruction_budget = rt->instruction_budget,
   };
   if (ebb_sandbox_new(&rt->sb, &sbo, err) != 0) return err->code;
+  rt->generation++;
   lua_State *L = ebb_sandbox_state(rt->sb);
   lua_pushcfunction(L, l_prepare);
   if (ebb_sandbox_call(rt->sb, 0, 0) != LUA_OK) {
@@ -670,7 +672,7 @@ static int load_sandbox(ebb_runtime *rt, ebb_error *err) {
  * fingerprints), cached states go with the state they live in. */
 static void unload_sandbox(ebb_runtime *rt) {
   if (rt->store) ebb_runtime_flush(rt, NULL);
-  if (rt->sb) ebb_state_cache_clear(rt->cache, ebb_sandbox_state(rt->sb));
+  if (rt->sb && rt->cache) ebb_state_cache_clear(rt->cache, ebb_sandbox_state(rt->sb));
   ebb_sandbox_free(rt->sb);
   rt->sb = NULL;
   for (size_t i = 0; i < rt->n_fingerprints; i++) {
@@ -734,6 +736,33 @@ void ebb_runtime_close(ebb_runtime *rt) {
   free(rt->lua_dir);
   free(rt->aggregates_dir);
   free(rt);
+}
+
+int ebb_runtime_reload(ebb_runtime *rt, ebb_buf *report, ebb_error *err) {
+  /* A trial load first, so that modules that do not load leave the running
+   * ones in place. */
+  ebb_runtime trial = {0};
+  trial.lua_dir = rt->lua_dir;
+  trial.aggregates_dir = rt->aggregates_dir;
+  trial.memory_limit = rt->memory_limit;
+  trial.instruction_budget = rt->instruction_budget;
+  trial.snapshots = rt->snapshots;
+  trial.modules_ref = LUA_NOREF;
+  ebb_buf_init(&trial.problems);
+  int rc = load_sandbox(&trial, err);
+  int problems = rc == 0 ? ebb_runtime_check(&trial, report) : 0;
+  unload_sandbox(&trial);
+  ebb_buf_free(&trial.problems);
+  if (rc != 0) return rc;
+  if (problems)
+    return ebb_error_set(err, EBB_ESCRIPT, "%d problem%s in the modules; the running ones stay",
+                         problems, problems == 1 ? "" : "s");
+  unload_sandbox(rt);
+  if (load_sandbox(rt, err) != 0) {
+    rt->tainted = 1; /* the next call tries again */
+    return err->code;
+  }
+  return 0;
 }
 
 int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report) {
@@ -1049,6 +1078,63 @@ int ebb_runtime_flush(ebb_runtime *rt, ebb_error *err) {
   return rc;
 }
 
+struct ebb_snapshot_batch {
+  ebb_snapshot *snaps;
+  char **fingerprints;
+  pending_snapshot *pending;
+  size_t n;
+};
+
+void ebb_snapshot_batch_free(ebb_snapshot_batch *b) {
+  if (b == NULL) return;
+  for (size_t i = 0; i < b->n; i++) {
+    free(b->pending[i].stream);
+    free(b->pending[i].state);
+    free(b->fingerprints[i]);
+  }
+  free(b->pending);
+  free(b->fingerprints);
+  free(b->snaps);
+  free(b);
+}
+
+ebb_snapshot_batch *ebb_runtime_take_snapshots(ebb_runtime *rt) {
+  if (rt->n_pending == 0) return NULL;
+  ebb_snapshot_batch *b = calloc(1, sizeof *b);
+  if (b == NULL) return NULL;
+  b->snaps = calloc(rt->n_pending, sizeof *b->snaps);
+  b->fingerprints = calloc(rt->n_pending, sizeof *b->fingerprints);
+  if (b->snaps == NULL || b->fingerprints == NULL) {
+    ebb_snapshot_batch_free(b);
+    return NULL;
+  }
+  /* Fingerprints are copied: the runtime's own die when its modules reload. */
+  for (size_t i = 0; i < rt->n_pending; i++)
+    if ((b->fingerprints[i] = strdup(rt->pending[i].fingerprint)) == NULL) {
+      ebb_snapshot_batch_free(b);
+      return NULL;
+    }
+  b->pending = rt->pending;
+  b->n = rt->n_pending;
+  rt->pending = NULL;
+  rt->n_pending = 0;
+  for (size_t i = 0; i < b->n; i++) {
+    pending_snapshot *p = &b->pending[i];
+    b->snaps[i] = (ebb_snapshot){.stream = p->stream, .version = p->version, .position = p->position,
+                                 .recorded_at = p->recorded_at, .fingerprint = b->fingerprints[i],
+                                 .state = p->state, .state_len = p->state_len};
+  }
+  return b;
+}
+
+int ebb_snapshot_batch_write(ebb_snapshot_batch *b, ebb_store *s, ebb_error *err) {
+  return ebb_store_snapshot_save(s, b->snaps, b->n, err);
+}
+
+size_t ebb_snapshot_batch_size(const ebb_snapshot_batch *b) {
+  return b ? b->n : 0;
+}
+
 #define MAX_PENDING_SNAPSHOTS 64
 
 /* Queues the decision's snapshot, written by the next ebb_runtime_flush (the
@@ -1354,6 +1440,27 @@ static int l_module_type(lua_State *L) {
   return 1;
 }
 
+int ebb_runtime_stream_of(ebb_runtime *rt, const char *aggregate, const char *id,
+                          char stream[EBB_MAX_NAME + 1], ebb_error *err) {
+  if (recover(rt, err) != 0) return err->code;
+  if (ebb_validate_name("aggregate", aggregate, err) || ebb_validate_name("aggregate id", id, err))
+    return err->code;
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  lua_pushinteger(L, rt->modules_ref);
+  lua_pushcclosure(L, l_module_type, 1);
+  lua_pushstring(L, aggregate);
+  if (ebb_sandbox_call(rt->sb, 1, 1) != LUA_OK || !lua_isstring(L, -1)) {
+    lua_pop(L, 1);
+    return ebb_error_set(err, EBB_ENOTFOUND, "unknown aggregate %s", aggregate);
+  }
+  const char *type = lua_tostring(L, -1);
+  int n = snprintf(stream, EBB_MAX_NAME + 1, "%s-%s", type, id);
+  lua_pop(L, 1);
+  if (n > EBB_MAX_NAME)
+    return ebb_error_set(err, EBB_EBADREQ, "stream name %s-%s is too long", type, id);
+  return 0;
+}
+
 /* Is `stream` the stream that cmd addresses? */
 static int same_stream(ebb_runtime *rt, const ebb_command *cmd, const char *stream) {
   lua_State *L = ebb_sandbox_state(rt->sb);
@@ -1396,120 +1503,183 @@ static int validate_command(const ebb_command *cmd, ebb_error *err) {
   return 0;
 }
 
-int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb_error *err) {
+/* ---------------------------------------------------------------- commands in two halves */
+
+struct ebb_decided {
+  decision d;
+  const ebb_command *cmd;
+  uint64_t generation;         /* of the Lua state the decision's state lives in */
+  ebb_event_in *in;
+  ebb_append req;
+  int appends;                 /* req must be stored (events, or a command id to record) */
+};
+
+static void decided_release(ebb_runtime *rt, ebb_decided *dc) {
+  if (dc->generation != rt->generation) {
+    /* The Lua state was rebuilt meanwhile: the reference died with the old
+     * one, and so did the fingerprint the snapshot pointed at. */
+    dc->d.state_ref = LUA_NOREF;
+    dc->d.snap_fingerprint = NULL;
+  }
+  decision_free(&dc->d);
+  ebb_error_clear(&dc->req.err);
+  free(dc->in);
+  free(dc);
+}
+
+void ebb_decided_free(ebb_runtime *rt, ebb_decided *dc) {
+  if (dc) decided_release(rt, dc);
+}
+
+ebb_append *ebb_decided_append(ebb_decided *dc) {
+  return dc->appends ? &dc->req : NULL;
+}
+
+const char *ebb_decided_stream(const ebb_decided *dc) {
+  return dc->d.stream;
+}
+
+int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **out, char **result,
+                       ebb_error *err) {
+  *out = NULL;
   *result = NULL;
   if (recover(rt, err) != 0) return err->code;
   if (validate_command(cmd, err)) return err->code;
-  decision d;
-  decision_init(&d, rt, cmd->aggregate, cmd->id);
-  d.cmd = cmd;
   if (cmd->command_id) {
     ebb_command_record rec;
-    int found = ebb_store_find_command(rt->store, cmd->command_id, &rec, &d.err);
-    if (found < 0) return fail_with(&d, err);
+    int found = ebb_store_find_command(rt->store, cmd->command_id, &rec, err);
+    if (found < 0) return err->code;
     if (found) {
       /* Answered from the record only for the same command on the same aggregate. */
-      if (strcmp(rec.type, cmd->type) != 0 || !same_stream(rt, cmd, rec.stream)) {
-        ebb_error_set(&d.err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
-                      cmd->command_id, rec.type, rec.stream);
-        return fail_with(&d, err);
-      }
-      decision_free(&d);
+      if (strcmp(rec.type, cmd->type) != 0 || !same_stream(rt, cmd, rec.stream))
+        return ebb_error_set(err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
+                             cmd->command_id, rec.type, rec.stream);
       return answer_from_store(rt, rec.stream, rec.version, rec.first_position, rec.position,
                                result, err);
     }
   }
-decide_again:
-  if (decide(rt, &d) != 0) {
-    if (d.err.code == EBB_EVERSION && d.from_cache) goto stale;
-    if (d.err.code == EBB_EVERSION) cache_state(&d, d.version, d.last_position);
-    return fail_with(&d, err);
+  ebb_decided *dc = calloc(1, sizeof *dc);
+  if (dc == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  dc->cmd = cmd;
+  dc->generation = rt->generation;
+  decision *d = &dc->d;
+  decision_init(d, rt, cmd->aggregate, cmd->id);
+  d->cmd = cmd;
+  while (decide(rt, d) != 0) {
+    int code = d->err.code;
+    if (code == EBB_EVERSION && d->from_cache) {
+      /* The expected version may be right and the cache behind: its entry
+       * is gone, so deciding again reads the stream. */
+      decision_free(d);
+      decision_init(d, rt, cmd->aggregate, cmd->id);
+      d->cmd = cmd;
+      continue;
+    }
+    if (code == EBB_EVERSION) cache_state(d, d->version, d->last_position);
+    if (err) ebb_error_move(err, &d->err);
+    decided_release(rt, dc);
+    return code;
   }
-  ebb_event_in *in = calloc(d.n_events ? d.n_events : 1, sizeof *in);
-  if (in == NULL) {
-    ebb_error_set(&d.err, EBB_ENOMEM, "out of memory");
-    return fail_with(&d, err);
+  dc->in = calloc(d->n_events ? d->n_events : 1, sizeof *dc->in);
+  if (dc->in == NULL) {
+    decided_release(rt, dc);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   }
-  for (size_t i = 0; i < d.n_events; i++) {
-    in[i] = (ebb_event_in){
-        .id = d.events[i].id,
-        .type = d.events[i].type,
-        .schema = d.events[i].schema,
-        .data = d.events[i].data,
-        .data_len = d.events[i].data_len,
-        .metadata = d.events[i].metadata,
-        .metadata_len = d.events[i].metadata_len,
-        .recorded_at = d.now,
+  for (size_t i = 0; i < d->n_events; i++) {
+    dc->in[i] = (ebb_event_in){
+        .id = d->events[i].id,
+        .type = d->events[i].type,
+        .schema = d->events[i].schema,
+        .data = d->events[i].data,
+        .data_len = d->events[i].data_len,
+        .metadata = d->events[i].metadata,
+        .metadata_len = d->events[i].metadata_len,
+        .recorded_at = d->now,
     };
   }
-  ebb_append req = {
-      .stream = d.stream,
-      .expected = d.version,
-      .events = in,
-      .n = d.n_events,
+  dc->req = (ebb_append){
+      .stream = d->stream,
+      .expected = d->version,
+      .events = dc->in,
+      .n = d->n_events,
       .command_id = cmd->command_id,
       .command_type = cmd->type,
       .json_checked = 1, /* made by ebb_json_encode just now */
   };
-  ebb_error_init(&req.err);
-  ebb_append_result res = {.version = d.version, .position = d.last_position};
-  if (d.n_events || cmd->command_id) {
-    ebb_store_append(rt->store, &req, 1, NULL);
-    if (req.err.code) {
-      free(in);
-      if (req.err.code == EBB_EVERSION && d.from_cache) {
-        ebb_error_clear(&req.err);
-        goto stale;
-      }
-      ebb_error_move(&d.err, &req.err);
-      return fail_with(&d, err);
+  ebb_error_init(&dc->req.err);
+  dc->appends = d->n_events || cmd->command_id;
+  *out = dc;
+  return 0;
+}
+
+int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_error *err) {
+  *result = NULL;
+  decision *d = &dc->d;
+  ebb_append_result res = {.version = d->version, .position = d->last_position};
+  if (dc->appends) {
+    if (dc->req.err.code) {
+      int code = dc->req.err.code;
+      int again = code == EBB_EVERSION && d->from_cache;
+      if (!again && err) ebb_error_move(err, &dc->req.err);
+      decided_release(rt, dc);
+      /* The cached state was behind the store (its entry is gone already):
+       * deciding again folds the stream from the store. */
+      return again ? EBB_RETRY : code;
     }
-    res = req.result;
-    if (d.n_events == 0 && !res.idempotent) res.position = d.last_position;
+    res = dc->req.result;
+    if (d->n_events == 0 && !res.idempotent) res.position = d->last_position;
   }
-  free(in);
   if (res.idempotent) {
     /* The same command id was handled meanwhile (another process won the
      * race): answer with what was stored, and forget this decision. */
-    decision_free(&d);
-    return answer_from_store(rt, d.stream, res.version, res.first_position,
-                             res.position, result, err);
+    char stream[EBB_MAX_NAME + 1];
+    memcpy(stream, d->stream, sizeof stream);
+    decided_release(rt, dc);
+    return answer_from_store(rt, stream, res.version, res.first_position, res.position, result,
+                             err);
   }
-  cache_state(&d, res.version, d.n_events ? res.position : d.last_position);
-  if (d.n_events) queue_snapshot(rt, &d, res.position, d.now);
+  if (dc->generation == rt->generation) {
+    cache_state(d, res.version, d->n_events ? res.position : d->last_position);
+    if (d->n_events) queue_snapshot(rt, d, res.position, d->now);
+  }
   ebb_buf b = EBB_BUF_INIT;
   ebb_buf_puts(&b, "{\"stream\":");
-  ebb_buf_json_string(&b, d.stream, strlen(d.stream));
+  ebb_buf_json_string(&b, d->stream, strlen(d->stream));
   ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)res.version,
                  (long long)res.position);
-  for (size_t i = 0; i < d.n_events; i++) {
+  for (size_t i = 0; i < d->n_events; i++) {
     ebb_event e = {
         .position = res.first_position + (int64_t)i,
         .version = res.first_version + (int64_t)i,
-        .schema = d.events[i].schema,
-        .stream = d.stream,
-        .id = d.events[i].id,
-        .type = d.events[i].type,
-        .data = d.events[i].data,
-        .data_len = d.events[i].data_len,
-        .metadata = d.events[i].metadata,
-        .metadata_len = d.events[i].metadata_len,
-        .recorded_at = d.now,
+        .schema = d->events[i].schema,
+        .stream = d->stream,
+        .id = d->events[i].id,
+        .type = d->events[i].type,
+        .data = d->events[i].data,
+        .data_len = d->events[i].data_len,
+        .metadata = d->events[i].metadata,
+        .metadata_len = d->events[i].metadata_len,
+        .recorded_at = d->now,
     };
     if (i) ebb_buf_putc(&b, ',');
     ebb_event_to_json(&e, &b);
   }
   ebb_buf_puts(&b, "]}");
-  decision_free(&d);
+  decided_release(rt, dc);
   *result = ebb_buf_take(&b, NULL);
   return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");
-stale:
-  /* The cached state was behind the store: its entry is gone already, so
-   * this attempt folds the stream from the store. */
-  decision_free(&d);
-  decision_init(&d, rt, cmd->aggregate, cmd->id);
-  d.cmd = cmd;
-  goto decide_again;
+}
+
+int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb_error *err) {
+  for (;;) {
+    ebb_decided *dc;
+    int rc = ebb_runtime_decide(rt, cmd, &dc, result, err);
+    if (rc != 0 || dc == NULL) return rc;
+    ebb_append *req = ebb_decided_append(dc);
+    if (req) ebb_store_append(rt->store, req, 1, NULL);
+    rc = ebb_runtime_finish(rt, dc, result, err);
+    if (rc != EBB_RETRY) return rc;
+  }
 }
 
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,

@@ -58,6 +58,32 @@ ebb_store *ebb_runtime_store(ebb_runtime *rt);
  * was appended. */
 int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb_error *err);
 
+/* The same in two halves, so that a host can store the events elsewhere (the
+ * daemon's writer thread groups many commands' appends into one commit)
+ * while the runtime goes on deciding other commands:
+ *
+ *   ebb_runtime_decide: folds and runs the handler. Returns 0 with either
+ *     *result (a command id handled before: the original answer) or
+ *     *decided; or an EBB_E* code and nothing pending.
+ *   ebb_decided_append: the request to store, or NULL when the command
+ *     records nothing. It and its memory belong to the decision and may be
+ *     handed to ebb_store_append on any thread; the runtime does not touch
+ *     them until ebb_runtime_finish.
+ *   ebb_runtime_finish: after the append ran (its result and err filled),
+ *     caches the new state, queues a snapshot and makes the answer; frees
+ *     the decision. EBB_RETRY means the cached state was stale: decide again.
+ *
+ * The command must stay valid until finish. Commands for one stream must not
+ * overlap: decide the next only after the previous one finished. */
+typedef struct ebb_decided ebb_decided;
+#define EBB_RETRY 1
+int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **decided,
+                       char **result, ebb_error *err);
+ebb_append *ebb_decided_append(ebb_decided *dc);
+const char *ebb_decided_stream(const ebb_decided *dc);
+int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_error *err);
+void ebb_decided_free(ebb_runtime *rt, ebb_decided *dc); /* without finishing; NULL-safe */
+
 /* The aggregate's current state as a malloc'd JSON object
  * {"aggregate","id","stream","version","state"}. */
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
@@ -74,6 +100,24 @@ int ebb_runtime_state_at(ebb_runtime *rt, const char *aggregate, const char *id,
  * their own. Commands only take (serialize) snapshots; writing them waits for
  * this, which ebb_runtime_close also does, so no answer waits for it. */
 int ebb_runtime_flush(ebb_runtime *rt, ebb_error *err);
+
+/* Snapshots taken and not yet written, moved out of the runtime so that
+ * another thread can write them (into its own store handle on the same
+ * data). NULL when there are none. */
+typedef struct ebb_snapshot_batch ebb_snapshot_batch;
+ebb_snapshot_batch *ebb_runtime_take_snapshots(ebb_runtime *rt);
+int ebb_snapshot_batch_write(ebb_snapshot_batch *b, ebb_store *s, ebb_error *err);
+size_t ebb_snapshot_batch_size(const ebb_snapshot_batch *b);
+void ebb_snapshot_batch_free(ebb_snapshot_batch *b); /* NULL-safe */
+
+/* The stream an aggregate instance lives in ("order", "o-1" -> "Order-o-1"). */
+int ebb_runtime_stream_of(ebb_runtime *rt, const char *aggregate, const char *id,
+                          char stream[EBB_MAX_NAME + 1], ebb_error *err);
+
+/* Loads the aggregate modules again (after they changed). If any fails to
+ * load or validate, the running ones stay, report gets one line per problem
+ * and EBB_ESCRIPT is returned. Cached states are dropped on success. */
+int ebb_runtime_reload(ebb_runtime *rt, ebb_buf *report, ebb_error *err);
 
 /* Appends one JSON line per stored snapshot: {stream, version, position,
  * recorded_at, fingerprint, bytes, created_at, current} (current: made by the

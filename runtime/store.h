@@ -144,6 +144,11 @@ typedef struct ebb_store_vtable {
   void (*close)(ebb_store *);
 } ebb_store_vtable;
 
+/* fsyncs issued by every SQLite store of the process so far, and their total
+ * time: what durability costs, for metrics. */
+void ebb_store_sync_stats(uint64_t *count, double *seconds);
+const char *ebb__sync_vfs_name(void); /* the timing VFS the SQLite backend opens with */
+
 /* Every backend's handle starts with this. */
 struct ebb_store {
   const ebb_store_vtable *vt;

@@ -232,7 +232,8 @@ int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_er
   if (s == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory opening the store");
   s->base.vt = &sqlite_vtable;
   int flags = opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
-  if (sqlite3_open_v2(path, &s->db, flags | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+  if (sqlite3_open_v2(path, &s->db, flags | SQLITE_OPEN_NOMUTEX, ebb__sync_vfs_name()) !=
+      SQLITE_OK) {
     ebb_error_set(err, EBB_ESTORE, "cannot open %s: %s", path,
                   s->db ? sqlite3_errmsg(s->db) : "out of memory");
     sqlite_close(&s->base);

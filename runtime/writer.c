@@ -1,0 +1,230 @@
+/*
+ * writer.c: group commit on a thread of its own (see writer.h).
+ *
+ * Two queues cross the threads, both guarded by one mutex: `in` (submitted,
+ * not yet taken) and `out` (written, not yet reported). The thread sleeps on
+ * a condition variable while `in` is empty; the loop learns of finished
+ * batches through a uv_async_t. Whatever arrived while a commit was running
+ * goes into the next one, so batches grow exactly when the disk is the
+ * bottleneck and stay at one request when it is not.
+ */
+#include "writer.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+
+#define MAX_BATCH 1024
+
+const unsigned ebb_writer_batch_bounds[EBB_WRITER_BATCH_BUCKETS] = {1, 2, 4, 8, 16, 32, 64, 256};
+const double ebb_writer_time_bounds[EBB_WRITER_TIME_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001,
+                                                                0.0025, 0.005,   0.01,   0.025,
+                                                                0.05,   0.1};
+
+struct ebb_writer {
+  uv_loop_t *loop;
+  uv_async_t async;
+  ebb_store *store;
+  ebb_writer_done done;
+  void *ud;
+  pthread_t thread;
+  int started;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  ebb_write *in_head, *in_tail;
+  ebb_write *out_head, *out_tail;
+  size_t pending; /* submitted, not yet reported (loop thread only) */
+  int stopping;
+  ebb_writer_stats stats; /* under mu */
+  ebb_append *batch;      /* the thread's scratch copies of the requests */
+};
+
+static void push(ebb_write **head, ebb_write **tail, ebb_write *w) {
+  w->next = NULL;
+  if (*tail) (*tail)->next = w;
+  else *head = w;
+  *tail = w;
+}
+
+static void count(uint64_t *hist, const unsigned *bounds, size_t n, unsigned v) {
+  size_t i = 0;
+  while (i < n && v > bounds[i]) i++;
+  hist[i]++;
+}
+
+static void count_time(uint64_t *hist, double v) {
+  size_t i = 0;
+  while (i < EBB_WRITER_TIME_BUCKETS && v > ebb_writer_time_bounds[i]) i++;
+  hist[i]++;
+}
+
+/* Commits one batch: the requests in one transaction, then the snapshots. */
+static void write_batch(ebb_writer *w, ebb_write *first) {
+  size_t n = 0, events = 0;
+  for (ebb_write *x = first; x; x = x->next)
+    if (x->req) {
+      w->batch[n++] = *x->req;
+      events += x->req->n;
+    }
+  uint64_t t0 = ebb_clock_mono_ns();
+  int failed = 0;
+  if (n) {
+    ebb_error err;
+    ebb_error_init(&err);
+    failed = ebb_store_append(w->store, w->batch, n, &err) != 0;
+    ebb_error_clear(&err);
+    size_t i = 0;
+    for (ebb_write *x = first; x; x = x->next)
+      if (x->req) {
+        x->req->result = w->batch[i].result;
+        x->req->err = w->batch[i].err; /* details, if any, move with it */
+        i++;
+      }
+  }
+  double secs = (double)(ebb_clock_mono_ns() - t0) / 1e9;
+  uint64_t snaps = 0;
+  for (ebb_write *x = first; x; x = x->next)
+    if (x->snapshots) {
+      ebb_error err;
+      ebb_error_init(&err);
+      /* Snapshots can always be taken again: a failed write only drops them. */
+      if (ebb_snapshot_batch_write(x->snapshots, w->store, &err) == 0)
+        snaps += ebb_snapshot_batch_size(x->snapshots);
+      ebb_error_clear(&err);
+      ebb_snapshot_batch_free(x->snapshots);
+      x->snapshots = NULL;
+    }
+  pthread_mutex_lock(&w->mu);
+  if (n) {
+    w->stats.batches++;
+    w->stats.requests += n;
+    w->stats.events += failed ? 0 : events;
+    w->stats.failed_batches += failed;
+    count(w->stats.batch_hist, ebb_writer_batch_bounds, EBB_WRITER_BATCH_BUCKETS, (unsigned)n);
+    count_time(w->stats.commit_hist, secs);
+    w->stats.commit_seconds += secs;
+  }
+  w->stats.snapshots += snaps;
+  pthread_mutex_unlock(&w->mu);
+}
+
+static void *writer_main(void *arg) {
+  ebb_writer *w = arg;
+  pthread_mutex_lock(&w->mu);
+  for (;;) {
+    while (w->in_head == NULL && !w->stopping) pthread_cond_wait(&w->cv, &w->mu);
+    if (w->in_head == NULL) break; /* stopping, and nothing left */
+    /* Take up to MAX_BATCH requests; the rest waits for the next commit. */
+    ebb_write *first = w->in_head, *last = first;
+    size_t n = last->req != NULL;
+    while (last->next && n + (last->next->req != NULL) <= MAX_BATCH) {
+      last = last->next;
+      n += last->req != NULL;
+    }
+    w->in_head = last->next;
+    if (w->in_head == NULL) w->in_tail = NULL;
+    last->next = NULL;
+    pthread_mutex_unlock(&w->mu);
+    write_batch(w, first);
+    pthread_mutex_lock(&w->mu);
+    if (w->out_tail) w->out_tail->next = first;
+    else w->out_head = first;
+    w->out_tail = last;
+    uv_async_send(&w->async);
+  }
+  pthread_mutex_unlock(&w->mu);
+  return NULL;
+}
+
+/* Loop thread: reports finished writes in order. */
+static void report(ebb_writer *w) {
+  pthread_mutex_lock(&w->mu);
+  ebb_write *x = w->out_head;
+  w->out_head = w->out_tail = NULL;
+  pthread_mutex_unlock(&w->mu);
+  while (x) {
+    ebb_write *next = x->next;
+    x->next = NULL;
+    w->pending--;
+    w->done(w->ud, x);
+    x = next;
+  }
+}
+
+static void on_async(uv_async_t *a) {
+  report(a->data);
+}
+
+int ebb_writer_start(ebb_writer **out, uv_loop_t *loop, const ebb_store_options *so,
+                     ebb_writer_done done, void *ud, ebb_error *err) {
+  *out = NULL;
+  ebb_writer *w = calloc(1, sizeof *w);
+  if (w == NULL || (w->batch = calloc(MAX_BATCH, sizeof *w->batch)) == NULL) {
+    free(w);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  w->loop = loop;
+  w->done = done;
+  w->ud = ud;
+  if (ebb_store_open(&w->store, so, err) != 0) {
+    free(w->batch);
+    free(w);
+    return err->code;
+  }
+  pthread_mutex_init(&w->mu, NULL);
+  pthread_cond_init(&w->cv, NULL);
+  uv_async_init(loop, &w->async, on_async);
+  w->async.data = w;
+  if (pthread_create(&w->thread, NULL, writer_main, w) != 0) {
+    ebb_error_set(err, EBB_ENOMEM, "cannot start the writer thread");
+    ebb_writer_stop(w);
+    return err->code;
+  }
+  w->started = 1;
+  *out = w;
+  return 0;
+}
+
+void ebb_writer_submit(ebb_writer *w, ebb_write *write) {
+  pthread_mutex_lock(&w->mu);
+  push(&w->in_head, &w->in_tail, write);
+  w->pending++;
+  pthread_cond_signal(&w->cv);
+  pthread_mutex_unlock(&w->mu);
+}
+
+size_t ebb_writer_pending(const ebb_writer *w) {
+  return w->pending;
+}
+
+void ebb_writer_stats_get(ebb_writer *w, ebb_writer_stats *out) {
+  pthread_mutex_lock(&w->mu);
+  *out = w->stats;
+  pthread_mutex_unlock(&w->mu);
+  ebb_store_sync_stats(&out->syncs, &out->sync_seconds);
+}
+
+static void on_close(uv_handle_t *h) {
+  ebb_writer *w = h->data;
+  free(w->batch);
+  free(w);
+}
+
+void ebb_writer_stop(ebb_writer *w) {
+  if (w == NULL) return;
+  if (w->started) {
+    pthread_mutex_lock(&w->mu);
+    w->stopping = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    report(w); /* what the last batches wrote */
+  }
+  ebb_store_close(w->store);
+  w->store = NULL;
+  pthread_cond_destroy(&w->cv);
+  pthread_mutex_destroy(&w->mu);
+  uv_close((uv_handle_t *)&w->async, on_close);
+}

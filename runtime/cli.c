@@ -1,7 +1,9 @@
 /*
  * cli.c: the `ebb` command line (see cli.h and README.md).
  *
- * Every command works on a data directory directly through the runtime.
+ * A command works on a data directory directly through the runtime, or,
+ * with --url, through a running daemon's HTTP API; the output is the same
+ * either way. A command that writes refuses a data directory a daemon holds.
  * Output is JSON, one object per line for lists, so it pipes into jq;
  * errors go to stderr as "ebb: <code>: <message>" with an exit code per kind.
  */
@@ -16,23 +18,35 @@
 #include <string.h>
 
 #include "clock.h"
+#include "config.h"
+#include "daemon.h"
+#include "http_client.h"
 #include "json.h"
+#include "lock.h"
+#include "log.h"
 #include "runtime.h"
 #include "uuid.h"
 
 #define MAX_POSITIONAL 8
+#define MAX_SETTINGS 32
 #define PAGE 1000
 
 typedef struct cli {
   const char *command;
   const char *pos[MAX_POSITIONAL];
   int npos;
-  /* global options */
-  const char *data, *aggregates, *projections, *durability;
+  /* settings (config.h): flags collected first, applied over file and environment */
+  ebb_config cfg;
+  const char *set_name[MAX_SETTINGS], *set_value[MAX_SETTINGS];
+  int nset;
+  const char *data, *aggregates, *projections, *durability; /* = cfg's */
+  ebb_url url;
+  int remote;  /* --url given: go through the daemon */
+  int held;    /* a daemon holds the data directory: open it for reading only */
   /* command options */
   const char *expect, *command_id, *metadata, *from, *limit, *after, *before, *category, *type;
   const char *version, *at, *reason;
-  int backward, help, raw, stale;
+  int backward, help, raw, stale, follow;
 } cli;
 
 typedef struct option {
@@ -45,8 +59,7 @@ typedef struct option {
 #define FLAG(n, f) {n, 0, offsetof(cli, f)}
 
 static const option global_options[] = {
-    OPT("data", data), OPT("aggregates", aggregates), OPT("projections", projections),
-    OPT("durability", durability), FLAG("help", help), {NULL, 0, 0},
+    FLAG("help", help), {NULL, 0, 0},
 };
 
 typedef struct command {
@@ -131,7 +144,8 @@ static const option command_options[] = {
     OPT("from", from),       OPT("limit", limit),           OPT("after", after),
     OPT("before", before),   OPT("category", category),     OPT("type", type),
     OPT("version", version), OPT("at", at), OPT("reason", reason),
-    FLAG("backward", backward), FLAG("raw", raw), FLAG("stale", stale), {NULL, 0, 0},
+    FLAG("backward", backward), FLAG("raw", raw), FLAG("stale", stale), FLAG("follow", follow),
+    {NULL, 0, 0},
 };
 
 static int option_allowed(const command *cmd, const char *name) {
@@ -158,6 +172,14 @@ static int parse_args(cli *c, int argc, char **argv) {
       name[n] = '\0';
       const char *value = eq ? eq + 1 : (i + 1 < argc ? argv[i + 1] : NULL);
       int used = 0;
+      if (ebb_config_known(name)) {
+        if (value == NULL) return usage_error("option --%s needs a value", name);
+        if (c->nset == MAX_SETTINGS) return usage_error("too many settings (%s)", a);
+        c->set_name[c->nset] = a + 2; /* "name" or "name=value": cut below */
+        c->set_value[c->nset++] = value;
+        if (!eq) i++;
+        continue;
+      }
       int rc = set_option(c, global_options, name, value, &used);
       if (rc < 0) {
         const command *cmd = c->command ? find_command(c->command) : NULL;
@@ -186,19 +208,182 @@ static int parse_args(cli *c, int argc, char **argv) {
 
 /* ---------------------------------------------------------------- opening */
 
+/* Resolves the settings: defaults < config file < environment < flags. */
+static int resolve_settings(cli *c) {
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_config_init(&c->cfg);
+  const char *file = getenv("EBB_CONFIG");
+  char name[64];
+  for (int i = 0; i < c->nset; i++) {
+    size_t n = strcspn(c->set_name[i], "=");
+    snprintf(name, sizeof name, "%.*s", (int)n, c->set_name[i]);
+    if (ebb_config_known(name) && !strcmp(name, "config")) file = c->set_value[i];
+  }
+  if (file && file[0] && ebb_config_load_file(&c->cfg, file, &err) != 0) return fail(&err);
+  if (ebb_config_load_env(&c->cfg, &err) != 0) return fail(&err);
+  for (int i = 0; i < c->nset; i++) {
+    size_t n = strcspn(c->set_name[i], "=");
+    snprintf(name, sizeof name, "%.*s", (int)n, c->set_name[i]);
+    if (ebb_config_set(&c->cfg, name, c->set_value[i], "flag", &err) != 0) {
+      fprintf(stderr, "ebb: --%s: %s\n", name, err.message);
+      return EBB_EXIT_USAGE;
+    }
+  }
+  if (strcmp(c->cfg.durability, "full") != 0 && strcmp(c->cfg.durability, "normal") != 0)
+    return usage_error("--durability must be full or normal, not \"%s\"", c->cfg.durability);
+  c->data = c->cfg.data;
+  c->aggregates = c->cfg.aggregates;
+  c->projections = c->cfg.projections;
+  c->durability = c->cfg.durability;
+  if (c->cfg.url[0]) {
+    if (ebb_url_parse(c->cfg.url, &c->url, &err) != 0) {
+      fprintf(stderr, "ebb: --url: %s\n", err.message);
+      return EBB_EXIT_USAGE;
+    }
+    c->remote = 1;
+  }
+  return 0;
+}
+
+/* A daemon holding the data directory: writers refuse (naming it), readers
+ * open the store read-only. 0 to go on, else the exit code. */
+static int check_holder(cli *c, int writes) {
+  char *holder = NULL;
+  ebb_error err;
+  ebb_error_init(&err);
+  int held = ebb_lock_probe(c->data, &holder, &err);
+  if (held < 0) return fail(&err);
+  c->held = held;
+  if (held && writes) {
+    char msg[sizeof err.message];
+    ebb_lock_describe(c->data, holder, msg, sizeof msg);
+    free(holder);
+    ebb_error_set(&err, EBB_EBUSY, "%s", msg);
+    return fail(&err);
+  }
+  free(holder);
+  return 0;
+}
+
 static int open_runtime(cli *c, ebb_runtime **rt) {
   ebb_runtime_options o = {
       .data_dir = c->data,
       .aggregates_dir = c->aggregates,
       .durability = strcmp(c->durability, "normal") == 0 ? EBB_DURABILITY_NORMAL
                                                           : EBB_DURABILITY_FULL,
+      .memory_limit = (size_t)c->cfg.memory_limit,
+      .instruction_budget = c->cfg.instruction_budget,
+      /* Reading beside a daemon: no snapshots, which would be writes. */
+      .no_snapshots = c->held,
   };
-  if (strcmp(c->durability, "full") != 0 && strcmp(c->durability, "normal") != 0)
-    return usage_error("--durability must be full or normal, not \"%s\"", c->durability);
   ebb_error err;
   ebb_error_init(&err);
   if (ebb_runtime_open(rt, &o, &err) != 0) return fail(&err);
   return 0;
+}
+
+/* ---------------------------------------------------------------- through a daemon */
+
+static int code_of_name(const char *name, size_t len) {
+  for (int code = -1; code >= -13; code--) {
+    const char *n = ebb_error_name(code);
+    if (strlen(n) == len && memcmp(n, name, len) == 0) return code;
+  }
+  return EBB_ESTORE;
+}
+
+/* Turns a daemon's error answer into the same line and exit code as locally. */
+static int remote_fail(const ebb_http_response *res) {
+  const char *e, *v;
+  size_t elen, vlen;
+  ebb_error err;
+  ebb_error_init(&err);
+  int code = EBB_ESTORE;
+  if (ebb_json_member(res->body, res->body_len, "error", &e, &elen) == 1 &&
+      ebb_json_member(e, elen, "code", &v, &vlen) == 1 && vlen >= 2) {
+    if (vlen == 14 && memcmp(v, "\"unauthorized\"", 14) == 0) {
+      fprintf(stderr, "ebb: unauthorized: the daemon needs a token (--token or EBB_TOKEN)\n");
+      return EBB_EXIT_FAILURE;
+    }
+    code = code_of_name(v + 1, vlen - 2);
+  }
+  ebb_error_set(&err, code, "%s", "");
+  int rc = 0;
+  switch (code) {
+    case EBB_ENOTFOUND: rc = EBB_EXIT_NOTFOUND; break;
+    case EBB_EVERSION:
+    case EBB_ECONFLICT: rc = EBB_EXIT_CONFLICT; break;
+    case EBB_EREJECTED: rc = EBB_EXIT_REJECTED; break;
+    case EBB_ESCRIPT: rc = EBB_EXIT_SCRIPT; break;
+    case EBB_EBADREQ:
+    case EBB_ETOOLARGE: rc = EBB_EXIT_INVALID; break;
+    case EBB_EBUSY: rc = EBB_EXIT_BUSY; break;
+    case EBB_EDELETED: rc = EBB_EXIT_DELETED; break;
+    default: rc = EBB_EXIT_FAILURE;
+  }
+  /* The daemon's message, as sent: "ebb: <code>: <message>" like a local failure. */
+  const char *m = NULL;
+  size_t mlen = 0;
+  if (ebb_json_member(e, elen, "message", &m, &mlen) == 1 && mlen >= 2)
+    fprintf(stderr, "ebb: %s: %.*s\n", ebb_error_name(code), (int)(mlen - 2), m + 1);
+  else fprintf(stderr, "ebb: HTTP %d: %.*s\n", res->status, (int)res->body_len, res->body);
+  fprintf(stderr, "ebb: response: %.*s\n", (int)res->body_len, res->body);
+  ebb_error_clear(&err);
+  return rc;
+}
+
+/* One request to the daemon. On 200, *res holds the answer (caller frees). */
+static int remote_call(cli *c, const char *method, const char *path, const char *body,
+                       ebb_http_response *res) {
+  ebb_error err;
+  ebb_error_init(&err);
+  memset(res, 0, sizeof *res);
+  if (ebb_http_request_send(&c->url, method, path, c->cfg.token[0] ? c->cfg.token : NULL, body,
+                            body ? strlen(body) : 0, 60000, res, &err) != 0)
+    return fail(&err);
+  if (res->status == 200) return 0;
+  int rc = remote_fail(res);
+  ebb_http_response_free(res);
+  return rc;
+}
+
+static int print_item(void *ud, const char *item, size_t len) {
+  (void)ud;
+  fwrite(item, 1, len, stdout);
+  fputc('\n', stdout);
+  return 0;
+}
+
+/* Prints the items of the answer's member `key` (an array), one per line. */
+static int print_member_items(const ebb_http_response *res, const char *key, size_t *count) {
+  const char *v;
+  size_t vlen;
+  if (ebb_json_member(res->body, res->body_len, key, &v, &vlen) != 1) return -1;
+  *count = 0;
+  for (size_t i = 0; i < vlen; i++)
+    if (v[i] == '{' && (i == 1 || v[i - 1] == ',' || v[i - 1] == '[')) (*count)++;
+  return ebb_json_array_items(v, vlen, print_item, NULL);
+}
+
+static int64_t member_int(const ebb_http_response *res, const char *key) {
+  const char *v;
+  size_t vlen;
+  if (ebb_json_member(res->body, res->body_len, key, &v, &vlen) != 1) return -1;
+  return strtoll(v, NULL, 10);
+}
+
+static void path_segment(ebb_buf *b, const char *s) {
+  ebb_buf_putc(b, '/');
+  ebb_url_encode(b, s, strlen(s));
+}
+
+static void query_param(ebb_buf *b, const char *k, const char *v) {
+  if (v == NULL) return;
+  ebb_buf_putc(b, strchr(ebb_buf_cstr(b), '?') ? '&' : '?');
+  ebb_buf_puts(b, k);
+  ebb_buf_putc(b, '=');
+  ebb_url_encode(b, v, strlen(v));
 }
 
 /* Prints events one per line, upcast to their current schema unless --raw. */
@@ -217,6 +402,174 @@ static int print_events(cli *c, ebb_runtime *rt, ebb_event_list *l, ebb_error *e
 
 /* ---------------------------------------------------------------- commands */
 
+static int remote_send(cli *c, const ebb_command *cmd) {
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_puts(&b, "{\"aggregate\":");
+  ebb_buf_json_string(&b, cmd->aggregate, strlen(cmd->aggregate));
+  ebb_buf_puts(&b, ",\"id\":");
+  ebb_buf_json_string(&b, cmd->id, strlen(cmd->id));
+  ebb_buf_puts(&b, ",\"type\":");
+  ebb_buf_json_string(&b, cmd->type, strlen(cmd->type));
+  if (cmd->data) ebb_buf_printf(&b, ",\"data\":%s", cmd->data);
+  if (cmd->metadata) ebb_buf_printf(&b, ",\"metadata\":%s", cmd->metadata);
+  if (cmd->command_id) {
+    ebb_buf_puts(&b, ",\"command_id\":");
+    ebb_buf_json_string(&b, cmd->command_id, strlen(cmd->command_id));
+  }
+  if (cmd->has_expected) {
+    char buf[24];
+    const char *e = ebb_expected_name(cmd->expected, buf, sizeof buf);
+    ebb_buf_puts(&b, ",\"expected_version\":");
+    if (cmd->expected >= 0) ebb_buf_puts(&b, e);
+    else ebb_buf_json_string(&b, e, strlen(e));
+  }
+  ebb_buf_putc(&b, '}');
+  ebb_http_response res;
+  int rc = remote_call(c, "POST", "/commands", ebb_buf_cstr(&b), &res);
+  ebb_buf_free(&b);
+  if (rc) return rc;
+  printf("%.*s\n", (int)res.body_len, res.body);
+  ebb_http_response_free(&res);
+  return 0;
+}
+
+static int remote_read(cli *c, int64_t from, int64_t limit) {
+  int64_t printed = 0;
+  for (;;) {
+    int64_t want = limit - printed < PAGE ? limit - printed : PAGE;
+    char num[32];
+    ebb_buf path = EBB_BUF_INIT;
+    ebb_buf_puts(&path, "/streams");
+    path_segment(&path, c->pos[0]);
+    snprintf(num, sizeof num, "%lld", (long long)from);
+    query_param(&path, "from", num);
+    snprintf(num, sizeof num, "%lld", (long long)want);
+    query_param(&path, "limit", num);
+    if (c->backward) query_param(&path, "backward", "true");
+    ebb_http_response res;
+    int rc = remote_call(c, "GET", ebb_buf_cstr(&path), NULL, &res);
+    ebb_buf_free(&path);
+    if (rc) return rc;
+    size_t n = 0;
+    int64_t version = member_int(&res, "version");
+    print_member_items(&res, "events", &n);
+    ebb_http_response_free(&res);
+    printed += (int64_t)n;
+    if ((int64_t)n < want || printed >= limit) return 0;
+    if (c->backward) {
+      int64_t start = from > 0 ? from : version;
+      from = start - (int64_t)n;
+      if (from < 1) return 0;
+    } else {
+      from = (from > 0 ? from : 1) + (int64_t)n;
+    }
+  }
+}
+
+typedef struct follow_state {
+  long long count, limit;
+} follow_state;
+
+static int on_sse_event(void *ud, const char *id, const char *event, const char *data) {
+  follow_state *f = ud;
+  (void)id;
+  if (event && strcmp(event, "message") != 0) {
+    /* The daemon's last word: shutting down, or this client fell behind. */
+    fprintf(stderr, "ebb: subscription ended (%s): %s\n", event, data ? data : "");
+    return 2;
+  }
+  if (data) {
+    puts(data);
+    fflush(stdout);
+  }
+  return ++f->count >= f->limit ? 1 : 0;
+}
+
+static int remote_events(cli *c, int64_t after, int64_t limit) {
+  char num[32];
+  ebb_buf path = EBB_BUF_INIT;
+  if (c->follow) {
+    ebb_buf_puts(&path, "/subscribe");
+    snprintf(num, sizeof num, "%lld", (long long)after);
+    query_param(&path, "after", num);
+    query_param(&path, "category", c->category);
+    query_param(&path, "type", c->type);
+    follow_state f = {0, limit};
+    int status = 0;
+    char *error_body = NULL;
+    ebb_error err;
+    ebb_error_init(&err);
+    int rc = ebb_http_sse(&c->url, ebb_buf_cstr(&path), c->cfg.token[0] ? c->cfg.token : NULL,
+                          NULL, on_sse_event, &f, &status, &error_body, &err);
+    ebb_buf_free(&path);
+    if (rc < 0) return fail(&err);
+    if (status != 200 && status != 0) {
+      ebb_http_response res = {.status = status, .body = error_body ? error_body : "",
+                               .body_len = error_body ? strlen(error_body) : 0};
+      rc = remote_fail(&res);
+      free(error_body);
+      return rc;
+    }
+    free(error_body);
+    return rc == 2 ? EBB_EXIT_FAILURE : 0;
+  }
+  int64_t printed = 0;
+  for (;;) {
+    int64_t want = limit - printed < PAGE ? limit - printed : PAGE;
+    ebb_buf_reset(&path);
+    ebb_buf_puts(&path, "/events");
+    snprintf(num, sizeof num, "%lld", (long long)after);
+    query_param(&path, "after", num);
+    snprintf(num, sizeof num, "%lld", (long long)want);
+    query_param(&path, "limit", num);
+    query_param(&path, "category", c->category);
+    query_param(&path, "type", c->type);
+    ebb_http_response res;
+    int rc = remote_call(c, "GET", ebb_buf_cstr(&path), NULL, &res);
+    if (rc) {
+      ebb_buf_free(&path);
+      return rc;
+    }
+    size_t n = 0;
+    print_member_items(&res, "events", &n);
+    after = member_int(&res, "next");
+    ebb_http_response_free(&res);
+    printed += (int64_t)n;
+    if ((int64_t)n < want || printed >= limit) break;
+  }
+  ebb_buf_free(&path);
+  return 0;
+}
+
+static int remote_state(cli *c) {
+  ebb_buf path = EBB_BUF_INIT;
+  ebb_buf_puts(&path, "/aggregates");
+  path_segment(&path, c->pos[0]);
+  path_segment(&path, c->pos[1]);
+  query_param(&path, "version", c->version);
+  query_param(&path, "at", c->at);
+  ebb_http_response res;
+  int rc = remote_call(c, "GET", ebb_buf_cstr(&path), NULL, &res);
+  ebb_buf_free(&path);
+  if (rc) return rc;
+  printf("%.*s\n", (int)res.body_len, res.body);
+  ebb_http_response_free(&res);
+  return 0;
+}
+
+static int cmd_serve(cli *c) {
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_log_setup((ebb_log_level)(ebb_log_level_parse(c->cfg.log_level) < 0
+                                    ? EBB_LOG_INFO
+                                    : ebb_log_level_parse(c->cfg.log_level)),
+                !strcmp(c->cfg.log_format, "json")   ? EBB_LOG_JSON
+                : !strcmp(c->cfg.log_format, "text") ? EBB_LOG_TEXT
+                                                     : EBB_LOG_AUTO);
+  if (ebb_daemon_run(&c->cfg, &err) != 0) return fail(&err);
+  return 0;
+}
+
 static int cmd_send(cli *c) {
   ebb_command cmd = {
       .aggregate = c->pos[0],
@@ -234,8 +587,11 @@ static int cmd_send(cli *c) {
       return usage_error("--expect takes any, no_stream, exists or a version, not \"%s\"",
                          c->expect);
   }
+  if (c->remote) return remote_send(c, &cmd);
+  int rc = check_holder(c, 1);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   char *result;
   ebb_error err;
@@ -253,8 +609,11 @@ static int cmd_read(cli *c) {
   if ((c->from && parse_int(c->from, "--from", 0, &from)) ||
       (c->limit && parse_int(c->limit, "--limit", 1, &limit)))
     return EBB_EXIT_USAGE;
+  if (c->remote) return remote_read(c, from, limit);
+  int rc = check_holder(c, 0);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   ebb_event_list l;
   ebb_event_list_init(&l);
@@ -287,8 +646,10 @@ static int cmd_read(cli *c) {
 
 /* Pages through all events after `after` (and before `before`, when > 0). */
 static int page_events(cli *c, int64_t after, int64_t before, int64_t limit) {
+  int rc = check_holder(c, 0);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   ebb_event_list l;
   ebb_event_list_init(&l);
@@ -322,6 +683,26 @@ static int cmd_events(cli *c) {
   if ((c->after && parse_int(c->after, "--after", 0, &after)) ||
       (c->limit && parse_int(c->limit, "--limit", 1, &limit)))
     return EBB_EXIT_USAGE;
+  if (c->follow && !c->remote) {
+    /* Following needs the daemon's subscription: use the one holding the data. */
+    char *holder = NULL;
+    ebb_error err;
+    ebb_error_init(&err);
+    const char *u;
+    size_t ulen;
+    if (ebb_lock_probe(c->data, &holder, &err) == 1 &&
+        ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1 && ulen > 2) {
+      char url[300];
+      snprintf(url, sizeof url, "%.*s", (int)(ulen - 2), u + 1);
+      if (ebb_url_parse(url, &c->url, &err) == 0) c->remote = 1;
+    }
+    free(holder);
+    ebb_error_clear(&err);
+    if (!c->remote)
+      return usage_error("%s", "--follow needs a running daemon: start 'ebb serve' or give --url");
+  }
+  if (c->remote && c->raw) return usage_error("%s", "--raw reads the store itself: not with --url");
+  if (c->remote) return remote_events(c, after, limit);
   return page_events(c, after, 0, limit);
 }
 
@@ -337,8 +718,11 @@ static int cmd_state(cli *c) {
   int64_t version = 0;
   if (c->version && parse_int(c->version, "--version", 0, &version)) return EBB_EXIT_USAGE;
   if (c->version && c->at) return usage_error("%s", "give --version or --at, not both");
+  if (c->remote) return remote_state(c);
+  int rc = check_holder(c, 0);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   char *result;
   ebb_error err;
@@ -356,8 +740,10 @@ static int cmd_delete(cli *c) {
   int64_t expected = EBB_EXPECT_EXISTS;
   if (c->expect && ebb_parse_expected(c->expect, &expected) != 0)
     return usage_error("--expect takes any, exists or a version, not \"%s\"", c->expect);
+  int rc = check_holder(c, 1);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   ebb_append_result r;
   ebb_error err;
@@ -380,8 +766,10 @@ static int cmd_snapshots(cli *c) {
   if (deleting && strcmp(c->pos[0], "delete") != 0)
     return usage_error("unknown snapshots action \"%s\" (only delete)", c->pos[0]);
   if (!deleting && c->stale) return usage_error("%s", "--stale goes with delete");
+  int rc = check_holder(c, deleting);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   ebb_error err;
   ebb_error_init(&err);
@@ -398,8 +786,17 @@ static int cmd_snapshots(cli *c) {
 }
 
 static int cmd_check(cli *c) {
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_config_validate(&c->cfg, &err) != 0) {
+    fprintf(stderr, "ebb: configuration: %s\n", err.message);
+    ebb_error_clear(&err);
+    return EBB_EXIT_INVALID;
+  }
+  int rc = check_holder(c, 0);
+  if (rc) return rc;
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) return rc;
   ebb_buf b = EBB_BUF_INIT;
   int problems = ebb_runtime_check(rt, &b);
@@ -414,6 +811,8 @@ static int cmd_check(cli *c) {
   ebb_buf_free(&b);
   ebb_buf_puts(&b, "{\"ok\":true,\"aggregates\":");
   ebb_buf_json_string(&b, c->aggregates, strlen(c->aggregates));
+  ebb_buf_puts(&b, ",\"config\":");
+  ebb_config_dump(&c->cfg, &b);
   ebb_buf_puts(&b, "}\n");
   fwrite(b.data, 1, b.len, stdout);
   ebb_buf_free(&b);
@@ -575,8 +974,13 @@ static int cmd_import(cli *c) {
     fprintf(stderr, "ebb: cannot open %s: %s\n", c->pos[0], strerror(errno));
     return EBB_EXIT_USAGE;
   }
+  int rc = check_holder(c, 1);
+  if (rc) {
+    if (f != stdin) fclose(f);
+    return rc;
+  }
   ebb_runtime *rt;
-  int rc = open_runtime(c, &rt);
+  rc = open_runtime(c, &rt);
   if (rc) {
     if (f != stdin) fclose(f);
     return rc;
@@ -646,16 +1050,24 @@ static const command commands[] = {
      "{stream, version, position, events}. --expect makes the command fail unless the stream is\n"
      "at that version (any, no_stream, exists or N); --command-id makes it idempotent: sending\n"
      "the same id again returns the original result and records nothing."},
+    {"serve", cmd_serve, 0, 0, "",
+     "ebb serve [--listen HOST:PORT] [--token T] [--data DIR] [--aggregates DIR] [...]",
+     "Runs the daemon: the HTTP API (README.md) on HOST:PORT (default 127.0.0.1:7070), over\n"
+     "the data directory, which it locks. Prints 'ebb listening on URL' once it accepts\n"
+     "connections. SIGTERM or SIGINT drain it (no new work; in-flight commands finish; exit 0);\n"
+     "SIGHUP reloads the aggregate modules (a module that fails keeps the old one). All settings\n"
+     "are below; each also comes from EBB_<NAME> or a --config Lua file."},
     {"read", cmd_read, 1, 1, "from limit backward raw",
      "ebb read STREAM [--from N] [--limit N] [--backward] [--raw]",
      "Prints the events of STREAM, one JSON object per line, from version N (forward: the first\n"
      "by default; --backward: the last by default). Events stored with an older schema are\n"
      "upcast to the current one by the aggregate modules; --raw prints them as stored."},
-    {"events", cmd_events, 0, 0, "after limit category type raw",
-     "ebb events [--after POS] [--limit N] [--category C] [--type T] [--raw]",
+    {"events", cmd_events, 0, 0, "after limit category type raw follow",
+     "ebb events [--after POS] [--limit N] [--category C] [--type T] [--raw] [--follow]",
      "Prints all events in global order after position POS, optionally only those of stream\n"
      "category C (the text before a stream's first '-') and/or of stored event type T; upcast\n"
-     "to their current schema unless --raw."},
+     "to their current schema unless --raw. --follow then goes on printing events as they are\n"
+     "committed, through the daemon (its subscription, GET /subscribe), until interrupted."},
     {"state", cmd_state, 2, 2, "version at", "ebb state AGGREGATE ID [--version N | --at TIME]",
      "Prints the aggregate's state: {aggregate, id, stream, version, position, state}; by default\n"
      "the current one, with --version N as it was after version N, with --at TIME (RFC 3339) as it\n"
@@ -697,11 +1109,13 @@ static void print_overview(FILE *f) {
           "Usage: ebb COMMAND [ARGS] [OPTIONS]\n\nCommands:\n");
   for (const command *c = commands; c->name; c++) fprintf(f, "  %s\n", c->usage);
   fprintf(f,
-          "\nOptions for every command:\n"
-          "  --data DIR          data directory (default ./data)\n"
-          "  --aggregates DIR    aggregate modules (default ./aggregates)\n"
-          "  --projections DIR   projection modules (default ./projections)\n"
-          "  --durability LEVEL  full (default: fsync every commit) or normal\n\n"
+          "\nSettings (flags > EBB_<NAME> environment > --config FILE > defaults):\n");
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_config_help(&b);
+  fputs(ebb_buf_cstr(&b), f);
+  ebb_buf_free(&b);
+  fprintf(f,
+          "\n"
           "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 conflict, 5 rejected,\n"
           "6 script error, 7 invalid input, 8 busy, 9 stream deleted. 'ebb help COMMAND' for more.\n");
 }
@@ -719,12 +1133,12 @@ static int cmd_help(cli *c) {
 
 int ebb_cli_main(int argc, char **argv) {
   cli c = {0};
-  c.data = getenv("EBB_DATA") ? getenv("EBB_DATA") : "data";
-  c.aggregates = getenv("EBB_AGGREGATES") ? getenv("EBB_AGGREGATES") : "aggregates";
-  c.projections = getenv("EBB_PROJECTIONS") ? getenv("EBB_PROJECTIONS") : "projections";
-  c.durability = getenv("EBB_DURABILITY") ? getenv("EBB_DURABILITY") : "full";
   int rc = parse_args(&c, argc, argv);
   if (rc) return rc;
+  if ((rc = resolve_settings(&c)) != 0) {
+    ebb_config_free(&c.cfg);
+    return rc;
+  }
   if (c.command == NULL) {
     print_overview(c.help ? stdout : stderr);
     return c.help ? 0 : EBB_EXIT_USAGE;
@@ -737,7 +1151,10 @@ int ebb_cli_main(int argc, char **argv) {
   }
   if (c.npos < cmd->min_pos || c.npos > cmd->max_pos) {
     fprintf(stderr, "ebb: wrong number of arguments\nUsage: %s\n", cmd->usage);
+    ebb_config_free(&c.cfg);
     return EBB_EXIT_USAGE;
   }
-  return cmd->run(&c);
+  rc = cmd->run(&c);
+  ebb_config_free(&c.cfg);
+  return rc;
 }

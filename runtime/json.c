@@ -537,6 +537,32 @@ int ebb_json_member(const char *text, size_t len, const char *key, const char **
   return found;
 }
 
+int ebb_json_array_items(const char *text, size_t len,
+                         int (*fn)(void *ud, const char *item, size_t item_len), void *ud) {
+  char err[8];
+  parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
+               (const unsigned char *)text + len, err, sizeof err, 0};
+  skip_ws(&ps);
+  if (ps.p == ps.end || *ps.p != '[') return -1;
+  ps.p++;
+  skip_ws(&ps);
+  if (ps.p < ps.end && *ps.p == ']') return 0;
+  for (;;) {
+    const unsigned char *v = ps.p;
+    if (parse_value(&ps, 1) != 0) return -1;
+    int rc = fn(ud, (const char *)v, (size_t)(ps.p - v));
+    if (rc) return rc;
+    skip_ws(&ps);
+    if (ps.p < ps.end && *ps.p == ',') {
+      ps.p++;
+      skip_ws(&ps);
+      continue;
+    }
+    if (ps.p < ps.end && *ps.p == ']') return 0;
+    return -1;
+  }
+}
+
 /* ------------------------------------------------------------------ */
 /* Sentinels                                                           */
 

@@ -51,6 +51,11 @@ int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen);
 int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
                     size_t *value_len);
 
+/* Calls fn with the exact text of each item of a JSON array text, in order,
+ * until fn returns non-zero (returned). 0 at the end; -1 if text is not an array. */
+int ebb_json_array_items(const char *text, size_t len,
+                         int (*fn)(void *ud, const char *item, size_t item_len), void *ud);
+
 /* The null sentinel: a light userdata holding NULL (the same value as cjson.null). */
 void ebb_json_push_null(lua_State *L);
 

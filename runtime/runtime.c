@@ -494,6 +494,12 @@ static int needs_upcast(const ebb_runtime *rt, const char *type, int64_t schema)
   return 0;
 }
 
+int64_t ebb_runtime_schema_of(const ebb_runtime *rt, const char *type) {
+  for (size_t i = 0; i < rt->n_schemas; i++)
+    if (strcmp(rt->schemas[i].type, type) == 0) return rt->schemas[i].schema;
+  return 1;
+}
+
 /* Brings the event table on top of the stack to its type's current schema,
  * one upcaster at a time; a rename continues with the new type's chain.
  * Raises with the event's position, type and schema on any failure. */

@@ -142,6 +142,10 @@ int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report);
  * an upcaster is missing or fails; the list may then be partly upcast. */
 int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err);
 
+/* The schema version the modules declare for an event type (1 when none
+ * does): what a raw append writes when the writer names none. */
+int64_t ebb_runtime_schema_of(const ebb_runtime *rt, const char *type);
+
 /* Appends the JSON text of an event read from the store (without a newline). */
 void ebb_event_to_json(const ebb_event *e, ebb_buf *out);
 

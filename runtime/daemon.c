@@ -1,0 +1,1207 @@
+/*
+ * daemon.c: `ebb serve` (see daemon.h): start-up, routes, the command
+ * pipeline, and the graceful shutdown.
+ *
+ * A command goes: parse (a private Lua state decodes the body) -> the queue
+ * of its stream -> decided on the loop when it reaches the head -> its append
+ * handed to the writer -> reported back -> finished (state cached, answer
+ * made) -> answered, and the next command of the stream starts. Nothing is
+ * answered before its events are committed at the configured durability.
+ */
+#include "daemon.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "json.h"
+#include "log.h"
+#include "uuid.h"
+
+#define DEFAULT_LIMIT 1000
+#define MAX_LIMIT 10000
+#define MAX_PARAMS 16
+
+const char *const ebb__route_names[N_ROUTES] = {
+    "commands", "append", "stream", "events", "subscribe", "aggregate", "health", "metrics", "other"};
+
+/* ---------------------------------------------------------------- errors */
+
+int ebb__status_of(int code) {
+  switch (code) {
+    case EBB_EBADREQ: return 400;
+    case EBB_ENOTFOUND: return 404;
+    case EBB_EVERSION:
+    case EBB_ECONFLICT: return 409;
+    case EBB_EDELETED: return 410;
+    case EBB_ETOOLARGE: return 413;
+    case EBB_EREJECTED: return 422;
+    case EBB_EBUSY:
+    case EBB_EUNAVAIL: return 503;
+    case EBB_ETIMEOUT: return 504;
+    default: return 500;
+  }
+}
+
+void ebb__error_json(const ebb_error *err, ebb_buf *out) {
+  ebb_buf_puts(out, "{\"error\":{\"code\":\"");
+  ebb_buf_puts(out, ebb_error_name(err->code));
+  ebb_buf_puts(out, "\",\"message\":");
+  ebb_buf_json_string(out, err->message, strlen(err->message));
+  if (err->code == EBB_EVERSION) {
+    char buf[24];
+    const char *e = ebb_expected_name(err->expected, buf, sizeof buf);
+    ebb_buf_puts(out, ",\"expected\":");
+    if (err->expected >= 0) ebb_buf_puts(out, e);
+    else ebb_buf_json_string(out, e, strlen(e));
+    ebb_buf_printf(out, ",\"actual\":%lld", (long long)err->actual);
+  }
+  if (err->details) {
+    ebb_buf_puts(out, ",\"details\":");
+    ebb_buf_puts(out, err->details);
+  }
+  ebb_buf_puts(out, "}}");
+}
+
+/* ---------------------------------------------------------------- answering */
+
+/* What a request needs to be logged and counted when it is answered. */
+typedef struct reqinfo {
+  int route;
+  uint64_t t0;
+  char method[8];
+  char path[256];
+} reqinfo;
+
+static void reqinfo_init(reqinfo *ri, const ebb_http_request *req) {
+  ri->route = ROUTE_OTHER;
+  ri->t0 = ebb_clock_mono_ns();
+  snprintf(ri->method, sizeof ri->method, "%s", req->method);
+  snprintf(ri->path, sizeof ri->path, "%s", req->path);
+}
+
+static void log_request(ebb_daemon *d, const reqinfo *ri, int status, const char *error) {
+  ebb_metrics *m = &d->m;
+  ebb__metrics_count_request(m, ri->route, status);
+  ebb_log_level level = status >= 500 ? EBB_LOG_ERROR : EBB_LOG_DEBUG;
+  if (!ebb_log_enabled(level)) return;
+  char st[8], ms[32];
+  snprintf(st, sizeof st, "%d", status);
+  snprintf(ms, sizeof ms, "%.3f", (double)(ebb_clock_mono_ns() - ri->t0) / 1e6);
+  ebb_log(level, "request", "method", ri->method, "path", ri->path, "#status", st, "#ms", ms,
+          error ? "error" : NULL, error, NULL);
+}
+
+static void answer(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri, int status,
+                   const char *body, size_t len) {
+  if (c) ebb_http_respond(c, status, "application/json", NULL, body, len);
+  log_request(d, ri, status, NULL);
+}
+
+static void answer_error(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri, ebb_error *err) {
+  int status = ebb__status_of(err->code);
+  ebb_buf b = EBB_BUF_INIT;
+  ebb__error_json(err, &b);
+  if (c) ebb_http_respond(c, status, "application/json", NULL, b.data, b.len);
+  log_request(d, ri, status, err->message);
+  ebb_buf_free(&b);
+  ebb_error_clear(err);
+}
+
+static void answer_fail(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri, int code,
+                        const char *fmt, const char *arg) {
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_error_set(&err, code, fmt, arg);
+  answer_error(d, c, ri, &err);
+}
+
+/* ---------------------------------------------------------------- paths and queries */
+
+static int hexval(int ch) {
+  if (ch >= '0' && ch <= '9') return ch - '0';
+  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+  if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+  return -1;
+}
+
+/* Percent-decodes [s, s+n) into out (NUL-terminated); plus_space for queries.
+ * -1 on a bad escape or an encoded NUL. */
+static int pct_decode(const char *s, size_t n, int plus_space, char *out, size_t outlen) {
+  size_t o = 0;
+  for (size_t i = 0; i < n; i++) {
+    int ch = (unsigned char)s[i];
+    if (ch == '%') {
+      if (i + 2 >= n) return -1;
+      int hi = hexval(s[i + 1]), lo = hexval(s[i + 2]);
+      if (hi < 0 || lo < 0) return -1;
+      ch = hi * 16 + lo;
+      if (ch == 0) return -1;
+      i += 2;
+    } else if (ch == '+' && plus_space) {
+      ch = ' ';
+    }
+    if (o + 1 >= outlen) return -2;
+    out[o++] = (char)ch;
+  }
+  out[o] = '\0';
+  return 0;
+}
+
+#define MAX_SEGMENTS 5
+#define SEGMENT_MAX (EBB_MAX_NAME * 3 + 1)
+
+typedef struct path_parts {
+  int n;
+  char seg[MAX_SEGMENTS][EBB_MAX_NAME + 2];
+} path_parts;
+
+/* Splits "/a/b%2Fc" into decoded segments. A message in err on failure. */
+static int split_path(const char *path, path_parts *pp, ebb_error *err) {
+  pp->n = 0;
+  if (path[0] != '/') return ebb_error_set(err, EBB_EBADREQ, "the path must start with /");
+  const char *p = path + 1;
+  while (*p) {
+    const char *slash = strchr(p, '/');
+    size_t n = slash ? (size_t)(slash - p) : strlen(p);
+    if (pp->n == MAX_SEGMENTS) return ebb_error_set(err, EBB_ENOTFOUND, "no such route");
+    int rc = pct_decode(p, n, 0, pp->seg[pp->n], sizeof pp->seg[pp->n]);
+    if (rc == -1)
+      return ebb_error_set(err, EBB_EBADREQ,
+                           "bad percent-encoding in the path: %%XX with two hex digits, not %%00");
+    if (rc == -2)
+      return ebb_error_set(err, EBB_EBADREQ, "a path segment is longer than %d bytes",
+                           EBB_MAX_NAME);
+    pp->n++;
+    if (!slash) break;
+    p = slash + 1;
+    if (*p == '\0') break; /* a trailing slash is forgiven */
+  }
+  return 0;
+}
+
+typedef struct params {
+  int n;
+  char *key[MAX_PARAMS], *val[MAX_PARAMS];
+} params;
+
+static void params_free(params *q) {
+  for (int i = 0; i < q->n; i++) {
+    free(q->key[i]);
+    free(q->val[i]);
+  }
+  q->n = 0;
+}
+
+/* Parses a query string, allowing only the names in `allowed` (space-separated). */
+static int parse_query(const char *query, const char *allowed, params *q, ebb_error *err) {
+  q->n = 0;
+  for (const char *p = query; *p;) {
+    const char *amp = strchr(p, '&');
+    size_t n = amp ? (size_t)(amp - p) : strlen(p);
+    if (n) {
+      const char *eq = memchr(p, '=', n);
+      size_t kl = eq ? (size_t)(eq - p) : n;
+      size_t vl = eq ? n - kl - 1 : 0;
+      if (q->n == MAX_PARAMS) return ebb_error_set(err, EBB_EBADREQ, "too many query parameters");
+      char *k = malloc(kl + 1), *v = malloc(vl + 1);
+      q->key[q->n] = k;
+      q->val[q->n] = v;
+      q->n++;
+      if (!k || !v) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+      if (pct_decode(p, kl, 1, k, kl + 1) || (eq && pct_decode(eq + 1, vl, 1, v, vl + 1)))
+        return ebb_error_set(err, EBB_EBADREQ, "bad percent-encoding in the query string");
+      if (!eq) v[0] = '\0';
+      size_t klen = strlen(k);
+      const char *a = allowed;
+      int ok = 0;
+      while (a && *a) {
+        const char *sp = strchr(a, ' ');
+        size_t al = sp ? (size_t)(sp - a) : strlen(a);
+        if (al == klen && memcmp(a, k, al) == 0) ok = 1;
+        a = sp ? sp + 1 : NULL;
+      }
+      if (!ok)
+        return ebb_error_set(err, EBB_EBADREQ, "unknown query parameter \"%.64s\"%s%s%s", k,
+                             allowed[0] ? " (this route takes: " : " (this route takes none",
+                             allowed, ")");
+    }
+    if (!amp) break;
+    p = amp + 1;
+  }
+  return 0;
+}
+
+static const char *param(const params *q, const char *key) {
+  for (int i = q->n - 1; i >= 0; i--)
+    if (strcmp(q->key[i], key) == 0) return q->val[i];
+  return NULL;
+}
+
+static int param_int(const params *q, const char *key, int64_t min, int64_t max, int64_t *out,
+                     ebb_error *err) {
+  const char *v = param(q, key);
+  if (v == NULL) return 0;
+  char *end;
+  errno = 0;
+  long long x = strtoll(v, &end, 10);
+  if (errno || end == v || *end || x < min || x > max)
+    return ebb_error_set(err, EBB_EBADREQ, "%s must be an integer from %lld to %lld, not \"%.64s\"",
+                         key, (long long)min, (long long)max, v);
+  *out = x;
+  return 0;
+}
+
+static int param_bool(const params *q, const char *key, int *out, ebb_error *err) {
+  const char *v = param(q, key);
+  if (v == NULL) return 0;
+  if (!strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "")) *out = 1;
+  else if (!strcmp(v, "false") || !strcmp(v, "0")) *out = 0;
+  else return ebb_error_set(err, EBB_EBADREQ, "%s must be true or false, not \"%.64s\"", key, v);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- body parsing */
+
+/* A command or an append, from its arrival to its answer. */
+typedef struct job {
+  ebb_daemon *d;
+  ebb_http_conn *conn;       /* NULL once the client is gone */
+  reqinfo ri;
+  struct stream_queue *queue;
+  struct job *next;          /* in the queue */
+  char stream[EBB_MAX_NAME + 1];
+  int is_append;
+  /* a command: strings owned */
+  ebb_command cmd;
+  ebb_decided *dc;
+  /* an append */
+  ebb_append req;
+  ebb_event_in *in;
+  size_t n_in;
+  char **owned;
+  size_t n_owned, cap_owned;
+  ebb_write write;
+} job;
+
+typedef struct stream_queue {
+  job *head, *tail;
+} stream_queue;
+
+static char *own(job *j, char *s) {
+  if (s == NULL) return NULL;
+  if (j->n_owned == j->cap_owned) {
+    size_t cap = j->cap_owned ? j->cap_owned * 2 : 16;
+    char **p = realloc(j->owned, cap * sizeof *p);
+    if (p == NULL) {
+      free(s);
+      return NULL;
+    }
+    j->owned = p;
+    j->cap_owned = cap;
+  }
+  j->owned[j->n_owned++] = s;
+  return s;
+}
+
+static void job_free(job *j) {
+  if (j == NULL) return;
+  if (j->dc) ebb_decided_free(j->d->rt, j->dc);
+  for (size_t i = 0; i < j->n_owned; i++) free(j->owned[i]);
+  free(j->owned);
+  free(j->in);
+  ebb_error_clear(&j->req.err);
+  free(j);
+}
+
+/* Raises unless the value at idx is a JSON object (a table without the array mark). */
+static void check_object(lua_State *L, int idx, const char *what) {
+  if (!lua_istable(L, idx) || lua_getmetatable(L, idx))
+    luaL_error(L, "%s must be a JSON object", what);
+}
+
+static const char *take_string(lua_State *L, job *j, int t, const char *k, int required) {
+  int type = lua_getfield(L, t, k);
+  if (type == LUA_TNIL && !required) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  if (type != LUA_TSTRING) luaL_error(L, "\"%s\" must be a string", k);
+  size_t len;
+  const char *v = lua_tolstring(L, -1, &len);
+  if (strlen(v) != len) luaL_error(L, "\"%s\" contains a NUL character", k);
+  char *s = own(j, strdup(v));
+  lua_pop(L, 1);
+  if (s == NULL) luaL_error(L, "out of memory");
+  return s;
+}
+
+/* An object member as JSON text ("{}" when absent). */
+static const char *take_object(lua_State *L, job *j, int t, const char *k, size_t *len) {
+  if (lua_getfield(L, t, k) == LUA_TNIL) {
+    lua_pop(L, 1);
+    *len = 2;
+    return "{}";
+  }
+  check_object(L, -1, k);
+  ebb_buf b = EBB_BUF_INIT;
+  char msg[256];
+  if (ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0) {
+    ebb_buf_free(&b);
+    luaL_error(L, "\"%s\": %s", k, msg);
+  }
+  char *s = own(j, ebb_buf_take(&b, len));
+  if (s == NULL) luaL_error(L, "out of memory");
+  lua_pop(L, 1);
+  return s;
+}
+
+static int64_t take_expected(lua_State *L, int t, int *has) {
+  int type = lua_getfield(L, t, "expected_version");
+  int64_t v = EBB_EXPECT_ANY;
+  *has = type != LUA_TNIL;
+  if (type == LUA_TNUMBER && lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 0) {
+    v = lua_tointeger(L, -1);
+  } else if (type == LUA_TSTRING) {
+    if (ebb_parse_expected(lua_tostring(L, -1), &v) != 0) type = LUA_TNONE;
+  } else if (type != LUA_TNIL) {
+    type = LUA_TNONE;
+  }
+  if (type == LUA_TNONE)
+    luaL_error(L, "\"expected_version\" must be a version (0 or more) or \"any\", \"no_stream\" "
+                  "or \"exists\"");
+  lua_pop(L, 1);
+  return v;
+}
+
+static void only_fields(lua_State *L, int t, const char *const *allowed, const char *what) {
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    const char *k = lua_tostring(L, -1);
+    int ok = 0;
+    for (const char *const *a = allowed; *a; a++) ok |= strcmp(*a, k) == 0;
+    if (!ok) luaL_error(L, "unknown field \"%s\" in %s", k, what);
+  }
+}
+
+/* Arguments: body text, the job. Fills the job's command; raises with a message. */
+static int l_parse_command(lua_State *L) {
+  size_t len;
+  const char *text = lua_tolstring(L, 1, &len);
+  job *j = lua_touserdata(L, 2);
+  char msg[256];
+  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "malformed JSON: %s", msg);
+  check_object(L, -1, "a command");
+  int t = lua_gettop(L);
+  static const char *const fields[] = {"aggregate",  "id",       "type", "data", "expected_version",
+                                       "command_id", "metadata", NULL};
+  only_fields(L, t, fields, "a command");
+  ebb_command *c = &j->cmd;
+  c->aggregate = take_string(L, j, t, "aggregate", 1);
+  c->id = take_string(L, j, t, "id", 1);
+  c->type = take_string(L, j, t, "type", 1);
+  c->command_id = take_string(L, j, t, "command_id", 0);
+  c->data = take_object(L, j, t, "data", &c->data_len);
+  c->metadata = take_object(L, j, t, "metadata", &c->metadata_len);
+  c->expected = take_expected(L, t, &c->has_expected);
+  return 0;
+}
+
+/* Arguments: body text, the job (stream set). Fills the job's append request. */
+static int l_parse_append(lua_State *L) {
+  size_t len;
+  const char *text = lua_tolstring(L, 1, &len);
+  job *j = lua_touserdata(L, 2);
+  char msg[256];
+  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "malformed JSON: %s", msg);
+  check_object(L, -1, "an append");
+  int t = lua_gettop(L);
+  static const char *const fields[] = {"expected_version", "events", NULL};
+  only_fields(L, t, fields, "an append");
+  int has;
+  j->req.expected = take_expected(L, t, &has);
+  if (lua_getfield(L, t, "events") != LUA_TTABLE || !lua_getmetatable(L, -1))
+    luaL_error(L, "\"events\" must be a JSON array of events");
+  lua_pop(L, 1);
+  int ev = lua_gettop(L);
+  lua_Integer n = luaL_len(L, ev);
+  if (n < 1 || n > 100000) luaL_error(L, "\"events\" must hold from 1 to 100000 events");
+  j->in = calloc(n < 1 ? 1 : (size_t)n, sizeof *j->in);
+  if (j->in == NULL) luaL_error(L, "out of memory");
+  j->n_in = (size_t)n;
+  static const char *const efields[] = {"id", "type", "data", "metadata", "schema", NULL};
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, ev, i);
+    int e = lua_gettop(L);
+    char what[32];
+    snprintf(what, sizeof what, "event %lld", (long long)i);
+    check_object(L, e, what);
+    only_fields(L, e, efields, what);
+    ebb_event_in *in = &j->in[i - 1];
+    in->id = take_string(L, j, e, "id", 0);
+    if (in->id == NULL) {
+      char *id = own(j, malloc(EBB_UUID_LEN + 1));
+      if (id == NULL) luaL_error(L, "out of memory");
+      ebb_uuid_new(id);
+      in->id = id;
+    }
+    in->type = take_string(L, j, e, "type", 1);
+    in->data = take_object(L, j, e, "data", &in->data_len);
+    in->metadata = take_object(L, j, e, "metadata", &in->metadata_len);
+    int st = lua_getfield(L, e, "schema");
+    if (st != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1))
+      luaL_error(L, "%s: \"schema\" must be a positive integer", what);
+    in->schema = st == LUA_TNIL ? ebb_runtime_schema_of(j->d->rt, in->type) : lua_tointeger(L, -1);
+    lua_pop(L, 2);
+  }
+  j->req.stream = j->stream;
+  j->req.events = j->in;
+  j->req.n = j->n_in;
+  return 0;
+}
+
+/* Runs a parser in the daemon's private Lua state. */
+static int parse_body(ebb_daemon *d, lua_CFunction fn, const ebb_http_request *req, job *j,
+                      ebb_error *err) {
+  lua_State *L = d->parser;
+  lua_settop(L, 0);
+  lua_pushcfunction(L, fn);
+  lua_pushlstring(L, req->body, req->body_len);
+  lua_pushlightuserdata(L, j);
+  int rc = lua_pcall(L, 2, 0, 0);
+  if (rc != LUA_OK) {
+    ebb_error_set(err, rc == LUA_ERRMEM ? EBB_ENOMEM : EBB_EBADREQ, "%s",
+                  lua_isstring(L, -1) ? lua_tostring(L, -1) : "cannot parse the body");
+  }
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCSTEP, 0);
+  return err->code;
+}
+
+/* ---------------------------------------------------------------- the command pipeline */
+
+static void check_drained(ebb_daemon *d);
+static void schedule_pump(ebb_daemon *d);
+
+static void on_conn_close(ebb_http_conn *c, void *data) {
+  (void)c;
+  job *j = data;
+  j->conn = NULL;
+}
+
+/* Answers the job, takes it off its queue and frees it. */
+static void job_end(job *j, int status, char *body, size_t len, ebb_error *err) {
+  ebb_daemon *d = j->d;
+  if (j->conn) ebb_http_conn_set_data(j->conn, NULL, NULL);
+  if (err) {
+    if (!j->is_append) d->m.commands[-err->code < 16 ? -err->code : 15]++;
+    answer_error(d, j->conn, &j->ri, err);
+  } else {
+    if (!j->is_append) d->m.commands[0]++;
+    answer(d, j->conn, &j->ri, status, body, len);
+  }
+  free(body);
+  stream_queue *q = j->queue;
+  q->head = j->next;
+  if (q->head == NULL) q->tail = NULL;
+  job_free(j);
+  d->jobs--;
+}
+
+/* {"stream","version","position","events"} for a raw append that committed. */
+static char *append_result(job *j, size_t *len) {
+  ebb_buf b = EBB_BUF_INIT;
+  const ebb_append_result *r = &j->req.result;
+  ebb_buf_puts(&b, "{\"stream\":");
+  ebb_buf_json_string(&b, j->stream, strlen(j->stream));
+  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
+                 (long long)r->position);
+  for (size_t i = 0; i < j->n_in; i++) {
+    const ebb_event_in *in = &j->in[i];
+    char now[EBB_TIME_LEN + 1];
+    ebb_event e = {.position = r->first_position + (int64_t)i,
+                   .version = r->first_version + (int64_t)i,
+                   .schema = in->schema,
+                   .stream = j->stream,
+                   .id = (char *)in->id,
+                   .type = (char *)in->type,
+                   .data = (char *)in->data,
+                   .data_len = in->data_len,
+                   .metadata = (char *)in->metadata,
+                   .metadata_len = in->metadata_len,
+                   .recorded_at = (char *)(in->recorded_at ? in->recorded_at : now)};
+    if (in->recorded_at == NULL) ebb_clock_format(ebb_clock_now_ms(), now);
+    if (i) ebb_buf_putc(&b, ',');
+    ebb_event_to_json(&e, &b);
+  }
+  ebb_buf_puts(&b, "]}");
+  return ebb_buf_take(&b, len);
+}
+
+static void submit(ebb_daemon *d, job *j, ebb_append *req) {
+  j->write = (ebb_write){.req = req, .ud = j, .snapshots = ebb_runtime_take_snapshots(d->rt)};
+  ebb_writer_submit(d->writer, &j->write);
+}
+
+/* Completes a decided command whose append is done (or needed none).
+ * 1 when the job ended, 0 when it was decided again and is in flight. */
+static int job_finish(job *j) {
+  ebb_daemon *d = j->d;
+  char *result = NULL;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_decided *dc = j->dc;
+  j->dc = NULL;
+  int rc = ebb_runtime_finish(d->rt, dc, &result, &err);
+  if (rc == EBB_RETRY) return 0;
+  if (rc != 0) {
+    job_end(j, 0, NULL, 0, &err);
+    return 1;
+  }
+  job_end(j, 200, result, strlen(result), NULL);
+  return 1;
+}
+
+/* Starts the job at the head of its queue: 1 when it ended right away. */
+static int job_start(job *j) {
+  ebb_daemon *d = j->d;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (d->stopped) {
+    ebb_error_set(&err, EBB_EUNAVAIL, "ebb is shutting down");
+    job_end(j, 0, NULL, 0, &err);
+    return 1;
+  }
+  if (j->is_append) {
+    ebb_error_init(&j->req.err);
+    submit(d, j, &j->req);
+    return 0;
+  }
+  for (;;) {
+    char *result = NULL;
+    if (ebb_runtime_decide(d->rt, &j->cmd, &j->dc, &result, &err) != 0) {
+      job_end(j, 0, NULL, 0, &err);
+      return 1;
+    }
+    if (j->dc == NULL) { /* a command id handled before: its original answer */
+      job_end(j, 200, result, strlen(result), NULL);
+      return 1;
+    }
+    ebb_append *req = ebb_decided_append(j->dc);
+    if (req) {
+      submit(d, j, req);
+      return 0;
+    }
+    if (job_finish(j)) return 1;
+  }
+}
+
+/* Runs the queue's jobs until one is in flight or the queue is empty. */
+static void run_queue(ebb_daemon *d, stream_queue *q, const char *stream) {
+  while (q->head)
+    if (!job_start(q->head)) return;
+  ebb_strmap_del(d->queues, stream);
+  free(q);
+  check_drained(d);
+}
+
+static void on_written(void *ud, ebb_write *w) {
+  job *j = w->ud;
+  ebb_daemon *d = j->d;
+  stream_queue *q = j->queue;
+  char stream[EBB_MAX_NAME + 1];
+  memcpy(stream, j->stream, sizeof stream);
+  if (w->req->err.code == 0) {
+    d->m.events_appended += w->req->n;
+    if (w->req->result.position > d->head) d->head = w->req->result.position;
+    if (w->req->n) schedule_pump(d);
+  }
+  int ended;
+  if (j->is_append) {
+    if (j->req.err.code) {
+      ebb_error err;
+      ebb_error_init(&err);
+      ebb_error_move(&err, &j->req.err);
+      job_end(j, 0, NULL, 0, &err);
+    } else {
+      size_t len;
+      char *body = append_result(j, &len);
+      job_end(j, 200, body, len, NULL);
+    }
+    ended = 1;
+  } else {
+    ended = job_finish(j);
+    if (!ended) ended = job_start(j);
+  }
+  if (ended) run_queue(d, q, stream);
+}
+
+/* Puts the job in its stream's queue, and starts it if it is first. */
+static void enqueue(ebb_daemon *d, job *j) {
+  stream_queue *q = ebb_strmap_get(d->queues, j->stream);
+  if (q == NULL) {
+    q = calloc(1, sizeof *q);
+    if (q == NULL || ebb_strmap_put(d->queues, j->stream, q) != 0) {
+      free(q);
+      ebb_error err;
+      ebb_error_init(&err);
+      ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+      answer_error(d, j->conn, &j->ri, &err);
+      job_free(j);
+      return;
+    }
+  }
+  j->queue = q;
+  d->jobs++;
+  if (j->conn) ebb_http_conn_set_data(j->conn, j, on_conn_close);
+  if (q->tail) q->tail->next = j;
+  else q->head = j;
+  q->tail = j;
+  if (q->head == j) run_queue(d, q, j->stream);
+}
+
+static job *job_new(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
+  job *j = calloc(1, sizeof *j);
+  if (j == NULL) return NULL;
+  j->d = d;
+  j->conn = c;
+  j->ri = *ri;
+  ebb_error_init(&j->req.err);
+  return j;
+}
+
+/* ---------------------------------------------------------------- routes */
+
+static int require_json(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
+  size_t len;
+  const char *ct = ebb_http_header(c, "content-type", &len);
+  if (ct && len >= 16 && strncasecmp(ct, "application/json", 16) == 0 &&
+      (len == 16 || ct[16] == ';' || ct[16] == ' '))
+    return 0;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_error_set(&err, EBB_EBADREQ, "the body must be JSON, sent with Content-Type: application/json");
+  ebb_buf b = EBB_BUF_INIT;
+  ebb__error_json(&err, &b);
+  ebb_http_respond(c, 415, "application/json", NULL, b.data, b.len);
+  log_request(d, ri, 415, err.message);
+  ebb_buf_free(&b);
+  return -1;
+}
+
+static void route_command(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                          const reqinfo *ri) {
+  if (require_json(d, c, ri)) return;
+  job *j = job_new(d, c, ri);
+  ebb_error err;
+  ebb_error_init(&err);
+  if (j == NULL) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  else if (parse_body(d, l_parse_command, req, j, &err) == 0)
+    ebb_runtime_stream_of(d->rt, j->cmd.aggregate, j->cmd.id, j->stream, &err);
+  if (err.code) {
+    answer_error(d, c, ri, &err);
+    job_free(j);
+    return;
+  }
+  enqueue(d, j);
+}
+
+static void route_append(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                         const reqinfo *ri, const char *stream) {
+  if (require_json(d, c, ri)) return;
+  job *j = job_new(d, c, ri);
+  ebb_error err;
+  ebb_error_init(&err);
+  if (j == NULL) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  else if (ebb_validate_name("stream name", stream, &err) == 0) {
+    memcpy(j->stream, stream, strlen(stream) + 1); /* validated: at most EBB_MAX_NAME */
+    j->is_append = 1;
+    parse_body(d, l_parse_append, req, j, &err);
+  }
+  if (err.code) {
+    answer_error(d, c, ri, &err);
+    job_free(j);
+    return;
+  }
+  enqueue(d, j);
+}
+
+/* Appends events as a JSON array, upcast to their current schemas. */
+static int events_json(ebb_daemon *d, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
+  if (ebb_runtime_upcast(d->rt, l, err) != 0) return err->code;
+  ebb_buf_putc(b, '[');
+  for (size_t i = 0; i < l->n; i++) {
+    if (i) ebb_buf_putc(b, ',');
+    ebb_event_to_json(&l->items[i], b);
+  }
+  ebb_buf_putc(b, ']');
+  return 0;
+}
+
+static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                         const reqinfo *ri, const char *stream) {
+  params q;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  ebb_buf b = EBB_BUF_INIT;
+  int64_t from = 0, limit = DEFAULT_LIMIT, version = 0;
+  int backward = 0, deleted = 0;
+  ebb_store *s = ebb_runtime_store(d->rt);
+  if (parse_query(req->query, "from limit backward", &q, &err) ||
+      param_int(&q, "from", 0, INT64_MAX, &from, &err) ||
+      param_int(&q, "limit", 1, MAX_LIMIT, &limit, &err) ||
+      param_bool(&q, "backward", &backward, &err) ||
+      ebb_store_stream_version(s, stream, &version, &deleted, &err))
+    goto fail;
+  if (version == 0) {
+    ebb_error_set(&err, EBB_ENOTFOUND, "stream %s does not exist", stream);
+    goto fail;
+  }
+  if (!backward && from == 0) from = 1;
+  if (ebb_store_read_stream(s, stream, from, limit, backward, &l, &err)) goto fail;
+  ebb_buf_puts(&b, "{\"stream\":");
+  ebb_buf_json_string(&b, stream, strlen(stream));
+  ebb_buf_printf(&b, ",\"version\":%lld,\"deleted\":%s,\"events\":", (long long)version,
+                 deleted ? "true" : "false");
+  if (events_json(d, &l, &b, &err)) goto fail;
+  ebb_buf_putc(&b, '}');
+  answer(d, c, ri, 200, b.data, b.len);
+  goto done;
+fail:
+  answer_error(d, c, ri, &err);
+done:
+  params_free(&q);
+  ebb_event_list_free(&l);
+  ebb_buf_free(&b);
+}
+
+static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                         const reqinfo *ri) {
+  params q;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_read_all ra = {.after = 0, .limit = DEFAULT_LIMIT};
+  int64_t head = 0;
+  ebb_store *s = ebb_runtime_store(d->rt);
+  if (parse_query(req->query, "after limit category type", &q, &err) ||
+      param_int(&q, "after", 0, INT64_MAX, &ra.after, &err) ||
+      param_int(&q, "limit", 1, MAX_LIMIT, &ra.limit, &err))
+    goto fail;
+  ra.category = param(&q, "category");
+  ra.type = param(&q, "type");
+  if (ebb_store_head(s, &head, &err) || ebb_store_read_all(s, &ra, &l, &err)) goto fail;
+  ebb_buf_puts(&b, "{\"events\":");
+  int64_t next = l.n ? l.items[l.n - 1].position : ra.after;
+  if (events_json(d, &l, &b, &err)) goto fail;
+  ebb_buf_printf(&b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
+  answer(d, c, ri, 200, b.data, b.len);
+  goto done;
+fail:
+  answer_error(d, c, ri, &err);
+done:
+  params_free(&q);
+  ebb_event_list_free(&l);
+  ebb_buf_free(&b);
+}
+
+static void route_aggregate(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                            const reqinfo *ri, const char *type, const char *id) {
+  params q;
+  ebb_error err;
+  ebb_error_init(&err);
+  int64_t version = -1;
+  char *result = NULL;
+  if (parse_query(req->query, "version at", &q, &err) ||
+      param_int(&q, "version", 0, INT64_MAX, &version, &err) ||
+      ebb_runtime_state_at(d->rt, type, id, version, param(&q, "at"), &result, &err))
+    answer_error(d, c, ri, &err);
+  else answer(d, c, ri, 200, result, strlen(result));
+  free(result);
+  params_free(&q);
+}
+
+static void route_subscribe(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                            const reqinfo *ri) {
+  params q;
+  ebb_error err;
+  ebb_error_init(&err);
+  int64_t after = 0;
+  size_t len;
+  const char *last = ebb_http_header(c, "last-event-id", &len);
+  if (parse_query(req->query, "after category type", &q, &err) ||
+      param_int(&q, "after", 0, INT64_MAX, &after, &err) ||
+      (param(&q, "category") && ebb_validate_name("category", param(&q, "category"), &err)) ||
+      (param(&q, "type") && ebb_validate_name("type", param(&q, "type"), &err)))
+    goto fail;
+  if (last && len) {
+    /* The resume point wins over after=: it is where the client got to. */
+    char buf[32];
+    char *end;
+    snprintf(buf, sizeof buf, "%.*s", (int)(len < 31 ? len : 31), last);
+    errno = 0;
+    long long v = strtoll(buf, &end, 10);
+    if (errno || end == buf || *end || v < 0) {
+      ebb_error_set(&err, EBB_EBADREQ, "Last-Event-ID must be a position (an integer), not \"%s\"",
+                    buf);
+      goto fail;
+    }
+    after = v;
+  }
+  log_request(d, ri, 200, NULL);
+  ebb__sse_start(d, c, req->query, after, param(&q, "category"), param(&q, "type"));
+  params_free(&q);
+  return;
+fail:
+  answer_error(d, c, ri, &err);
+  params_free(&q);
+}
+
+static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_printf(&b,
+                 "{\"status\":\"%s\",\"position\":%lld,\"uptime_ms\":%lld,\"pid\":%ld,"
+                 "\"subscribers\":%zu,\"in_flight\":%zu}",
+                 d->draining ? "draining" : "ok", (long long)d->head,
+                 (long long)(ebb_clock_now_ms() - d->started_ms), (long)getpid(), d->n_subscribers,
+                 d->jobs);
+  answer(d, c, ri, d->draining ? 503 : 200, b.data, b.len);
+  ebb_buf_free(&b);
+}
+
+static void route_metrics(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
+  ebb_buf b = EBB_BUF_INIT;
+  ebb__metrics_render(d, &b);
+  ebb_http_respond(c, 200, "text/plain; version=0.0.4", NULL, b.data, b.len);
+  log_request(d, ri, 200, NULL);
+  ebb_buf_free(&b);
+}
+
+/* Compares in time independent of where the first difference is. */
+static int same_secret(const char *a, size_t alen, const char *b) {
+  size_t blen = strlen(b);
+  unsigned diff = (unsigned)(alen ^ blen);
+  for (size_t i = 0; i < alen; i++) diff |= (unsigned char)a[i] ^ (unsigned char)b[i % (blen ? blen : 1)];
+  return diff == 0;
+}
+
+static int authorized(ebb_daemon *d, ebb_http_conn *c) {
+  const char *token = d->cfg->token;
+  if (token[0] == '\0') return 1;
+  size_t len;
+  const char *h = ebb_http_header(c, "authorization", &len);
+  if (h == NULL || len < 7 || strncasecmp(h, "Bearer ", 7) != 0) return 0;
+  return same_secret(h + 7, len - 7, token);
+}
+
+static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) {
+  ebb_daemon *d = ud;
+  reqinfo ri;
+  reqinfo_init(&ri, req);
+  ebb_error err;
+  ebb_error_init(&err);
+  path_parts *pp = malloc(sizeof *pp);
+  if (pp == NULL) {
+    answer_fail(d, c, &ri, EBB_ENOMEM, "%s", "out of memory");
+    return;
+  }
+  int get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+  int post = strcmp(req->method, "POST") == 0;
+  const char *allow = NULL; /* the methods of a path that exists, for a 405 */
+  if (split_path(req->path, pp, &err) != 0) {
+    answer_error(d, c, &ri, &err);
+    goto done;
+  }
+  const char *s0 = pp->n > 0 ? pp->seg[0] : "";
+  int n = pp->n;
+  if (n == 1 && !strcmp(s0, "commands")) ri.route = ROUTE_COMMANDS, allow = "POST";
+  else if (n == 2 && !strcmp(s0, "streams")) ri.route = post ? ROUTE_APPEND : ROUTE_STREAM, allow = "GET, POST";
+  else if (n == 1 && !strcmp(s0, "events")) ri.route = ROUTE_EVENTS, allow = "GET";
+  else if (n == 1 && !strcmp(s0, "subscribe")) ri.route = ROUTE_SUBSCRIBE, allow = "GET";
+  else if (n == 3 && !strcmp(s0, "aggregates")) ri.route = ROUTE_AGGREGATE, allow = "GET";
+  else if (n == 1 && !strcmp(s0, "health")) ri.route = ROUTE_HEALTH, allow = "GET";
+  else if (n == 1 && !strcmp(s0, "metrics")) ri.route = ROUTE_METRICS, allow = "GET";
+  if (allow == NULL) {
+    answer_fail(d, c, &ri, EBB_ENOTFOUND, "no route %s; see README.md for the API", req->path);
+    goto done;
+  }
+  if ((strstr(allow, "GET") && get) || (strstr(allow, "POST") && post)) {
+  } else {
+    char hdr[128];
+    snprintf(hdr, sizeof hdr, "Allow: %s\r\n", allow);
+    ebb_error_set(&err, EBB_EBADREQ, "%s is not allowed on this route (allowed: %s)", req->method,
+                  allow);
+    ebb_buf b = EBB_BUF_INIT;
+    ebb__error_json(&err, &b);
+    ebb_http_respond(c, 405, "application/json", hdr, b.data, b.len);
+    log_request(d, &ri, 405, err.message);
+    ebb_buf_free(&b);
+    goto done;
+  }
+  if (ri.route == ROUTE_HEALTH) {
+    route_health(d, c, &ri);
+    goto done;
+  }
+  if (!authorized(d, c)) {
+    ebb_http_respond(c, 401, "application/json", "WWW-Authenticate: Bearer\r\n",
+                     "{\"error\":{\"code\":\"unauthorized\",\"message\":\"this daemon needs "
+                     "Authorization: Bearer <token>\"}}",
+                     strlen("{\"error\":{\"code\":\"unauthorized\",\"message\":\"this daemon needs "
+                            "Authorization: Bearer <token>\"}}"));
+    log_request(d, &ri, 401, "unauthorized");
+    goto done;
+  }
+  if (d->draining && ri.route != ROUTE_METRICS) {
+    answer_fail(d, c, &ri, EBB_EUNAVAIL, "%s", "ebb is shutting down");
+    goto done;
+  }
+  switch (ri.route) {
+    case ROUTE_COMMANDS: route_command(d, c, req, &ri); break;
+    case ROUTE_APPEND: route_append(d, c, req, &ri, pp->seg[1]); break;
+    case ROUTE_STREAM: route_stream(d, c, req, &ri, pp->seg[1]); break;
+    case ROUTE_EVENTS: route_events(d, c, req, &ri); break;
+    case ROUTE_SUBSCRIBE: route_subscribe(d, c, req, &ri); break;
+    case ROUTE_AGGREGATE: route_aggregate(d, c, req, &ri, pp->seg[1], pp->seg[2]); break;
+    case ROUTE_METRICS: route_metrics(d, c, &ri); break;
+    default: break;
+  }
+done:
+  free(pp);
+}
+
+/* ---------------------------------------------------------------- pumping subscribers */
+
+static void on_pump_idle(uv_idle_t *h) {
+  ebb_daemon *d = h->data;
+  uv_idle_stop(h);
+  d->pump_scheduled = 0;
+  ebb__sse_pump(d);
+}
+
+/* Delivers new events to subscribers once the current loop turn is done, so
+ * a batch of commits costs one read per subscriber, not one per commit. */
+static void schedule_pump(ebb_daemon *d) {
+  if (d->pump_scheduled || d->n_subscribers == 0 || d->stopped) return;
+  d->pump_scheduled = 1;
+  uv_idle_start(&d->pump_idle, on_pump_idle);
+}
+
+static void on_heartbeat(uv_timer_t *t) {
+  ebb__sse_heartbeat(t->data);
+}
+
+/* ---------------------------------------------------------------- life cycle */
+
+static void close_handle(uv_handle_t *h) {
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+static void close_rest(ebb_daemon *d) {
+  ebb_http_server_close(d->http);
+  d->http = NULL;
+  close_handle((uv_handle_t *)&d->sigterm);
+  close_handle((uv_handle_t *)&d->sigint);
+  close_handle((uv_handle_t *)&d->sighup);
+  close_handle((uv_handle_t *)&d->heartbeat);
+  close_handle((uv_handle_t *)&d->pump_timer);
+  close_handle((uv_handle_t *)&d->pump_idle);
+  close_handle((uv_handle_t *)&d->shutdown_timer);
+}
+
+/* After the last answers are written (the draining server closes each
+ * connection once its answer is out), or at the deadline, closes the rest. */
+static void on_final_check(uv_timer_t *t) {
+  ebb_daemon *d = t->data;
+  if (ebb_http_server_connections(d->http) > 0 && ebb_clock_now_ms() < d->final_deadline_ms) return;
+  close_rest(d);
+}
+
+/* Stops the work: uv_run returns once every handle is closed. */
+static void stop(ebb_daemon *d) {
+  if (d->stopped) return;
+  d->stopped = 1;
+  ebb__sse_close_all(d, "ebb is shutting down");
+  ebb_http_server_drain(d->http);
+  /* Reports everything submitted; jobs queued behind them end with 503. */
+  ebb_writer_stop(d->writer);
+  d->writer = NULL;
+  d->final_deadline_ms = ebb_clock_now_ms() + 2000;
+  uv_timer_stop(&d->shutdown_timer);
+  uv_timer_start(&d->shutdown_timer, on_final_check, 0, 10);
+}
+
+static void check_drained(ebb_daemon *d) {
+  if (d->draining && !d->stopped && d->jobs == 0) {
+    ebb_log(EBB_LOG_INFO, "drained: every accepted command is answered", NULL);
+    stop(d);
+  }
+}
+
+static void on_shutdown_timeout(uv_timer_t *t) {
+  if (((ebb_daemon *)t->data)->stopped) return;
+  ebb_daemon *d = t->data;
+  char n[32];
+  snprintf(n, sizeof n, "%zu", d->jobs);
+  ebb_log(EBB_LOG_WARN, "shutdown timeout: stopping with commands still queued", "#queued", n,
+          NULL);
+  stop(d);
+}
+
+static void begin_drain(ebb_daemon *d, const char *why) {
+  if (d->draining) {
+    ebb_log(EBB_LOG_WARN, "second signal: stopping now", NULL);
+    stop(d);
+    return;
+  }
+  d->draining = 1;
+  ebb_log(EBB_LOG_INFO, "draining: no new connections; finishing in-flight commands", "signal",
+          why, NULL);
+  ebb_http_server_drain(d->http);
+  ebb__sse_close_all(d, "ebb is shutting down");
+  uv_timer_start(&d->shutdown_timer, on_shutdown_timeout, (uint64_t)d->cfg->shutdown_timeout_ms, 0);
+  check_drained(d);
+}
+
+static void reload(ebb_daemon *d) {
+  ebb_buf report = EBB_BUF_INIT;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_runtime_reload(d->rt, &report, &err) == 0) {
+    d->m.reloads++;
+    ebb_log(EBB_LOG_INFO, "reloaded the aggregate modules", "dir", d->cfg->aggregates, NULL);
+  } else {
+    d->m.reload_failures++;
+    ebb_log(EBB_LOG_ERROR, "reload failed; the running modules stay", "error", err.message,
+            "problems", ebb_buf_cstr(&report), NULL);
+  }
+  ebb_error_clear(&err);
+  ebb_buf_free(&report);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  ebb_daemon *d = s->data;
+  if (signum == SIGHUP) reload(d);
+  else begin_drain(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static int make_dir(const char *dir, ebb_error *err) {
+  if (mkdir(dir, 0755) == 0 || errno == EEXIST) return 0;
+  return ebb_error_set(err, EBB_ESTORE, "cannot create the data directory %s: %s", dir,
+                       strerror(errno));
+}
+
+static void holder_json(ebb_daemon *d, char *buf, size_t len) {
+  char now[EBB_TIME_LEN + 1];
+  ebb_clock_format(d->started_ms, now);
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_printf(&b, "{\"pid\":%ld,\"url\":", (long)getpid());
+  ebb_buf_json_string(&b, d->url, strlen(d->url));
+  ebb_buf_printf(&b, ",\"started_at\":\"%s\"}", now);
+  snprintf(buf, len, "%s", b.oom ? "{}" : ebb_buf_cstr(&b));
+  ebb_buf_free(&b);
+}
+
+int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
+  ebb_daemon *d = calloc(1, sizeof *d);
+  if (d == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  d->cfg = cfg;
+  d->started_ms = ebb_clock_now_ms();
+  int rc = 0, loop_open = 0;
+  char host[256], buf[512];
+  int port;
+  if (ebb_config_validate(cfg, err) || ebb_config_listen(cfg, host, sizeof host, &port, err) ||
+      make_dir(cfg->data, err))
+    goto out;
+  snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
+  holder_json(d, buf, sizeof buf);
+  if (ebb_lock_acquire(&d->lock, cfg->data, buf, err)) goto out;
+  int durability = strcmp(cfg->durability, "normal") == 0 ? EBB_DURABILITY_NORMAL
+                                                          : EBB_DURABILITY_FULL;
+  ebb_runtime_options ro = {.data_dir = cfg->data,
+                            .aggregates_dir = cfg->aggregates,
+                            .durability = durability,
+                            .memory_limit = (size_t)cfg->memory_limit,
+                            .instruction_budget = cfg->instruction_budget,
+                            .cache_size = cfg->cache_size == 0 ? -1 : cfg->cache_size};
+  if (ebb_runtime_open(&d->rt, &ro, err)) goto out;
+  ebb_buf problems = EBB_BUF_INIT;
+  int np = ebb_runtime_check(d->rt, &problems);
+  if (np) {
+    ebb_error_set(err, EBB_ESCRIPT, "%d problem%s in the modules of %s (run 'ebb check'):\n%s", np,
+                  np == 1 ? "" : "s", cfg->aggregates, ebb_buf_cstr(&problems));
+    ebb_buf_free(&problems);
+    goto out;
+  }
+  ebb_buf_free(&problems);
+  if ((d->queues = ebb_strmap_new()) == NULL || (d->parser = luaL_newstate()) == NULL) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    goto out;
+  }
+  if (ebb_store_head(ebb_runtime_store(d->rt), &d->head, err)) goto out;
+  uv_loop_init(&d->loop);
+  loop_open = 1;
+  ebb_store_options so = {.dir = cfg->data, .durability = durability};
+  if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, d, err)) goto out;
+  ebb_http_limits lim = {.max_header_bytes = 16 * 1024,
+                         .max_body_bytes = (size_t)cfg->max_body,
+                         .max_connections = (unsigned)cfg->max_connections,
+                         .idle_timeout_ms = (unsigned)cfg->idle_timeout_ms,
+                         .request_timeout_ms = (unsigned)cfg->request_timeout_ms};
+  if (ebb_http_server_new(&d->http, &d->loop, &lim, on_request, d, err) ||
+      ebb_http_server_listen(d->http, host, port, err))
+    goto out;
+  port = ebb_http_server_port(d->http);
+  snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
+  holder_json(d, buf, sizeof buf);
+  ebb_lock_update(d->lock, buf, NULL);
+  uv_signal_init(&d->loop, &d->sigterm);
+  uv_signal_init(&d->loop, &d->sigint);
+  uv_signal_init(&d->loop, &d->sighup);
+  d->sigterm.data = d->sigint.data = d->sighup.data = d;
+  uv_signal_start(&d->sigterm, on_signal, SIGTERM);
+  uv_signal_start(&d->sigint, on_signal, SIGINT);
+  uv_signal_start(&d->sighup, on_signal, SIGHUP);
+  uv_timer_init(&d->loop, &d->heartbeat);
+  uv_timer_init(&d->loop, &d->pump_timer);
+  uv_timer_init(&d->loop, &d->shutdown_timer);
+  uv_idle_init(&d->loop, &d->pump_idle);
+  d->heartbeat.data = d->pump_timer.data = d->shutdown_timer.data = d->pump_idle.data = d;
+  uv_timer_start(&d->heartbeat, on_heartbeat, (uint64_t)cfg->heartbeat_ms,
+                 (uint64_t)cfg->heartbeat_ms);
+  signal(SIGPIPE, SIG_IGN);
+  char pos[32];
+  snprintf(pos, sizeof pos, "%lld", (long long)d->head);
+  ebb_log(EBB_LOG_INFO, "listening", "url", d->url, "data", cfg->data, "aggregates",
+          cfg->aggregates, "durability", cfg->durability, "#position", pos, NULL);
+  /* The one line scripts wait for, on stdout: where to connect. */
+  printf("ebb listening on %s\n", d->url);
+  fflush(stdout);
+  uv_run(&d->loop, UV_RUN_DEFAULT);
+  ebb_log(EBB_LOG_INFO, "stopped", NULL);
+out:
+  rc = err->code;
+  if (d->writer) ebb_writer_stop(d->writer);
+  if (d->http) ebb_http_server_close(d->http);
+  if (loop_open) {
+    uv_run(&d->loop, UV_RUN_DEFAULT); /* the close callbacks */
+    uv_loop_close(&d->loop);
+  }
+  ebb_runtime_close(d->rt); /* writes the snapshots still waiting */
+  if (d->parser) lua_close(d->parser);
+  ebb_strmap_free(d->queues);
+  ebb_lock_release(d->lock);
+  free(d);
+  return rc;
+}

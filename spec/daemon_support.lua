@@ -206,4 +206,48 @@ function M.command(d, aggregate, id, type_, data, extra)
   return status, answer
 end
 
+-- Keep-alive clients for load: n connections, each with one request in
+-- flight per round, all sent before any answer is read, so the daemon has
+-- n concurrent requests. step(i) returns the next request body for client i
+-- (a table, POSTed to /commands) or nil when the client is done;
+-- done(i, status, answer) sees each answer. Stops when every client is done,
+-- or when should_stop() says so; a lost connection ends that client.
+function M.load(d, n, step, done, should_stop)
+  local conns, bodies = {}, {}
+  local active = n
+  for i = 1, n do conns[i] = connect(d) end
+  while active > 0 and not (should_stop and should_stop()) do
+    for i = 1, n do
+      if conns[i] then
+        local body = step(i)
+        if body == nil then
+          conns[i]:close(); conns[i] = false; active = active - 1
+        else
+          body = json.encode(body)
+          bodies[i] = body
+          local ok = conns[i]:send("POST /commands HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            .. (d.token and ("Authorization: Bearer " .. d.token .. "\r\n") or "")
+            .. "Content-Length: " .. #body .. "\r\n\r\n" .. body)
+          if not ok then conns[i]:close(); conns[i] = false; active = active - 1 end
+        end
+      end
+    end
+    for i = 1, n do
+      if conns[i] then
+        local status, headers, text = M.read_response(conns[i])
+        if not status then
+          conns[i]:close(); conns[i] = false; active = active - 1
+        else
+          local ok, answer = pcall(json.decode, text)
+          done(i, status, ok and answer or nil)
+          if (headers["connection"] or ""):lower() == "close" then
+            conns[i]:close(); conns[i] = false; active = active - 1
+          end
+        end
+      end
+    end
+  end
+  for i = 1, n do if conns[i] then conns[i]:close() end end
+end
+
 return M

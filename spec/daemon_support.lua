@@ -213,7 +213,7 @@ end
 -- done(i, status, answer) sees each answer. Stops when every client is done,
 -- or when should_stop() says so; a lost connection ends that client.
 function M.load(d, n, step, done, should_stop)
-  local conns, bodies = {}, {}
+  local conns = {}
   local active = n
   for i = 1, n do conns[i] = connect(d) end
   while active > 0 and not (should_stop and should_stop()) do
@@ -224,7 +224,6 @@ function M.load(d, n, step, done, should_stop)
           conns[i]:close(); conns[i] = false; active = active - 1
         else
           body = json.encode(body)
-          bodies[i] = body
           local ok = conns[i]:send("POST /commands HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             .. (d.token and ("Authorization: Bearer " .. d.token .. "\r\n") or "")
             .. "Content-Length: " .. #body .. "\r\n\r\n" .. body)

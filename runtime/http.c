@@ -11,7 +11,10 @@
  * and discards until the peer closes or a short linger ends, because
  * closing a socket with unread input makes the kernel send a reset that can
  * destroy the response still in flight (a 413 to a client mid-upload).
- * CLOSED means uv_close has been called.
+ * CLOSED means uv_close has been called. The one timer per connection
+ * bounds each state: IDLE by idle_timeout_ms (closed silently), READING by
+ * request_timeout_ms (408), FINISHING by idle_timeout_ms to flush, then the
+ * linger; HELD and STREAM are the application's business.
  *
  * llhttp parses straight from the read buffer. on_message_complete pauses
  * it, so the application gets one request at a time; bytes behind that
@@ -105,7 +108,8 @@ struct ebb_http_server {
   int port;
   ebb_http_conn *conns; /* every connection not yet through its close callbacks */
   size_t nconns;
-  size_t nopen;         /* of them, not closing */
+  size_t nlive;         /* of them, not CLOSED */
+  size_t nopen;         /* of them, not closing at all (FINISHING or CLOSED) */
   int draining, closing;
   char rbuf[READ_BUF_SIZE]; /* one read at a time on a loop: shared by all connections */
 };
@@ -188,7 +192,20 @@ static void release(ebb_http_conn *c) {
 
 static void on_conn_handle_closed(uv_handle_t *h) {
   ebb_http_conn *c = h->data;
-  if (--c->handles > 0) return;
+  if (c->handles > 1) {
+    c->handles--;
+    return;
+  }
+  /* Called here, never from inside an ebb_http_* call, so the application
+   * can free what it hung on c without pulling the rug from a caller. With
+   * handles still 1, a late answer from inside it does not free c. */
+  if (c->on_close) {
+    void (*cb)(ebb_http_conn *, void *) = c->on_close;
+    c->on_close = NULL;
+    cb(c, c->data);
+    c->held = 0; /* the application has let go of c */
+  }
+  c->handles = 0;
   ebb_http_server *s = c->s;
   if (c->prev) c->prev->next = c->next;
   else s->conns = c->next;
@@ -204,14 +221,9 @@ static void conn_close(ebb_http_conn *c) {
   if (c->state == C_CLOSED) return;
   c->state = C_CLOSED;
   uncount(c);
+  c->s->nlive--;
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
   uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
-  if (c->on_close) {
-    void (*cb)(ebb_http_conn *, void *) = c->on_close;
-    c->on_close = NULL;
-    cb(c, c->data);
-    c->held = 0; /* the application has let go of c; the close callbacks free it */
-  }
 }
 
 static void on_shutdown(uv_shutdown_t *req, int status) {
@@ -400,26 +412,30 @@ static int on_url_complete(llhttp_t *p) {
   return store_end(conn_of(p));
 }
 
+/* Starts a header entry at the first piece of its name (once per name). */
+static int open_header(ebb_http_conn *c) {
+  if (c->in_field) return 0;
+  if (c->nhdrs == c->caphdrs) {
+    size_t cap = c->caphdrs ? c->caphdrs * 2 : 16;
+    header *h = realloc(c->hdrs, cap * sizeof *h);
+    if (h == NULL) return fail_oom(c);
+    c->hdrs = h;
+    c->caphdrs = cap;
+  }
+  c->in_field = 1;
+  c->hdrs[c->nhdrs++] = (header){c->head.len, c->head.len, 0};
+  return 0;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
   ebb_http_conn *c = conn_of(p);
-  if (!c->in_field) {
-    if (c->nhdrs == c->caphdrs) {
-      size_t cap = c->caphdrs ? c->caphdrs * 2 : 16;
-      header *h = realloc(c->hdrs, cap * sizeof *h);
-      if (h == NULL) return fail_oom(c);
-      c->hdrs = h;
-      c->caphdrs = cap;
-    }
-    c->in_field = 1;
-    c->hdrs[c->nhdrs++] = (header){c->head.len, c->head.len, 0};
-  }
-  return store(c, at, n);
+  return open_header(c) != 0 ? HPE_USER : store(c, at, n);
 }
 
 static int on_header_field_complete(llhttp_t *p) {
   ebb_http_conn *c = conn_of(p);
+  if (open_header(c) != 0 || store_end(c) != 0) return HPE_USER; /* open: an empty name */
   c->in_field = 0;
-  if (store_end(c) != 0) return HPE_USER;
   c->hdrs[c->nhdrs - 1].value = c->head.len;
   return 0;
 }
@@ -744,6 +760,7 @@ static void on_connection(uv_stream_t *l, int status) {
   if (s->conns) s->conns->prev = c;
   s->conns = c;
   s->nconns++;
+  s->nlive++;
   c->state = C_IDLE;
   if (uv_accept(l, (uv_stream_t *)&c->tcp) < 0) {
     conn_close(c);
@@ -823,7 +840,7 @@ int ebb_http_server_port(const ebb_http_server *s) {
 }
 
 size_t ebb_http_server_connections(const ebb_http_server *s) {
-  return s->nopen;
+  return s->nlive;
 }
 
 void ebb_http_server_drain(ebb_http_server *s) {
@@ -895,7 +912,7 @@ int ebb_http_stream_start(ebb_http_conn *c, int status, const char *content_type
   ebb_buf_puts(&b, "Connection: close\r\n\r\n");
   int rc = send_buf(c, &b);
   if (rc != 0) {
-    c->held = 0; /* closed (and on_close run): nothing for the application to end */
+    c->held = 0; /* closed: nothing for the application to end */
     return rc;
   }
   read_on(c); /* to notice the peer leaving */
@@ -904,6 +921,7 @@ int ebb_http_stream_start(ebb_http_conn *c, int status, const char *content_type
 
 int ebb_http_stream_write(ebb_http_conn *c, const char *data, size_t len) {
   if (c == NULL || c->state != C_STREAM) return EBB_EUNAVAIL;
+  if (len == 0) return 0;
   ebb_buf b = EBB_BUF_INIT;
   ebb_buf_append(&b, data, len);
   return send_buf(c, &b);

@@ -7,6 +7,8 @@
  * request exactly once, now or later, with a whole response or a stream
  * (Server-Sent Events). Everything runs on the loop thread; nothing here is
  * thread-safe. There is no global state: every server is independent.
+ * The process must ignore SIGPIPE (signal(SIGPIPE, SIG_IGN)): libuv writes
+ * with writev(2), and a write to a peer that has gone would kill it.
  *
  * Protocol errors are answered here, always as a JSON error
  * {"error":{"code":...,"message":...}} followed by closing the connection:
@@ -83,13 +85,15 @@ int ebb_http_server_port(const ebb_http_server *s); /* the bound port; 0 before 
  * application ends them or closes the server. Harmless twice. */
 void ebb_http_server_drain(ebb_http_server *s);
 
-/* Connections open and not yet closing. */
+/* Connections not closed yet, including those still flushing a last
+ * answer (after a drain, 0 means every answer is out). */
 size_t ebb_http_server_connections(const ebb_http_server *s);
 
-/* Closes the listener and every connection now (unflushed output is lost);
- * each connection's on_close callback runs before this returns. The memory
- * goes once libuv has run the close callbacks, so the caller keeps running
- * the loop until uv_run returns. s must not be used afterwards. NULL-safe. */
+/* Closes the listener and every connection now (unflushed output is lost).
+ * Each connection's on_close callback runs from the loop afterwards, and
+ * the memory goes once libuv has run every close callback, so the caller
+ * keeps running the loop until uv_run returns. s must not be used after
+ * this call. NULL-safe. */
 void ebb_http_server_close(ebb_http_server *s);
 
 /* ---------------------------------------------------------------- answering */
@@ -134,7 +138,11 @@ void ebb_http_stream_end(ebb_http_conn *c);
 
 /* One application pointer per connection, and a callback called exactly
  * once when the connection closes for any reason (peer gone, write error,
- * timeout, drain, server close), on the loop thread.
+ * timeout, drain, server close, or after ebb_http_stream_end), from libuv's
+ * close callback: never from inside an ebb_http_* call, so a failing
+ * ebb_http_stream_write cannot free the caller's state under it. Between
+ * the closing and that call, answers and writes return <0.
+ * set_data(c, NULL, NULL) takes the callback back.
  *
  * Ownership: from the handler's call until the request is answered (or a
  * stream ended), the application holds c. If an on_close callback is set,

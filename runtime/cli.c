@@ -322,12 +322,16 @@ static int remote_fail(const ebb_http_response *res) {
     case EBB_EDELETED: rc = EBB_EXIT_DELETED; break;
     default: rc = EBB_EXIT_FAILURE;
   }
-  /* The daemon's message, as sent: "ebb: <code>: <message>" like a local failure. */
+  /* The daemon's message, decoded: "ebb: <code>: <message>" like a local failure. */
   const char *m = NULL;
   size_t mlen = 0;
-  if (ebb_json_member(e, elen, "message", &m, &mlen) == 1 && mlen >= 2)
-    fprintf(stderr, "ebb: %s: %.*s\n", ebb_error_name(code), (int)(mlen - 2), m + 1);
+  lua_State *L = luaL_newstate();
+  char msg[256];
+  if (L && ebb_json_member(e, elen, "message", &m, &mlen) == 1 &&
+      ebb_json_decode(L, m, mlen, msg, sizeof msg) == 0 && lua_type(L, -1) == LUA_TSTRING)
+    fprintf(stderr, "ebb: %s: %s\n", ebb_error_name(code), lua_tostring(L, -1));
   else fprintf(stderr, "ebb: HTTP %d: %.*s\n", res->status, (int)res->body_len, res->body);
+  if (L) lua_close(L);
   fprintf(stderr, "ebb: response: %.*s\n", (int)res->body_len, res->body);
   ebb_error_clear(&err);
   return rc;
@@ -636,10 +640,18 @@ static int cmd_read(cli *c) {
   ebb_event_list_free(&l);
   ebb_runtime_close(rt);
   if (err.code) return fail(&err);
-  if (printed == 0 && !c->from) {
-    /* An empty answer would hide a typo in the stream name. */
-    ebb_error_set(&err, EBB_ENOTFOUND, "stream %s does not exist", c->pos[0]);
-    return fail(&err);
+  if (printed == 0) {
+    /* An empty answer would hide a typo in the stream name (as the daemon's 404 does). */
+    int64_t version = 0;
+    ebb_runtime *again;
+    if ((rc = open_runtime(c, &again)) != 0) return rc;
+    ebb_store_stream_version(ebb_runtime_store(again), c->pos[0], &version, NULL, &err);
+    ebb_runtime_close(again);
+    if (err.code) return fail(&err);
+    if (version == 0) {
+      ebb_error_set(&err, EBB_ENOTFOUND, "stream %s does not exist", c->pos[0]);
+      return fail(&err);
+    }
   }
   return 0;
 }

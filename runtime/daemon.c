@@ -278,6 +278,7 @@ typedef struct job {
   struct stream_queue *queue;
   struct job *next;          /* in the queue */
   char stream[EBB_MAX_NAME + 1];
+  char now[EBB_TIME_LEN + 1];  /* recorded_at of an append's events */
   int is_append;
   /* a command: strings owned */
   ebb_command cmd;
@@ -433,6 +434,7 @@ static int l_parse_append(lua_State *L) {
   lua_pop(L, 1);
   int ev = lua_gettop(L);
   lua_Integer n = luaL_len(L, ev);
+  ebb_clock_format(ebb_clock_now_ms(), j->now);
   if (n < 1 || n > 100000) luaL_error(L, "\"events\" must hold from 1 to 100000 events");
   j->in = calloc(n < 1 ? 1 : (size_t)n, sizeof *j->in);
   if (j->in == NULL) luaL_error(L, "out of memory");
@@ -454,6 +456,7 @@ static int l_parse_append(lua_State *L) {
       in->id = id;
     }
     in->type = take_string(L, j, e, "type", 1);
+    in->recorded_at = j->now;
     in->data = take_object(L, j, e, "data", &in->data_len);
     in->metadata = take_object(L, j, e, "metadata", &in->metadata_len);
     int st = lua_getfield(L, e, "schema");
@@ -516,17 +519,36 @@ static void job_end(job *j, int status, char *body, size_t len, ebb_error *err) 
   d->jobs--;
 }
 
-/* {"stream","version","position","events"} for a raw append that committed. */
+/* {"stream","version","position","events"} for a raw append that committed:
+ * an idempotent one (stored before) answers with what was stored. */
 static char *append_result(job *j, size_t *len) {
   ebb_buf b = EBB_BUF_INIT;
   const ebb_append_result *r = &j->req.result;
+  if (r->idempotent) {
+    ebb_event_list l;
+    ebb_event_list_init(&l);
+    ebb_error err;
+    ebb_error_init(&err);
+    ebb_store_read_range(ebb_runtime_store(j->d->rt), r->first_position, r->position, &l, &err);
+    ebb_buf_puts(&b, "{\"stream\":");
+    ebb_buf_json_string(&b, j->stream, strlen(j->stream));
+    ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
+                   (long long)r->position);
+    for (size_t i = 0; i < l.n; i++) {
+      if (i) ebb_buf_putc(&b, ',');
+      ebb_event_to_json(&l.items[i], &b);
+    }
+    ebb_buf_puts(&b, "]}");
+    ebb_event_list_free(&l);
+    ebb_error_clear(&err);
+    return ebb_buf_take(&b, len);
+  }
   ebb_buf_puts(&b, "{\"stream\":");
   ebb_buf_json_string(&b, j->stream, strlen(j->stream));
   ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
                  (long long)r->position);
   for (size_t i = 0; i < j->n_in; i++) {
     const ebb_event_in *in = &j->in[i];
-    char now[EBB_TIME_LEN + 1];
     ebb_event e = {.position = r->first_position + (int64_t)i,
                    .version = r->first_version + (int64_t)i,
                    .schema = in->schema,
@@ -537,8 +559,7 @@ static char *append_result(job *j, size_t *len) {
                    .data_len = in->data_len,
                    .metadata = (char *)in->metadata,
                    .metadata_len = in->metadata_len,
-                   .recorded_at = (char *)(in->recorded_at ? in->recorded_at : now)};
-    if (in->recorded_at == NULL) ebb_clock_format(ebb_clock_now_ms(), now);
+                   .recorded_at = j->now};
     if (i) ebb_buf_putc(&b, ',');
     ebb_event_to_json(&e, &b);
   }
@@ -665,7 +686,12 @@ static void enqueue(ebb_daemon *d, job *j) {
   if (q->tail) q->tail->next = j;
   else q->head = j;
   q->tail = j;
-  if (q->head == j) run_queue(d, q, j->stream);
+  if (q->head == j) {
+    /* The job may end (and be freed) at once: the queue is keyed by a copy. */
+    char stream[EBB_MAX_NAME + 1];
+    memcpy(stream, j->stream, sizeof stream);
+    run_queue(d, q, stream);
+  }
 }
 
 static job *job_new(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
@@ -697,9 +723,22 @@ static int require_json(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
   return -1;
 }
 
+/* POST routes take everything in the body: a query string would be ignored,
+ * and a client could believe it had, say, a version check it has not. */
+static int no_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                    const reqinfo *ri) {
+  params q;
+  ebb_error err;
+  ebb_error_init(&err);
+  int rc = parse_query(req->query, "", &q, &err);
+  params_free(&q);
+  if (rc) answer_error(d, c, ri, &err);
+  return rc;
+}
+
 static void route_command(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                           const reqinfo *ri) {
-  if (require_json(d, c, ri)) return;
+  if (no_query(d, c, req, ri) || require_json(d, c, ri)) return;
   job *j = job_new(d, c, ri);
   ebb_error err;
   ebb_error_init(&err);
@@ -716,7 +755,7 @@ static void route_command(ebb_daemon *d, ebb_http_conn *c, const ebb_http_reques
 
 static void route_append(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri, const char *stream) {
-  if (require_json(d, c, ri)) return;
+  if (no_query(d, c, req, ri) || require_json(d, c, ri)) return;
   job *j = job_new(d, c, ri);
   ebb_error err;
   ebb_error_init(&err);

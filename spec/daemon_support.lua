@@ -50,8 +50,13 @@ function M.start(opts)
   return setmetatable(d, { __index = M })
 end
 
+-- Running, and not a zombie waiting for a slow init to reap it.
 function M.alive(d)
-  return os.execute("kill -0 " .. d.pid .. " 2>/dev/null") == true
+  local f = io.open("/proc/" .. d.pid .. "/stat", "r")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 function M.signal(d, sig)

@@ -8,6 +8,7 @@ local json = require "cjson"
 local socket = require "socket"
 local support = require "support"
 local daemon = require "daemon_support"
+local _ -- the ignored first results of d:get and friends
 
 -- ------------------------------------------------------------------ helpers
 

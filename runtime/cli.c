@@ -561,6 +561,105 @@ static int remote_state(cli *c) {
   return 0;
 }
 
+/* Goes through the daemon that holds the data directory, if one does: 1. */
+static int use_holder(cli *c) {
+  char *holder = NULL;
+  ebb_error err;
+  ebb_error_init(&err);
+  const char *u;
+  size_t ulen;
+  if (ebb_lock_probe(c->data, &holder, &err) == 1 && holder &&
+      ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1 && ulen > 2) {
+    char url[300];
+    snprintf(url, sizeof url, "%.*s", (int)(ulen - 2), u + 1);
+    if (ebb_url_parse(url, &c->url, &err) == 0) c->remote = 1;
+  }
+  free(holder);
+  ebb_error_clear(&err);
+  return c->remote;
+}
+
+/* Adds the members of a JSON object as query parameters (scalars only). */
+static int l_args_query(lua_State *L) {
+  size_t len;
+  const char *text = lua_tolstring(L, 1, &len);
+  ebb_buf *b = lua_touserdata(L, 2);
+  char msg[256];
+  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
+  if (!lua_istable(L, -1) || lua_getmetatable(L, -1)) luaL_error(L, "the arguments must be a JSON object");
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    const char *k = lua_tostring(L, -2);
+    const char *v = NULL;
+    if (lua_type(L, -1) == LUA_TBOOLEAN) v = lua_toboolean(L, -1) ? "true" : "false";
+    else if (lua_type(L, -1) == LUA_TNUMBER || lua_type(L, -1) == LUA_TSTRING) v = lua_tostring(L, -1);
+    else luaL_error(L, "argument %s must be a string, a number or a boolean", k);
+    query_param(b, k, v);
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+static int cmd_projections(cli *c) {
+  if (!c->remote && !use_holder(c))
+    return usage_error("%s", "projections live in the daemon: start 'ebb serve' or give --url");
+  const char *action = c->npos > 0 ? c->pos[0] : "list";
+  ebb_buf path = EBB_BUF_INIT;
+  const char *method = "GET";
+  int list = 0;
+  if (!strcmp(action, "list") && c->npos == (c->npos > 0 ? 1 : 0)) {
+    ebb_buf_puts(&path, "/projections");
+    list = 1;
+  } else if (!strcmp(action, "status") && c->npos == 2) {
+    ebb_buf_puts(&path, "/projections");
+    path_segment(&path, c->pos[1]);
+  } else if (!strcmp(action, "query") && (c->npos == 3 || c->npos == 4)) {
+    ebb_buf_puts(&path, "/projections");
+    path_segment(&path, c->pos[1]);
+    path_segment(&path, c->pos[2]);
+    if (c->after) query_param(&path, "after", c->after);
+    if (c->npos == 4) {
+      lua_State *L = luaL_newstate();
+      int ok = L != NULL;
+      if (ok) {
+        lua_pushcfunction(L, l_args_query);
+        lua_pushstring(L, c->pos[3]);
+        lua_pushlightuserdata(L, &path);
+        if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+          fprintf(stderr, "ebb: bad_request: query arguments: %s\n", lua_tostring(L, -1));
+          ok = 0;
+        }
+        lua_close(L);
+      }
+      if (!ok) {
+        ebb_buf_free(&path);
+        return EBB_EXIT_INVALID;
+      }
+    }
+  } else if ((!strcmp(action, "rebuild") || !strcmp(action, "retry") || !strcmp(action, "skip")) &&
+             c->npos == 2) {
+    method = "POST";
+    ebb_buf_puts(&path, "/projections");
+    path_segment(&path, c->pos[1]);
+    path_segment(&path, action);
+  } else {
+    ebb_buf_free(&path);
+    return usage_error("%s", "usage: ebb projections [list | status NAME | query NAME QUERY [JSON] "
+                             "[--after POS] | rebuild NAME | retry NAME | skip NAME]");
+  }
+  ebb_http_response res;
+  int rc = remote_call(c, method, ebb_buf_cstr(&path), NULL, &res);
+  ebb_buf_free(&path);
+  if (rc) return rc;
+  if (list) {
+    ebb_json_array_items(res.body, res.body_len, print_item, NULL);
+  } else {
+    printf("%.*s\n", (int)res.body_len, res.body);
+  }
+  ebb_http_response_free(&res);
+  return 0;
+}
+
 static int cmd_serve(cli *c) {
   ebb_error err;
   ebb_error_init(&err);
@@ -695,24 +794,8 @@ static int cmd_events(cli *c) {
   if ((c->after && parse_int(c->after, "--after", 0, &after)) ||
       (c->limit && parse_int(c->limit, "--limit", 1, &limit)))
     return EBB_EXIT_USAGE;
-  if (c->follow && !c->remote) {
-    /* Following needs the daemon's subscription: use the one holding the data. */
-    char *holder = NULL;
-    ebb_error err;
-    ebb_error_init(&err);
-    const char *u;
-    size_t ulen;
-    if (ebb_lock_probe(c->data, &holder, &err) == 1 &&
-        ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1 && ulen > 2) {
-      char url[300];
-      snprintf(url, sizeof url, "%.*s", (int)(ulen - 2), u + 1);
-      if (ebb_url_parse(url, &c->url, &err) == 0) c->remote = 1;
-    }
-    free(holder);
-    ebb_error_clear(&err);
-    if (!c->remote)
-      return usage_error("%s", "--follow needs a running daemon: start 'ebb serve' or give --url");
-  }
+  if (c->follow && !c->remote && !use_holder(c))
+    return usage_error("%s", "--follow needs a running daemon: start 'ebb serve' or give --url");
   if (c->remote && c->raw) return usage_error("%s", "--raw reads the store itself: not with --url");
   if (c->remote) return remote_events(c, after, limit);
   return page_events(c, after, 0, limit);
@@ -1069,6 +1152,15 @@ static const command commands[] = {
      "connections. SIGTERM or SIGINT drain it (no new work; in-flight commands finish; exit 0);\n"
      "SIGHUP reloads the aggregate modules (a module that fails keeps the old one). All settings\n"
      "are below; each also comes from EBB_<NAME> or a --config Lua file."},
+    {"projections", cmd_projections, 0, 4, "after",
+     "ebb projections [list | status NAME | query NAME QUERY [JSON] [--after POS] | rebuild NAME |"
+     " retry NAME | skip NAME]",
+     "Talks to the daemon's projections (through --url, or the daemon holding the data\n"
+     "directory). list: one status per line (version, state, position, lag, last error).\n"
+     "query: runs a query with the JSON object's members as arguments; --after POS waits until\n"
+     "the projection has processed POS (the position a command answered with). rebuild: a\n"
+     "blue/green rebuild from the first event. retry: resume a faulted projection. skip: skip the\n"
+     "event it faulted on (recorded in its read model) and resume."},
     {"read", cmd_read, 1, 1, "from limit backward raw",
      "ebb read STREAM [--from N] [--limit N] [--backward] [--raw]",
      "Prints the events of STREAM, one JSON object per line, from version N (forward: the first\n"

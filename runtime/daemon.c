@@ -30,7 +30,8 @@
 #define MAX_PARAMS 16
 
 const char *const ebb__route_names[N_ROUTES] = {
-    "commands", "append", "stream", "events", "subscribe", "aggregate", "health", "metrics", "other"};
+    "commands", "append",  "stream",      "events",     "subscribe",          "aggregate",
+    "health",   "metrics", "projections", "projection_query", "projection_control", "other"};
 
 /* ---------------------------------------------------------------- errors */
 
@@ -200,7 +201,7 @@ static void params_free(params *q) {
   q->n = 0;
 }
 
-/* Parses a query string, allowing only the names in `allowed` (space-separated). */
+/* Parses a query string, allowing only the names in `allowed` (space-separated; NULL: any). */
 static int parse_query(const char *query, const char *allowed, params *q, ebb_error *err) {
   q->n = 0;
   for (const char *p = query; *p;) {
@@ -221,14 +222,14 @@ static int parse_query(const char *query, const char *allowed, params *q, ebb_er
       if (!eq) v[0] = '\0';
       size_t klen = strlen(k);
       const char *a = allowed;
-      int ok = 0;
+      int ok = allowed == NULL;
       while (a && *a) {
         const char *sp = strchr(a, ' ');
         size_t al = sp ? (size_t)(sp - a) : strlen(a);
         if (al == klen && memcmp(a, k, al) == 0) ok = 1;
         a = sp ? sp + 1 : NULL;
       }
-      if (!ok)
+      if (!ok && allowed)
         return ebb_error_set(err, EBB_EBADREQ, "unknown query parameter \"%.64s\"%s%s%s", k,
                              allowed[0] ? " (this route takes: " : " (this route takes none",
                              allowed, ")");
@@ -643,7 +644,10 @@ static void on_written(void *ud, ebb_write *w) {
   if (w->req->err.code == 0) {
     d->m.events_appended += w->req->n;
     if (w->req->result.position > d->head) d->head = w->req->result.position;
-    if (w->req->n) schedule_pump(d);
+    if (w->req->n) {
+      schedule_pump(d);
+      if (d->projections) ebb_projections_notify(d->projections, d->head);
+    }
   }
   int ended;
   if (j->is_append) {
@@ -928,6 +932,240 @@ static void route_metrics(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
   ebb_buf_free(&b);
 }
 
+/* ---------------------------------------------------------------- projections */
+
+/* A query or control on its way to the projection host and back. */
+typedef struct pquery {
+  ebb_daemon *d;
+  ebb_http_conn *conn;          /* NULL once the client is gone */
+  reqinfo ri;
+  char *name, *query, *args;
+  int64_t after;
+  uv_timer_t timer;             /* the after= deadline */
+  int timer_open;
+  struct pquery *next;          /* parked */
+} pquery;
+
+static void pquery_on_close(ebb_http_conn *c, void *data) {
+  (void)c;
+  ((pquery *)data)->conn = NULL;
+}
+
+static void pquery_timer_closed(uv_handle_t *h) {
+  pquery *q = h->data;
+  free(q->name);
+  free(q->query);
+  free(q->args);
+  free(q);
+}
+
+static void pquery_free(pquery *q) {
+  if (q->timer_open) {
+    uv_close((uv_handle_t *)&q->timer, pquery_timer_closed);
+    return;
+  }
+  q->timer.data = q;
+  pquery_timer_closed((uv_handle_t *)&q->timer);
+}
+
+static void pquery_answer(void *ud, int status, char *body) {
+  pquery *q = ud;
+  if (q->conn) {
+    ebb_http_conn_set_data(q->conn, NULL, NULL);
+    ebb_http_respond(q->conn, status, "application/json", NULL, body ? body : "null",
+                     body ? strlen(body) : 4);
+  }
+  log_request(q->d, &q->ri, status, status >= 400 ? body : NULL);
+  free(body);
+  pquery_free(q);
+}
+
+static void unpark(ebb_daemon *d, pquery *q) {
+  for (pquery **pp = &d->parked; *pp; pp = &(*pp)->next)
+    if (*pp == q) {
+      *pp = q->next;
+      break;
+    }
+  q->next = NULL;
+  if (q->timer_open) uv_timer_stop(&q->timer);
+}
+
+static void on_query_deadline(uv_timer_t *t) {
+  pquery *q = t->data;
+  ebb_daemon *d = q->d;
+  unpark(d, q);
+  int64_t pos = d->projections ? ebb_projections_position(d->projections, q->name) : -1;
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_printf(&b,
+                 "{\"error\":{\"code\":\"timeout\",\"message\":\"projection %s did not reach "
+                 "position %lld within %lld ms\",\"after\":%lld,\"position\":%lld}}",
+                 q->name, (long long)q->after, (long long)d->cfg->query_timeout_ms,
+                 (long long)q->after, (long long)pos);
+  pquery_answer(q, 504, ebb_buf_take(&b, NULL));
+}
+
+/* Sends parked queries whose projection has reached their position. */
+static void on_projections_progress(void *ud) {
+  ebb_daemon *d = ud;
+  for (pquery *q = d->parked, *next; q; q = next) {
+    next = q->next;
+    if (ebb_projections_position(d->projections, q->name) >= q->after) {
+      unpark(d, q);
+      ebb_projections_query(d->projections, q->name, q->query, q->args, pquery_answer, q);
+    }
+  }
+}
+
+/* The query string as a JSON object of arguments: numbers as numbers. */
+static int query_args(const params *q, ebb_buf *out, int64_t *after, ebb_error *err) {
+  ebb_buf_putc(out, '{');
+  int first = 1;
+  for (int i = 0; i < q->n; i++) {
+    const char *k = q->key[i], *v = q->val[i];
+    if (strcmp(k, "after") == 0) {
+      char *end;
+      errno = 0;
+      long long x = strtoll(v, &end, 10);
+      if (errno || end == v || *end || x < 0)
+        return ebb_error_set(err, EBB_EBADREQ, "after must be a position (0 or more), not \"%.64s\"", v);
+      *after = x;
+      continue;
+    }
+    if (!first) ebb_buf_putc(out, ',');
+    first = 0;
+    ebb_buf_json_string(out, k, strlen(k));
+    ebb_buf_putc(out, ':');
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (*v && !errno && *end == '\0' && (v[0] != '0' || v[1] == '\0') && v[0] != '+') {
+      ebb_buf_printf(out, "%lld", x);
+      continue;
+    }
+    errno = 0;
+    double f = strtod(v, &end);
+    if (*v && !errno && *end == '\0' && f == f && f - f == 0 && v[0] != '+' && v[0] != '.' &&
+        strspn(v, "-0123456789.eE") == strlen(v)) {
+      /* %.17g of 2.0 is "2": keep a float a float in JSON. */
+      char num[40];
+      snprintf(num, sizeof num, "%.17g", f);
+      ebb_buf_puts(out, num);
+      if (!strpbrk(num, ".eEni")) ebb_buf_puts(out, ".0");
+      continue;
+    }
+    ebb_buf_json_string(out, v, strlen(v));
+  }
+  ebb_buf_putc(out, '}');
+  return 0;
+}
+
+static void route_projections(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                              const reqinfo *ri, const char *name) {
+  params q;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (parse_query(req->query, "", &q, &err)) {
+    answer_error(d, c, ri, &err);
+    params_free(&q);
+    return;
+  }
+  params_free(&q);
+  ebb_buf b = EBB_BUF_INIT;
+  if (d->projections == NULL) ebb_buf_puts(&b, name ? "" : "[]");
+  else if (!ebb_projections_status(d->projections, name, &b)) ebb_buf_reset(&b);
+  if (name && b.len == 0) answer_fail(d, c, ri, EBB_ENOTFOUND, "no projection %s", name);
+  else answer(d, c, ri, 200, b.data, b.len);
+  ebb_buf_free(&b);
+}
+
+static void route_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                        const reqinfo *ri, const char *name, const char *query) {
+  params q = {0};
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_buf args = EBB_BUF_INIT;
+  int64_t after = -1;
+  /* Any parameter is an argument of the query; the query decides what it takes. */
+  if (parse_query(req->query, NULL, &q, &err)) goto fail;
+  if (query_args(&q, &args, &after, &err)) goto fail;
+  if (d->projections == NULL) {
+    ebb_error_set(&err, EBB_ENOTFOUND, "no projection %s", name);
+    goto fail;
+  }
+  pquery *pq = calloc(1, sizeof *pq);
+  if (pq == NULL || !(pq->name = strdup(name)) || !(pq->query = strdup(query)) ||
+      !(pq->args = ebb_buf_take(&args, NULL))) {
+    if (pq) {
+      free(pq->name);
+      free(pq->query);
+      free(pq);
+    }
+    ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+    goto fail;
+  }
+  pq->d = d;
+  pq->conn = c;
+  pq->ri = *ri;
+  pq->after = after;
+  ebb_http_conn_set_data(c, pq, pquery_on_close);
+  if (after >= 0 && ebb_projections_position(d->projections, name) < after) {
+    /* Read-your-writes: wait, bounded, until the projection has reached it. */
+    uv_timer_init(&d->loop, &pq->timer);
+    pq->timer.data = pq;
+    pq->timer_open = 1;
+    uv_timer_start(&pq->timer, on_query_deadline, (uint64_t)d->cfg->query_timeout_ms, 0);
+    pq->next = d->parked;
+    d->parked = pq;
+  } else {
+    ebb_projections_query(d->projections, name, query, pq->args, pquery_answer, pq);
+  }
+  params_free(&q);
+  ebb_buf_free(&args);
+  return;
+fail:
+  answer_error(d, c, ri, &err);
+  params_free(&q);
+  ebb_buf_free(&args);
+}
+
+static void route_control(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                          const reqinfo *ri, const char *name, const char *action) {
+  if (no_query(d, c, req, ri)) return;
+  if (strcmp(action, "rebuild") && strcmp(action, "retry") && strcmp(action, "skip")) {
+    answer_fail(d, c, ri, EBB_ENOTFOUND,
+                "no projection action %s (rebuild, retry and skip are)", action);
+    return;
+  }
+  if (d->projections == NULL) {
+    answer_fail(d, c, ri, EBB_ENOTFOUND, "no projection %s", name);
+    return;
+  }
+  pquery *pq = calloc(1, sizeof *pq);
+  if (pq == NULL) {
+    answer_fail(d, c, ri, EBB_ENOMEM, "%s", "out of memory");
+    return;
+  }
+  pq->d = d;
+  pq->conn = c;
+  pq->ri = *ri;
+  ebb_http_conn_set_data(c, pq, pquery_on_close);
+  ebb_projections_control(d->projections, name, action, pquery_answer, pq);
+}
+
+static void on_rescan_timer(uv_timer_t *t) {
+  ebb_daemon *d = t->data;
+  if (d->projections) ebb_projections_rescan(d->projections);
+}
+
+static void on_projections_changed(uv_fs_event_t *h, const char *file, int events, int status) {
+  (void)file;
+  (void)events;
+  (void)status;
+  ebb_daemon *d = h->data;
+  /* Editors write in several steps: one rescan once the burst is over. */
+  uv_timer_start(&d->rescan_timer, on_rescan_timer, 100, 0);
+}
+
 /* Compares in time independent of where the first difference is. */
 static int same_secret(const char *a, size_t alen, const char *b) {
   size_t blen = strlen(b);
@@ -972,6 +1210,9 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
   else if (n == 3 && !strcmp(s0, "aggregates")) ri.route = ROUTE_AGGREGATE, allow = "GET";
   else if (n == 1 && !strcmp(s0, "health")) ri.route = ROUTE_HEALTH, allow = "GET";
   else if (n == 1 && !strcmp(s0, "metrics")) ri.route = ROUTE_METRICS, allow = "GET";
+  else if ((n == 1 || n == 2) && !strcmp(s0, "projections")) ri.route = ROUTE_PROJECTIONS, allow = "GET";
+  else if (n == 3 && !strcmp(s0, "projections"))
+    ri.route = post ? ROUTE_PROJECTION_CONTROL : ROUTE_QUERY, allow = "GET, POST";
   if (allow == NULL) {
     answer_fail(d, c, &ri, EBB_ENOTFOUND, "no route %s; see README.md for the API", req->path);
     goto done;
@@ -1014,6 +1255,11 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
     case ROUTE_SUBSCRIBE: route_subscribe(d, c, req, &ri); break;
     case ROUTE_AGGREGATE: route_aggregate(d, c, req, &ri, pp->seg[1], pp->seg[2]); break;
     case ROUTE_METRICS: route_metrics(d, c, &ri); break;
+    case ROUTE_PROJECTIONS: route_projections(d, c, req, &ri, n == 2 ? pp->seg[1] : NULL); break;
+    case ROUTE_QUERY: route_query(d, c, req, &ri, pp->seg[1], pp->seg[2]); break;
+    case ROUTE_PROJECTION_CONTROL:
+      route_control(d, c, req, &ri, pp->seg[1], pp->seg[2]);
+      break;
     default: break;
   }
 done:
@@ -1050,6 +1296,8 @@ static void close_handle(uv_handle_t *h) {
 static void close_rest(ebb_daemon *d) {
   ebb_http_server_close(d->http);
   d->http = NULL;
+  if (d->watching) close_handle((uv_handle_t *)&d->watch);
+  close_handle((uv_handle_t *)&d->rescan_timer);
   close_handle((uv_handle_t *)&d->sigterm);
   close_handle((uv_handle_t *)&d->sigint);
   close_handle((uv_handle_t *)&d->sighup);
@@ -1076,6 +1324,19 @@ static void stop(ebb_daemon *d) {
   /* Reports everything submitted; jobs queued behind them end with 503. */
   ebb_writer_stop(d->writer);
   d->writer = NULL;
+  /* Parked queries are answered now; the host answers the queued ones. */
+  while (d->parked) {
+    pquery *q = d->parked;
+    unpark(d, q);
+    ebb_error err;
+    ebb_error_init(&err);
+    ebb_error_set(&err, EBB_EUNAVAIL, "ebb is shutting down");
+    ebb_buf b = EBB_BUF_INIT;
+    ebb__error_json(&err, &b);
+    pquery_answer(q, 503, ebb_buf_take(&b, NULL));
+  }
+  ebb_projections_stop(d->projections);
+  d->projections = NULL;
   d->final_deadline_ms = ebb_clock_now_ms() + 2000;
   uv_timer_stop(&d->shutdown_timer);
   uv_timer_start(&d->shutdown_timer, on_final_check, 0, 10);
@@ -1131,7 +1392,10 @@ static void reload(ebb_daemon *d) {
 
 static void on_signal(uv_signal_t *s, int signum) {
   ebb_daemon *d = s->data;
-  if (signum == SIGHUP) reload(d);
+  if (signum == SIGHUP) {
+    reload(d);
+    if (d->projections) ebb_projections_rescan(d->projections);
+  }
   else begin_drain(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
@@ -1205,6 +1469,25 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
   holder_json(d, buf, sizeof buf);
   ebb_lock_update(d->lock, buf, NULL);
+  uv_timer_init(&d->loop, &d->rescan_timer);
+  d->rescan_timer.data = d;
+  ebb_projections_options po = {.loop = &d->loop,
+                                .data_dir = cfg->data,
+                                .projections_dir = cfg->projections,
+                                .aggregates_dir = cfg->aggregates,
+                                .memory_limit = (size_t)cfg->memory_limit,
+                                .instruction_budget = cfg->instruction_budget,
+                                .on_progress = on_projections_progress,
+                                .ud = d};
+  if (ebb_projections_start(&d->projections, &po, err)) goto out;
+  if (uv_fs_event_init(&d->loop, &d->watch) == 0) {
+    d->watch.data = d;
+    d->watching = 1;
+    if (uv_fs_event_start(&d->watch, on_projections_changed, cfg->projections, 0) != 0) {
+      ebb_log(EBB_LOG_WARN, "cannot watch the projections directory: edits need SIGHUP", "dir",
+              cfg->projections, NULL);
+    }
+  }
   uv_signal_init(&d->loop, &d->sigterm);
   uv_signal_init(&d->loop, &d->sigint);
   uv_signal_init(&d->loop, &d->sighup);
@@ -1231,6 +1514,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   ebb_log(EBB_LOG_INFO, "stopped", NULL);
 out:
   rc = err->code;
+  if (d->projections) ebb_projections_stop(d->projections);
   if (d->writer) ebb_writer_stop(d->writer);
   if (d->http) ebb_http_server_close(d->http);
   if (loop_open) {

@@ -23,6 +23,7 @@
 #include "error.h"
 #include "http.h"
 #include "lock.h"
+#include "projection.h"
 #include "runtime.h"
 #include "strmap.h"
 #include "writer.h"
@@ -34,7 +35,8 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err);
 /* ---------------------------------------------------------------- internal */
 
 enum { ROUTE_COMMANDS, ROUTE_APPEND, ROUTE_STREAM, ROUTE_EVENTS, ROUTE_SUBSCRIBE, ROUTE_AGGREGATE,
-       ROUTE_HEALTH, ROUTE_METRICS, ROUTE_OTHER, N_ROUTES };
+       ROUTE_HEALTH, ROUTE_METRICS, ROUTE_PROJECTIONS, ROUTE_QUERY, ROUTE_PROJECTION_CONTROL,
+       ROUTE_OTHER, N_ROUTES };
 extern const char *const ebb__route_names[N_ROUTES];
 
 #define N_STATUS_SLOTS 24
@@ -56,6 +58,11 @@ typedef struct ebb_daemon {
   ebb_http_server *http;
   ebb_runtime *rt;
   ebb_writer *writer;
+  ebb_projections *projections;
+  uv_fs_event_t watch;          /* the projections directory */
+  int watching;
+  uv_timer_t rescan_timer;      /* debounces a burst of file events into one rescan */
+  struct pquery *parked;        /* queries waiting for their after= position */
   ebb_lock *lock;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t heartbeat, pump_timer, shutdown_timer;

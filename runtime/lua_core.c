@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "projection_db.h"
 #include "runtime.h"
 #include "serialize.h"
 #include "uuid.h"
@@ -565,6 +566,35 @@ static int l_uuid(lua_State *L) {
   return 1;
 }
 
+/* core.projection_db(path[, "write" | "read"[, {runner_sql = SQL}]]) -> a db
+ * handle that owns its connection (and has begin/commit/rollback/close), or
+ * nil, message, code. runner_sql runs on the connection directly, as the
+ * runner's own statements do (unrestricted), for specs that need what only
+ * the runner may make, such as _ebb_ tables. */
+static int l_projection_db(lua_State *L) {
+  const char *path = check_name(L, 1);
+  static const char *const modes[] = {"write", "read", NULL};
+  int mode = luaL_checkoption(L, 2, "write", modes) == 0 ? EBB_PROJDB_WRITE : EBB_PROJDB_READ;
+  const char *runner_sql = NULL;
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    runner_sql = opt_string_field(L, 3, "runner_sql", NULL);
+  }
+  ebb_projdb *h;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_projdb_open(L, path, mode, &h, &err) != 0) return push_failure(L, &err);
+  char *msg = NULL;
+  if (runner_sql &&
+      sqlite3_exec(ebb_projdb_connection(h), runner_sql, NULL, NULL, &msg) != SQLITE_OK) {
+    ebb_error_set(&err, EBB_ESTORE, "runner_sql: %s", msg ? msg : "failed");
+    sqlite3_free(msg);
+    ebb_projdb_close(h);
+    return push_failure(L, &err);
+  }
+  return 1;
+}
+
 static const luaL_Reg runtime_methods[] = {
     {"append", l_append}, {"read", l_read},   {"events", l_events}, {"version", l_version},
     {"head", l_head},     {"send", l_send},   {"state", l_state},   {"check", l_check},
@@ -594,6 +624,8 @@ int luaopen_ebb_core(lua_State *L) {
   lua_setfield(L, -2, "open");
   lua_pushcfunction(L, l_uuid);
   lua_setfield(L, -2, "uuid");
+  lua_pushcfunction(L, l_projection_db);
+  lua_setfield(L, -2, "projection_db");
   lua_pushcfunction(L, ebb_serialize_lua);
   lua_setfield(L, -2, "serialize");
   lua_pushcfunction(L, ebb_deserialize_lua);

@@ -4,9 +4,12 @@
 --   open      OpenAccount on a new account per request (one event each)
 --   preload   OpenAccount on acc-1 .. acc-N (N = EBB_BENCH_ACCOUNTS), then /health
 --   deposit   Deposit 1 on acc-1 .. acc-N round robin (cached aggregates)
+--   orders    CreateOrder on a new order per request, paced: each connection
+--             waits EBB_BENCH_DELAY_MS between requests (for a target rate)
 -- Non-200 answers are counted and printed by done().
 local mode = os.getenv("EBB_BENCH_MODE") or "health"
 local accounts = tonumber(os.getenv("EBB_BENCH_ACCOUNTS") or "1000")
+local pause = tonumber(os.getenv("EBB_BENCH_DELAY_MS") or "0")
 local threads = {}
 local headers = { ["Content-Type"] = "application/json" }
 
@@ -36,10 +39,18 @@ function request()
     local k = (n - 1) * 4 + tid -- wrk -t4 at most for preload
     if k > accounts then return wrk.format("GET", "/health") end
     return command("acc-" .. k, "OpenAccount", '{"owner":"bench"}')
+  elseif mode == "orders" then
+    return wrk.format("POST", "/commands", headers,
+      ('{"aggregate":"order","id":"t%d-%d","type":"CreateOrder","data":{"customer_id":"c-%d"}}')
+        :format(tid, n, n % 100))
   elseif mode == "deposit" then
     return command("acc-" .. ((n * 7919 + tid) % accounts + 1), "Deposit", '{"amount":1}')
   end
   return wrk.format("GET", "/health")
+end
+
+function delay()
+  return pause
 end
 
 function response(status)

@@ -19,7 +19,7 @@ end
 local function wait_pids(pids, timeout)
   local deadline = os.time() + (timeout or 60)
   for _, pid in ipairs(pids) do
-    while os.execute("kill -0 " .. pid .. " 2>/dev/null") do
+    while daemon.alive({ pid = pid }) do
       assert(os.time() < deadline, "clients did not finish in time")
       daemon.sleep(0.05)
     end
@@ -262,12 +262,22 @@ describe("stopping", function()
   it("3. SIGTERM exits with status 0 and releases the data directory", function()
     d = daemon.start()
     local data = d.data
-    local out = os.tmpname()
+    local out, other = os.tmpname(), support.tmpdir()
     local pid = spawn(("%s serve --data %s --listen 127.0.0.1:0 --aggregates %s; echo exit=$?")
-      :format(support.ebb, support.quote(support.tmpdir()), support.quote(support.root .. "/aggregates")), out)
-    daemon.sleep(0.5)
-    os.execute("pkill -TERM -P " .. pid)
-    wait_pids({ pid }, 10)
+      :format(support.ebb, support.quote(other), support.quote(support.root .. "/aggregates")), out)
+    -- The daemon's own pid, from its lock, once it listens.
+    local daemon_pid
+    for _ = 1, 500 do
+      local f = io.open(other .. "/ebb.lock")
+      local text = f and f:read("a") or ""
+      if f then f:close() end
+      daemon_pid = text:match('"url":"http://[^"]*:[1-9]%d*"') and text:match('"pid":(%d+)')
+      if daemon_pid then break end
+      daemon.sleep(0.02)
+    end
+    assert.is_not_nil(daemon_pid, "the daemon did not start")
+    os.execute("kill -TERM " .. daemon_pid)
+    wait_pids({ pid }, 20)
     assert.matches("exit=0", support.read(out))
     d:signal("TERM")
     assert.is_true(d:wait(10))

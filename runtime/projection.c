@@ -1,0 +1,1502 @@
+/*
+ * projection.c: the projection host (see projection.h).
+ *
+ * Everything Lua and SQLite happens on the host's thread. The loop and the
+ * thread share only what the mutex guards: the head the loop has seen
+ * committed, the queue of jobs (queries, controls) going in and answered
+ * jobs coming out, a rescan flag, and the published status of every
+ * projection. The thread works in rounds: rescan if asked, answer the queued
+ * jobs, give every projection that is behind one batch, publish.
+ *
+ * A projection is an `instance`: a module loaded into a sandbox of its own,
+ * bound to one read-model database. A projection has one active instance
+ * (answering queries) and, during a blue/green rebuild, a second one building
+ * a fresh database; once that one has caught up it replaces the first, within
+ * one round of the thread, so no query ever sees a half-built read model.
+ *
+ * A batch: read events after the checkpoint, upcast them, BEGIN, run the
+ * handlers inside one sandboxed call, write the checkpoint, COMMIT. A handler
+ * error rolls the batch back, commits the events before the failing one
+ * again, and faults the projection at the failing event.
+ */
+#define _GNU_SOURCE /* vasprintf */
+#include "projection.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "json.h"
+#include "log.h"
+#include "projection_db.h"
+#include "runtime.h"
+#include "sandbox.h"
+
+#define DEFAULT_BATCH 1000
+#define LAG_SAMPLES 4096
+
+enum { ST_CATCHING_UP, ST_LIVE, ST_REBUILDING, ST_FAULTED, ST_STOPPED };
+static const char *const state_names[] = {"catching_up", "live", "rebuilding", "faulted", "stopped"};
+
+/* ---------------------------------------------------------------- types */
+
+typedef struct instance {
+  int64_t version;
+  ebb_sandbox *sb;
+  int module_ref, db_ref;     /* registry of sb: the module table, the db handle userdata */
+  ebb_projdb *handle;
+  sqlite3 *db;
+  char *db_file;              /* its file name in the projection's directory */
+  int64_t position;           /* the checkpoint */
+  int fresh;                  /* never caught up: a rebuild in progress */
+  int tainted;                /* its Lua state was killed: reload before running it again */
+  char **from;                /* categories (no '-' needed) or event types */
+  size_t n_from;
+  int64_t *skipped;           /* positions skipped by `skip`, sorted */
+  size_t n_skipped;
+} instance;
+
+typedef struct projection {
+  char *name;
+  char *path;                 /* the module's file */
+  uint64_t code_hash;         /* of the file's bytes, to notice changes */
+  instance *active, *next;    /* next: the blue/green rebuild */
+  int state;
+  int64_t fault_position;
+  int fault_in_next;          /* the rebuild faulted, not the active instance */
+  char *fault;                /* the error message while faulted */
+  char *load_error;           /* the last failed load of a changed file, or NULL */
+  uint64_t load_failures;
+  uint64_t reloads;           /* changed modules loaded */
+  int code_hash_loaded;       /* some version of the module loaded once */
+  uint64_t events_total;      /* events handled, all instances */
+  double eps;                 /* events per second, smoothed */
+  int64_t eps_t0_ms, eps_n;
+  int64_t behind_since_ms;    /* when it last fell behind the head (0: caught up) */
+  int64_t lag[LAG_SAMPLES];   /* live lags in ms, commit to handled */
+  size_t n_lag, lag_i;
+  int seen;                   /* found in the latest scan */
+  struct projection *link;
+} projection;
+
+/* The status of one projection as published to the loop. */
+typedef struct published {
+  char *name;
+  char *json;                 /* the status object */
+  int64_t position;           /* of the active instance (-1: none answers) */
+  int answers;                /* has an active instance */
+  int state;
+  int64_t lag_events, live_p50, live_p99;
+  double lag_s, eps;
+  uint64_t events_total, load_failures;
+} published;
+
+typedef struct job {
+  int is_query;
+  char *name, *query, *args, *action;
+  ebb_projection_answer cb;
+  void *ud;
+  int status;
+  char *body;
+  struct job *next;
+} job;
+
+struct ebb_projections {
+  ebb_projections_options o;
+  char *data_dir, *projections_dir, *aggregates_dir, *lua_dir, *models_dir;
+  uv_async_t async;
+  pthread_t thread;
+  int started;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  /* under mu */
+  int64_t head;
+  int rescan, stopping;
+  job *in_head, *in_tail, *out_head, *out_tail;
+  published *pub;
+  size_t n_pub;
+  int progressed;
+  /* the thread's */
+  ebb_runtime *rt;
+  projection *list;
+  int64_t known_head;
+};
+
+/* ---------------------------------------------------------------- small helpers */
+
+static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *dupf(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char *s = NULL;
+  if (vasprintf(&s, fmt, ap) < 0) s = NULL;
+  va_end(ap);
+  return s;
+}
+
+static uint64_t hash_file(const char *path, int *ok) {
+  uint64_t h = 1469598103934665603ull;
+  FILE *f = fopen(path, "rb");
+  *ok = f != NULL;
+  if (!f) return 0;
+  char buf[8192];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)buf[i]) * 1099511628211ull;
+  fclose(f);
+  return h;
+}
+
+static int exec_sql(sqlite3 *db, const char *sql, char **msg) {
+  char *e = NULL;
+  int rc = sqlite3_exec(db, sql, NULL, NULL, &e);
+  if (rc != SQLITE_OK && msg) *msg = dupf("%s", e ? e : sqlite3_errstr(rc));
+  sqlite3_free(e);
+  return rc;
+}
+
+/* ---------------------------------------------------------------- instances */
+
+static void instance_free(instance *in, int remove_file, const char *dir) {
+  if (in == NULL) return;
+  if (in->handle) ebb_projdb_close(in->handle);
+  ebb_sandbox_free(in->sb);
+  if (in->db) sqlite3_close_v2(in->db);
+  if (remove_file && in->db_file) {
+    char *p = dupf("%s/%s", dir, in->db_file);
+    if (p) {
+      unlink(p);
+      char *w = dupf("%s-wal", p), *s = dupf("%s-shm", p);
+      if (w) unlink(w);
+      if (s) unlink(s);
+      free(w);
+      free(s);
+    }
+    free(p);
+  }
+  for (size_t i = 0; i < in->n_from; i++) free(in->from[i]);
+  free(in->from);
+  free(in->skipped);
+  free(in->db_file);
+  free(in);
+}
+
+/* Loads the runtime library's null into `ebb`, as the aggregates' sandbox does. */
+static int l_prepare(lua_State *L) {
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "ebb");
+  lua_call(L, 1, 1);
+  if (lua_istable(L, -1)) {
+    lua_pushliteral(L, "null");
+    ebb_json_push_null(L);
+    lua_rawset(L, -3);
+  }
+  return 0;
+}
+
+/* Validates the module on top (argument 1) and copies `from` into the
+ * instance (argument 2). Raises with a message naming what is wrong. */
+static int l_validate(lua_State *L) {
+  instance *in = lua_touserdata(L, 2);
+  const char *expected_name = lua_tostring(L, 3);
+  if (!lua_istable(L, 1)) luaL_error(L, "the module must return a table, not a %s", luaL_typename(L, 1));
+  if (lua_getfield(L, 1, "name") != LUA_TSTRING) luaL_error(L, "missing field: name (a string)");
+  if (strcmp(lua_tostring(L, -1), expected_name) != 0)
+    luaL_error(L, "name is \"%s\", but the file is %s.lua: they must match", lua_tostring(L, -1),
+               expected_name);
+  if (lua_getfield(L, 1, "version") != LUA_TNUMBER || !lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1)
+    luaL_error(L, "missing field: version (a positive integer)");
+  in->version = lua_tointeger(L, -1);
+  if (lua_getfield(L, 1, "from") != LUA_TTABLE) luaL_error(L, "missing field: from (a list of categories or event types)");
+  lua_Integer n = luaL_len(L, -1);
+  if (n < 1 || n > 256) luaL_error(L, "from must list 1 to 256 categories or event types");
+  in->from = calloc((size_t)n, sizeof *in->from);
+  if (in->from == NULL) luaL_error(L, "out of memory");
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (lua_rawgeti(L, -1, i) != LUA_TSTRING) luaL_error(L, "from[%d] must be a string", (int)i);
+    if ((in->from[i - 1] = strdup(lua_tostring(L, -1))) == NULL) luaL_error(L, "out of memory");
+    in->n_from = (size_t)i;
+    lua_pop(L, 1);
+  }
+  if (lua_getfield(L, 1, "on") != LUA_TTABLE) luaL_error(L, "missing field: on (a table of event handlers)");
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TFUNCTION)
+      luaL_error(L, "on.%s must be a function", lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?");
+    lua_pop(L, 1);
+  }
+  int qt = lua_getfield(L, 1, "queries");
+  if (qt != LUA_TNIL && qt != LUA_TTABLE) luaL_error(L, "queries must be a table of functions");
+  if (qt == LUA_TTABLE) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TFUNCTION)
+        luaL_error(L, "queries.%s must be a function",
+                   lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?");
+      lua_pop(L, 1);
+    }
+  }
+  int st = lua_getfield(L, 1, "setup");
+  if (st != LUA_TNIL && st != LUA_TFUNCTION) luaL_error(L, "setup must be a function");
+  return 0;
+}
+
+/* Pushes the db handle for the instance's connection (argument 1: instance). */
+static int l_make_handle(lua_State *L) {
+  instance *in = lua_touserdata(L, 1);
+  ebb_projdb_push(L, in->db, EBB_PROJDB_WRITE, &in->handle);
+  return 1;
+}
+
+/* Calls module.setup(db) if there is one. Arguments: module, db. */
+static int l_setup(lua_State *L) {
+  if (lua_getfield(L, 1, "setup") != LUA_TFUNCTION) return 0;
+  lua_pushvalue(L, 2);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+static int call_error(ebb_sandbox *sb, char **msg) {
+  lua_State *L = ebb_sandbox_state(sb);
+  const char *killed = ebb_sandbox_killed(sb);
+  *msg = dupf("%s", killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+                                                                       : "a non-string error");
+  lua_pop(L, 1);
+  return -1;
+}
+
+/* Loads the module file into a new sandbox: the instance, or NULL with *msg. */
+static instance *load_module(ebb_projections *h, projection *p, char **msg) {
+  instance *in = calloc(1, sizeof *in);
+  if (in == NULL) {
+    *msg = dupf("out of memory");
+    return NULL;
+  }
+  in->module_ref = in->db_ref = LUA_NOREF;
+  const char *dirs[1] = {h->projections_dir};
+  ebb_sandbox_options so = {.module_dirs = dirs, .n_module_dirs = 1, .runtime_dir = h->lua_dir,
+                            .memory_limit = h->o.memory_limit,
+                            .instruction_budget = h->o.instruction_budget};
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_sandbox_new(&in->sb, &so, &err) != 0) {
+    *msg = dupf("%s", err.message);
+    goto fail;
+  }
+  lua_State *L = ebb_sandbox_state(in->sb);
+  lua_pushcfunction(L, l_prepare);
+  if (ebb_sandbox_call(in->sb, 0, 0) != LUA_OK) {
+    call_error(in->sb, msg);
+    goto fail;
+  }
+  char chunk[300];
+  snprintf(chunk, sizeof chunk, "%s.lua", p->name);
+  if (ebb_sandbox_load_file(in->sb, p->path, chunk, &err) != 0) {
+    *msg = dupf("%s", err.message);
+    goto fail;
+  }
+  lua_pushcfunction(L, l_validate);
+  lua_insert(L, -2);
+  lua_pushvalue(L, -1);
+  in->module_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, in);
+  lua_pushstring(L, p->name);
+  if (ebb_sandbox_call(in->sb, 3, 0) != LUA_OK) {
+    char *m;
+    call_error(in->sb, &m);
+    *msg = dupf("%s.lua: %s", p->name, m ? m : "invalid");
+    free(m);
+    goto fail;
+  }
+  return in;
+fail:
+  instance_free(in, 0, NULL);
+  return NULL;
+}
+
+static char *projection_dir(ebb_projections *h, const projection *p) {
+  return dupf("%s/%s", h->models_dir, p->name);
+}
+
+static const char *checkpoint_sql =
+    "CREATE TABLE IF NOT EXISTS _ebb_checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), "
+    "name TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, "
+    "updated_at TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS _ebb_skipped (position INTEGER PRIMARY KEY, type TEXT, "
+    "stream TEXT, error TEXT, skipped_at TEXT NOT NULL);";
+
+static int write_checkpoint(instance *in, const char *name, int64_t position) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(in->db,
+                         "INSERT INTO _ebb_checkpoint (id, name, version, position, updated_at) "
+                         "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                         "position = excluded.position, updated_at = excluded.updated_at",
+                         -1, &st, NULL) != SQLITE_OK)
+    return -1;
+  char now[EBB_TIME_LEN + 1];
+  ebb_clock_format(ebb_clock_now_ms(), now);
+  sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 2, in->version);
+  sqlite3_bind_int64(st, 3, position);
+  sqlite3_bind_text(st, 4, now, -1, SQLITE_TRANSIENT);
+  int rc = sqlite3_step(st);
+  sqlite3_finalize(st);
+  return rc == SQLITE_DONE ? 0 : -1;
+}
+
+static int load_skipped(instance *in) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(in->db, "SELECT position FROM _ebb_skipped ORDER BY position", -1, &st,
+                         NULL) != SQLITE_OK)
+    return -1;
+  free(in->skipped);
+  in->skipped = NULL;
+  in->n_skipped = 0;
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    int64_t *p = realloc(in->skipped, (in->n_skipped + 1) * sizeof *p);
+    if (p == NULL) break;
+    in->skipped = p;
+    p[in->n_skipped++] = sqlite3_column_int64(st, 0);
+  }
+  sqlite3_finalize(st);
+  return 0;
+}
+
+/* Opens (or creates, running setup) the instance's database file, and makes its db handle. */
+static int open_model(ebb_projections *h, projection *p, instance *in, int create, char **msg) {
+  char *dir = projection_dir(h, p);
+  char *path = dir ? dupf("%s/%s", dir, in->db_file) : NULL;
+  int rc = -1;
+  if (path == NULL) {
+    *msg = dupf("out of memory");
+    goto done;
+  }
+  mkdir(h->models_dir, 0755);
+  mkdir(dir, 0755);
+  int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+  if (sqlite3_open_v2(path, &in->db, flags, NULL) != SQLITE_OK) {
+    *msg = dupf("cannot open %s: %s", path, in->db ? sqlite3_errmsg(in->db) : "out of memory");
+    goto done;
+  }
+  sqlite3_busy_timeout(in->db, 5000);
+  /* A read model can always be rebuilt, and a lost commit is only processed
+   * again (checkpoint and writes go together): WAL without fsyncs. */
+  if (exec_sql(in->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", msg) != SQLITE_OK)
+    goto done;
+  lua_State *L = ebb_sandbox_state(in->sb);
+  lua_pushcfunction(L, l_make_handle);
+  lua_pushlightuserdata(L, in);
+  if (ebb_sandbox_call(in->sb, 1, 1) != LUA_OK) {
+    call_error(in->sb, msg);
+    goto done;
+  }
+  in->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (create) {
+    if (exec_sql(in->db, "BEGIN IMMEDIATE", msg) != SQLITE_OK) goto done;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, in->module_ref);
+    lua_pushcfunction(L, l_setup);
+    lua_insert(L, -2);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, in->db_ref);
+    if (ebb_sandbox_call(in->sb, 2, 0) != LUA_OK) {
+      char *m;
+      call_error(in->sb, &m);
+      *msg = dupf("%s.lua: setup failed: %s", p->name, m ? m : "");
+      free(m);
+      exec_sql(in->db, "ROLLBACK", NULL);
+      goto done;
+    }
+    if (exec_sql(in->db, checkpoint_sql, msg) != SQLITE_OK || write_checkpoint(in, p->name, 0) ||
+        exec_sql(in->db, "COMMIT", msg) != SQLITE_OK) {
+      if (*msg == NULL) *msg = dupf("cannot write the checkpoint: %s", sqlite3_errmsg(in->db));
+      exec_sql(in->db, "ROLLBACK", NULL);
+      goto done;
+    }
+    in->position = 0;
+  } else {
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(in->db, "SELECT version, position FROM _ebb_checkpoint WHERE id = 1", -1,
+                           &st, NULL) != SQLITE_OK ||
+        sqlite3_step(st) != SQLITE_ROW) {
+      *msg = dupf("%s has no checkpoint: %s", path, sqlite3_errmsg(in->db));
+      sqlite3_finalize(st);
+      goto done;
+    }
+    int64_t version = sqlite3_column_int64(st, 0);
+    in->position = sqlite3_column_int64(st, 1);
+    sqlite3_finalize(st);
+    if (version != in->version) {
+      *msg = dupf("%s was built by version %lld", in->db_file, (long long)version);
+      goto done;
+    }
+    load_skipped(in);
+  }
+  rc = 0;
+done:
+  free(dir);
+  free(path);
+  return rc;
+}
+
+/* The file name `current` names, or NULL. */
+static char *read_current(ebb_projections *h, projection *p) {
+  char *path = dupf("%s/%s/current", h->models_dir, p->name);
+  if (path == NULL) return NULL;
+  FILE *f = fopen(path, "r");
+  free(path);
+  if (f == NULL) return NULL;
+  char line[256];
+  char *r = fgets(line, sizeof line, f) ? strdup(strtok(line, "\n") ? line : line) : NULL;
+  fclose(f);
+  return r;
+}
+
+/* Makes file the one that answers, atomically (rename). */
+static int write_current(ebb_projections *h, projection *p, const char *file) {
+  char *tmp = dupf("%s/%s/current.tmp", h->models_dir, p->name);
+  char *path = dupf("%s/%s/current", h->models_dir, p->name);
+  int rc = -1;
+  FILE *f = tmp ? fopen(tmp, "w") : NULL;
+  if (f) {
+    fprintf(f, "%s\n", file);
+    if (fflush(f) == 0 && fsync(fileno(f)) == 0) rc = 0;
+    fclose(f);
+    if (rc == 0 && rename(tmp, path) != 0) rc = -1;
+  }
+  free(tmp);
+  free(path);
+  return rc;
+}
+
+static char *new_file_name(const instance *in) {
+  return dupf("v%lld-%lld.db", (long long)in->version, (long long)ebb_clock_now_ms());
+}
+
+/* ---------------------------------------------------------------- projections */
+
+static void projection_free(ebb_projections *h, projection *p) {
+  char *dir = projection_dir(h, p);
+  instance_free(p->active, 0, dir);
+  instance_free(p->next, 1, dir); /* a rebuild that never finished */
+  free(dir);
+  free(p->name);
+  free(p->path);
+  free(p->fault);
+  free(p->load_error);
+  free(p);
+}
+
+static void set_fault(projection *p, instance *in, int64_t position, char *message) {
+  free(p->fault);
+  p->fault = message;
+  p->fault_position = position;
+  p->fault_in_next = in == p->next;
+  p->state = ST_FAULTED;
+}
+
+/* Starts a blue/green rebuild into a new file with the given instance. */
+static int start_rebuild(ebb_projections *h, projection *p, instance *in, char **msg) {
+  free(in->db_file);
+  in->db_file = new_file_name(in);
+  in->fresh = 1;
+  if (in->db_file == NULL || open_model(h, p, in, 1, msg) != 0) return -1;
+  char *dir = projection_dir(h, p);
+  instance_free(p->next, 1, dir);
+  free(dir);
+  p->next = in;
+  return 0;
+}
+
+/* (Re)loads a projection's module. A first load opens its current read model
+ * or builds one; a reload of the same version swaps the code and keeps the
+ * read model; a new version starts a blue/green rebuild. A module that fails
+ * to load leaves what runs untouched. */
+static void load_projection(ebb_projections *h, projection *p) {
+  char *msg = NULL;
+  instance *in = load_module(h, p, &msg);
+  if (in == NULL) goto failed;
+  if (p->active && p->active->version == in->version) {
+    /* New code, same read model: the new sandbox takes over the database. */
+    in->db_file = strdup(p->active->db_file);
+    instance *old = p->active;
+    sqlite3 *db = old->db;
+    ebb_projdb_close(old->handle);
+    old->handle = NULL;
+    old->db = NULL;
+    in->db = db;
+    lua_State *L = ebb_sandbox_state(in->sb);
+    lua_pushcfunction(L, l_make_handle);
+    lua_pushlightuserdata(L, in);
+    if (in->db_file == NULL || ebb_sandbox_call(in->sb, 1, 1) != LUA_OK) {
+      if (in->db_file) call_error(in->sb, &msg);
+      in->db = NULL;
+      /* Give the connection back to the old code. */
+      old->db = db;
+      lua_State *OL = ebb_sandbox_state(old->sb);
+      lua_pushcfunction(OL, l_make_handle);
+      lua_pushlightuserdata(OL, old);
+      if (ebb_sandbox_call(old->sb, 1, 1) == LUA_OK) {
+        luaL_unref(OL, LUA_REGISTRYINDEX, old->db_ref);
+        old->db_ref = luaL_ref(OL, LUA_REGISTRYINDEX);
+      } else {
+        lua_pop(OL, 1);
+      }
+      instance_free(in, 0, NULL);
+      goto failed;
+    }
+    in->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    in->position = old->position;
+    in->skipped = old->skipped;
+    in->n_skipped = old->n_skipped;
+    old->skipped = NULL;
+    old->n_skipped = 0;
+    p->active = in;
+    instance_free(old, 0, NULL);
+    /* A rebuild of the same version goes on with the new code. */
+    if (p->next) {
+      char *dir = projection_dir(h, p);
+      instance_free(p->next, 1, dir);
+      free(dir);
+      p->next = NULL;
+      instance *again = load_module(h, p, &msg);
+      if (again == NULL || start_rebuild(h, p, again, &msg) != 0) {
+        instance_free(again, 0, NULL);
+        goto failed;
+      }
+    }
+    ebb_log(EBB_LOG_INFO, "projection reloaded: same version, read model kept", "projection",
+            p->name, NULL);
+  } else if (p->active) {
+    /* A new version: build a fresh read model beside the one answering. */
+    if (start_rebuild(h, p, in, &msg) != 0) {
+      instance_free(in, 0, NULL);
+      goto failed;
+    }
+    char v[32];
+    snprintf(v, sizeof v, "%lld", (long long)in->version);
+    ebb_log(EBB_LOG_INFO, "projection version changed: rebuilding beside the running one",
+            "projection", p->name, "#version", v, NULL);
+  } else {
+    /* First load: the current read model if it was built by this version. */
+    char *current = read_current(h, p);
+    int opened = 0;
+    if (current) {
+      in->db_file = current;
+      char *why = NULL;
+      if (open_model(h, p, in, 0, &why) == 0) {
+        opened = 1;
+        p->active = in;
+      } else {
+        ebb_log(EBB_LOG_INFO, "projection read model not reusable: rebuilding", "projection",
+                p->name, "reason", why ? why : "", NULL);
+        free(why);
+        /* Keep its sandbox; drop what open_model set up. */
+        if (in->handle) ebb_projdb_close(in->handle);
+        in->handle = NULL;
+        if (in->db) sqlite3_close_v2(in->db);
+        in->db = NULL;
+      }
+    }
+    if (!opened) {
+      int had_model = current != NULL;
+      free(in->db_file);
+      in->db_file = new_file_name(in);
+      if (in->db_file == NULL || open_model(h, p, in, 1, &msg) != 0) {
+        instance_free(in, 0, NULL);
+        goto failed;
+      }
+      if (had_model) {
+        /* Another version's read model exists but its code is gone: rebuild
+         * before answering (queries get 503 until then). */
+        in->fresh = 1;
+        p->next = in;
+      } else {
+        write_current(h, p, in->db_file);
+        p->active = in;
+      }
+    }
+  }
+  free(p->load_error);
+  p->load_error = NULL;
+  if (p->active && p->code_hash_loaded) p->reloads++;
+  p->code_hash_loaded = 1;
+  /* A fault stays until retry or skip, whatever the code. */
+  if (p->state != ST_FAULTED) p->state = p->next ? ST_REBUILDING : ST_CATCHING_UP;
+  return;
+failed:
+  p->load_failures++;
+  free(p->load_error);
+  p->load_error = msg ? msg : dupf("cannot load %s", p->path);
+  ebb_log(EBB_LOG_ERROR, "projection failed to load; what ran before stays", "projection", p->name,
+          "error", p->load_error, NULL);
+  if (p->active == NULL && p->next == NULL) p->state = ST_STOPPED;
+}
+
+/* Finds *.lua files and (re)loads the changed ones; removed ones are dropped. */
+static void scan(ebb_projections *h) {
+  for (projection *p = h->list; p; p = p->link) p->seen = 0;
+  DIR *dir = opendir(h->projections_dir);
+  if (dir) {
+    struct dirent *de;
+    while ((de = readdir(dir)) != NULL) {
+      size_t n = strlen(de->d_name);
+      if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
+      char name[256];
+      snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
+      char *path = dupf("%s/%s", h->projections_dir, de->d_name);
+      if (path == NULL) continue;
+      int ok;
+      uint64_t hash = hash_file(path, &ok);
+      if (!ok) {
+        free(path);
+        continue;
+      }
+      projection *p = h->list;
+      while (p && strcmp(p->name, name) != 0) p = p->link;
+      if (p == NULL) {
+        p = calloc(1, sizeof *p);
+        if (p == NULL || (p->name = strdup(name)) == NULL) {
+          free(p);
+          free(path);
+          continue;
+        }
+        p->path = path;
+        p->link = h->list;
+        h->list = p;
+        p->code_hash = hash;
+        load_projection(h, p);
+      } else {
+        free(path);
+        if (p->code_hash != hash || (p->active == NULL && p->next == NULL)) {
+          p->code_hash = hash;
+          load_projection(h, p);
+        }
+      }
+      p->seen = 1;
+    }
+    closedir(dir);
+  }
+  for (projection **pp = &h->list; *pp;) {
+    projection *p = *pp;
+    if (p->seen) {
+      pp = &p->link;
+      continue;
+    }
+    /* Removed: stop it and forget it. Its read model stays on disk, so
+     * putting the file back resumes from the checkpoint. */
+    ebb_log(EBB_LOG_INFO, "projection removed", "projection", p->name, NULL);
+    *pp = p->link;
+    projection_free(h, p);
+  }
+}
+
+/* ---------------------------------------------------------------- running batches */
+
+typedef struct batch {
+  projection *p;
+  instance *in;
+  ebb_event_list *events;
+  size_t n;        /* events to run (a prefix of the list) */
+  size_t at;       /* the event being handled */
+  int64_t handled;
+} batch;
+
+static int matches(const instance *in, const ebb_event *e) {
+  size_t cat = ebb_stream_category_len(e->stream);
+  for (size_t i = 0; i < in->n_from; i++) {
+    const char *f = in->from[i];
+    if (strcmp(f, e->type) == 0) return 1;
+    if (strlen(f) == cat && strncmp(f, e->stream, cat) == 0) return 1;
+  }
+  return 0;
+}
+
+static int is_skipped(const instance *in, int64_t position) {
+  size_t lo = 0, hi = in->n_skipped;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (in->skipped[mid] < position) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < in->n_skipped && in->skipped[lo] == position;
+}
+
+static void push_event(lua_State *L, const ebb_event *e) {
+  char msg[64];
+  lua_createtable(L, 0, 9);
+  lua_pushinteger(L, e->position);
+  lua_setfield(L, -2, "position");
+  lua_pushstring(L, e->stream);
+  lua_setfield(L, -2, "stream");
+  lua_pushinteger(L, e->version);
+  lua_setfield(L, -2, "version");
+  lua_pushstring(L, e->id);
+  lua_setfield(L, -2, "id");
+  lua_pushstring(L, e->type);
+  lua_setfield(L, -2, "type");
+  lua_pushinteger(L, e->schema);
+  lua_setfield(L, -2, "schema");
+  if (ebb_json_decode(L, e->data, e->data_len, msg, sizeof msg) != 0) lua_newtable(L);
+  lua_setfield(L, -2, "data");
+  if (ebb_json_decode(L, e->metadata, e->metadata_len, msg, sizeof msg) != 0) lua_newtable(L);
+  lua_setfield(L, -2, "metadata");
+  lua_pushstring(L, e->recorded_at);
+  lua_setfield(L, -2, "recorded_at");
+}
+
+/* Runs the handlers of a batch's events in order. Argument: the batch. An
+ * error propagates with b->at naming the event. */
+static int l_run_batch(lua_State *L) {
+  batch *b = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->in->module_ref);
+  lua_getfield(L, -1, "on");
+  int on = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->in->db_ref);
+  int db = lua_gettop(L);
+  for (b->at = 0; b->at < b->n; b->at++) {
+    const ebb_event *e = &b->events->items[b->at];
+    if (!matches(b->in, e) || is_skipped(b->in, e->position)) continue;
+    if (lua_getfield(L, on, e->type) != LUA_TFUNCTION) {
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_pushvalue(L, db);
+    push_event(L, e);
+    lua_call(L, 2, 0);
+    b->handled++;
+  }
+  return 0;
+}
+
+/* Runs events [0, n) of the list through the instance in one transaction
+ * with the checkpoint at `checkpoint`. 0, or -1 with b->at at the failing
+ * event and *msg (killed: the Lua state must be rebuilt). */
+static int run_events(projection *p, instance *in, ebb_event_list *l, size_t n,
+                      int64_t checkpoint, batch *b, char **msg) {
+  *b = (batch){.p = p, .in = in, .events = l, .n = n};
+  if (exec_sql(in->db, "BEGIN IMMEDIATE", msg) != SQLITE_OK) return -1;
+  lua_State *L = ebb_sandbox_state(in->sb);
+  lua_pushcfunction(L, l_run_batch);
+  lua_pushlightuserdata(L, b);
+  if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
+    if (ebb_sandbox_killed(in->sb)) in->tainted = 1;
+    call_error(in->sb, msg);
+    exec_sql(in->db, "ROLLBACK", NULL);
+    return -1;
+  }
+  if (write_checkpoint(in, p->name, checkpoint) != 0 ||
+      exec_sql(in->db, "COMMIT", msg) != SQLITE_OK) {
+    if (*msg == NULL) *msg = dupf("cannot commit: %s", sqlite3_errmsg(in->db));
+    exec_sql(in->db, "ROLLBACK", NULL);
+    b->at = 0;
+    return -1;
+  }
+  return 0;
+}
+
+static void note_lag(projection *p, const ebb_event_list *l, size_t n) {
+  int64_t now = ebb_clock_now_ms();
+  for (size_t i = 0; i < n; i++) {
+    int64_t ms;
+    if (ebb_clock_parse(l->items[i].recorded_at, &ms) != 0) continue;
+    p->lag[p->lag_i] = now - ms;
+    p->lag_i = (p->lag_i + 1) % LAG_SAMPLES;
+    if (p->n_lag < LAG_SAMPLES) p->n_lag++;
+  }
+}
+
+/* One batch for the instance: 1 if it did work. */
+static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
+  if (in->position >= head || in->tainted) return 0;
+  int64_t limit = h->o.batch > 0 ? h->o.batch : DEFAULT_BATCH;
+  ebb_read_all q = {.after = in->position, .limit = limit};
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  ebb_error err;
+  ebb_error_init(&err);
+  char *msg = NULL;
+  if (ebb_store_read_all(ebb_runtime_store(h->rt), &q, &l, &err) != 0) {
+    ebb_log(EBB_LOG_ERROR, "projection cannot read events", "projection", p->name, "error",
+            err.message, NULL);
+    ebb_event_list_free(&l);
+    return 0;
+  }
+  int64_t last = l.n ? l.items[l.n - 1].position : in->position;
+  if ((int64_t)l.n < limit && head > last) last = head; /* nothing more to see up to head */
+  if (l.n == 0) {
+    /* Nothing after the checkpoint up to head: move the checkpoint on. */
+    in->position = last;
+    ebb_event_list_free(&l);
+    return 0;
+  }
+  /* Upcast: an event that cannot be read faults the projection at it. */
+  if (ebb_runtime_upcast(h->rt, &l, &err) != 0) {
+    /* The message names the event; the checkpoint stays before the batch. */
+    set_fault(p, in, l.items[0].position, dupf("%s", err.message));
+    ebb_event_list_free(&l);
+    return 0;
+  }
+  batch b;
+  if (run_events(p, in, &l, l.n, last, &b, &msg) == 0) {
+    in->position = last;
+    p->events_total += (uint64_t)b.handled;
+    p->eps_n += b.handled;
+    if (p->state == ST_LIVE) note_lag(p, &l, l.n);
+  } else {
+    size_t at = b.at < l.n ? b.at : 0;
+    const ebb_event *bad = &l.items[at];
+    /* Commit what came before the failing event (the same handlers, run
+     * again on the rolled-back model: they are deterministic). */
+    char *again = NULL;
+    if (at > 0 && !in->tainted &&
+        run_events(p, in, &l, at, l.items[at - 1].position, &b, &again) == 0) {
+      in->position = l.items[at - 1].position;
+      p->events_total += (uint64_t)b.handled;
+    }
+    free(again);
+    char pos[32];
+    snprintf(pos, sizeof pos, "%lld", (long long)bad->position);
+    ebb_log(EBB_LOG_ERROR, "projection faulted", "projection", p->name, "#position", pos, "type",
+            bad->type, "error", msg ? msg : "", NULL);
+    set_fault(p, in, bad->position, dupf("event %lld (%s in %s): %s", (long long)bad->position,
+                                         bad->type, bad->stream, msg ? msg : "error"));
+    free(msg);
+  }
+  ebb_event_list_free(&l);
+  return 1;
+}
+
+/* Swaps a finished rebuild in: from now on it answers; the old one goes. */
+static void maybe_swap(ebb_projections *h, projection *p, int64_t head) {
+  instance *n = p->next;
+  if (n == NULL || n->position < head) return;
+  if (write_current(h, p, n->db_file) != 0) {
+    ebb_log(EBB_LOG_ERROR, "projection rebuilt but cannot switch to it", "projection", p->name,
+            NULL);
+    return;
+  }
+  char *dir = projection_dir(h, p);
+  instance_free(p->active, 1, dir);
+  free(dir);
+  n->fresh = 0;
+  p->active = n;
+  p->next = NULL;
+  if (p->state == ST_REBUILDING) p->state = ST_LIVE;
+  char v[32];
+  snprintf(v, sizeof v, "%lld", (long long)n->version);
+  ebb_log(EBB_LOG_INFO, "projection rebuilt and swapped in", "projection", p->name, "#version", v,
+          NULL);
+}
+
+/* One batch for each projection that is behind: 1 if any did work. */
+static int run_round(ebb_projections *h, int64_t head) {
+  int worked = 0;
+  int64_t now = ebb_clock_now_ms();
+  int64_t per_batch = h->o.batch > 0 ? h->o.batch : DEFAULT_BATCH;
+  for (projection *p = h->list; p; p = p->link) {
+    if (p->state == ST_FAULTED || p->state == ST_STOPPED) continue;
+    /* A Lua state killed by a query is rebuilt before it runs again. */
+    if (p->active && p->active->tainted) load_projection(h, p);
+    if (p->active) worked |= step(h, p, p->active, head);
+    if (p->next && p->state != ST_FAULTED) worked |= step(h, p, p->next, head);
+    maybe_swap(h, p, head);
+    int behind = (p->active && p->active->position < head) || p->next;
+    if (behind && p->behind_since_ms == 0) p->behind_since_ms = now;
+    if (!behind) p->behind_since_ms = 0;
+    if (p->state == ST_FAULTED || p->state == ST_STOPPED) continue;
+    if (p->next) p->state = ST_REBUILDING;
+    else if (!behind) p->state = ST_LIVE;
+    /* Live stays live through a burst of commits; far behind is catching up. */
+    else if (!(p->state == ST_LIVE && head - p->active->position <= 10 * per_batch))
+      p->state = ST_CATCHING_UP;
+    if (now - p->eps_t0_ms >= 1000) {
+      double rate = (double)p->eps_n * 1000.0 / (double)(now - p->eps_t0_ms);
+      p->eps = p->eps_t0_ms ? 0.5 * p->eps + 0.5 * rate : rate;
+      p->eps_t0_ms = now;
+      p->eps_n = 0;
+    }
+  }
+  return worked;
+}
+
+/* ---------------------------------------------------------------- queries and controls */
+
+/* Runs queries[name](db, args). Arguments: instance, query name, args JSON. Pushes the result. */
+static int l_query(lua_State *L) {
+  instance *in = lua_touserdata(L, 1);
+  const char *qname = lua_tostring(L, 2);
+  size_t len;
+  const char *args = lua_tolstring(L, 3, &len);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, in->module_ref);
+  if (lua_getfield(L, -1, "queries") != LUA_TTABLE || lua_getfield(L, -1, qname) != LUA_TFUNCTION) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, in->db_ref);
+  char msg[256];
+  if (ebb_json_decode(L, args, len, msg, sizeof msg) != 0) luaL_error(L, "arguments: %s", msg);
+  lua_call(L, 2, 1);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    ebb_json_push_null(L);
+  }
+  ebb_buf b = EBB_BUF_INIT;
+  if (ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0) {
+    ebb_buf_free(&b);
+    luaL_error(L, "the result of %s cannot be shown as JSON: %s", qname, msg);
+  }
+  lua_pushboolean(L, 1);
+  lua_pushlstring(L, b.data ? b.data : "null", b.data ? b.len : 4);
+  ebb_buf_free(&b);
+  return 2;
+}
+
+static char *error_body(const char *code, const char *message) {
+  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf_printf(&b, "{\"error\":{\"code\":\"%s\",\"message\":", code);
+  ebb_buf_json_string(&b, message, strlen(message));
+  ebb_buf_puts(&b, "}}");
+  return ebb_buf_take(&b, NULL);
+}
+
+static projection *find(ebb_projections *h, const char *name) {
+  for (projection *p = h->list; p; p = p->link)
+    if (strcmp(p->name, name) == 0) return p;
+  return NULL;
+}
+
+static void run_query(ebb_projections *h, job *j) {
+  projection *p = find(h, j->name);
+  if (p == NULL) {
+    char m[400];
+    snprintf(m, sizeof m, "no projection %.300s", j->name);
+    j->status = 404, j->body = error_body("not_found", m);
+    return;
+  }
+  instance *in = p->active;
+  if (in == NULL || in->tainted) {
+    char m[400];
+    snprintf(m, sizeof m, "projection %.300s has no read model to answer from yet (%s)", p->name,
+             p->next ? "rebuilding" : p->load_error ? p->load_error : "not loaded");
+    j->status = 503, j->body = error_body("unavailable", m);
+    return;
+  }
+  lua_State *L = ebb_sandbox_state(in->sb);
+  ebb_projdb_set_mode(in->handle, EBB_PROJDB_READ);
+  lua_pushcfunction(L, l_query);
+  lua_pushlightuserdata(L, in);
+  lua_pushstring(L, j->query);
+  lua_pushstring(L, j->args ? j->args : "{}");
+  int rc = ebb_sandbox_call(in->sb, 3, 2);
+  ebb_projdb_set_mode(in->handle, EBB_PROJDB_WRITE);
+  if (rc != LUA_OK) {
+    if (ebb_sandbox_killed(in->sb)) in->tainted = 1;
+    char *m = NULL;
+    call_error(in->sb, &m);
+    j->status = 500, j->body = error_body("script_error", m ? m : "query failed");
+    free(m);
+    return;
+  }
+  if (lua_isnil(L, -2)) {
+    char m[400];
+    snprintf(m, sizeof m, "projection %.100s has no query %.200s", p->name, j->query);
+    j->status = 404, j->body = error_body("not_found", m);
+  } else {
+    j->status = 200, j->body = strdup(lua_tostring(L, -1));
+  }
+  lua_pop(L, 2);
+}
+
+static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf *b);
+
+static void run_control(ebb_projections *h, job *j) {
+  projection *p = find(h, j->name);
+  if (p == NULL) {
+    j->status = 404, j->body = error_body("not_found", "no such projection");
+    return;
+  }
+  const char *a = j->action;
+  if (strcmp(a, "retry") == 0 || strcmp(a, "skip") == 0) {
+    if (p->state != ST_FAULTED) {
+      j->status = 409, j->body = error_body("conflict", "the projection is not faulted");
+      return;
+    }
+    instance *in = p->fault_in_next ? p->next : p->active;
+    if (strcmp(a, "skip") == 0 && in) {
+      sqlite3_stmt *st;
+      char now[EBB_TIME_LEN + 1];
+      ebb_clock_format(ebb_clock_now_ms(), now);
+      int ok = sqlite3_prepare_v2(in->db,
+                                  "INSERT OR IGNORE INTO _ebb_skipped (position, error, skipped_at) "
+                                  "VALUES (?, ?, ?)",
+                                  -1, &st, NULL) == SQLITE_OK;
+      if (ok) {
+        sqlite3_bind_int64(st, 1, p->fault_position);
+        sqlite3_bind_text(st, 2, p->fault ? p->fault : "", -1, SQLITE_TRANSIENT);
+        sqlite3_bind_text(st, 3, now, -1, SQLITE_TRANSIENT);
+        ok = sqlite3_step(st) == SQLITE_DONE;
+        sqlite3_finalize(st);
+      }
+      if (!ok) {
+        j->status = 500, j->body = error_body("storage_error", sqlite3_errmsg(in->db));
+        return;
+      }
+      load_skipped(in);
+      char pos[32];
+      snprintf(pos, sizeof pos, "%lld", (long long)p->fault_position);
+      ebb_log(EBB_LOG_WARN, "projection skipped an event", "projection", p->name, "#position", pos,
+              NULL);
+    }
+    /* A killed Lua state is rebuilt: the code loads again. */
+    if ((p->active && p->active->tainted) || (p->next && p->next->tainted)) load_projection(h, p);
+    free(p->fault);
+    p->fault = NULL;
+    p->fault_position = 0;
+    p->state = p->next ? ST_REBUILDING : ST_CATCHING_UP;
+  } else if (strcmp(a, "rebuild") == 0) {
+    char *msg = NULL;
+    instance *in = load_module(h, p, &msg);
+    if (in == NULL || start_rebuild(h, p, in, &msg) != 0) {
+      instance_free(in, 0, NULL);
+      j->status = 500, j->body = error_body("script_error", msg ? msg : "cannot rebuild");
+      free(msg);
+      return;
+    }
+    if (p->state != ST_FAULTED) p->state = ST_REBUILDING;
+    ebb_log(EBB_LOG_INFO, "projection rebuild started", "projection", p->name, NULL);
+  } else {
+    j->status = 404, j->body = error_body("not_found", "unknown action");
+    return;
+  }
+  ebb_buf b = EBB_BUF_INIT;
+  status_json(h, p, h->known_head, &b);
+  j->status = 200;
+  j->body = ebb_buf_take(&b, NULL);
+}
+
+/* ---------------------------------------------------------------- status */
+
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static void lag_percentiles(const projection *p, int64_t *p50, int64_t *p99) {
+  *p50 = *p99 = 0;
+  if (p->n_lag == 0) return;
+  int64_t *s = malloc(p->n_lag * sizeof *s);
+  if (s == NULL) return;
+  memcpy(s, p->lag, p->n_lag * sizeof *s);
+  qsort(s, p->n_lag, sizeof *s, cmp_i64);
+  *p50 = s[p->n_lag / 2];
+  *p99 = s[(p->n_lag * 99) / 100 < p->n_lag ? (p->n_lag * 99) / 100 : p->n_lag - 1];
+  free(s);
+}
+
+static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf *b) {
+  (void)h;
+  instance *in = p->active;
+  int64_t pos = in ? in->position : -1;
+  int64_t p50, p99;
+  lag_percentiles(p, &p50, &p99);
+  ebb_buf_puts(b, "{\"name\":");
+  ebb_buf_json_string(b, p->name, strlen(p->name));
+  ebb_buf_printf(b, ",\"version\":%lld,\"state\":\"%s\",\"position\":%lld,\"head\":%lld,"
+                    "\"lag_events\":%lld,\"lag_ms\":%lld,\"events_per_second\":%.1f,"
+                    "\"events_total\":%llu,\"live_lag_ms\":{\"p50\":%lld,\"p99\":%lld},",
+                 (long long)(in ? in->version : p->next ? p->next->version : 0),
+                 state_names[p->state], (long long)pos, (long long)head,
+                 (long long)(in && head > in->position ? head - in->position : 0),
+                 (long long)(p->behind_since_ms ? ebb_clock_now_ms() - p->behind_since_ms : 0),
+                 p->eps, (unsigned long long)p->events_total, (long long)p50, (long long)p99);
+  ebb_buf_puts(b, "\"from\":[");
+  instance *any = in ? in : p->next;
+  for (size_t i = 0; any && i < any->n_from; i++) {
+    if (i) ebb_buf_putc(b, ',');
+    ebb_buf_json_string(b, any->from[i], strlen(any->from[i]));
+  }
+  ebb_buf_puts(b, "],\"rebuilding\":");
+  if (p->next) ebb_buf_printf(b, "{\"version\":%lld,\"position\":%lld}", (long long)p->next->version,
+                              (long long)p->next->position);
+  else ebb_buf_puts(b, "null");
+  ebb_buf_puts(b, ",\"last_error\":");
+  if (p->fault) {
+    ebb_buf_printf(b, "{\"position\":%lld,\"message\":", (long long)p->fault_position);
+    ebb_buf_json_string(b, p->fault, strlen(p->fault));
+    ebb_buf_putc(b, '}');
+  } else {
+    ebb_buf_puts(b, "null");
+  }
+  ebb_buf_puts(b, ",\"load_error\":");
+  if (p->load_error) ebb_buf_json_string(b, p->load_error, strlen(p->load_error));
+  else ebb_buf_puts(b, "null");
+  ebb_buf_printf(b, ",\"load_failures\":%llu,\"reloads\":%llu,\"skipped\":[",
+                 (unsigned long long)p->load_failures, (unsigned long long)p->reloads);
+  for (size_t i = 0; in && i < in->n_skipped; i++)
+    ebb_buf_printf(b, "%s%lld", i ? "," : "", (long long)in->skipped[i]);
+  ebb_buf_puts(b, "]}");
+}
+
+/* Copies every projection's status where the loop can read it. */
+static void publish(ebb_projections *h) {
+  size_t n = 0;
+  for (projection *p = h->list; p; p = p->link) n++;
+  published *pub = calloc(n ? n : 1, sizeof *pub);
+  if (pub == NULL) return;
+  size_t i = 0;
+  for (projection *p = h->list; p; p = p->link, i++) {
+    ebb_buf b = EBB_BUF_INIT;
+    status_json(h, p, h->known_head, &b);
+    pub[i].name = strdup(p->name);
+    pub[i].json = ebb_buf_take(&b, NULL);
+    pub[i].answers = p->active != NULL && !p->active->tainted;
+    pub[i].position = pub[i].answers ? p->active->position : -1;
+    pub[i].state = p->state;
+    pub[i].lag_events =
+        p->active && h->known_head > p->active->position ? h->known_head - p->active->position : 0;
+    pub[i].lag_s =
+        p->behind_since_ms ? (double)(ebb_clock_now_ms() - p->behind_since_ms) / 1000 : 0.0;
+    lag_percentiles(p, &pub[i].live_p50, &pub[i].live_p99);
+    pub[i].eps = p->eps;
+    pub[i].events_total = p->events_total;
+    pub[i].load_failures = p->load_failures;
+  }
+  pthread_mutex_lock(&h->mu);
+  published *old = h->pub;
+  size_t n_old = h->n_pub;
+  h->pub = pub;
+  h->n_pub = n;
+  h->progressed = 1;
+  pthread_mutex_unlock(&h->mu);
+  for (size_t k = 0; k < n_old; k++) {
+    free(old[k].name);
+    free(old[k].json);
+  }
+  free(old);
+  uv_async_send(&h->async);
+}
+
+/* ---------------------------------------------------------------- the thread */
+
+static int behind(ebb_projections *h, int64_t head) {
+  for (projection *p = h->list; p; p = p->link) {
+    if (p->state == ST_FAULTED || p->state == ST_STOPPED) continue;
+    if ((p->active && !p->active->tainted && p->active->position < head) ||
+        (p->next && !p->next->tainted))
+      return 1;
+  }
+  return 0;
+}
+
+static void *host_main(void *arg) {
+  ebb_projections *h = arg;
+  ebb_error err;
+  ebb_error_init(&err);
+  pthread_mutex_lock(&h->mu);
+  int64_t head = h->head;
+  pthread_mutex_unlock(&h->mu);
+  h->known_head = head;
+  scan(h);
+  run_round(h, head); /* also settles the states of projections with nothing to do */
+  publish(h);
+  for (;;) {
+    pthread_mutex_lock(&h->mu);
+    while (!h->stopping && !h->rescan && h->in_head == NULL && !behind(h, h->head))
+      pthread_cond_wait(&h->cv, &h->mu);
+    if (h->stopping) {
+      pthread_mutex_unlock(&h->mu);
+      break;
+    }
+    int rescan = h->rescan;
+    h->rescan = 0;
+    job *jobs = h->in_head;
+    h->in_head = h->in_tail = NULL;
+    head = h->head;
+    pthread_mutex_unlock(&h->mu);
+    h->known_head = head;
+    if (rescan) scan(h);
+    job *done = NULL, **tail = &done;
+    for (job *j = jobs, *next; j; j = next) {
+      next = j->next;
+      if (j->is_query) run_query(h, j);
+      else run_control(h, j);
+      j->next = NULL;
+      *tail = j;
+      tail = &j->next;
+    }
+    run_round(h, head);
+    publish(h);
+    if (done) {
+      pthread_mutex_lock(&h->mu);
+      if (h->out_tail) h->out_tail->next = done;
+      else h->out_head = done;
+      while (done->next) done = done->next;
+      h->out_tail = done;
+      pthread_mutex_unlock(&h->mu);
+      uv_async_send(&h->async);
+    }
+  }
+  return NULL;
+}
+
+/* ---------------------------------------------------------------- the loop's side */
+
+static void job_free(job *j) {
+  free(j->name);
+  free(j->query);
+  free(j->args);
+  free(j->action);
+  free(j->body);
+  free(j);
+}
+
+static void on_async(uv_async_t *a) {
+  ebb_projections *h = a->data;
+  pthread_mutex_lock(&h->mu);
+  job *j = h->out_head;
+  h->out_head = h->out_tail = NULL;
+  int progressed = h->progressed;
+  h->progressed = 0;
+  pthread_mutex_unlock(&h->mu);
+  while (j) {
+    job *next = j->next;
+    char *body = j->body;
+    j->body = NULL;
+    j->cb(j->ud, j->status, body);
+    job_free(j);
+    j = next;
+  }
+  if (progressed && h->o.on_progress) h->o.on_progress(h->o.ud);
+}
+
+int ebb_projections_start(ebb_projections **out, const ebb_projections_options *opt,
+                          ebb_error *err) {
+  *out = NULL;
+  ebb_projections *h = calloc(1, sizeof *h);
+  if (h == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  h->o = *opt;
+  h->data_dir = strdup(opt->data_dir);
+  h->projections_dir = strdup(opt->projections_dir);
+  h->aggregates_dir = strdup(opt->aggregates_dir);
+  h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
+  h->models_dir = dupf("%s/projections", opt->data_dir);
+  if (!h->data_dir || !h->projections_dir || !h->aggregates_dir || !h->lua_dir || !h->models_dir) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    goto fail;
+  }
+  ebb_runtime_options ro = {.data_dir = h->data_dir, .aggregates_dir = h->aggregates_dir,
+                            .lua_dir = h->lua_dir, .durability = EBB_DURABILITY_NORMAL,
+                            .memory_limit = opt->memory_limit,
+                            .instruction_budget = opt->instruction_budget, .cache_size = -1,
+                            .no_snapshots = 1};
+  if (ebb_runtime_open(&h->rt, &ro, err) != 0) goto fail;
+  if (ebb_store_head(ebb_runtime_store(h->rt), &h->head, err) != 0) goto fail;
+  pthread_mutex_init(&h->mu, NULL);
+  pthread_cond_init(&h->cv, NULL);
+  uv_async_init(opt->loop, &h->async, on_async);
+  h->async.data = h;
+  if (pthread_create(&h->thread, NULL, host_main, h) != 0) {
+    ebb_error_set(err, EBB_ENOMEM, "cannot start the projection thread");
+    h->started = 0;
+    ebb_projections_stop(h);
+    return err->code;
+  }
+  h->started = 1;
+  *out = h;
+  return 0;
+fail:
+  ebb_runtime_close(h->rt);
+  free(h->data_dir);
+  free(h->projections_dir);
+  free(h->aggregates_dir);
+  free(h->lua_dir);
+  free(h->models_dir);
+  free(h);
+  return err->code;
+}
+
+static void on_closed(uv_handle_t *handle) {
+  ebb_projections *h = handle->data;
+  for (size_t k = 0; k < h->n_pub; k++) {
+    free(h->pub[k].name);
+    free(h->pub[k].json);
+  }
+  free(h->pub);
+  free(h->data_dir);
+  free(h->projections_dir);
+  free(h->aggregates_dir);
+  free(h->lua_dir);
+  free(h->models_dir);
+  free(h);
+}
+
+void ebb_projections_stop(ebb_projections *h) {
+  if (h == NULL) return;
+  if (h->started) {
+    pthread_mutex_lock(&h->mu);
+    h->stopping = 1;
+    pthread_cond_signal(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+    pthread_join(h->thread, NULL);
+  }
+  /* Answer what is still queued, then what was answered but not delivered. */
+  for (job *j = h->in_head; j; j = j->next) {
+    j->status = 503;
+    j->body = error_body("unavailable", "ebb is shutting down");
+  }
+  pthread_mutex_lock(&h->mu);
+  if (h->in_head) {
+    if (h->out_tail) h->out_tail->next = h->in_head;
+    else h->out_head = h->in_head;
+    h->out_tail = h->in_tail;
+  }
+  h->in_head = h->in_tail = NULL;
+  h->o.on_progress = NULL;
+  pthread_mutex_unlock(&h->mu);
+  on_async(&h->async);
+  while (h->list) {
+    projection *p = h->list;
+    h->list = p->link;
+    projection_free(h, p);
+  }
+  ebb_runtime_close(h->rt);
+  h->rt = NULL;
+  pthread_cond_destroy(&h->cv);
+  pthread_mutex_destroy(&h->mu);
+  uv_close((uv_handle_t *)&h->async, on_closed);
+}
+
+void ebb_projections_notify(ebb_projections *h, int64_t head) {
+  pthread_mutex_lock(&h->mu);
+  if (head > h->head) {
+    h->head = head;
+    pthread_cond_signal(&h->cv);
+  }
+  pthread_mutex_unlock(&h->mu);
+}
+
+void ebb_projections_rescan(ebb_projections *h) {
+  pthread_mutex_lock(&h->mu);
+  h->rescan = 1;
+  pthread_cond_signal(&h->cv);
+  pthread_mutex_unlock(&h->mu);
+}
+
+static void submit(ebb_projections *h, job *j) {
+  pthread_mutex_lock(&h->mu);
+  if (h->in_tail) h->in_tail->next = j;
+  else h->in_head = j;
+  h->in_tail = j;
+  pthread_cond_signal(&h->cv);
+  pthread_mutex_unlock(&h->mu);
+}
+
+void ebb_projections_query(ebb_projections *h, const char *name, const char *query,
+                           const char *args_json, ebb_projection_answer cb, void *ud) {
+  job *j = calloc(1, sizeof *j);
+  if (j == NULL || !(j->name = strdup(name)) || !(j->query = strdup(query)) ||
+      !(j->args = strdup(args_json ? args_json : "{}"))) {
+    if (j) job_free(j);
+    cb(ud, 503, error_body("out_of_memory", "out of memory"));
+    return;
+  }
+  j->is_query = 1;
+  j->cb = cb;
+  j->ud = ud;
+  submit(h, j);
+}
+
+void ebb_projections_control(ebb_projections *h, const char *name, const char *action,
+                             ebb_projection_answer cb, void *ud) {
+  job *j = calloc(1, sizeof *j);
+  if (j == NULL || !(j->name = strdup(name)) || !(j->action = strdup(action))) {
+    if (j) job_free(j);
+    cb(ud, 503, error_body("out_of_memory", "out of memory"));
+    return;
+  }
+  j->cb = cb;
+  j->ud = ud;
+  submit(h, j);
+}
+
+int ebb_projections_status(ebb_projections *h, const char *name, ebb_buf *out) {
+  int found = 0;
+  pthread_mutex_lock(&h->mu);
+  if (name == NULL) ebb_buf_putc(out, '[');
+  for (size_t i = 0; i < h->n_pub; i++) {
+    if (name && strcmp(h->pub[i].name, name) != 0) continue;
+    if (found && name == NULL) ebb_buf_putc(out, ',');
+    ebb_buf_puts(out, h->pub[i].json ? h->pub[i].json : "{}");
+    found++;
+  }
+  if (name == NULL) ebb_buf_putc(out, ']');
+  pthread_mutex_unlock(&h->mu);
+  return name == NULL ? 1 : found;
+}
+
+int64_t ebb_projections_position(ebb_projections *h, const char *name) {
+  int64_t pos = -1;
+  pthread_mutex_lock(&h->mu);
+  for (size_t i = 0; i < h->n_pub; i++)
+    if (strcmp(h->pub[i].name, name) == 0) pos = h->pub[i].position;
+  pthread_mutex_unlock(&h->mu);
+  return pos;
+}
+
+static void family(ebb_buf *b, const char *name, const char *type, const char *help) {
+  ebb_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+void ebb_projections_metrics(ebb_projections *h, ebb_buf *out) {
+  pthread_mutex_lock(&h->mu);
+  published *p = h->pub;
+  size_t n = h->n_pub;
+  family(out, "ebb_projection_position", "gauge", "Last event position in the active read model.");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out, "ebb_projection_position{projection=\"%s\"} %lld\n", p[i].name,
+                   (long long)p[i].position);
+  family(out, "ebb_projection_lag_events", "gauge", "Events committed and not yet processed.");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out, "ebb_projection_lag_events{projection=\"%s\"} %lld\n", p[i].name,
+                   (long long)p[i].lag_events);
+  family(out, "ebb_projection_lag_seconds", "gauge", "How long the projection has been behind.");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out, "ebb_projection_lag_seconds{projection=\"%s\"} %.3f\n", p[i].name,
+                   p[i].lag_s);
+  family(out, "ebb_projection_live_lag_seconds", "summary",
+         "Commit to processed, over the last 4096 events handled live.");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out,
+                   "ebb_projection_live_lag_seconds{projection=\"%s\",quantile=\"0.5\"} %.3f\n"
+                   "ebb_projection_live_lag_seconds{projection=\"%s\",quantile=\"0.99\"} %.3f\n",
+                   p[i].name, (double)p[i].live_p50 / 1000, p[i].name,
+                   (double)p[i].live_p99 / 1000);
+  family(out, "ebb_projection_events_total", "counter", "Events handled.");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out, "ebb_projection_events_total{projection=\"%s\"} %llu\n", p[i].name,
+                   (unsigned long long)p[i].events_total);
+  family(out, "ebb_projection_events_per_second", "gauge", "Events handled per second, smoothed.");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out, "ebb_projection_events_per_second{projection=\"%s\"} %.1f\n", p[i].name,
+                   p[i].eps);
+  family(out, "ebb_projection_load_failures_total", "counter",
+         "Changed modules that failed to load (the old code stayed).");
+  for (size_t i = 0; i < n; i++)
+    ebb_buf_printf(out, "ebb_projection_load_failures_total{projection=\"%s\"} %llu\n",
+                   p[i].name, (unsigned long long)p[i].load_failures);
+  family(out, "ebb_projection_state", "gauge", "1 for the projection's state.");
+  for (size_t i = 0; i < n; i++)
+    for (int st = 0; st < 5; st++)
+      ebb_buf_printf(out, "ebb_projection_state{projection=\"%s\",state=\"%s\"} %d\n",
+                     p[i].name, state_names[st], p[i].state == st);
+  pthread_mutex_unlock(&h->mu);
+}

@@ -389,6 +389,9 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     goto done;
   }
   sqlite3_busy_timeout(in->db, 5000);
+  /* Projection SQL must not corrupt the file or run what a crafted schema names. */
+  sqlite3_db_config(in->db, SQLITE_DBCONFIG_DEFENSIVE, 1, (int *)NULL);
+  sqlite3_db_config(in->db, SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0, (int *)NULL);
   /* A read model can always be rebuilt, and a lost commit is only processed
    * again (checkpoint and writes go together): WAL without fsyncs. */
   if (exec_sql(in->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", msg) != SQLITE_OK)

@@ -17,7 +17,9 @@ end
 
 describe("the schema-1 fixture through the daemon", function()
   local d
-  setup(function() d = daemon.start({ data = imported() }) end)
+  setup(function()
+    d = daemon.start({ data = imported(), args = { "--projections", support.root .. "/projections" } })
+  end)
   teardown(function() d:stop() end)
 
   it("1. GET /streams upcasts OrderCreated to schema 2 (with the default currency)", function()
@@ -58,6 +60,20 @@ describe("the schema-1 fixture through the daemon", function()
     assert.are.equal(200, status)
     local _, after = d:get("/aggregates/order/old-1")
     assert.are.equal(4, after.version)
+  end)
+
+  it("4b. order_summary reads the old events upcast: old orders are in euros", function()
+    local st, order
+    for _ = 1, 250 do
+      st, order = d:get("/projections/order_summary/get?id=old-2&after=4")
+      if st == 200 then break end
+      daemon.sleep(0.02)
+    end
+    assert.are.equal(200, st)
+    assert.are.same({ "old-2", "c-8", "EUR", "created" },
+      { order.id, order.customer_id, order.currency, order.status })
+    local _, old1 = d:get("/projections/order_summary/get?id=old-1")
+    assert.are.same({ "EUR", 1350, 3 }, { old1.currency, old1.total, old1.item_count })
   end)
 
   it("5. state as of a version and as of a time, before the first and after the last event", function()

@@ -1476,7 +1476,7 @@ void ebb_projections_metrics(ebb_projections *h, ebb_buf *out) {
     ebb_buf_printf(out, "ebb_projection_lag_seconds{projection=\"%s\"} %.3f\n", p[i].name,
                    p[i].lag_s);
   family(out, "ebb_projection_live_lag_seconds", "summary",
-         "Commit to processed, over the last 4096 events handled live.");
+         "Recorded (command decided) to handled, over the last 4096 events handled live.");
   for (size_t i = 0; i < n; i++)
     ebb_buf_printf(out,
                    "ebb_projection_live_lag_seconds{projection=\"%s\",quantile=\"0.5\"} %.3f\n"

@@ -10,6 +10,8 @@
 local mode = os.getenv("EBB_BENCH_MODE") or "health"
 local accounts = tonumber(os.getenv("EBB_BENCH_ACCOUNTS") or "1000")
 local pause = tonumber(os.getenv("EBB_BENCH_DELAY_MS") or "0")
+-- Runs against one daemon must not reuse ids (a second CreateOrder is a 422).
+local run = os.getenv("EBB_BENCH_RUN") or tostring(os.time())
 local threads = {}
 local headers = { ["Content-Type"] = "application/json" }
 
@@ -34,15 +36,15 @@ end
 function request()
   n = n + 1
   if mode == "open" then
-    return command(("t%d-%d"):format(tid, n), "OpenAccount", '{"owner":"bench"}')
+    return command(("r%s-t%d-%d"):format(run, tid, n), "OpenAccount", '{"owner":"bench"}')
   elseif mode == "preload" then
     local k = (n - 1) * 4 + tid -- wrk -t4 at most for preload
     if k > accounts then return wrk.format("GET", "/health") end
     return command("acc-" .. k, "OpenAccount", '{"owner":"bench"}')
   elseif mode == "orders" then
     return wrk.format("POST", "/commands", headers,
-      ('{"aggregate":"order","id":"t%d-%d","type":"CreateOrder","data":{"customer_id":"c-%d"}}')
-        :format(tid, n, n % 100))
+      ('{"aggregate":"order","id":"r%s-t%d-%d","type":"CreateOrder","data":{"customer_id":"c-%d"}}')
+        :format(run, tid, n, n % 100))
   elseif mode == "deposit" then
     return command("acc-" .. ((n * 7919 + tid) % accounts + 1), "Deposit", '{"amount":1}')
   end

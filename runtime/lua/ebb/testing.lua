@@ -758,6 +758,103 @@ function Scenario:expect_state(expected)
   return self
 end
 
+-- Projections -------------------------------------------------------------------
+
+--[[
+t.projection(module): a projection's read model in a temporary SQLite file,
+with the same db handle the daemon gives it (ebb.core's), for specs:
+
+    local p = t.projection(require "order_summary")
+      :given { { stream = "Order-o-1", type = "OrderCreated",
+                 data = { customer_id = "c-1", currency = "EUR" } } }
+    assert.same("created", p:query("get", { id = "o-1" }).status)
+    p:close()
+
+setup runs first; given events go through the handlers in order, in one
+transaction per :given, filtered by `from` as the runner filters them, and
+get what the store would give them: position (counting from 1), version (per
+stream), id ("event-<position>"), schema 1, empty metadata and recorded_at
+testing.NOW, unless the event says otherwise. Queries run on a read-only
+handle, as in the daemon. A handler error rolls its :given back and raises,
+naming the event.
+]]
+local Projection = {}
+Projection.__index = Projection
+
+local function category(stream)
+  return (stream:match("^([^-]*)%-") or stream)
+end
+
+function testing.projection(module)
+  local core = require "ebb.core"
+  assert(type(module) == "table" and type(module.name) == "string" and type(module.on) == "table",
+         "t.projection: not a projection module (name, on)")
+  local path = os.tmpname()
+  local db = assert(core.projection_db(path, "write"))
+  local self = setmetatable({ module = module, db = db, path = path, position = 0, versions = {} },
+                            Projection)
+  if module.setup then
+    db:begin()
+    local ok, err = pcall(module.setup, db)
+    if not ok then
+      db:rollback()
+      self:close()
+      error(module.name .. ".setup failed: " .. tostring(err), 2)
+    end
+    db:commit()
+  end
+  return self
+end
+
+function Projection:matches(e)
+  for _, f in ipairs(self.module.from or {}) do
+    if f == e.type or f == category(e.stream) then return true end
+  end
+  return false
+end
+
+function Projection:given(events)
+  local db = self.db
+  db:begin()
+  for i, given in ipairs(events) do
+    assert(type(given.stream) == "string" and type(given.type) == "string",
+           ("given event %d needs a stream and a type"):format(i))
+    self.position = given.position or (self.position + 1)
+    self.versions[given.stream] = given.version or ((self.versions[given.stream] or 0) + 1)
+    local e = {
+      position = self.position, stream = given.stream, version = self.versions[given.stream],
+      id = given.id or ("event-" .. self.position), type = given.type, schema = given.schema or 1,
+      data = given.data or {}, metadata = given.metadata or {},
+      recorded_at = given.recorded_at or testing.NOW,
+    }
+    local handler = self.module.on[e.type]
+    if handler and self:matches(e) then
+      local ok, err = pcall(handler, db, e)
+      if not ok then
+        db:rollback()
+        error(("%s: event %d (%s in %s): %s"):format(self.module.name, i, e.type, e.stream,
+                                                    tostring(err)), 2)
+      end
+    end
+  end
+  db:commit()
+  return self
+end
+
+function Projection:query(name, args)
+  local q = self.module.queries and self.module.queries[name]
+  if type(q) ~= "function" then error(("%s has no query %s"):format(self.module.name, name), 2) end
+  self.reader = self.reader or assert(require("ebb.core").projection_db(self.path, "read"))
+  return q(self.reader, args or {})
+end
+
+function Projection:close()
+  if self.reader then self.reader:close() end
+  if self.db then self.db:close() end
+  self.reader, self.db = nil, nil
+  for _, suffix in ipairs { "", "-wal", "-shm", "-journal" } do os.remove(self.path .. suffix) end
+end
+
 -- Utilities for specs that check values of their own.
 testing.diff = diff
 testing.render = render

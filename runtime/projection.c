@@ -83,8 +83,9 @@ typedef struct projection {
   double eps;                 /* events per second, smoothed */
   int64_t eps_t0_ms, eps_n;
   int64_t behind_since_ms;    /* when it last fell behind the head (0: caught up) */
-  int64_t lag[LAG_SAMPLES];   /* live lags in ms, commit to handled */
+  int64_t lag[LAG_SAMPLES];   /* live lags in ms, recorded to handled */
   size_t n_lag, lag_i;
+  int64_t lag_p50, lag_p99, lag_sorted_ms; /* percentiles, sorted at most every 250 ms */
   int seen;                   /* found in the latest scan */
   struct projection *link;
 } projection;
@@ -130,6 +131,7 @@ struct ebb_projections {
   ebb_runtime *rt;
   projection *list;
   int64_t known_head;
+  int64_t published_ms;       /* of the last full publish */
 };
 
 /* ---------------------------------------------------------------- small helpers */
@@ -1093,15 +1095,22 @@ static int cmp_i64(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
-static void lag_percentiles(const projection *p, int64_t *p50, int64_t *p99) {
+static void lag_percentiles(projection *p, int64_t *p50, int64_t *p99) {
+  int64_t now = ebb_clock_now_ms();
+  if (now - p->lag_sorted_ms < 250) {
+    *p50 = p->lag_p50;
+    *p99 = p->lag_p99;
+    return;
+  }
+  p->lag_sorted_ms = now;
   *p50 = *p99 = 0;
   if (p->n_lag == 0) return;
   int64_t *s = malloc(p->n_lag * sizeof *s);
   if (s == NULL) return;
   memcpy(s, p->lag, p->n_lag * sizeof *s);
   qsort(s, p->n_lag, sizeof *s, cmp_i64);
-  *p50 = s[p->n_lag / 2];
-  *p99 = s[(p->n_lag * 99) / 100 < p->n_lag ? (p->n_lag * 99) / 100 : p->n_lag - 1];
+  *p50 = p->lag_p50 = s[p->n_lag / 2];
+  *p99 = p->lag_p99 = s[(p->n_lag * 99) / 100 < p->n_lag ? (p->n_lag * 99) / 100 : p->n_lag - 1];
   free(s);
 }
 
@@ -1149,8 +1158,25 @@ static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf
   ebb_buf_puts(b, "]}");
 }
 
-/* Copies every projection's status where the loop can read it. */
-static void publish(ebb_projections *h) {
+#define PUBLISH_EVERY_MS 100
+
+/* Copies every projection's status where the loop can read it: the whole of
+ * it when `full` (something changed that a reader must see at once) or every
+ * PUBLISH_EVERY_MS, else only the positions, which after= waits need now. */
+static void publish(ebb_projections *h, int full) {
+  int64_t now = ebb_clock_now_ms();
+  if (!full && now - h->published_ms < PUBLISH_EVERY_MS) {
+    size_t i = 0;
+    pthread_mutex_lock(&h->mu);
+    for (projection *p = h->list; p && i < h->n_pub; p = p->link, i++)
+      if (strcmp(h->pub[i].name, p->name) == 0 && h->pub[i].answers)
+        h->pub[i].position = p->active->position;
+    h->progressed = 1;
+    pthread_mutex_unlock(&h->mu);
+    uv_async_send(&h->async);
+    return;
+  }
+  h->published_ms = now;
   size_t n = 0;
   for (projection *p = h->list; p; p = p->link) n++;
   published *pub = calloc(n ? n : 1, sizeof *pub);
@@ -1190,6 +1216,15 @@ static void publish(ebb_projections *h) {
 
 /* ---------------------------------------------------------------- the thread */
 
+/* Changes when any projection changes state (or one is added or removed). */
+static unsigned state_signature(ebb_projections *h) {
+  unsigned sig = 0, k = 1;
+  for (projection *p = h->list; p; p = p->link, k++)
+    sig = sig * 31u + k * (unsigned)(p->state + 1) + (p->next != NULL) * 7u +
+          (p->load_error != NULL) * 11u;
+  return sig;
+}
+
 static int behind(ebb_projections *h, int64_t head) {
   for (projection *p = h->list; p; p = p->link) {
     if (p->state == ST_FAULTED || p->state == ST_STOPPED) continue;
@@ -1210,7 +1245,7 @@ static void *host_main(void *arg) {
   h->known_head = head;
   scan(h);
   run_round(h, head); /* also settles the states of projections with nothing to do */
-  publish(h);
+  publish(h, 1);
   for (;;) {
     pthread_mutex_lock(&h->mu);
     while (!h->stopping && !h->rescan && h->in_head == NULL && !behind(h, h->head))
@@ -1226,7 +1261,18 @@ static void *host_main(void *arg) {
     head = h->head;
     pthread_mutex_unlock(&h->mu);
     h->known_head = head;
-    if (rescan) scan(h);
+    if (rescan) {
+      /* The aggregates' upcasters may have changed too (SIGHUP rescans). */
+      ebb_buf report = EBB_BUF_INIT;
+      ebb_error rerr;
+      ebb_error_init(&rerr);
+      if (ebb_runtime_reload(h->rt, &report, &rerr) != 0)
+        ebb_log(EBB_LOG_WARN, "projections keep the upcasters they had", "error", rerr.message,
+                NULL);
+      ebb_error_clear(&rerr);
+      ebb_buf_free(&report);
+      scan(h);
+    }
     job *done = NULL, **tail = &done;
     for (job *j = jobs, *next; j; j = next) {
       next = j->next;
@@ -1236,8 +1282,10 @@ static void *host_main(void *arg) {
       *tail = j;
       tail = &j->next;
     }
+    unsigned states = state_signature(h);
     run_round(h, head);
-    publish(h);
+    /* Caught up, a state changed, a rescan, or answers: a reader must see it now. */
+    publish(h, rescan || done || state_signature(h) != states || !behind(h, head));
     if (done) {
       pthread_mutex_lock(&h->mu);
       if (h->out_tail) h->out_tail->next = done;

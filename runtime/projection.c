@@ -193,19 +193,6 @@ static void instance_free(instance *in, int remove_file, const char *dir) {
   free(in);
 }
 
-/* Loads the runtime library's null into `ebb`, as the aggregates' sandbox does. */
-static int l_prepare(lua_State *L) {
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "ebb");
-  lua_call(L, 1, 1);
-  if (lua_istable(L, -1)) {
-    lua_pushliteral(L, "null");
-    ebb_json_push_null(L);
-    lua_rawset(L, -3);
-  }
-  return 0;
-}
-
 /* Validates the module on top (argument 1) and copies `from` into the
  * instance (argument 2). Raises with a message naming what is wrong. */
 static int l_validate(lua_State *L) {
@@ -296,7 +283,7 @@ static instance *load_module(ebb_projections *h, projection *p, char **msg) {
     goto fail;
   }
   lua_State *L = ebb_sandbox_state(in->sb);
-  lua_pushcfunction(L, l_prepare);
+  lua_pushcfunction(L, ebb__lua_prepare);
   if (ebb_sandbox_call(in->sb, 0, 0) != LUA_OK) {
     call_error(in->sb, msg);
     goto fail;
@@ -735,29 +722,6 @@ static int is_skipped(const instance *in, int64_t position) {
   return lo < in->n_skipped && in->skipped[lo] == position;
 }
 
-static void push_event(lua_State *L, const ebb_event *e) {
-  char msg[64];
-  lua_createtable(L, 0, 9);
-  lua_pushinteger(L, e->position);
-  lua_setfield(L, -2, "position");
-  lua_pushstring(L, e->stream);
-  lua_setfield(L, -2, "stream");
-  lua_pushinteger(L, e->version);
-  lua_setfield(L, -2, "version");
-  lua_pushstring(L, e->id);
-  lua_setfield(L, -2, "id");
-  lua_pushstring(L, e->type);
-  lua_setfield(L, -2, "type");
-  lua_pushinteger(L, e->schema);
-  lua_setfield(L, -2, "schema");
-  if (ebb_json_decode(L, e->data, e->data_len, msg, sizeof msg) != 0) lua_newtable(L);
-  lua_setfield(L, -2, "data");
-  if (ebb_json_decode(L, e->metadata, e->metadata_len, msg, sizeof msg) != 0) lua_newtable(L);
-  lua_setfield(L, -2, "metadata");
-  lua_pushstring(L, e->recorded_at);
-  lua_setfield(L, -2, "recorded_at");
-}
-
 /* Runs the handlers of a batch's events in order. Argument: the batch. An
  * error propagates with b->at naming the event. */
 static int l_run_batch(lua_State *L) {
@@ -775,7 +739,7 @@ static int l_run_batch(lua_State *L) {
       continue;
     }
     lua_pushvalue(L, db);
-    push_event(L, e);
+    ebb_event_push(L, e, 1);
     lua_call(L, 2, 0);
     b->handled++;
   }

@@ -70,12 +70,16 @@ void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
   ebb_buf_putc(out, '}');
 }
 
-/* Pushes an event as the table that `apply` sees: no global position, since
- * a command's new events have none before their commit and a state must fold
- * the same either way. Protected context. */
-static void push_event(lua_State *L, const ebb_event *e) {
+/* `apply` sees no global position (with_position 0), since a command's new
+ * events have none before their commit and a state must fold the same
+ * either way; projections see it. */
+void ebb_event_push(lua_State *L, const ebb_event *e, int with_position) {
   char msg[256];
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
+  if (with_position) {
+    lua_pushinteger(L, e->position);
+    lua_setfield(L, -2, "position");
+  }
   lua_pushstring(L, e->stream);
   lua_setfield(L, -2, "stream");
   lua_pushinteger(L, e->version);
@@ -573,7 +577,7 @@ static int l_upcast_list(lua_State *L) {
     ebb_event *e = &job->events->items[i];
     if (!needs_upcast(job->rt, e->type, e->schema)) continue;
     lua_settop(L, 1);
-    push_event(L, e);
+    ebb_event_push(L, e, 0);
     upcast_top(L, job->rt, (lua_Integer)e->position);
     ebb_buf b = EBB_BUF_INIT;
     lua_getfield(L, 2, "data");
@@ -626,8 +630,7 @@ int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) 
   return 0;
 }
 
-/* Loads the runtime library into the sandbox and gives it the JSON null. */
-static int l_prepare(lua_State *L) {
+int ebb__lua_prepare(lua_State *L) {
   lua_getglobal(L, "require");
   lua_pushliteral(L, "ebb");
   lua_call(L, 1, 1);
@@ -653,7 +656,7 @@ static int load_sandbox(ebb_runtime *rt, ebb_error *err) {
   if (ebb_sandbox_new(&rt->sb, &sbo, err) != 0) return err->code;
   rt->generation++;
   lua_State *L = ebb_sandbox_state(rt->sb);
-  lua_pushcfunction(L, l_prepare);
+  lua_pushcfunction(L, ebb__lua_prepare);
   if (ebb_sandbox_call(rt->sb, 0, 0) != LUA_OK) {
     ebb_error_set(err, EBB_ESCRIPT, "cannot load the runtime library from %s: %s", rt->lua_dir,
                   lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "unknown error");
@@ -1253,7 +1256,7 @@ static int l_decide(lua_State *L) {
       d->version = d->chunk.items[i].version;
       d->last_position = d->chunk.items[i].position;
       if ((d->deleted = strcmp(d->chunk.items[i].type, EBB_TOMBSTONE) == 0)) continue;
-      push_event(L, &d->chunk.items[i]);
+      ebb_event_push(L, &d->chunk.items[i], 0);
       if (needs_upcast(d->rt, d->chunk.items[i].type, d->chunk.items[i].schema))
         upcast_top(L, d->rt, (lua_Integer)d->chunk.items[i].position);
       apply_event(L, mi, si);

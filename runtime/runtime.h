@@ -146,6 +146,16 @@ int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err);
  * does): what a raw append writes when the writer names none. */
 int64_t ebb_runtime_schema_of(const ebb_runtime *rt, const char *type);
 
+/* Pushes the event as the Lua table modules see: {stream, version, id, type,
+ * schema, recorded_at, data, metadata} and, with_position, position. Raises
+ * if its data or metadata cannot be read. Protected context. */
+struct lua_State;
+void ebb_event_push(struct lua_State *L, const ebb_event *e, int with_position);
+
+/* A lua_CFunction for a new sandbox: loads the runtime library (`require
+ * "ebb"`) and gives it the JSON null. Aggregates and projections both run it. */
+int ebb__lua_prepare(struct lua_State *L);
+
 /* Appends the JSON text of an event read from the store (without a newline). */
 void ebb_event_to_json(const ebb_event *e, ebb_buf *out);
 

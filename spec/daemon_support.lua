@@ -95,16 +95,8 @@ M.connect = connect
 
 -- Reads one HTTP response from a connected socket: status, headers (lower-case names), body.
 function M.read_response(c)
-  local line, err = c:receive("*l")
-  if not line then return nil, err end
-  local status = tonumber(line:match("^HTTP/1%.%d (%d%d%d)"))
-  local headers = {}
-  while true do
-    local h = assert(c:receive("*l"))
-    if h == "" then break end
-    local k, v = h:match("^([^:]+):%s*(.*)$")
-    headers[k:lower()] = v
-  end
+  local status, headers = M.read_response_head(c)
+  if not status then return nil, headers end
   local body = ""
   local len = tonumber(headers["content-length"])
   if len and len > 0 then body = assert(c:receive(len)) end
@@ -191,7 +183,8 @@ function M.subscribe(d, query, headers)
 end
 
 function M.read_response_head(c)
-  local line = assert(c:receive("*l"))
+  local line, err = c:receive("*l")
+  if not line then return nil, err end
   local status = tonumber(line:match("^HTTP/1%.%d (%d%d%d)"))
   local headers = {}
   while true do

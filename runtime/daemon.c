@@ -313,13 +313,23 @@ static char *own(job *j, char *s) {
   return s;
 }
 
+#define MAX_SPARE_JOBS 256
+
 static void job_free(job *j) {
   if (j == NULL) return;
-  if (j->dc) ebb_decided_free(j->d->rt, j->dc);
+  ebb_daemon *d = j->d;
+  if (j->dc) ebb_decided_free(d->rt, j->dc);
   for (size_t i = 0; i < j->n_owned; i++) free(j->owned[i]);
   free(j->owned);
   free(j->in);
   ebb_error_clear(&j->req.err);
+  /* Kept for the next request: see MAX_SPARE in runtime.c. */
+  if (d->n_spare_jobs < MAX_SPARE_JOBS) {
+    j->next = d->spare_jobs;
+    d->spare_jobs = j;
+    d->n_spare_jobs++;
+    return;
+  }
   free(j);
 }
 
@@ -699,8 +709,14 @@ static void enqueue(ebb_daemon *d, job *j) {
 }
 
 static job *job_new(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
-  job *j = calloc(1, sizeof *j);
-  if (j == NULL) return NULL;
+  job *j = d->spare_jobs;
+  if (j) {
+    d->spare_jobs = j->next;
+    d->n_spare_jobs--;
+    memset(j, 0, sizeof *j);
+  } else if ((j = calloc(1, sizeof *j)) == NULL) {
+    return NULL;
+  }
   j->d = d;
   j->conn = c;
   j->ri = *ri;
@@ -1189,11 +1205,7 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
   reqinfo_init(&ri, req);
   ebb_error err;
   ebb_error_init(&err);
-  path_parts *pp = malloc(sizeof *pp);
-  if (pp == NULL) {
-    answer_fail(d, c, &ri, EBB_ENOMEM, "%s", "out of memory");
-    return;
-  }
+  path_parts parts, *pp = &parts; /* on the stack: a malloc this size costs more than the request */
   int get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
   int post = strcmp(req->method, "POST") == 0;
   const char *allow = NULL; /* the methods of a path that exists, for a 405 */
@@ -1263,7 +1275,7 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
     default: break;
   }
 done:
-  free(pp);
+  return;
 }
 
 /* ---------------------------------------------------------------- pumping subscribers */
@@ -1524,6 +1536,11 @@ out:
   ebb_runtime_close(d->rt); /* writes the snapshots still waiting */
   if (d->parser) lua_close(d->parser);
   ebb_strmap_free(d->queues);
+  while (d->spare_jobs) {
+    job *next = d->spare_jobs->next;
+    free(d->spare_jobs);
+    d->spare_jobs = next;
+  }
   ebb_lock_release(d->lock);
   free(d);
   return rc;

@@ -70,6 +70,8 @@ typedef struct ebb_daemon {
   int pump_scheduled;
   ebb_strmap *queues;           /* stream -> struct stream_queue: commands waiting their turn */
   size_t jobs;                  /* commands and appends accepted and not yet answered */
+  struct job *spare_jobs;       /* answered jobs kept for reuse */
+  size_t n_spare_jobs;
   ebb_subscriber *subscribers;  /* a list */
   size_t n_subscribers;
   int draining, stopped;

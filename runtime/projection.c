@@ -64,7 +64,37 @@ typedef struct instance {
   size_t n_from;
   int64_t *skipped;           /* positions skipped by `skip`, sorted */
   size_t n_skipped;
+  sqlite3_stmt *stmt[4];      /* the runner's own statements on db, prepared once (TX_*) */
 } instance;
+
+enum { TX_BEGIN, TX_COMMIT, TX_ROLLBACK, TX_CHECKPOINT };
+static const char *const tx_sql[4] = {
+    "BEGIN IMMEDIATE", "COMMIT", "ROLLBACK",
+    "INSERT INTO _ebb_checkpoint (id, name, version, position, updated_at) VALUES (1, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at"};
+
+/* The runner's statement `which` on the instance's connection, reset and
+ * ready to bind; NULL if it cannot be prepared. A batch runs four of them:
+ * parsing them again every batch cost more than a small batch's work. */
+static sqlite3_stmt *tx_stmt(instance *in, int which) {
+  if (in->stmt[which] == NULL &&
+      sqlite3_prepare_v3(in->db, tx_sql[which], -1, SQLITE_PREPARE_PERSISTENT, &in->stmt[which],
+                         NULL) != SQLITE_OK)
+    return NULL;
+  sqlite3_reset(in->stmt[which]);
+  sqlite3_clear_bindings(in->stmt[which]);
+  return in->stmt[which];
+}
+
+static void tx_finalize(instance *in) {
+  for (int i = 0; i < 4; i++) {
+    sqlite3_finalize(in->stmt[i]);
+    in->stmt[i] = NULL;
+  }
+}
+
+/* Runs BEGIN, COMMIT or ROLLBACK: 0, or -1 with *msg (if msg). */
+static int tx(instance *in, int which, char **msg);
 
 typedef struct projection {
   char *name;
@@ -173,6 +203,7 @@ static void instance_free(instance *in, int remove_file, const char *dir) {
   if (in == NULL) return;
   if (in->handle) ebb_projdb_close(in->handle);
   ebb_sandbox_free(in->sb);
+  tx_finalize(in);
   if (in->db) sqlite3_close_v2(in->db);
   if (remove_file && in->db_file) {
     char *p = dupf("%s/%s", dir, in->db_file);
@@ -324,14 +355,18 @@ static const char *checkpoint_sql =
     "CREATE TABLE IF NOT EXISTS _ebb_skipped (position INTEGER PRIMARY KEY, type TEXT, "
     "stream TEXT, error TEXT, skipped_at TEXT NOT NULL);";
 
+static int tx(instance *in, int which, char **msg) {
+  sqlite3_stmt *st = tx_stmt(in, which);
+  int rc = st ? sqlite3_step(st) : SQLITE_ERROR;
+  if (st) sqlite3_reset(st);
+  if (rc == SQLITE_DONE) return 0;
+  if (msg && *msg == NULL) *msg = dupf("%s: %s", tx_sql[which], sqlite3_errmsg(in->db));
+  return -1;
+}
+
 static int write_checkpoint(instance *in, const char *name, int64_t position) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(in->db,
-                         "INSERT INTO _ebb_checkpoint (id, name, version, position, updated_at) "
-                         "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                         "position = excluded.position, updated_at = excluded.updated_at",
-                         -1, &st, NULL) != SQLITE_OK)
-    return -1;
+  sqlite3_stmt *st = tx_stmt(in, TX_CHECKPOINT);
+  if (st == NULL) return -1;
   char now[EBB_TIME_LEN + 1];
   ebb_clock_format(ebb_clock_now_ms(), now);
   sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
@@ -339,7 +374,7 @@ static int write_checkpoint(instance *in, const char *name, int64_t position) {
   sqlite3_bind_int64(st, 3, position);
   sqlite3_bind_text(st, 4, now, -1, SQLITE_TRANSIENT);
   int rc = sqlite3_step(st);
-  sqlite3_finalize(st);
+  sqlite3_reset(st);
   return rc == SQLITE_DONE ? 0 : -1;
 }
 
@@ -524,6 +559,7 @@ static void load_projection(ebb_projections *h, projection *p) {
     ebb_projdb_close(old->handle);
     old->handle = NULL;
     old->db = NULL;
+    tx_finalize(old); /* prepared on db: the new instance prepares its own */
     in->db = db;
     lua_State *L = ebb_sandbox_state(in->sb);
     lua_pushcfunction(L, l_make_handle);
@@ -594,6 +630,7 @@ static void load_projection(ebb_projections *h, projection *p) {
         /* Keep its sandbox; drop what open_model set up. */
         if (in->handle) ebb_projdb_close(in->handle);
         in->handle = NULL;
+        tx_finalize(in);
         if (in->db) sqlite3_close_v2(in->db);
         in->db = NULL;
       }
@@ -752,20 +789,19 @@ static int l_run_batch(lua_State *L) {
 static int run_events(projection *p, instance *in, ebb_event_list *l, size_t n,
                       int64_t checkpoint, batch *b, char **msg) {
   *b = (batch){.p = p, .in = in, .events = l, .n = n};
-  if (exec_sql(in->db, "BEGIN IMMEDIATE", msg) != SQLITE_OK) return -1;
+  if (tx(in, TX_BEGIN, msg) != 0) return -1;
   lua_State *L = ebb_sandbox_state(in->sb);
   lua_pushcfunction(L, l_run_batch);
   lua_pushlightuserdata(L, b);
   if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
     if (ebb_sandbox_killed(in->sb)) in->tainted = 1;
     call_error(in->sb, msg);
-    exec_sql(in->db, "ROLLBACK", NULL);
+    tx(in, TX_ROLLBACK, NULL);
     return -1;
   }
-  if (write_checkpoint(in, p->name, checkpoint) != 0 ||
-      exec_sql(in->db, "COMMIT", msg) != SQLITE_OK) {
+  if (write_checkpoint(in, p->name, checkpoint) != 0 || tx(in, TX_COMMIT, msg) != 0) {
     if (*msg == NULL) *msg = dupf("cannot commit: %s", sqlite3_errmsg(in->db));
-    exec_sql(in->db, "ROLLBACK", NULL);
+    tx(in, TX_ROLLBACK, NULL);
     b->at = 0;
     return -1;
   }

@@ -25,6 +25,10 @@
 #include "uuid.h"
 
 #define FOLD_CHUNK 1024
+#define MAX_SPARE 256
+
+struct ebb_runtime;
+static void free_spares(struct ebb_runtime *rt);
 
 struct ebb_runtime {
   ebb_store *store;
@@ -45,6 +49,8 @@ struct ebb_runtime {
   struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
   size_t n_pending;
   ebb_state_cache *cache;
+  struct ebb_decided *spare;    /* finished decisions kept for reuse */
+  size_t n_spare;
   ebb_buf problems; /* what loading the modules found, one line each */
 };
 
@@ -740,6 +746,7 @@ void ebb_runtime_close(ebb_runtime *rt) {
   if (rt == NULL) return;
   unload_sandbox(rt);
   ebb_state_cache_free(rt->cache, NULL); /* empty: unload_sandbox cleared it */
+  free_spares(rt);
   ebb_store_close(rt->store);
   ebb_buf_free(&rt->problems);
   free(rt->lua_dir);
@@ -1521,6 +1528,7 @@ struct ebb_decided {
   ebb_event_in *in;
   ebb_append req;
   int appends;                 /* req must be stored (events, or a command id to record) */
+  struct ebb_decided *next_spare;
 };
 
 static void decided_release(ebb_runtime *rt, ebb_decided *dc) {
@@ -1533,7 +1541,24 @@ static void decided_release(ebb_runtime *rt, ebb_decided *dc) {
   decision_free(&dc->d);
   ebb_error_clear(&dc->req.err);
   free(dc->in);
+  /* Kept for the next command: a decision is a few KiB, and allocating that
+   * much per command makes malloc consolidate its free lists every time. */
+  if (rt->n_spare < MAX_SPARE) {
+    dc->next_spare = rt->spare;
+    rt->spare = dc;
+    rt->n_spare++;
+    return;
+  }
   free(dc);
+}
+
+static void free_spares(ebb_runtime *rt) {
+  while (rt->spare) {
+    struct ebb_decided *next = rt->spare->next_spare;
+    free(rt->spare);
+    rt->spare = next;
+  }
+  rt->n_spare = 0;
 }
 
 void ebb_decided_free(ebb_runtime *rt, ebb_decided *dc) {
@@ -1567,8 +1592,14 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
                                result, err);
     }
   }
-  ebb_decided *dc = calloc(1, sizeof *dc);
-  if (dc == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  ebb_decided *dc = rt->spare;
+  if (dc) {
+    rt->spare = dc->next_spare;
+    rt->n_spare--;
+    memset(dc, 0, sizeof *dc);
+  } else if ((dc = calloc(1, sizeof *dc)) == NULL) {
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
   dc->cmd = cmd;
   dc->generation = rt->generation;
   decision *d = &dc->d;

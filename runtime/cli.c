@@ -24,6 +24,7 @@
 #include "json.h"
 #include "lock.h"
 #include "log.h"
+#include "projection.h"
 #include "runtime.h"
 #include "uuid.h"
 
@@ -893,19 +894,29 @@ static int cmd_check(cli *c) {
   ebb_runtime *rt;
   rc = open_runtime(c, &rt);
   if (rc) return rc;
-  ebb_buf b = EBB_BUF_INIT;
+  ebb_buf b = EBB_BUF_INIT, names = EBB_BUF_INIT;
   int problems = ebb_runtime_check(rt, &b);
   ebb_runtime_close(rt);
-  if (problems) {
+  int pproblems = ebb_projections_check(c->projections, NULL, &b, &names);
+  if (problems || pproblems) {
     fprintf(stderr, "%s", b.data);
-    fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", problems, problems == 1 ? "" : "s",
-            c->aggregates);
+    if (problems)
+      fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", problems, problems == 1 ? "" : "s",
+              c->aggregates);
+    if (pproblems)
+      fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", pproblems,
+              pproblems == 1 ? "" : "s", c->projections);
     ebb_buf_free(&b);
+    ebb_buf_free(&names);
     return EBB_EXIT_SCRIPT;
   }
   ebb_buf_free(&b);
   ebb_buf_puts(&b, "{\"ok\":true,\"aggregates\":");
   ebb_buf_json_string(&b, c->aggregates, strlen(c->aggregates));
+  ebb_buf_puts(&b, ",\"projections\":[");
+  ebb_buf_append(&b, names.data ? names.data : "", names.len);
+  ebb_buf_putc(&b, ']');
+  ebb_buf_free(&names);
   ebb_buf_puts(&b, ",\"config\":");
   ebb_config_dump(&c->cfg, &b);
   ebb_buf_puts(&b, "}\n");
@@ -1186,8 +1197,9 @@ static const command commands[] = {
      "by other code, which are never loaded. 'delete' removes them (of STREAM only if given; only\n"
      "the stale ones with --stale) and prints {deleted}. Snapshots are taken again as needed."},
     {"check", cmd_check, 0, 0, "", "ebb check",
-     "Loads and validates every module in the aggregates directory; prints each problem with its\n"
-     "file and line and exits 6 if there is any."},
+     "Loads and validates every module in the aggregates and projections directories (running\n"
+     "each projection's setup on a scratch database) and the settings; prints each problem with\n"
+     "its file and line and exits 6 if there is any, else {ok, aggregates, projections, config}."},
     {"export", cmd_export, 0, 0, "after before raw",
      "ebb export [--after POS] [--before POS] [--raw]",
      "Writes events in global order as NDJSON (one event per line) to standard output: those\n"

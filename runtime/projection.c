@@ -728,6 +728,61 @@ static void scan(ebb_projections *h) {
   }
 }
 
+/* Runs setup(db) on a scratch in-memory database. Arguments: instance. */
+static int l_check_setup(lua_State *L) {
+  instance *in = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, in->module_ref);
+  if (lua_getfield(L, -1, "setup") != LUA_TFUNCTION) return 0;
+  ebb_projdb_push(L, in->db, EBB_PROJDB_WRITE, &in->handle);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_buf *report,
+                          ebb_buf *names) {
+  ebb_projections h = {0};
+  h.projections_dir = (char *)projections_dir;
+  h.lua_dir = (char *)(lua_dir ? lua_dir : EBB_LUA_DIR);
+  int problems = 0;
+  DIR *dir = opendir(projections_dir);
+  if (dir == NULL) return 0; /* no projections */
+  struct dirent *de;
+  while ((de = readdir(dir)) != NULL) {
+    size_t n = strlen(de->d_name);
+    if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
+    projection p = {0};
+    char name[256];
+    snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
+    p.name = name;
+    p.path = dupf("%s/%s", projections_dir, de->d_name);
+    char *msg = NULL;
+    instance *in = p.path ? load_module(&h, &p, &msg) : NULL;
+    if (in && sqlite3_open_v2(":memory:", &in->db, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK) {
+      lua_State *L = ebb_sandbox_state(in->sb);
+      lua_pushcfunction(L, l_check_setup);
+      lua_pushlightuserdata(L, in);
+      if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
+        char *m = NULL;
+        call_error(in->sb, &m);
+        msg = dupf("%s.lua: setup failed: %s", name, m ? m : "");
+        free(m);
+      }
+    }
+    if (msg || in == NULL) {
+      ebb_buf_printf(report, "%s\n", msg ? msg : "out of memory");
+      problems++;
+    } else if (names) {
+      if (names->len) ebb_buf_putc(names, ',');
+      ebb_buf_json_string(names, name, strlen(name));
+    }
+    free(msg);
+    instance_free(in, 0, NULL);
+    free(p.path);
+  }
+  closedir(dir);
+  return problems;
+}
+
 /* ---------------------------------------------------------------- running batches */
 
 typedef struct batch {

@@ -81,4 +81,12 @@ int64_t ebb_projections_position(ebb_projections *h, const char *name);
 /* Prometheus lines for /metrics. */
 void ebb_projections_metrics(ebb_projections *h, ebb_buf *out);
 
+/* For `ebb check`: loads and validates every module of the directory, and
+ * runs its setup on a scratch in-memory database (no read model is
+ * touched). Appends one line per problem to report and, if names is not
+ * NULL, the JSON strings of the good ones (comma-separated); returns the
+ * number of problems. */
+int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_buf *report,
+                          ebb_buf *names);
+
 #endif

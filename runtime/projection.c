@@ -65,7 +65,40 @@ typedef struct instance {
   int64_t *skipped;           /* positions skipped by `skip`, sorted */
   size_t n_skipped;
   sqlite3_stmt *stmt[4];      /* the runner's own statements on db, prepared once (TX_*) */
+  int64_t sql_left;           /* SQLite VM steps left to the batch or query in progress */
+  int sql_exhausted;          /* ... and they ran out: the interrupt was ours */
 } instance;
+
+/* The SQL a batch or a query may run, in SQLite VM steps: a projection's
+ * handlers take a few hundred per event, so only a runaway (a recursive
+ * CTE without end, a cross join of big tables) comes near. The Lua around
+ * it has the sandbox's instruction budget; this is the same bound for SQL. */
+#define SQL_STEPS_PER_CALL ((int64_t)100000000)
+
+static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#define SQL_PROGRESS_EVERY 10000
+
+static int on_sql_progress(void *ud) {
+  instance *in = ud;
+  in->sql_left -= SQL_PROGRESS_EVERY;
+  if (in->sql_left > 0) return 0;
+  in->sql_exhausted = 1;
+  return 1; /* SQLITE_INTERRUPT for the statement running */
+}
+
+static void sql_budget(instance *in) {
+  in->sql_left = SQL_STEPS_PER_CALL;
+  in->sql_exhausted = 0;
+}
+
+/* The message of a failed call, naming the SQL bound when it was the cause. */
+static void sql_budget_message(instance *in, char **msg) {
+  if (!in->sql_exhausted) return;
+  char *m = dupf("SQL budget of %lld steps exceeded (a runaway query?): %s",
+                 (long long)SQL_STEPS_PER_CALL, *msg ? *msg : "interrupted");
+  free(*msg);
+  *msg = m;
+}
 
 enum { TX_BEGIN, TX_COMMIT, TX_ROLLBACK, TX_CHECKPOINT };
 static const char *const tx_sql[4] = {
@@ -413,6 +446,8 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     goto done;
   }
   sqlite3_busy_timeout(in->db, 5000);
+  sql_budget(in);
+  sqlite3_progress_handler(in->db, SQL_PROGRESS_EVERY, on_sql_progress, in);
   /* Projection SQL must not corrupt the file or run what a crafted schema names. */
   sqlite3_db_config(in->db, SQLITE_DBCONFIG_DEFENSIVE, 1, (int *)NULL);
   sqlite3_db_config(in->db, SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0, (int *)NULL);
@@ -561,6 +596,7 @@ static void load_projection(ebb_projections *h, projection *p) {
     old->db = NULL;
     tx_finalize(old); /* prepared on db: the new instance prepares its own */
     in->db = db;
+    sqlite3_progress_handler(db, SQL_PROGRESS_EVERY, on_sql_progress, in);
     lua_State *L = ebb_sandbox_state(in->sb);
     lua_pushcfunction(L, l_make_handle);
     lua_pushlightuserdata(L, in);
@@ -569,6 +605,7 @@ static void load_projection(ebb_projections *h, projection *p) {
       in->db = NULL;
       /* Give the connection back to the old code. */
       old->db = db;
+      sqlite3_progress_handler(db, SQL_PROGRESS_EVERY, on_sql_progress, old);
       lua_State *OL = ebb_sandbox_state(old->sb);
       lua_pushcfunction(OL, l_make_handle);
       lua_pushlightuserdata(OL, old);
@@ -848,9 +885,11 @@ static int run_events(projection *p, instance *in, ebb_event_list *l, size_t n,
   lua_State *L = ebb_sandbox_state(in->sb);
   lua_pushcfunction(L, l_run_batch);
   lua_pushlightuserdata(L, b);
+  sql_budget(in);
   if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
     if (ebb_sandbox_killed(in->sb)) in->tainted = 1;
     call_error(in->sb, msg);
+    sql_budget_message(in, msg);
     tx(in, TX_ROLLBACK, NULL);
     return -1;
   }
@@ -1056,12 +1095,14 @@ static void run_query(ebb_projections *h, job *j) {
   lua_pushlightuserdata(L, in);
   lua_pushstring(L, j->query);
   lua_pushstring(L, j->args ? j->args : "{}");
+  sql_budget(in);
   int rc = ebb_sandbox_call(in->sb, 3, 2);
   ebb_projdb_set_mode(in->handle, EBB_PROJDB_WRITE);
   if (rc != LUA_OK) {
     if (ebb_sandbox_killed(in->sb)) in->tainted = 1;
     char *m = NULL;
     call_error(in->sb, &m);
+    sql_budget_message(in, &m);
     j->status = 500, j->body = error_body("script_error", m ? m : "query failed");
     free(m);
     return;

@@ -142,6 +142,9 @@ p.queries = {
     return db:row("SELECT count(*) AS n, coalesce(sum(position), 0) AS sum, max(shape) AS shape FROM seen")
   end,
   fail = function() error("this query always fails") end,
+  spin = function(db)
+    return db:value("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c")
+  end,
 }
 return p
 ]]
@@ -206,6 +209,18 @@ describe("the projection runner", function()
     assert.are.equal(500, st)
     assert.are.equal("script_error", body.error.code)
     assert.matches("this query always fails", body.error.message)
+  end)
+
+  it("2b. SQL that runs away is stopped by the SQL budget, and the projection goes on", function()
+    counter_module(dir, "counter")
+    d = daemon.start({ args = { "--projections", dir } })
+    local st, body = d:get("/projections/counter/spin")
+    assert.are.equal(500, st)
+    assert.matches("SQL budget of %d+ steps exceeded", body.error.message)
+    local after = command(d, "bank_account", "a", "OpenAccount", { owner = "o" })
+    live(d, "counter", after.position)
+    local _, c = d:get("/projections/counter/count")
+    assert.are.equal(1, c.n)
   end)
 
   it("3. exactly once across kill -9 in the middle of catch-up; a restart changes nothing", function()

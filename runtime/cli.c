@@ -275,8 +275,8 @@ static int open_runtime(cli *c, ebb_runtime **rt) {
                                                           : EBB_DURABILITY_FULL,
       .memory_limit = (size_t)c->cfg.memory_limit,
       .instruction_budget = c->cfg.instruction_budget,
-      /* Reading beside a daemon: no snapshots, which would be writes. */
-      .no_snapshots = c->held,
+      /* Reading beside a daemon: snapshots are loaded, never written. */
+      .snapshots_read_only = c->held,
   };
   ebb_error err;
   ebb_error_init(&err);

@@ -793,9 +793,35 @@ static void route_append(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
   enqueue(d, j);
 }
 
+/* ---------------------------------------------------------------- reads, off the loop */
+
+/* A read route's work: parsed on the loop, run on libuv's thread pool with a
+ * runtime of the reader pool (the disk, folding and upcasting never hold up
+ * the loop), answered back on the loop. */
+enum { READ_STREAM, READ_EVENTS, READ_AGGREGATE };
+
+typedef struct readjob {
+  uv_work_t work;
+  ebb_daemon *d;
+  ebb_http_conn *conn;       /* NULL once the client is gone */
+  reqinfo ri;
+  int kind;
+  char *a, *b, *at;          /* stream | category, type | aggregate type, id; at */
+  int64_t from, limit, version;
+  int backward;
+  int status;                /* out */
+  ebb_buf body;              /* out */
+  char error[sizeof ((ebb_error *)0)->message];
+} readjob;
+
+static void readjob_on_close(ebb_http_conn *c, void *data) {
+  (void)c;
+  ((readjob *)data)->conn = NULL;
+}
+
 /* Appends events as a JSON array, upcast to their current schemas. */
-static int events_json(ebb_daemon *d, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
-  if (ebb_runtime_upcast(d->rt, l, err) != 0) return err->code;
+static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
+  if (ebb_runtime_upcast(rt, l, err) != 0) return err->code;
   ebb_buf_putc(b, '[');
   for (size_t i = 0; i < l->n; i++) {
     if (i) ebb_buf_putc(b, ',');
@@ -805,90 +831,212 @@ static int events_json(ebb_daemon *d, ebb_event_list *l, ebb_buf *b, ebb_error *
   return 0;
 }
 
-static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
-                         const reqinfo *ri, const char *stream) {
-  params q;
-  ebb_error err;
-  ebb_error_init(&err);
+static int read_stream(ebb_runtime *rt, readjob *j, ebb_error *err) {
+  ebb_store *s = ebb_runtime_store(rt);
   ebb_event_list l;
   ebb_event_list_init(&l);
-  ebb_buf b = EBB_BUF_INIT;
-  int64_t from = 0, limit = DEFAULT_LIMIT, version = 0;
-  int backward = 0, deleted = 0;
-  ebb_store *s = ebb_runtime_store(d->rt);
-  if (parse_query(req->query, "from limit backward", &q, &err) ||
-      param_int(&q, "from", 0, INT64_MAX, &from, &err) ||
-      param_int(&q, "limit", 1, MAX_LIMIT, &limit, &err) ||
-      param_bool(&q, "backward", &backward, &err) ||
-      ebb_store_stream_version(s, stream, &version, &deleted, &err))
-    goto fail;
+  int64_t version = 0, from = j->from;
+  int deleted = 0;
+  ebb_buf *b = &j->body;
+  if (ebb_store_stream_version(s, j->a, &version, &deleted, err)) goto done;
   if (version == 0) {
-    ebb_error_set(&err, EBB_ENOTFOUND, "stream %s does not exist", stream);
-    goto fail;
+    ebb_error_set(err, EBB_ENOTFOUND, "stream %s does not exist", j->a);
+    goto done;
   }
-  if (!backward && from == 0) from = 1;
-  if (ebb_store_read_stream(s, stream, from, limit, backward, &l, &err)) goto fail;
-  ebb_buf_puts(&b, "{\"stream\":");
-  ebb_buf_json_string(&b, stream, strlen(stream));
-  ebb_buf_printf(&b, ",\"version\":%lld,\"deleted\":%s,\"events\":", (long long)version,
+  if (!j->backward && from == 0) from = 1;
+  if (ebb_store_read_stream(s, j->a, from, j->limit, j->backward, &l, err)) goto done;
+  ebb_buf_puts(b, "{\"stream\":");
+  ebb_buf_json_string(b, j->a, strlen(j->a));
+  ebb_buf_printf(b, ",\"version\":%lld,\"deleted\":%s,\"events\":", (long long)version,
                  deleted ? "true" : "false");
-  if (events_json(d, &l, &b, &err)) goto fail;
-  ebb_buf_putc(&b, '}');
-  answer(d, c, ri, 200, b.data, b.len);
-  goto done;
-fail:
-  answer_error(d, c, ri, &err);
+  if (events_json(rt, &l, b, err)) goto done;
+  ebb_buf_putc(b, '}');
 done:
-  params_free(&q);
   ebb_event_list_free(&l);
-  ebb_buf_free(&b);
+  return err->code;
+}
+
+static int read_events(ebb_runtime *rt, readjob *j, ebb_error *err) {
+  ebb_store *s = ebb_runtime_store(rt);
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  ebb_read_all ra = {.after = j->from, .limit = j->limit, .category = j->a, .type = j->b};
+  int64_t head = 0;
+  ebb_buf *b = &j->body;
+  if (ebb_store_head(s, &head, err) || ebb_store_read_all(s, &ra, &l, err)) goto done;
+  int64_t next = l.n ? l.items[l.n - 1].position : ra.after;
+  ebb_buf_puts(b, "{\"events\":");
+  if (events_json(rt, &l, b, err)) goto done;
+  ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
+done:
+  ebb_event_list_free(&l);
+  return err->code;
+}
+
+static int read_aggregate(ebb_runtime *rt, readjob *j, ebb_error *err) {
+  char *result = NULL;
+  if (ebb_runtime_state_at(rt, j->a, j->b, j->version, j->at, &result, err) == 0)
+    ebb_buf_puts(&j->body, result);
+  free(result);
+  return err->code;
+}
+
+static void read_work(uv_work_t *w) {
+  readjob *j = w->data;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_runtime *rt = ebb_readers_take(j->d->readers, &err);
+  if (rt) {
+    if (j->kind == READ_STREAM) read_stream(rt, j, &err);
+    else if (j->kind == READ_EVENTS) read_events(rt, j, &err);
+    else read_aggregate(rt, j, &err);
+    ebb_readers_give(j->d->readers, rt);
+  }
+  if (err.code == 0 && j->body.oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  if (err.code) {
+    j->status = ebb__status_of(err.code);
+    ebb_buf_reset(&j->body);
+    j->body.oom = 0;
+    ebb__error_json(&err, &j->body);
+    snprintf(j->error, sizeof j->error, "%s", err.message);
+  } else {
+    j->status = 200;
+  }
+  ebb_error_clear(&err);
+}
+
+static void read_done(uv_work_t *w, int status) {
+  readjob *j = w->data;
+  ebb_daemon *d = j->d;
+  if (status == UV_ECANCELED) {
+    j->status = 503;
+    ebb_buf_reset(&j->body);
+    ebb_buf_puts(&j->body, "{\"error\":{\"code\":\"unavailable\",\"message\":\"ebb is shutting down\"}}");
+  }
+  if (j->conn) {
+    ebb_http_conn_set_data(j->conn, NULL, NULL);
+    ebb_http_respond(j->conn, j->status, "application/json", NULL, j->body.data ? j->body.data : "",
+                     j->body.len);
+  }
+  log_request(d, &j->ri, j->status, j->status == 200 ? NULL : j->error);
+  d->reads--;
+  ebb_buf_free(&j->body);
+  free(j->a);
+  free(j->b);
+  free(j->at);
+  free(j);
+  check_drained(d);
+}
+
+static void submit_read(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri, readjob *j) {
+  j->d = d;
+  j->conn = c;
+  j->ri = *ri;
+  j->work.data = j;
+  ebb_buf_init(&j->body);
+  ebb_http_conn_set_data(c, j, readjob_on_close);
+  d->reads++;
+  uv_queue_work(&d->loop, &j->work, read_work, read_done);
+}
+
+static char *dup_or_null(const char *s, int *oom) {
+  if (s == NULL) return NULL;
+  char *c = strdup(s);
+  if (c == NULL) *oom = 1;
+  return c;
+}
+
+static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                         const reqinfo *ri, const char *stream) {
+  params q = {0};
+  ebb_error err;
+  ebb_error_init(&err);
+  readjob *j = calloc(1, sizeof *j);
+  int oom = j == NULL;
+  if (!oom) {
+    j->kind = READ_STREAM;
+    j->limit = DEFAULT_LIMIT;
+    j->a = dup_or_null(stream, &oom);
+  }
+  if (oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  if (err.code || parse_query(req->query, "from limit backward", &q, &err) ||
+      param_int(&q, "from", 0, INT64_MAX, &j->from, &err) ||
+      param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) ||
+      param_bool(&q, "backward", &j->backward, &err) ||
+      ebb_validate_name("stream name", stream, &err)) {
+    answer_error(d, c, ri, &err);
+    if (j) free(j->a);
+    free(j);
+  } else {
+    submit_read(d, c, ri, j);
+  }
+  params_free(&q);
 }
 
 static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri) {
-  params q;
+  params q = {0};
   ebb_error err;
   ebb_error_init(&err);
-  ebb_event_list l;
-  ebb_event_list_init(&l);
-  ebb_buf b = EBB_BUF_INIT;
-  ebb_read_all ra = {.after = 0, .limit = DEFAULT_LIMIT};
-  int64_t head = 0;
-  ebb_store *s = ebb_runtime_store(d->rt);
-  if (parse_query(req->query, "after limit category type", &q, &err) ||
-      param_int(&q, "after", 0, INT64_MAX, &ra.after, &err) ||
-      param_int(&q, "limit", 1, MAX_LIMIT, &ra.limit, &err))
-    goto fail;
-  ra.category = param(&q, "category");
-  ra.type = param(&q, "type");
-  if (ebb_store_head(s, &head, &err) || ebb_store_read_all(s, &ra, &l, &err)) goto fail;
-  ebb_buf_puts(&b, "{\"events\":");
-  int64_t next = l.n ? l.items[l.n - 1].position : ra.after;
-  if (events_json(d, &l, &b, &err)) goto fail;
-  ebb_buf_printf(&b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
-  answer(d, c, ri, 200, b.data, b.len);
-  goto done;
-fail:
-  answer_error(d, c, ri, &err);
-done:
+  readjob *j = calloc(1, sizeof *j);
+  int oom = j == NULL;
+  if (oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  else {
+    j->kind = READ_EVENTS;
+    j->limit = DEFAULT_LIMIT;
+  }
+  if (err.code || parse_query(req->query, "after limit category type", &q, &err) ||
+      param_int(&q, "after", 0, INT64_MAX, &j->from, &err) ||
+      param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) ||
+      (param(&q, "category") && ebb_validate_name("category", param(&q, "category"), &err)) ||
+      (param(&q, "type") && ebb_validate_name("event type", param(&q, "type"), &err))) {
+    answer_error(d, c, ri, &err);
+    free(j);
+  } else {
+    j->a = dup_or_null(param(&q, "category"), &oom);
+    j->b = dup_or_null(param(&q, "type"), &oom);
+    if (oom) {
+      answer_fail(d, c, ri, EBB_ENOMEM, "%s", "out of memory");
+      free(j->a);
+      free(j->b);
+      free(j);
+    } else {
+      submit_read(d, c, ri, j);
+    }
+  }
   params_free(&q);
-  ebb_event_list_free(&l);
-  ebb_buf_free(&b);
 }
 
 static void route_aggregate(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                             const reqinfo *ri, const char *type, const char *id) {
-  params q;
+  params q = {0};
   ebb_error err;
   ebb_error_init(&err);
-  int64_t version = -1;
-  char *result = NULL;
-  if (parse_query(req->query, "version at", &q, &err) ||
-      param_int(&q, "version", 0, INT64_MAX, &version, &err) ||
-      ebb_runtime_state_at(d->rt, type, id, version, param(&q, "at"), &result, &err))
+  readjob *j = calloc(1, sizeof *j);
+  int oom = j == NULL;
+  if (oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  else {
+    j->kind = READ_AGGREGATE;
+    j->version = -1;
+  }
+  if (err.code || parse_query(req->query, "version at", &q, &err) ||
+      param_int(&q, "version", 0, INT64_MAX, &j->version, &err)) {
     answer_error(d, c, ri, &err);
-  else answer(d, c, ri, 200, result, strlen(result));
-  free(result);
+    free(j);
+  } else {
+    j->a = dup_or_null(type, &oom);
+    j->b = dup_or_null(id, &oom);
+    j->at = dup_or_null(param(&q, "at"), &oom);
+    if (oom) {
+      answer_fail(d, c, ri, EBB_ENOMEM, "%s", "out of memory");
+      free(j->a);
+      free(j->b);
+      free(j->at);
+      free(j);
+    } else {
+      submit_read(d, c, ri, j);
+    }
+  }
   params_free(&q);
 }
 
@@ -1355,7 +1503,7 @@ static void stop(ebb_daemon *d) {
 }
 
 static void check_drained(ebb_daemon *d) {
-  if (d->draining && !d->stopped && d->jobs == 0) {
+  if (d->draining && !d->stopped && d->jobs == 0 && d->reads == 0) {
     ebb_log(EBB_LOG_INFO, "drained: every accepted command is answered", NULL);
     stop(d);
   }
@@ -1406,6 +1554,7 @@ static void on_signal(uv_signal_t *s, int signum) {
   ebb_daemon *d = s->data;
   if (signum == SIGHUP) {
     reload(d);
+    ebb_readers_reload(d->readers);
     if (d->projections) ebb_projections_rescan(d->projections);
   }
   else begin_drain(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -1460,6 +1609,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
     goto out;
   }
   ebb_buf_free(&problems);
+  if (ebb_readers_new(&d->readers, &ro, err)) goto out;
   if ((d->queues = ebb_strmap_new()) == NULL || (d->parser = luaL_newstate()) == NULL) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto out;
@@ -1533,6 +1683,7 @@ out:
     uv_run(&d->loop, UV_RUN_DEFAULT); /* the close callbacks */
     uv_loop_close(&d->loop);
   }
+  ebb_readers_free(d->readers); /* the loop ran every read to its end */
   ebb_runtime_close(d->rt); /* writes the snapshots still waiting */
   if (d->parser) lua_close(d->parser);
   ebb_strmap_free(d->queues);

@@ -24,6 +24,7 @@
 #include "http.h"
 #include "lock.h"
 #include "projection.h"
+#include "readers.h"
 #include "runtime.h"
 #include "strmap.h"
 #include "writer.h"
@@ -57,6 +58,8 @@ typedef struct ebb_daemon {
   uv_loop_t loop;
   ebb_http_server *http;
   ebb_runtime *rt;
+  ebb_readers *readers;         /* runtimes for the read routes, on libuv's thread pool */
+  size_t reads;                 /* read routes running there */
   ebb_writer *writer;
   ebb_projections *projections;
   uv_fs_event_t watch;          /* the projections directory */

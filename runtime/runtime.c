@@ -40,6 +40,7 @@ struct ebb_runtime {
   struct fingerprint_entry *fingerprints; /* aggregate type -> the fingerprint of its code */
   size_t n_fingerprints;
   int snapshots;                /* take and load snapshots */
+  int snapshots_read_only;      /* ... but only load them */
   char *lua_dir;                /* the runtime's Lua library (part of every fingerprint) */
   char *aggregates_dir;
   size_t memory_limit;
@@ -721,6 +722,7 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   ebb_buf_init(&rt->problems);
   rt->modules_ref = LUA_NOREF;
   rt->snapshots = !opt->no_snapshots;
+  rt->snapshots_read_only = opt->snapshots_read_only;
   rt->memory_limit = opt->memory_limit;
   rt->instruction_budget = opt->instruction_budget;
   rt->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
@@ -1060,6 +1062,7 @@ static int load_snapshot(lua_State *L, decision *d, const char *fingerprint) {
 static void take_snapshot(lua_State *L, decision *d, int si, const char *fingerprint,
                           int64_t version) {
   char msg[256];
+  if (d->rt->snapshots_read_only) return;
   ebb_buf_reset(&d->snap);
   if (ebb_serialize(L, si, &d->snap, msg, sizeof msg) != 0 || d->snap.oom) return;
   d->snap_fingerprint = fingerprint;

@@ -30,6 +30,7 @@ typedef struct ebb_runtime_options {
   int64_t cache_size;          /* streams whose folded state is kept; 0: default, < 0: none */
   int exclusive;               /* the store's exclusive lock (see ebb_store_options) */
   int no_snapshots;            /* neither take nor load snapshots */
+  int snapshots_read_only;     /* load snapshots, never take or write any (a reader beside a writer) */
 } ebb_runtime_options;
 
 #define EBB_DEFAULT_CACHE_SIZE 10000

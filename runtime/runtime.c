@@ -50,6 +50,9 @@ struct ebb_runtime {
   struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
   size_t n_pending;
   ebb_state_cache *cache;
+  char *types[32];              /* "aggregate\0type\0": ebb_runtime_stream_of's answers ... */
+  size_t n_types;
+  uint64_t types_generation;    /* ... for this Lua state */
   struct ebb_decided *spare;    /* finished decisions kept for reuse */
   size_t n_spare;
   ebb_buf problems; /* what loading the modules found, one line each */
@@ -749,6 +752,7 @@ void ebb_runtime_close(ebb_runtime *rt) {
   unload_sandbox(rt);
   ebb_state_cache_free(rt->cache, NULL); /* empty: unload_sandbox cleared it */
   free_spares(rt);
+  for (size_t i = 0; i < rt->n_types; i++) free(rt->types[i]);
   ebb_store_close(rt->store);
   ebb_buf_free(&rt->problems);
   free(rt->lua_dir);
@@ -1221,6 +1225,7 @@ static int l_decide(lua_State *L) {
   }
   int ref;
   int64_t version, position;
+  int preloaded = 0; /* d->chunk holds the whole (short) stream */
   int past = d->until_version >= 0 || d->until_time != NULL;
   lua_getfield(L, mi, "snapshot_every");
   int64_t every = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 0;
@@ -1239,22 +1244,42 @@ static int l_decide(lua_State *L) {
      * command is decided again on state read from the store. */
     d->from_cache = d->cmd != NULL;
     d->hit = 1;
-  } else if (!(fingerprint && load_snapshot(L, d, fingerprint))) {
-    lua_getfield(L, mi, "initial");
-    lua_call(L, 0, 1);
-    if (!lua_istable(L, -1))
-      luaL_error(L, "%s.initial() returned %s, expected a table", type, luaL_typename(L, -1));
+  } else {
+    /* A snapshot is taken at version `every` at the earliest: a stream with
+     * fewer events has none, and most streams a command touches cold are
+     * short (new ones are empty). So read their beginning first, and ask for
+     * a snapshot only when the stream turns out to be that long. */
+    if (fingerprint) {
+      ebb_error rerr;
+      ebb_error_init(&rerr);
+      if (ebb_store_read_stream(d->rt->store, d->stream, 1, every, 0, &d->chunk, &rerr) != 0) {
+        ebb_error_move(&d->err, &rerr);
+        return 0;
+      }
+      preloaded = (int64_t)d->chunk.n < every;
+      if (!preloaded) ebb_event_list_clear(&d->chunk);
+    }
+    if (preloaded || !(fingerprint && load_snapshot(L, d, fingerprint))) {
+      lua_getfield(L, mi, "initial");
+      lua_call(L, 0, 1);
+      if (!lua_istable(L, -1))
+        luaL_error(L, "%s.initial() returned %s, expected a table", type, luaL_typename(L, -1));
+    }
   }
   int si = lua_gettop(L);
   /* Fold the stream in chunks, so memory does not grow with its length. */
   for (int done = d->from_cache; !done;) {
-    ebb_event_list_clear(&d->chunk);
     ebb_error rerr;
     ebb_error_init(&rerr);
-    if (ebb_store_read_stream(d->rt->store, d->stream, d->version + 1, FOLD_CHUNK, 0, &d->chunk,
-                              &rerr) != 0) {
-      ebb_error_move(&d->err, &rerr);
-      return 0;
+    if (preloaded) {
+      preloaded = 0; /* the stream's beginning is in the chunk already */
+    } else {
+      ebb_event_list_clear(&d->chunk);
+      if (ebb_store_read_stream(d->rt->store, d->stream, d->version + 1, FOLD_CHUNK, 0,
+                                &d->chunk, &rerr) != 0) {
+        ebb_error_move(&d->err, &rerr);
+        return 0;
+      }
     }
     for (size_t i = 0; i < d->chunk.n; i++) {
       /* As of a version or a time: the stream's prefix up to it. */
@@ -1464,20 +1489,40 @@ int ebb_runtime_stream_of(ebb_runtime *rt, const char *aggregate, const char *id
   if (recover(rt, err) != 0) return err->code;
   if (ebb_validate_name("aggregate", aggregate, err) || ebb_validate_name("aggregate id", id, err))
     return err->code;
-  lua_State *L = ebb_sandbox_state(rt->sb);
-  lua_pushinteger(L, rt->modules_ref);
-  lua_pushcclosure(L, l_module_type, 1);
-  lua_pushstring(L, aggregate);
-  if (ebb_sandbox_call(rt->sb, 1, 1) != LUA_OK || !lua_isstring(L, -1)) {
-    lua_pop(L, 1);
-    return ebb_error_set(err, EBB_ENOTFOUND, "unknown aggregate %s", aggregate);
+  /* The daemon asks for every command: remember the answers of this Lua state. */
+  if (rt->types_generation != rt->generation) {
+    for (size_t i = 0; i < rt->n_types; i++) free(rt->types[i]);
+    rt->n_types = 0;
+    rt->types_generation = rt->generation;
   }
-  const char *type = lua_tostring(L, -1);
+  const char *type = NULL;
+  for (size_t i = 0; i < rt->n_types && !type; i++)
+    if (strcmp(rt->types[i], aggregate) == 0) type = rt->types[i] + strlen(rt->types[i]) + 1;
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  int pushed = 0;
+  if (type == NULL) {
+    lua_pushinteger(L, rt->modules_ref);
+    lua_pushcclosure(L, l_module_type, 1);
+    lua_pushstring(L, aggregate);
+    if (ebb_sandbox_call(rt->sb, 1, 1) != LUA_OK || !lua_isstring(L, -1)) {
+      lua_pop(L, 1);
+      return ebb_error_set(err, EBB_ENOTFOUND, "unknown aggregate %s", aggregate);
+    }
+    type = lua_tostring(L, -1);
+    pushed = 1;
+    size_t an = strlen(aggregate), tn = strlen(type);
+    char *pair; /* "aggregate\0type\0" */
+    if (rt->n_types < sizeof rt->types / sizeof rt->types[0] &&
+        (pair = malloc(an + tn + 2)) != NULL) {
+      memcpy(pair, aggregate, an + 1);
+      memcpy(pair + an + 1, type, tn + 1);
+      rt->types[rt->n_types++] = pair;
+    }
+  }
   int n = snprintf(stream, EBB_MAX_NAME + 1, "%s-%s", type, id);
-  lua_pop(L, 1);
-  if (n > EBB_MAX_NAME)
-    return ebb_error_set(err, EBB_EBADREQ, "stream name %s-%s is too long", type, id);
-  return 0;
+  if (n > EBB_MAX_NAME) ebb_error_set(err, EBB_EBADREQ, "stream name %s-%s is too long", type, id);
+  if (pushed) lua_pop(L, 1);
+  return n > EBB_MAX_NAME ? EBB_EBADREQ : 0;
 }
 
 /* Is `stream` the stream that cmd addresses? */

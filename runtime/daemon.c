@@ -355,14 +355,27 @@ static const char *take_string(lua_State *L, job *j, int t, const char *k, int r
   return s;
 }
 
-/* An object member as JSON text ("{}" when absent). */
-static const char *take_object(lua_State *L, job *j, int t, const char *k, size_t *len) {
+/* An object member as JSON text ("{}" when absent): its own bytes in the
+ * body (text, len) when they can be found, else encoded again. */
+static const char *take_object(lua_State *L, job *j, int t, const char *k, size_t *len,
+                               const char *text, size_t text_len) {
   if (lua_getfield(L, t, k) == LUA_TNIL) {
     lua_pop(L, 1);
     *len = 2;
     return "{}";
   }
   check_object(L, -1, k);
+  const char *v;
+  size_t vlen;
+  if (text && ebb_json_member(text, text_len, k, &v, &vlen) == 1) {
+    char *copy = own(j, malloc(vlen + 1));
+    if (copy == NULL) luaL_error(L, "out of memory");
+    memcpy(copy, v, vlen);
+    copy[vlen] = '\0';
+    *len = vlen;
+    lua_pop(L, 1);
+    return copy;
+  }
   ebb_buf b = EBB_BUF_INIT;
   char msg[256];
   if (ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0) {
@@ -421,8 +434,8 @@ static int l_parse_command(lua_State *L) {
   c->id = take_string(L, j, t, "id", 1);
   c->type = take_string(L, j, t, "type", 1);
   c->command_id = take_string(L, j, t, "command_id", 0);
-  c->data = take_object(L, j, t, "data", &c->data_len);
-  c->metadata = take_object(L, j, t, "metadata", &c->metadata_len);
+  c->data = take_object(L, j, t, "data", &c->data_len, text, len);
+  c->metadata = take_object(L, j, t, "metadata", &c->metadata_len, text, len);
   c->expected = take_expected(L, t, &c->has_expected);
   return 0;
 }
@@ -468,8 +481,8 @@ static int l_parse_append(lua_State *L) {
     }
     in->type = take_string(L, j, e, "type", 1);
     in->recorded_at = j->now;
-    in->data = take_object(L, j, e, "data", &in->data_len);
-    in->metadata = take_object(L, j, e, "metadata", &in->metadata_len);
+    in->data = take_object(L, j, e, "data", &in->data_len, NULL, 0);
+    in->metadata = take_object(L, j, e, "metadata", &in->metadata_len, NULL, 0);
     int st = lua_getfield(L, e, "schema");
     if (st != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1))
       luaL_error(L, "%s: \"schema\" must be a positive integer", what);

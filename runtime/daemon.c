@@ -918,6 +918,15 @@ static void read_work(uv_work_t *w) {
   ebb_error_clear(&err);
 }
 
+static void readjob_free(readjob *j) {
+  if (j == NULL) return;
+  ebb_buf_free(&j->body);
+  free(j->a);
+  free(j->b);
+  free(j->at);
+  free(j);
+}
+
 static void read_done(uv_work_t *w, int status) {
   readjob *j = w->data;
   ebb_daemon *d = j->d;
@@ -933,11 +942,7 @@ static void read_done(uv_work_t *w, int status) {
   }
   log_request(d, &j->ri, j->status, j->status == 200 ? NULL : j->error);
   d->reads--;
-  ebb_buf_free(&j->body);
-  free(j->a);
-  free(j->b);
-  free(j->at);
-  free(j);
+  readjob_free(j);
   check_drained(d);
 }
 
@@ -959,30 +964,44 @@ static char *dup_or_null(const char *s, int *oom) {
   return c;
 }
 
+/* Hands the parsed job to the thread pool, or answers what went wrong. */
+static void start_read(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri, readjob *j,
+                       ebb_error *err, int oom) {
+  if (!err->code && (oom || j == NULL)) ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  if (err->code) {
+    answer_error(d, c, ri, err);
+    readjob_free(j);
+    return;
+  }
+  submit_read(d, c, ri, j);
+}
+
+static readjob *readjob_new(int kind, ebb_error *err) {
+  readjob *j = calloc(1, sizeof *j);
+  if (j == NULL) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    return NULL;
+  }
+  j->kind = kind;
+  j->limit = DEFAULT_LIMIT;
+  j->version = -1;
+  return j;
+}
+
 static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri, const char *stream) {
   params q = {0};
   ebb_error err;
   ebb_error_init(&err);
-  readjob *j = calloc(1, sizeof *j);
-  int oom = j == NULL;
-  if (!oom) {
-    j->kind = READ_STREAM;
-    j->limit = DEFAULT_LIMIT;
+  int oom = 0;
+  readjob *j = readjob_new(READ_STREAM, &err);
+  if (j && !parse_query(req->query, "from limit backward", &q, &err) &&
+      !param_int(&q, "from", 0, INT64_MAX, &j->from, &err) &&
+      !param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
+      !param_bool(&q, "backward", &j->backward, &err) &&
+      !ebb_validate_name("stream name", stream, &err))
     j->a = dup_or_null(stream, &oom);
-  }
-  if (oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
-  if (err.code || parse_query(req->query, "from limit backward", &q, &err) ||
-      param_int(&q, "from", 0, INT64_MAX, &j->from, &err) ||
-      param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) ||
-      param_bool(&q, "backward", &j->backward, &err) ||
-      ebb_validate_name("stream name", stream, &err)) {
-    answer_error(d, c, ri, &err);
-    if (j) free(j->a);
-    free(j);
-  } else {
-    submit_read(d, c, ri, j);
-  }
+  start_read(d, c, ri, j, &err, oom);
   params_free(&q);
 }
 
@@ -991,32 +1010,17 @@ static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
   params q = {0};
   ebb_error err;
   ebb_error_init(&err);
-  readjob *j = calloc(1, sizeof *j);
-  int oom = j == NULL;
-  if (oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
-  else {
-    j->kind = READ_EVENTS;
-    j->limit = DEFAULT_LIMIT;
-  }
-  if (err.code || parse_query(req->query, "after limit category type", &q, &err) ||
-      param_int(&q, "after", 0, INT64_MAX, &j->from, &err) ||
-      param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) ||
-      (param(&q, "category") && ebb_validate_name("category", param(&q, "category"), &err)) ||
-      (param(&q, "type") && ebb_validate_name("event type", param(&q, "type"), &err))) {
-    answer_error(d, c, ri, &err);
-    free(j);
-  } else {
+  int oom = 0;
+  readjob *j = readjob_new(READ_EVENTS, &err);
+  if (j && !parse_query(req->query, "after limit category type", &q, &err) &&
+      !param_int(&q, "after", 0, INT64_MAX, &j->from, &err) &&
+      !param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
+      !(param(&q, "category") && ebb_validate_name("category", param(&q, "category"), &err)) &&
+      !(param(&q, "type") && ebb_validate_name("event type", param(&q, "type"), &err))) {
     j->a = dup_or_null(param(&q, "category"), &oom);
     j->b = dup_or_null(param(&q, "type"), &oom);
-    if (oom) {
-      answer_fail(d, c, ri, EBB_ENOMEM, "%s", "out of memory");
-      free(j->a);
-      free(j->b);
-      free(j);
-    } else {
-      submit_read(d, c, ri, j);
-    }
   }
+  start_read(d, c, ri, j, &err, oom);
   params_free(&q);
 }
 
@@ -1025,31 +1029,15 @@ static void route_aggregate(ebb_daemon *d, ebb_http_conn *c, const ebb_http_requ
   params q = {0};
   ebb_error err;
   ebb_error_init(&err);
-  readjob *j = calloc(1, sizeof *j);
-  int oom = j == NULL;
-  if (oom) ebb_error_set(&err, EBB_ENOMEM, "out of memory");
-  else {
-    j->kind = READ_AGGREGATE;
-    j->version = -1;
-  }
-  if (err.code || parse_query(req->query, "version at", &q, &err) ||
-      param_int(&q, "version", 0, INT64_MAX, &j->version, &err)) {
-    answer_error(d, c, ri, &err);
-    free(j);
-  } else {
+  int oom = 0;
+  readjob *j = readjob_new(READ_AGGREGATE, &err);
+  if (j && !parse_query(req->query, "version at", &q, &err) &&
+      !param_int(&q, "version", 0, INT64_MAX, &j->version, &err)) {
     j->a = dup_or_null(type, &oom);
     j->b = dup_or_null(id, &oom);
     j->at = dup_or_null(param(&q, "at"), &oom);
-    if (oom) {
-      answer_fail(d, c, ri, EBB_ENOMEM, "%s", "out of memory");
-      free(j->a);
-      free(j->b);
-      free(j->at);
-      free(j);
-    } else {
-      submit_read(d, c, ri, j);
-    }
   }
+  start_read(d, c, ri, j, &err, oom);
   params_free(&q);
 }
 

@@ -69,10 +69,10 @@ typedef struct instance {
   int sql_exhausted;          /* ... and they ran out: the interrupt was ours */
 } instance;
 
-/* The SQL a batch or a query may run, in SQLite VM steps: a projection's
- * handlers take a few hundred per event, so only a runaway (a recursive
- * CTE without end, a cross join of big tables) comes near. The Lua around
- * it has the sandbox's instruction budget; this is the same bound for SQL. */
+/* The SQL one event's handler or one query may run, in SQLite VM steps: a
+ * handler takes a few hundred, so only a runaway (a recursive CTE without
+ * end, a cross join of big tables) comes near. The Lua around it has the
+ * sandbox's instruction budget; this is the same bound for SQL. */
 #define SQL_STEPS_PER_CALL ((int64_t)100000000)
 
 static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -869,6 +869,10 @@ static int l_run_batch(lua_State *L) {
     }
     lua_pushvalue(L, db);
     ebb_event_push(L, e, 1);
+    /* The budgets are per event, not per batch: a batch of cheap events must
+     * not fail where the same events one by one would pass. */
+    ebb_sandbox_recharge(b->in->sb);
+    sql_budget(b->in);
     lua_call(L, 2, 0);
     b->handled++;
   }

@@ -152,6 +152,10 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
+void ebb_sandbox_recharge(ebb_sandbox *sb) {
+  if (!sb->killing) sb->spent = 0;
+}
+
 /* The count hook: charges the budget and, once the call is killed, raises
    on every instruction. It also restores the normal period on threads left
    at period 1 by an earlier kill. */

@@ -67,6 +67,11 @@ int ebb_sandbox_load_file(ebb_sandbox *sb, const char *path, const char *chunkna
    available from ebb_sandbox_traceback(). When the call was killed the error
    is always the kill reason (a string) and the status is never LUA_OK. */
 int ebb_sandbox_call(ebb_sandbox *sb, int nargs, int nresults);
+/* Gives the call in progress its whole instruction budget again (not once
+   it was killed). A host running many units of user code in one call, such
+   as a batch of events through their handlers, bounds each unit this way;
+   call it from C between them. */
+void ebb_sandbox_recharge(ebb_sandbox *sb);
 const char *ebb_sandbox_traceback(ebb_sandbox *sb);   /* of the last failed call, or "" */
 /* Why the last call was killed: NULL if it was not, else e.g.
    "instruction budget of 50000000 exceeded at order.lua:12" or

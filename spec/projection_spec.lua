@@ -233,7 +233,8 @@ describe("the projection runner", function()
       assert.are.equal(200, (d:post("/streams/BankAccount-bulk" .. i, { events = events })))
     end
     d:stop()
-    counter_module(dir, "counter", { work = 3000 })
+    -- Slow handlers, so that catch-up is still going when the kill comes, on any machine.
+    counter_module(dir, "counter", { work = 10000 })
     d = daemon.start({ data = data, args = { "--projections", dir } })
     local s = eventually(function()
       local x = status(d, "counter")
@@ -311,7 +312,9 @@ describe("hot reload of projections", function()
       d:post("/streams/BankAccount-many" .. i, { events = events })
     end
     live(d, "counter", 3001)
-    counter_module(dir, "counter", { version = 2, shape = "v2", work = 3000 })
+    -- Slow handlers, so that the rebuild is seen in progress, on any machine; a batch of
+    -- them together takes far more than the instruction budget, which is per event.
+    counter_module(dir, "counter", { version = 2, shape = "v2", work = 30000 })
     -- During the rebuild the old version answers, in the old shape.
     local s = eventually(function()
       local x = status(d, "counter")

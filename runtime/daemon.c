@@ -543,54 +543,6 @@ static void job_end(job *j, int status, char *body, size_t len, ebb_error *err) 
   d->jobs--;
 }
 
-/* {"stream","version","position","events"} for a raw append that committed:
- * an idempotent one (stored before) answers with what was stored. */
-static char *append_result(job *j, size_t *len) {
-  ebb_buf b = EBB_BUF_INIT;
-  const ebb_append_result *r = &j->req.result;
-  if (r->idempotent) {
-    ebb_event_list l;
-    ebb_event_list_init(&l);
-    ebb_error err;
-    ebb_error_init(&err);
-    ebb_store_read_range(ebb_runtime_store(j->d->rt), r->first_position, r->position, &l, &err);
-    ebb_buf_puts(&b, "{\"stream\":");
-    ebb_buf_json_string(&b, j->stream, strlen(j->stream));
-    ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
-                   (long long)r->position);
-    for (size_t i = 0; i < l.n; i++) {
-      if (i) ebb_buf_putc(&b, ',');
-      ebb_event_to_json(&l.items[i], &b);
-    }
-    ebb_buf_puts(&b, "]}");
-    ebb_event_list_free(&l);
-    ebb_error_clear(&err);
-    return ebb_buf_take(&b, len);
-  }
-  ebb_buf_puts(&b, "{\"stream\":");
-  ebb_buf_json_string(&b, j->stream, strlen(j->stream));
-  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
-                 (long long)r->position);
-  for (size_t i = 0; i < j->n_in; i++) {
-    const ebb_event_in *in = &j->in[i];
-    ebb_event e = {.position = r->first_position + (int64_t)i,
-                   .version = r->first_version + (int64_t)i,
-                   .schema = in->schema,
-                   .stream = j->stream,
-                   .id = (char *)in->id,
-                   .type = (char *)in->type,
-                   .data = (char *)in->data,
-                   .data_len = in->data_len,
-                   .metadata = (char *)in->metadata,
-                   .metadata_len = in->metadata_len,
-                   .recorded_at = j->now};
-    if (i) ebb_buf_putc(&b, ',');
-    ebb_event_to_json(&e, &b);
-  }
-  ebb_buf_puts(&b, "]}");
-  return ebb_buf_take(&b, len);
-}
-
 static void submit(ebb_daemon *d, job *j, ebb_append *req) {
   j->write = (ebb_write){.req = req, .ud = j, .snapshots = ebb_runtime_take_snapshots(d->rt)};
   ebb_writer_submit(d->writer, &j->write);
@@ -679,10 +631,30 @@ static void on_written(void *ud, ebb_write *w) {
       ebb_error_init(&err);
       ebb_error_move(&err, &j->req.err);
       job_end(j, 0, NULL, 0, &err);
+    } else if (j->req.result.idempotent) {
+      /* Stored before: answer with what was stored then. */
+      const ebb_append_result *r = &j->req.result;
+      char *body = NULL;
+      ebb_error err;
+      ebb_error_init(&err);
+      if (ebb_runtime_answer_stored(d->rt, j->stream, r->version, r->first_position, r->position,
+                                    &body, &err) != 0)
+        job_end(j, 0, NULL, 0, &err);
+      else job_end(j, 200, body, strlen(body), NULL);
     } else {
-      size_t len;
-      char *body = append_result(j, &len);
-      job_end(j, 200, body, len, NULL);
+      ebb_buf b = EBB_BUF_INIT;
+      ebb_append_answer(&b, j->stream, &j->req.result, j->in, j->n_in);
+      if (b.oom) {
+        ebb_buf_free(&b);
+        ebb_error err;
+        ebb_error_init(&err);
+        ebb_error_set(&err, EBB_ENOMEM, "out of memory (the events are stored)");
+        job_end(j, 0, NULL, 0, &err);
+      } else {
+        size_t len;
+        char *body = ebb_buf_take(&b, &len);
+        job_end(j, 200, body, len, NULL);
+      }
     }
     ended = 1;
   } else {

@@ -80,6 +80,32 @@ void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
   ebb_buf_putc(out, '}');
 }
 
+void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result *r,
+                       const ebb_event_in *in, size_t n) {
+  ebb_buf_puts(out, "{\"stream\":");
+  ebb_buf_json_string(out, stream, strlen(stream));
+  ebb_buf_printf(out, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
+                 (long long)r->position);
+  for (size_t i = 0; i < n; i++) {
+    ebb_event e = {
+        .position = r->first_position + (int64_t)i,
+        .version = r->first_version + (int64_t)i,
+        .schema = in[i].schema,
+        .stream = (char *)stream,
+        .id = (char *)in[i].id,
+        .type = (char *)in[i].type,
+        .data = (char *)in[i].data,
+        .data_len = in[i].data_len,
+        .metadata = (char *)in[i].metadata,
+        .metadata_len = in[i].metadata_len,
+        .recorded_at = (char *)in[i].recorded_at,
+    };
+    if (i) ebb_buf_putc(out, ',');
+    ebb_event_to_json(&e, out);
+  }
+  ebb_buf_puts(out, "]}");
+}
+
 /* `apply` sees no global position (with_position 0), since a command's new
  * events have none before their commit and a state must fold the same
  * either way; projections see it. */
@@ -1543,10 +1569,8 @@ static int same_stream(ebb_runtime *rt, const ebb_command *cmd, const char *stre
   return same;
 }
 
-/* The result of a command handled before, from the events it recorded
- * (positions first..last; first = 0 when it recorded none). */
-static int answer_from_store(ebb_runtime *rt, const char *stream, int64_t version, int64_t first,
-                             int64_t last, char **result, ebb_error *err) {
+int ebb_runtime_answer_stored(ebb_runtime *rt, const char *stream, int64_t version,
+                              int64_t first, int64_t last, char **result, ebb_error *err) {
   ebb_event_list l;
   ebb_event_list_init(&l);
   if (first && ebb_store_read_range(rt->store, first, last, &l, err) != 0) {
@@ -1636,8 +1660,8 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
       if (strcmp(rec.type, cmd->type) != 0 || !same_stream(rt, cmd, rec.stream))
         return ebb_error_set(err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
                              cmd->command_id, rec.type, rec.stream);
-      return answer_from_store(rt, rec.stream, rec.version, rec.first_position, rec.position,
-                               result, err);
+      return ebb_runtime_answer_stored(rt, rec.stream, rec.version, rec.first_position,
+                                       rec.position, result, err);
     }
   }
   ebb_decided *dc = rt->spare;
@@ -1723,36 +1747,15 @@ int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_erro
     char stream[EBB_MAX_NAME + 1];
     memcpy(stream, d->stream, sizeof stream);
     decided_release(rt, dc);
-    return answer_from_store(rt, stream, res.version, res.first_position, res.position, result,
-                             err);
+    return ebb_runtime_answer_stored(rt, stream, res.version, res.first_position, res.position,
+                                     result, err);
   }
   if (dc->generation == rt->generation) {
     cache_state(d, res.version, d->n_events ? res.position : d->last_position);
     if (d->n_events) queue_snapshot(rt, d, res.position, d->now);
   }
   ebb_buf b = EBB_BUF_INIT;
-  ebb_buf_puts(&b, "{\"stream\":");
-  ebb_buf_json_string(&b, d->stream, strlen(d->stream));
-  ebb_buf_printf(&b, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)res.version,
-                 (long long)res.position);
-  for (size_t i = 0; i < d->n_events; i++) {
-    ebb_event e = {
-        .position = res.first_position + (int64_t)i,
-        .version = res.first_version + (int64_t)i,
-        .schema = d->events[i].schema,
-        .stream = d->stream,
-        .id = d->events[i].id,
-        .type = d->events[i].type,
-        .data = d->events[i].data,
-        .data_len = d->events[i].data_len,
-        .metadata = d->events[i].metadata,
-        .metadata_len = d->events[i].metadata_len,
-        .recorded_at = d->now,
-    };
-    if (i) ebb_buf_putc(&b, ',');
-    ebb_event_to_json(&e, &b);
-  }
-  ebb_buf_puts(&b, "]}");
+  ebb_append_answer(&b, d->stream, &res, dc->in, d->n_events);
   decided_release(rt, dc);
   *result = ebb_buf_take(&b, NULL);
   return *result ? 0 : ebb_error_set(err, EBB_ENOMEM, "out of memory");

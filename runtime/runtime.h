@@ -85,6 +85,13 @@ const char *ebb_decided_stream(const ebb_decided *dc);
 int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_error *err);
 void ebb_decided_free(ebb_runtime *rt, ebb_decided *dc); /* without finishing; NULL-safe */
 
+/* The answer {"stream","version","position","events"} of an append that
+ * committed earlier (a repeated command id, an idempotent re-append), read
+ * back from the store: its events are at positions first..last (first = 0:
+ * it recorded none). */
+int ebb_runtime_answer_stored(ebb_runtime *rt, const char *stream, int64_t version,
+                              int64_t first, int64_t last, char **result, ebb_error *err);
+
 /* The aggregate's current state as a malloc'd JSON object
  * {"aggregate","id","stream","version","state"}. */
 int ebb_runtime_state(ebb_runtime *rt, const char *aggregate, const char *id, char **result,
@@ -156,6 +163,12 @@ void ebb_event_push(struct lua_State *L, const ebb_event *e, int with_position);
 /* A lua_CFunction for a new sandbox: loads the runtime library (`require
  * "ebb"`) and gives it the JSON null. Aggregates and projections both run it. */
 int ebb__lua_prepare(struct lua_State *L);
+
+/* Appends {"stream","version","position","events":[...]} for n events that
+ * were just appended as `in` with result r (their recorded_at set by the
+ * caller): the answer a command or an append gives, without reading back. */
+void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result *r,
+                       const ebb_event_in *in, size_t n);
 
 /* Appends the JSON text of an event read from the store (without a newline). */
 void ebb_event_to_json(const ebb_event *e, ebb_buf *out);

@@ -41,6 +41,19 @@ static void gauge(ebb_buf *b, const char *name, const char *help, double v) {
   ebb_buf_printf(b, "%s %.17g\n", name, v);
 }
 
+/* A histogram from per-bucket counts (hist[n]: above every bound). */
+static void histogram(ebb_buf *b, const char *name, const char *help, const double *bounds,
+                      size_t n, const uint64_t *hist, double sum, uint64_t count) {
+  head(b, name, "histogram", help);
+  uint64_t cum = 0;
+  for (size_t i = 0; i <= n; i++) {
+    cum += hist[i];
+    if (i < n) ebb_buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, bounds[i], (unsigned long long)cum);
+    else ebb_buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+  }
+  ebb_buf_printf(b, "%s_sum %.9g\n%s_count %llu\n", name, sum, name, (unsigned long long)count);
+}
+
 static void memory(ebb_buf *b) {
   FILE *f = fopen("/proc/self/statm", "r");
   unsigned long size = 0, resident = 0;
@@ -77,28 +90,12 @@ void ebb__metrics_render(ebb_daemon *d, ebb_buf *b) {
   if (d->writer) {
     ebb_writer_stats ws;
     ebb_writer_stats_get(d->writer, &ws);
-    head(b, "ebb_commit_batch_size", "histogram", "Appends (commands) per group commit.");
-    uint64_t cum = 0;
-    for (int i = 0; i < EBB_WRITER_BATCH_BUCKETS; i++) {
-      cum += ws.batch_hist[i];
-      ebb_buf_printf(b, "ebb_commit_batch_size_bucket{le=\"%u\"} %llu\n", ebb_writer_batch_bounds[i],
-                     (unsigned long long)cum);
-    }
-    cum += ws.batch_hist[EBB_WRITER_BATCH_BUCKETS];
-    ebb_buf_printf(b, "ebb_commit_batch_size_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
-    ebb_buf_printf(b, "ebb_commit_batch_size_sum %llu\nebb_commit_batch_size_count %llu\n",
-                   (unsigned long long)ws.requests, (unsigned long long)ws.batches);
-    head(b, "ebb_commit_seconds", "histogram", "Time of one group commit, begin to durable.");
-    cum = 0;
-    for (int i = 0; i < EBB_WRITER_TIME_BUCKETS; i++) {
-      cum += ws.commit_hist[i];
-      ebb_buf_printf(b, "ebb_commit_seconds_bucket{le=\"%g\"} %llu\n", ebb_writer_time_bounds[i],
-                     (unsigned long long)cum);
-    }
-    cum += ws.commit_hist[EBB_WRITER_TIME_BUCKETS];
-    ebb_buf_printf(b, "ebb_commit_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
-    ebb_buf_printf(b, "ebb_commit_seconds_sum %.9f\nebb_commit_seconds_count %llu\n",
-                   ws.commit_seconds, (unsigned long long)ws.batches);
+    histogram(b, "ebb_commit_batch_size", "Appends (commands) per group commit.",
+              ebb_writer_batch_bounds, EBB_WRITER_BATCH_BUCKETS, ws.batch_hist,
+              (double)ws.requests, ws.batches);
+    histogram(b, "ebb_commit_seconds", "Time of one group commit, begin to durable.",
+              ebb_writer_time_bounds, EBB_WRITER_TIME_BUCKETS, ws.commit_hist, ws.commit_seconds,
+              ws.batches);
     counter(b, "ebb_commit_failures_total", "Group commits whose transaction failed.",
             (double)ws.failed_batches);
     counter(b, "ebb_fsync_total", "fsync calls made by the store.", (double)ws.syncs);

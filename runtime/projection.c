@@ -1429,6 +1429,21 @@ static void on_async(uv_async_t *a) {
   if (progressed && h->o.on_progress) h->o.on_progress(h->o.ud);
 }
 
+/* Frees what the host owns on the loop's side (the thread has ended). */
+static void host_free(ebb_projections *h) {
+  for (size_t k = 0; k < h->n_pub; k++) {
+    free(h->pub[k].name);
+    free(h->pub[k].json);
+  }
+  free(h->pub);
+  free(h->data_dir);
+  free(h->projections_dir);
+  free(h->aggregates_dir);
+  free(h->lua_dir);
+  free(h->models_dir);
+  free(h);
+}
+
 int ebb_projections_start(ebb_projections **out, const ebb_projections_options *opt,
                           ebb_error *err) {
   *out = NULL;
@@ -1466,28 +1481,12 @@ int ebb_projections_start(ebb_projections **out, const ebb_projections_options *
   return 0;
 fail:
   ebb_runtime_close(h->rt);
-  free(h->data_dir);
-  free(h->projections_dir);
-  free(h->aggregates_dir);
-  free(h->lua_dir);
-  free(h->models_dir);
-  free(h);
+  host_free(h);
   return err->code;
 }
 
 static void on_closed(uv_handle_t *handle) {
-  ebb_projections *h = handle->data;
-  for (size_t k = 0; k < h->n_pub; k++) {
-    free(h->pub[k].name);
-    free(h->pub[k].json);
-  }
-  free(h->pub);
-  free(h->data_dir);
-  free(h->projections_dir);
-  free(h->aggregates_dir);
-  free(h->lua_dir);
-  free(h->models_dir);
-  free(h);
+  host_free(handle->data);
 }
 
 void ebb_projections_stop(ebb_projections *h) {

@@ -18,7 +18,7 @@
 
 #define MAX_BATCH 1024
 
-const unsigned ebb_writer_batch_bounds[EBB_WRITER_BATCH_BUCKETS] = {1, 2, 4, 8, 16, 32, 64, 256};
+const double ebb_writer_batch_bounds[EBB_WRITER_BATCH_BUCKETS] = {1, 2, 4, 8, 16, 32, 64, 256};
 const double ebb_writer_time_bounds[EBB_WRITER_TIME_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001,
                                                                 0.0025, 0.005,   0.01,   0.025,
                                                                 0.05,   0.1};
@@ -48,15 +48,10 @@ static void push(ebb_write **head, ebb_write **tail, ebb_write *w) {
   *tail = w;
 }
 
-static void count(uint64_t *hist, const unsigned *bounds, size_t n, unsigned v) {
+/* Counts v in the first bucket whose bound it does not exceed (hist[n]: above all). */
+static void count(uint64_t *hist, const double *bounds, size_t n, double v) {
   size_t i = 0;
   while (i < n && v > bounds[i]) i++;
-  hist[i]++;
-}
-
-static void count_time(uint64_t *hist, double v) {
-  size_t i = 0;
-  while (i < EBB_WRITER_TIME_BUCKETS && v > ebb_writer_time_bounds[i]) i++;
   hist[i]++;
 }
 
@@ -102,8 +97,8 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
     w->stats.requests += n;
     w->stats.events += failed ? 0 : events;
     w->stats.failed_batches += failed;
-    count(w->stats.batch_hist, ebb_writer_batch_bounds, EBB_WRITER_BATCH_BUCKETS, (unsigned)n);
-    count_time(w->stats.commit_hist, secs);
+    count(w->stats.batch_hist, ebb_writer_batch_bounds, EBB_WRITER_BATCH_BUCKETS, (double)n);
+    count(w->stats.commit_hist, ebb_writer_time_bounds, EBB_WRITER_TIME_BUCKETS, secs);
     w->stats.commit_seconds += secs;
   }
   w->stats.snapshots += snaps;

@@ -36,7 +36,7 @@ typedef void (*ebb_writer_done)(void *ud, ebb_write *w);
 
 /* Bucket upper bounds (events per batch) of the batch size histogram. */
 #define EBB_WRITER_BATCH_BUCKETS 8
-extern const unsigned ebb_writer_batch_bounds[EBB_WRITER_BATCH_BUCKETS];
+extern const double ebb_writer_batch_bounds[EBB_WRITER_BATCH_BUCKETS];
 #define EBB_WRITER_TIME_BUCKETS 10
 extern const double ebb_writer_time_bounds[EBB_WRITER_TIME_BUCKETS]; /* seconds */
 

@@ -259,7 +259,7 @@ describe("stopping", function()
     assert.is_true(stored >= acked)
   end)
 
-  it("3. SIGTERM exits with status 0 and releases the data directory", function()
+  it("3. SIGTERM and SIGINT exit with status 0 and release the data directory", function()
     d = daemon.start()
     local data = d.data
     local out, other = os.tmpname(), support.tmpdir()
@@ -279,8 +279,10 @@ describe("stopping", function()
     os.execute("kill -TERM " .. daemon_pid)
     wait_pids({ pid }, 20)
     assert.matches("exit=0", support.read(out))
-    d:signal("TERM")
+    -- SIGINT (Ctrl-C) drains the same way, and frees the data directory.
+    d:signal("INT")
     assert.is_true(d:wait(10))
+    assert.matches('"msg":"drained', d:logs(), 1, true)
     local _, _, code = support.run({ "send", "bank_account", "x", "OpenAccount", '{"owner":"o"}',
                                      "--data", data, "--durability", "normal" })
     assert.are.equal(0, code)

@@ -7,16 +7,7 @@
 local core = require "ebb.core"
 local support = require "support"
 
--- Runs f(...), which must raise; returns the error as text.
-local function failure(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error, but there was none")
-  return tostring(err)
-end
-
-local function contains(text, part)
-  assert(text:find(part, 1, true), "expected to find\n  " .. part .. "\nin\n  " .. text)
-end
+local failure, contains = support.failure, support.contains
 
 -- The checkpoint table as the runner makes it.
 local CHECKPOINT = "CREATE TABLE _ebb_checkpoint (id INTEGER PRIMARY KEY, position INTEGER NOT NULL);"

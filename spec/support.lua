@@ -92,4 +92,16 @@ function support.elapsed(fn)
   return os.clock() - c0, os.time() - t0, table.unpack(r, 1, r.n)
 end
 
+-- Runs f(...), which must raise; returns the error as text.
+function support.failure(f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error, but there was none")
+  return tostring(err)
+end
+
+-- Asserts that text contains part, literally.
+function support.contains(text, part)
+  assert(text:find(part, 1, true), "expected to find\n  " .. part .. "\nin\n  " .. text)
+end
+
 return support

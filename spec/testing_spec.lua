@@ -4,17 +4,9 @@ package.path = "runtime/lua/?.lua;runtime/lua/?/init.lua;aggregates/?.lua;" .. p
 
 local ebb = require "ebb"
 local t = require "ebb.testing"
+local support = require "support"
 
--- Runs `f`, which must raise; returns the error as text.
-local function failure(f)
-  local ok, err = pcall(f)
-  assert.is_false(ok, "expected an error, but there was none")
-  return tostring(err)
-end
-
-local function contains(text, part)
-  assert(text:find(part, 1, true), "expected to find\n  " .. part .. "\nin\n  " .. text)
-end
+local failure, contains = support.failure, support.contains
 
 -- A counter: Add{n} adds n (a positive integer) unless the counter is locked.
 -- `handle` entries for the helper's error cases are added per test.

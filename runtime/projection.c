@@ -928,8 +928,12 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
   ebb_error_init(&err);
   char *msg = NULL;
   if (ebb_store_read_all(ebb_runtime_store(h->rt), &q, &l, &err) != 0) {
+    /* Faulted, not retried in a loop: retry resumes once the store reads again. */
     ebb_log(EBB_LOG_ERROR, "projection cannot read events", "projection", p->name, "error",
             err.message, NULL);
+    set_fault(p, in, in->position + 1,
+              dupf("cannot read the events after position %lld: %s", (long long)in->position,
+                   err.message));
     ebb_event_list_free(&l);
     return 0;
   }
@@ -984,7 +988,10 @@ static void maybe_swap(ebb_projections *h, projection *p, int64_t head) {
   if (n == NULL || n->position < head) return;
   if (write_current(h, p, n->db_file) != 0) {
     ebb_log(EBB_LOG_ERROR, "projection rebuilt but cannot switch to it", "projection", p->name,
-            NULL);
+            "error", strerror(errno), NULL);
+    /* Faulted rather than tried again every round; retry tries again. */
+    set_fault(p, n, n->position,
+              dupf("rebuilt, but cannot make %s current: %s", n->db_file, strerror(errno)));
     return;
   }
   char *dir = projection_dir(h, p);

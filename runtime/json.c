@@ -358,7 +358,7 @@ static int parse_value(parser *ps, int depth);
 
 static int parse_literal(parser *ps, const char *word, size_t n) {
   if ((size_t)(ps->end - ps->p) < n || memcmp(ps->p, word, n) != 0) {
-    char what[32];
+    char what[48]; /* the longest word is "false" */
     snprintf(what, sizeof what, "invalid literal (expected %s)", word);
     return parse_fail(ps, ps->p, what);
   }

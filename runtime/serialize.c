@@ -458,7 +458,7 @@ static int dec_value(decoder *d, int depth) {
     d->p += n;
     return 0;
   }
-  uint64_t u;
+  uint64_t u = 0;
   switch (c) {
     case T_NIL: lua_pushnil(L); return 0;
     case T_FALSE: lua_pushboolean(L, 0); return 0;
@@ -498,7 +498,7 @@ static int dec_value(decoder *d, int depth) {
 
 static int dec_table(decoder *d, int tag, int depth) {
   lua_State *L = d->L;
-  uint64_t narr, nhash;
+  uint64_t narr = 0, nhash = 0;
   if (depth >= EBB_SERIALIZE_MAX_DEPTH)
     return dec_fail(d, "nested deeper than %d tables", EBB_SERIALIZE_MAX_DEPTH);
   if (!lua_checkstack(L, 6)) return dec_fail(d, "Lua stack overflow");

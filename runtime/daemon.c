@@ -1602,8 +1602,6 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
     goto out;
   port = ebb_http_server_port(d->http);
   snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
-  holder_json(d, buf, sizeof buf);
-  ebb_lock_update(d->lock, buf, NULL);
   uv_timer_init(&d->loop, &d->rescan_timer);
   d->rescan_timer.data = d;
   ebb_projections_options po = {.loop = &d->loop,
@@ -1642,6 +1640,10 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   snprintf(pos, sizeof pos, "%lld", (long long)d->head);
   ebb_log(EBB_LOG_INFO, "listening", "url", d->url, "data", cfg->data, "aggregates",
           cfg->aggregates, "durability", cfg->durability, "#position", pos, NULL);
+  /* The URL goes into the lock only now, with the signal handlers in place:
+     whoever reads it from there may send SIGTERM at once and must see a drain. */
+  holder_json(d, buf, sizeof buf);
+  ebb_lock_update(d->lock, buf, NULL);
   /* The one line scripts wait for, on stdout: where to connect. */
   printf("ebb listening on %s\n", d->url);
   fflush(stdout);

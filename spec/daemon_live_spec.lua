@@ -240,7 +240,7 @@ describe("stopping", function()
     -- and positions run without gaps from 1 to head.
     -- Pages by the answer's own `next` until the head, so the check covers the
     -- whole store however many commands this machine managed to acknowledge.
-    local stored, after, head = 0, 0, nil
+    local stored, after, head = 0, 0
     repeat
       local st, page = d:get(("/events?limit=1000&after=%d"):format(after))
       assert.are.equal(200, st)

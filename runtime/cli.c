@@ -391,15 +391,19 @@ static void query_param(ebb_buf *b, const char *k, const char *v) {
   ebb_url_encode(b, v, strlen(v));
 }
 
-/* Prints events one per line, upcast to their current schema unless --raw. */
+/* Prints events one per line, upcast to their current schema unless --raw;
+ * one that cannot be upcast is printed as stored, with its upcast_error. */
 static int print_events(cli *c, ebb_runtime *rt, ebb_event_list *l, ebb_error *err) {
-  if (!c->raw && ebb_runtime_upcast(rt, l, err) != 0) return err->code;
+  if (!c->raw && ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
   ebb_buf b = EBB_BUF_INIT;
   for (size_t i = 0; i < l->n; i++) {
     ebb_buf_reset(&b);
     ebb_event_to_json(&l->items[i], &b);
     ebb_buf_putc(&b, '\n');
     fwrite(b.data, 1, b.len, stdout);
+    if (l->items[i].upcast_error)
+      fprintf(stderr, "ebb: warning: the event at position %lld is written as stored: %s\n",
+              (long long)l->items[i].position, l->items[i].upcast_error);
   }
   ebb_buf_free(&b);
   return 0;
@@ -1126,6 +1130,15 @@ static int cmd_import(cli *c) {
       if (import_flush(&s, &err) == 0)
         ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, lua_tostring(L, -1));
       lua_pop(L, 1);
+      break;
+    }
+    if (ebb_runtime_check_schema(rt, e->type, e->schema, &err) != 0) {
+      import_event_free(e);
+      char why[sizeof err.message];
+      snprintf(why, sizeof why, "%s", err.message);
+      ebb_error_clear(&err);
+      /* everything before the bad line is imported, nothing after it */
+      if (import_flush(&s, &err) == 0) ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, why);
       break;
     }
     s.n++;

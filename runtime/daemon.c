@@ -487,6 +487,13 @@ static int l_parse_append(lua_State *L) {
     if (st != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1))
       luaL_error(L, "%s: \"schema\" must be a positive integer", what);
     in->schema = st == LUA_TNIL ? ebb_runtime_schema_of(j->d->rt, in->type) : lua_tointeger(L, -1);
+    ebb_error serr;
+    ebb_error_init(&serr);
+    if (ebb_runtime_check_schema(j->d->rt, in->type, in->schema, &serr) != 0) {
+      lua_pushfstring(L, "%s: %s", what, serr.message);
+      ebb_error_clear(&serr);
+      lua_error(L);
+    }
     lua_pop(L, 2);
   }
   j->req.stream = j->stream;
@@ -804,9 +811,10 @@ static void readjob_on_close(ebb_http_conn *c, void *data) {
   ((readjob *)data)->conn = NULL;
 }
 
-/* Appends events as a JSON array, upcast to their current schemas. */
+/* Appends events as a JSON array, upcast to their current schemas (one that
+ * cannot be is sent as stored, with its upcast_error). */
 static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
-  if (ebb_runtime_upcast(rt, l, err) != 0) return err->code;
+  if (ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
   ebb_buf_putc(b, '[');
   for (size_t i = 0; i < l->n; i++) {
     if (i) ebb_buf_putc(b, ',');

@@ -412,7 +412,7 @@ static int print_page(const ebb_http_response *res, const char *path, page *p) {
   const char *v = NULL;
   size_t vlen = 0;
   memset(p, 0, sizeof *p);
-  if (ebb_json_validate(res->body, res->body_len, msg, sizeof msg) != 0 ||
+  if (ebb_json_validate_document(res->body, res->body_len, msg, sizeof msg) != 0 ||
       ebb_json_member(res->body, res->body_len, "events", &v, &vlen) != 1 ||
       ebb_json_array_items(v, vlen, page_item, p) != 0 || p->bad) {
     fprintf(stderr, "ebb: the daemon's answer to GET %s cannot be read%s%s: %.200s\n", path,
@@ -1021,7 +1021,7 @@ static int l_parse_line(lua_State *L) {
   const char *text = lua_tolstring(L, 1, &len);
   import_event *e = lua_touserdata(L, 2);
   char msg[512];
-  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
+  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
   if (!lua_istable(L, -1)) luaL_error(L, "an event must be a JSON object");
   int t = lua_gettop(L);
   e->stream = take_string_field(L, t, "stream");

@@ -423,7 +423,8 @@ static int l_parse_command(lua_State *L) {
   const char *text = lua_tolstring(L, 1, &len);
   job *j = lua_touserdata(L, 2);
   char msg[256];
-  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "malformed JSON: %s", msg);
+  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0)
+    luaL_error(L, "malformed JSON: %s", msg);
   check_object(L, -1, "a command");
   int t = lua_gettop(L);
   static const char *const fields[] = {"aggregate",  "id",       "type", "data", "expected_version",
@@ -446,7 +447,8 @@ static int l_parse_append(lua_State *L) {
   const char *text = lua_tolstring(L, 1, &len);
   job *j = lua_touserdata(L, 2);
   char msg[256];
-  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "malformed JSON: %s", msg);
+  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0)
+    luaL_error(L, "malformed JSON: %s", msg);
   check_object(L, -1, "an append");
   int t = lua_gettop(L);
   static const char *const fields[] = {"expected_version", "events", NULL};

@@ -270,7 +270,7 @@ static int push_events(lua_State *L, ebb_runtime *rt, ebb_event_list *l, int raw
     ebb_buf_reset(&b);
     ebb_event_to_json(&l->items[i], &b);
     char msg[256];
-    if (b.oom || ebb_json_decode(L, b.data, b.len, msg, sizeof msg) != 0) {
+    if (b.oom || ebb_json_decode_document(L, b.data, b.len, msg, sizeof msg) != 0) {
       lua_Integer position = (lua_Integer)l->items[i].position;
       ebb_buf_free(&b);
       ebb_event_list_free(l);

@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1051,6 +1053,12 @@ static void route_subscribe(ebb_daemon *d, ebb_http_conn *c, const ebb_http_requ
     after = v;
   }
   log_request(d, ri, 200, NULL);
+  if (strcmp(req->method, "HEAD") == 0) {
+    /* The headers a subscription would get, and no stream. */
+    ebb_http_respond(c, 200, "text/event-stream", "Cache-Control: no-cache\r\n", NULL, 0);
+    params_free(&q);
+    return;
+  }
   ebb__sse_start(d, c, req->query, after, param(&q, "category"), param(&q, "type"));
   params_free(&q);
   return;
@@ -1235,6 +1243,10 @@ static void route_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request 
   /* Any parameter is an argument of the query; the query decides what it takes. */
   if (parse_query(req->query, NULL, &q, &err)) goto fail;
   if (query_args(&q, &args, &after, &err)) goto fail;
+  if (ebb_json_validate(args.data, args.len, NULL, 0) != 0) {
+    ebb_error_set(&err, EBB_EBADREQ, "query arguments must be UTF-8 text once percent-decoded");
+    goto fail;
+  }
   if (d->projections == NULL) {
     ebb_error_set(&err, EBB_ENOTFOUND, "no projection %s", name);
     goto fail;
@@ -1297,6 +1309,41 @@ static void route_control(ebb_daemon *d, ebb_http_conn *c, const ebb_http_reques
   pq->ri = *ri;
   ebb_http_conn_set_data(c, pq, pquery_on_close);
   ebb_projections_control(d->projections, name, action, pquery_answer, pq);
+}
+
+/* Descriptors the daemon keeps for itself beyond those open at start: the
+ * projections' databases, the readers' connections, log files. */
+#define FD_RESERVE 64
+
+/* max_connections, lowered if need be so that the server runs out of
+ * connections (and answers 503) before the process runs out of descriptors:
+ * up to twice the limit may be open at once, the refused ones included. The
+ * soft descriptor limit is raised to the hard one first. */
+static unsigned connections_within_fd_limit(int64_t wanted) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return (unsigned)wanted;
+  if (rl.rlim_cur < rl.rlim_max) {
+    struct rlimit raised = {rl.rlim_max, rl.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) rl = raised;
+  }
+  if (rl.rlim_cur == RLIM_INFINITY) return (unsigned)wanted;
+  int64_t open_now = 0;
+  DIR *fds = opendir("/proc/self/fd");
+  if (fds) {
+    while (readdir(fds)) open_now++;
+    closedir(fds);
+  } else {
+    open_now = 32;
+  }
+  int64_t room = ((int64_t)rl.rlim_cur - open_now - FD_RESERVE) / 2;
+  if (room < 1) room = 1;
+  if (room >= wanted) return (unsigned)wanted;
+  char lim[32], n[32];
+  snprintf(lim, sizeof lim, "%lld", (long long)rl.rlim_cur);
+  snprintf(n, sizeof n, "%lld", (long long)room);
+  ebb_log(EBB_LOG_WARN, "max_connections lowered to fit the file descriptor limit", "#max_connections",
+          n, "#fd_limit", lim, NULL);
+  return (unsigned)room;
 }
 
 static void on_rescan_timer(uv_timer_t *t) {
@@ -1604,7 +1651,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, d, err)) goto out;
   ebb_http_limits lim = {.max_header_bytes = 16 * 1024,
                          .max_body_bytes = (size_t)cfg->max_body,
-                         .max_connections = (unsigned)cfg->max_connections,
+                         .max_connections = connections_within_fd_limit(cfg->max_connections),
                          .idle_timeout_ms = (unsigned)cfg->idle_timeout_ms,
                          .request_timeout_ms = (unsigned)cfg->request_timeout_ms};
   if (ebb_http_server_new(&d->http, &d->loop, &lim, on_request, d, err) ||

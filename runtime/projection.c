@@ -1166,7 +1166,20 @@ static int l_query(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, in->db_ref);
   char msg[256];
   if (ebb_json_decode(L, args, len, msg, sizeof msg) != 0) luaL_error(L, "arguments: %s", msg);
-  lua_call(L, 2, 1);
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+    /* ebb.reject(message): the arguments are wrong, a 400 with its message. */
+    if (lua_istable(L, -1) && luaL_getmetafield(L, -1, "__ebb") != LUA_TNIL) {
+      int rejection = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "rejection") == 0;
+      lua_pop(L, 1);
+      if (rejection && lua_getfield(L, -1, "message") == LUA_TSTRING) {
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2);
+        return 2;
+      }
+      if (rejection) lua_pop(L, 1);
+    }
+    return lua_error(L); /* anything else, a kill included, fails the query as before */
+  }
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     ebb_json_push_null(L);
@@ -1234,6 +1247,8 @@ static void run_query(ebb_projections *h, job *j) {
     char m[400];
     snprintf(m, sizeof m, "projection %.100s has no query %.200s", p->name, j->query);
     j->status = 404, j->body = error_body("not_found", m);
+  } else if (!lua_toboolean(L, -2)) {
+    j->status = 400, j->body = error_body("bad_request", lua_tostring(L, -1));
   } else {
     j->status = 200, j->body = strdup(lua_tostring(L, -1));
   }

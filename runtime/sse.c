@@ -36,6 +36,7 @@ struct ebb_subscriber {
   char *category, *type;
   int live;           /* caught up with the store */
   int waiting;        /* catching up, and the next event does not fit in its buffer */
+  size_t need;        /* ... the bytes that event takes (0: unknown) */
   int ended;
   uint64_t queued;    /* bytes ever queued for it: queued - pending is what its client took */
   uint64_t taken_at_beat; /* ... at the last heartbeat, while waiting */
@@ -101,7 +102,9 @@ static int pump_one(ebb_subscriber *s) {
   s->waiting = 0;
   while (!s->ended && !s->waiting) {
     size_t pending = ebb_http_stream_pending(s->c);
-    if (!s->live && pending >= cap) {
+    /* Not before the event that did not fit fits: reading it again would
+     * copy up to a buffer's worth from the store every pace, for nothing. */
+    if (!s->live && pending > 0 && (pending >= cap || pending + s->need > cap)) {
       s->waiting = 1;
       break;
     }
@@ -125,7 +128,10 @@ static int pump_one(ebb_subscriber *s) {
       ebb_buf_printf(&ev, "id: %lld\ndata: ", (long long)l.items[sent].position);
       ebb_event_to_json(&l.items[sent], &ev);
       ebb_buf_puts(&ev, "\n\n");
-      if (pending + b.len > 0 && pending + b.len + ev.len > cap) break; /* does not fit */
+      if (pending + b.len > 0 && pending + b.len + ev.len > cap) { /* does not fit */
+        s->need = ev.len;
+        break;
+      }
       ebb_buf_append(&b, ev.data, ev.len);
     }
     if (b.oom || ev.oom || (b.len && sub_write(s, b.data, b.len) != 0)) {
@@ -133,6 +139,7 @@ static int pump_one(ebb_subscriber *s) {
       break;
     }
     d->m.sse_events_sent += sent;
+    if (sent == l.n) s->need = 0;
     if (sent) s->after = s->last_sent = l.items[sent - 1].position;
     if (sent < l.n) {
       if (s->live) overflow(s, "subscriber too slow: cut off");

@@ -29,16 +29,17 @@ end
 describe("subscribers catching up on large events", function()
   local d
   local EVENTS, SIZE, SUBS = 40, 600000, 10
-  setup(function()
-    d = daemon.start({ args = { "--heartbeat-ms", "200" } })
+  local function start(heartbeat_ms)
+    d = daemon.start({ args = { "--heartbeat-ms", heartbeat_ms } })
     local big = string.rep("x", SIZE)
     for i = 1, EVENTS do
       assert.are.equal(200, (d:post("/streams/Big-" .. i, { events = { { type = "Blob", data = { pad = big } } } })))
     end
-  end)
-  teardown(function() d:stop() end)
+  end
+  after_each(function() d:stop() end)
 
   it("hold at most subscriber_buffer each when they never read, and are cut off with resume_after", function()
+    start("200")
     local before = proc_kb(d, "VmRSS")
     local subs = {}
     for i = 1, SUBS do
@@ -70,6 +71,8 @@ describe("subscribers catching up on large events", function()
   end)
 
   it("a subscriber that reads gets every event, and is not cut off", function()
+    -- The default heartbeat: only a client that takes nothing for 15 s is stalled.
+    start("15000")
     local overflows = metric(d, "ebb_subscriber_overflows_total")
     local sub = d:subscribe("?after=0")
     for i = 1, EVENTS do

@@ -360,23 +360,72 @@ static int print_item(void *ud, const char *item, size_t len) {
   return 0;
 }
 
-/* Prints the items of the answer's member `key` (an array), one per line. */
-static int print_member_items(const ebb_http_response *res, const char *key, size_t *count) {
-  const char *v;
-  size_t vlen;
-  if (ebb_json_member(res->body, res->body_len, key, &v, &vlen) != 1) return -1;
-  *count = 0;
-  for (size_t i = 0; i < vlen; i++)
-    if (v[i] == '{' && (i == 1 || v[i - 1] == ',' || v[i - 1] == '[')) (*count)++;
-  return ebb_json_array_items(v, vlen, print_item, NULL);
+/* A JSON integer's text: 0 with *out, or -1. */
+static int json_int(const char *v, size_t len, int64_t *out) {
+  char num[32];
+  if (len == 0 || len >= sizeof num) return -1;
+  memcpy(num, v, len);
+  num[len] = '\0';
+  char *end;
+  errno = 0;
+  long long x = strtoll(num, &end, 10);
+  if (errno || *end != '\0') return -1;
+  *out = x;
+  return 0;
 }
 
-static int64_t member_int(const ebb_http_response *res, const char *key) {
+static int member_int(const char *text, size_t len, const char *key, int64_t *out) {
   const char *v;
   size_t vlen;
-  if (ebb_json_member(res->body, res->body_len, key, &v, &vlen) != 1) return -1;
-  return strtoll(v, NULL, 10);
+  if (ebb_json_member(text, len, key, &v, &vlen) != 1) return -1;
+  return json_int(v, vlen, out);
 }
+
+/* The events of one page of a daemon's answer, read by what it says. */
+typedef struct page {
+  size_t n;
+  int64_t last_version, last_position; /* of the last event */
+  int print;                           /* second pass: print them */
+  int bad;
+} page;
+
+static int page_item(void *ud, const char *item, size_t len) {
+  page *p = ud;
+  if (len == 0 || item[0] != '{' || member_int(item, len, "version", &p->last_version) != 0 ||
+      member_int(item, len, "position", &p->last_position) != 0) {
+    p->bad = 1;
+    return 1;
+  }
+  p->n++;
+  if (p->print) {
+    fwrite(item, 1, len, stdout);
+    fputc('\n', stdout);
+  }
+  return 0;
+}
+
+/* Reads the `events` array of a daemon's answer and prints its events, one
+ * per line, only once the whole answer is known to be what it should be:
+ * 0, or an exit code after saying on stderr why the answer cannot be read. */
+static int print_page(const ebb_http_response *res, const char *path, page *p) {
+  char msg[256] = "";
+  const char *v = NULL;
+  size_t vlen = 0;
+  memset(p, 0, sizeof *p);
+  if (ebb_json_validate_document(res->body, res->body_len, msg, sizeof msg) != 0 ||
+      ebb_json_member(res->body, res->body_len, "events", &v, &vlen) != 1 ||
+      ebb_json_array_items(v, vlen, page_item, p) != 0 || p->bad) {
+    fprintf(stderr, "ebb: the daemon's answer to GET %s cannot be read%s%s: %.200s\n", path,
+            msg[0] ? ": " : " (no \"events\" array of events with versions and positions)",
+            msg, res->body);
+    return EBB_EXIT_FAILURE;
+  }
+  memset(p, 0, sizeof *p);
+  p->print = 1;
+  ebb_json_array_items(v, vlen, page_item, p);
+  return 0;
+}
+
 
 static void path_segment(ebb_buf *b, const char *s) {
   ebb_buf_putc(b, '/');
@@ -391,15 +440,19 @@ static void query_param(ebb_buf *b, const char *k, const char *v) {
   ebb_url_encode(b, v, strlen(v));
 }
 
-/* Prints events one per line, upcast to their current schema unless --raw. */
+/* Prints events one per line, upcast to their current schema unless --raw;
+ * one that cannot be upcast is printed as stored, with its upcast_error. */
 static int print_events(cli *c, ebb_runtime *rt, ebb_event_list *l, ebb_error *err) {
-  if (!c->raw && ebb_runtime_upcast(rt, l, err) != 0) return err->code;
+  if (!c->raw && ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
   ebb_buf b = EBB_BUF_INIT;
   for (size_t i = 0; i < l->n; i++) {
     ebb_buf_reset(&b);
     ebb_event_to_json(&l->items[i], &b);
     ebb_buf_putc(&b, '\n');
     fwrite(b.data, 1, b.len, stdout);
+    if (l->items[i].upcast_error)
+      fprintf(stderr, "ebb: warning: the event at position %lld is written as stored: %s\n",
+              (long long)l->items[i].position, l->items[i].upcast_error);
   }
   ebb_buf_free(&b);
   return 0;
@@ -453,21 +506,16 @@ static int remote_read(cli *c, int64_t from, int64_t limit) {
     if (c->backward) query_param(&path, "backward", "true");
     ebb_http_response res;
     int rc = remote_call(c, "GET", ebb_buf_cstr(&path), NULL, &res);
+    page p;
+    if (rc == 0) rc = print_page(&res, ebb_buf_cstr(&path), &p);
+    ebb_http_response_free(&res);
     ebb_buf_free(&path);
     if (rc) return rc;
-    size_t n = 0;
-    int64_t version = member_int(&res, "version");
-    print_member_items(&res, "events", &n);
-    ebb_http_response_free(&res);
-    printed += (int64_t)n;
-    if ((int64_t)n < want || printed >= limit) return 0;
-    if (c->backward) {
-      int64_t start = from > 0 ? from : version;
-      from = start - (int64_t)n;
-      if (from < 1) return 0;
-    } else {
-      from = (from > 0 ? from : 1) + (int64_t)n;
-    }
+    printed += (int64_t)p.n;
+    if (p.n == 0 || (int64_t)p.n < want || printed >= limit) return 0;
+    /* The next page starts next to the last event this one held. */
+    from = c->backward ? p.last_version - 1 : p.last_version + 1;
+    if (from < 1) return 0;
   }
 }
 
@@ -535,12 +583,23 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
       ebb_buf_free(&path);
       return rc;
     }
-    size_t n = 0;
-    print_member_items(&res, "events", &n);
-    after = member_int(&res, "next");
+    page p;
+    int64_t next = 0;
+    rc = print_page(&res, ebb_buf_cstr(&path), &p);
+    if (rc == 0 && (member_int(res.body, res.body_len, "next", &next) != 0 ||
+                    (p.n > 0 && next < p.last_position))) {
+      fprintf(stderr, "ebb: the daemon's answer to GET %s has no usable \"next\" position\n",
+              ebb_buf_cstr(&path));
+      rc = EBB_EXIT_FAILURE;
+    }
     ebb_http_response_free(&res);
-    printed += (int64_t)n;
-    if ((int64_t)n < want || printed >= limit) break;
+    if (rc) {
+      ebb_buf_free(&path);
+      return rc;
+    }
+    after = next;
+    printed += (int64_t)p.n;
+    if (p.n == 0 || (int64_t)p.n < want || printed >= limit) break;
   }
   ebb_buf_free(&path);
   return 0;
@@ -962,7 +1021,7 @@ static int l_parse_line(lua_State *L) {
   const char *text = lua_tolstring(L, 1, &len);
   import_event *e = lua_touserdata(L, 2);
   char msg[512];
-  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
+  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
   if (!lua_istable(L, -1)) luaL_error(L, "an event must be a JSON object");
   int t = lua_gettop(L);
   e->stream = take_string_field(L, t, "stream");
@@ -1126,6 +1185,15 @@ static int cmd_import(cli *c) {
       if (import_flush(&s, &err) == 0)
         ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, lua_tostring(L, -1));
       lua_pop(L, 1);
+      break;
+    }
+    if (ebb_runtime_check_schema(rt, e->type, e->schema, &err) != 0) {
+      import_event_free(e);
+      char why[sizeof err.message];
+      snprintf(why, sizeof why, "%s", err.message);
+      ebb_error_clear(&err);
+      /* everything before the bad line is imported, nothing after it */
+      if (import_flush(&s, &err) == 0) ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, why);
       break;
     }
     s.n++;

@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -423,7 +425,8 @@ static int l_parse_command(lua_State *L) {
   const char *text = lua_tolstring(L, 1, &len);
   job *j = lua_touserdata(L, 2);
   char msg[256];
-  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "malformed JSON: %s", msg);
+  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0)
+    luaL_error(L, "malformed JSON: %s", msg);
   check_object(L, -1, "a command");
   int t = lua_gettop(L);
   static const char *const fields[] = {"aggregate",  "id",       "type", "data", "expected_version",
@@ -446,7 +449,8 @@ static int l_parse_append(lua_State *L) {
   const char *text = lua_tolstring(L, 1, &len);
   job *j = lua_touserdata(L, 2);
   char msg[256];
-  if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "malformed JSON: %s", msg);
+  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0)
+    luaL_error(L, "malformed JSON: %s", msg);
   check_object(L, -1, "an append");
   int t = lua_gettop(L);
   static const char *const fields[] = {"expected_version", "events", NULL};
@@ -487,6 +491,13 @@ static int l_parse_append(lua_State *L) {
     if (st != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1))
       luaL_error(L, "%s: \"schema\" must be a positive integer", what);
     in->schema = st == LUA_TNIL ? ebb_runtime_schema_of(j->d->rt, in->type) : lua_tointeger(L, -1);
+    ebb_error serr;
+    ebb_error_init(&serr);
+    if (ebb_runtime_check_schema(j->d->rt, in->type, in->schema, &serr) != 0) {
+      lua_pushfstring(L, "%s: %s", what, serr.message);
+      ebb_error_clear(&serr);
+      lua_error(L);
+    }
     lua_pop(L, 2);
   }
   j->req.stream = j->stream;
@@ -804,9 +815,10 @@ static void readjob_on_close(ebb_http_conn *c, void *data) {
   ((readjob *)data)->conn = NULL;
 }
 
-/* Appends events as a JSON array, upcast to their current schemas. */
+/* Appends events as a JSON array, upcast to their current schemas (one that
+ * cannot be is sent as stored, with its upcast_error). */
 static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
-  if (ebb_runtime_upcast(rt, l, err) != 0) return err->code;
+  if (ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
   ebb_buf_putc(b, '[');
   for (size_t i = 0; i < l->n; i++) {
     if (i) ebb_buf_putc(b, ',');
@@ -1041,6 +1053,12 @@ static void route_subscribe(ebb_daemon *d, ebb_http_conn *c, const ebb_http_requ
     after = v;
   }
   log_request(d, ri, 200, NULL);
+  if (strcmp(req->method, "HEAD") == 0) {
+    /* The headers a subscription would get, and no stream. */
+    ebb_http_respond(c, 200, "text/event-stream", "Cache-Control: no-cache\r\n", NULL, 0);
+    params_free(&q);
+    return;
+  }
   ebb__sse_start(d, c, req->query, after, param(&q, "category"), param(&q, "type"));
   params_free(&q);
   return;
@@ -1225,6 +1243,10 @@ static void route_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request 
   /* Any parameter is an argument of the query; the query decides what it takes. */
   if (parse_query(req->query, NULL, &q, &err)) goto fail;
   if (query_args(&q, &args, &after, &err)) goto fail;
+  if (ebb_json_validate(args.data, args.len, NULL, 0) != 0) {
+    ebb_error_set(&err, EBB_EBADREQ, "query arguments must be UTF-8 text once percent-decoded");
+    goto fail;
+  }
   if (d->projections == NULL) {
     ebb_error_set(&err, EBB_ENOTFOUND, "no projection %s", name);
     goto fail;
@@ -1287,6 +1309,41 @@ static void route_control(ebb_daemon *d, ebb_http_conn *c, const ebb_http_reques
   pq->ri = *ri;
   ebb_http_conn_set_data(c, pq, pquery_on_close);
   ebb_projections_control(d->projections, name, action, pquery_answer, pq);
+}
+
+/* Descriptors the daemon keeps for itself beyond those open at start: the
+ * projections' databases, the readers' connections, log files. */
+#define FD_RESERVE 64
+
+/* max_connections, lowered if need be so that the server runs out of
+ * connections (and answers 503) before the process runs out of descriptors:
+ * up to twice the limit may be open at once, the refused ones included. The
+ * soft descriptor limit is raised to the hard one first. */
+static unsigned connections_within_fd_limit(int64_t wanted) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return (unsigned)wanted;
+  if (rl.rlim_cur < rl.rlim_max) {
+    struct rlimit raised = {rl.rlim_max, rl.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) rl = raised;
+  }
+  if (rl.rlim_cur == RLIM_INFINITY) return (unsigned)wanted;
+  int64_t open_now = 0;
+  DIR *fds = opendir("/proc/self/fd");
+  if (fds) {
+    while (readdir(fds)) open_now++;
+    closedir(fds);
+  } else {
+    open_now = 32;
+  }
+  int64_t room = ((int64_t)rl.rlim_cur - open_now - FD_RESERVE) / 2;
+  if (room < 1) room = 1;
+  if (room >= wanted) return (unsigned)wanted;
+  char lim[32], n[32];
+  snprintf(lim, sizeof lim, "%lld", (long long)rl.rlim_cur);
+  snprintf(n, sizeof n, "%lld", (long long)room);
+  ebb_log(EBB_LOG_WARN, "max_connections lowered to fit the file descriptor limit", "#max_connections",
+          n, "#fd_limit", lim, NULL);
+  return (unsigned)room;
 }
 
 static void on_rescan_timer(uv_timer_t *t) {
@@ -1594,7 +1651,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, d, err)) goto out;
   ebb_http_limits lim = {.max_header_bytes = 16 * 1024,
                          .max_body_bytes = (size_t)cfg->max_body,
-                         .max_connections = (unsigned)cfg->max_connections,
+                         .max_connections = connections_within_fd_limit(cfg->max_connections),
                          .idle_timeout_ms = (unsigned)cfg->idle_timeout_ms,
                          .request_timeout_ms = (unsigned)cfg->request_timeout_ms};
   if (ebb_http_server_new(&d->http, &d->loop, &lim, on_request, d, err) ||

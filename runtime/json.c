@@ -160,12 +160,28 @@ typedef struct {
   char *err;
   size_t errlen;
   int mt; /* stack index of the array metatable (decode only) */
+  int max_depth; /* arrays and objects that may enclose each other */
 } parser;
+
+/* A document may wrap event data (at most EBB_JSON_MAX_DEPTH deep, as the
+ * encoder writes it) in an envelope: an export line, an append's body. */
+#define DOCUMENT_DEPTH (EBB_JSON_MAX_DEPTH + EBB_JSON_ENVELOPE_DEPTH)
+
 
 static int parse_fail(parser *ps, const unsigned char *at, const char *what) {
   if (ps->err && ps->errlen)
     snprintf(ps->err, ps->errlen, "invalid JSON at byte %zu: %s", (size_t)(at - ps->start), what);
   return -1;
+}
+
+static int parse_too_deep(parser *ps) {
+  char what[96];
+  if (ps->max_depth == DOCUMENT_DEPTH)
+    snprintf(what, sizeof what, "nesting deeper than %d (%d for a value, inside %d of envelope)",
+             DOCUMENT_DEPTH, EBB_JSON_MAX_DEPTH, EBB_JSON_ENVELOPE_DEPTH);
+  else
+    snprintf(what, sizeof what, "nesting deeper than %d", ps->max_depth);
+  return parse_fail(ps, ps->p, what);
 }
 
 /* Names the byte at `at`, which is where a value or delimiter should be. */
@@ -368,7 +384,7 @@ static int parse_literal(parser *ps, const char *word, size_t n) {
 
 static int parse_object(parser *ps, int depth) {
   lua_State *L = ps->L;
-  if (depth > EBB_JSON_MAX_DEPTH) return parse_fail(ps, ps->p, "nesting deeper than 256");
+  if (depth > ps->max_depth) return parse_too_deep(ps);
   ps->p++;
   if (L) {
     luaL_checkstack(L, 4, "JSON nesting");
@@ -404,7 +420,7 @@ static int parse_object(parser *ps, int depth) {
 
 static int parse_array(parser *ps, int depth) {
   lua_State *L = ps->L;
-  if (depth > EBB_JSON_MAX_DEPTH) return parse_fail(ps, ps->p, "nesting deeper than 256");
+  if (depth > ps->max_depth) return parse_too_deep(ps);
   ps->p++;
   if (L) {
     luaL_checkstack(L, 4, "JSON nesting");
@@ -467,12 +483,13 @@ static int parse_document(parser *ps) {
   return 0;
 }
 
-int ebb_json_decode(lua_State *L, const char *text, size_t len, char *err, size_t errlen) {
+static int decode(lua_State *L, const char *text, size_t len, char *err, size_t errlen,
+                  int max_depth) {
   int base = lua_gettop(L);
   luaL_checkstack(L, 6, "JSON");
   ebb_json_push_array_mt(L);
   parser ps = {L, (const unsigned char *)text, (const unsigned char *)text,
-               (const unsigned char *)text + len, err, errlen, base + 1};
+               (const unsigned char *)text + len, err, errlen, base + 1, max_depth};
   if (parse_document(&ps) != 0) {
     lua_settop(L, base);
     return -1;
@@ -481,17 +498,34 @@ int ebb_json_decode(lua_State *L, const char *text, size_t len, char *err, size_
   return 0;
 }
 
-int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen) {
+int ebb_json_decode(lua_State *L, const char *text, size_t len, char *err, size_t errlen) {
+  return decode(L, text, len, err, errlen, EBB_JSON_MAX_DEPTH);
+}
+
+int ebb_json_decode_document(lua_State *L, const char *text, size_t len, char *err,
+                             size_t errlen) {
+  return decode(L, text, len, err, errlen, DOCUMENT_DEPTH);
+}
+
+static int validate(const char *text, size_t len, char *err, size_t errlen, int max_depth) {
   parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
-               (const unsigned char *)text + len, err, errlen, 0};
+               (const unsigned char *)text + len, err, errlen, 0, max_depth};
   return parse_document(&ps);
+}
+
+int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen) {
+  return validate(text, len, err, errlen, EBB_JSON_MAX_DEPTH);
+}
+
+int ebb_json_validate_document(const char *text, size_t len, char *err, size_t errlen) {
+  return validate(text, len, err, errlen, DOCUMENT_DEPTH);
 }
 
 int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
                     size_t *value_len) {
   char err[8];
   parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
-               (const unsigned char *)text + len, err, sizeof err, 0};
+               (const unsigned char *)text + len, err, sizeof err, 0, DOCUMENT_DEPTH};
   size_t klen = strlen(key);
   int found = 0;
   skip_ws(&ps);
@@ -541,7 +575,7 @@ int ebb_json_array_items(const char *text, size_t len,
                          int (*fn)(void *ud, const char *item, size_t item_len), void *ud) {
   char err[8];
   parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
-               (const unsigned char *)text + len, err, sizeof err, 0};
+               (const unsigned char *)text + len, err, sizeof err, 0, DOCUMENT_DEPTH};
   skip_ws(&ps);
   if (ps.p == ps.end || *ps.p != '[') return -1;
   ps.p++;

@@ -13,7 +13,12 @@
  *                                      (decoded arrays share one such metatable)
  *   object                         <-> plain table with string keys
  *
- * Nesting is limited to EBB_JSON_MAX_DEPTH on both sides.
+ * Nesting is limited to EBB_JSON_MAX_DEPTH on both sides for a value (event
+ * data, a state). A document that wraps such values (an export line
+ * {"data": ...}, an append {"events": [{"data": ...}]}, an answer of the
+ * daemon) is read with the _document functions, which allow
+ * EBB_JSON_ENVELOPE_DEPTH more levels: whatever the encoder writes can be
+ * read back inside them, and nothing deeper is stored.
  */
 #ifndef EBB_JSON_H
 #define EBB_JSON_H
@@ -25,6 +30,7 @@
 #include "buf.h"
 
 #define EBB_JSON_MAX_DEPTH 256
+#define EBB_JSON_ENVELOPE_DEPTH 3
 
 /* Parses JSON text (RFC 8259, exactly one value, surrounding whitespace
  * allowed) and pushes the Lua value. Returns 0, or -1 with a message in err
@@ -44,6 +50,10 @@ int ebb_json_encode(lua_State *L, int idx, ebb_buf *out, char *err, size_t errle
 /* Checks that text is one valid JSON value without building anything (no Lua
  * needed): 0, or -1 with the same message ebb_json_decode would give. */
 int ebb_json_validate(const char *text, size_t len, char *err, size_t errlen);
+/* Both for a document: nesting up to EBB_JSON_MAX_DEPTH + EBB_JSON_ENVELOPE_DEPTH. */
+int ebb_json_decode_document(lua_State *L, const char *text, size_t len, char *err,
+                             size_t errlen);
+int ebb_json_validate_document(const char *text, size_t len, char *err, size_t errlen);
 
 /* Finds the top-level member `key` of a JSON object text and gives the exact
  * bytes of its value, so a caller can keep a value's text as it was written.

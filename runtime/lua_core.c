@@ -229,7 +229,9 @@ bad:
                          "whose type and id are strings without NUL bytes");
   ebb_append req = {.stream = stream, .expected = expected, .events = in, .n = n};
   ebb_error_init(&req.err);
-  ebb_store_append(ebb_runtime_store(rt), &req, 1, NULL);
+  for (size_t i = 0; i < n && !req.err.code; i++)
+    ebb_runtime_check_schema(rt, in[i].type, in[i].schema, &req.err);
+  if (!req.err.code) ebb_store_append(ebb_runtime_store(rt), &req, 1, NULL);
   for (size_t i = 0; i < 2 * n; i++) ebb_buf_free(&bufs[i]);
   if (req.err.code) return push_failure(L, &req.err);
   lua_createtable(L, 0, 6);
@@ -268,7 +270,7 @@ static int push_events(lua_State *L, ebb_runtime *rt, ebb_event_list *l, int raw
     ebb_buf_reset(&b);
     ebb_event_to_json(&l->items[i], &b);
     char msg[256];
-    if (b.oom || ebb_json_decode(L, b.data, b.len, msg, sizeof msg) != 0) {
+    if (b.oom || ebb_json_decode_document(L, b.data, b.len, msg, sizeof msg) != 0) {
       lua_Integer position = (lua_Integer)l->items[i].position;
       ebb_buf_free(&b);
       ebb_event_list_free(l);

@@ -14,10 +14,17 @@
  * a fresh database; once that one has caught up it replaces the first, within
  * one round of the thread, so no query ever sees a half-built read model.
  *
- * A batch: read events after the checkpoint, upcast them, BEGIN, run the
- * handlers inside one sandboxed call, write the checkpoint, COMMIT. A handler
- * error rolls the batch back, commits the events before the failing one
- * again, and faults the projection at the failing event.
+ * A batch: read events after the checkpoint, keep those its `from` names,
+ * upcast them, BEGIN, run the handlers inside one sandboxed call, write the
+ * checkpoint, COMMIT. A handler error, or an event that cannot be upcast,
+ * commits the events before the failing one and faults the projection at
+ * exactly that event (so `skip` drops that one).
+ *
+ * The checkpoint also records the id of the last event read at or before it,
+ * its fingerprint. A read model whose checkpoint is past the store's head, or
+ * whose fingerprint event is no longer in the store (an older events.db
+ * restored, or commits lost in an OS crash at durability `normal`), has seen
+ * events the store no longer holds: it is rebuilt, never trusted.
  */
 #define _GNU_SOURCE /* vasprintf */
 #include "projection.h"
@@ -58,6 +65,8 @@ typedef struct instance {
   sqlite3 *db;
   char *db_file;              /* its file name in the projection's directory */
   int64_t position;           /* the checkpoint */
+  int64_t mark_position;      /* the fingerprint written with it: the last event read at or */
+  char mark_id[EBB_MAX_NAME + 1]; /* before the checkpoint (0, "": none) */
   int fresh;                  /* never caught up: a rebuild in progress */
   int tainted;                /* its Lua state was killed: reload before running it again */
   char **from;                /* categories (no '-' needed) or event types */
@@ -103,8 +112,10 @@ static void sql_budget_message(instance *in, char **msg) {
 enum { TX_BEGIN, TX_COMMIT, TX_ROLLBACK, TX_CHECKPOINT };
 static const char *const tx_sql[4] = {
     "BEGIN IMMEDIATE", "COMMIT", "ROLLBACK",
-    "INSERT INTO _ebb_checkpoint (id, name, version, position, updated_at) VALUES (1, ?, ?, ?, ?) "
-    "ON CONFLICT (id) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at"};
+    "INSERT INTO _ebb_checkpoint (id, name, version, position, updated_at, event_position, "
+    "event_id) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET position = "
+    "excluded.position, updated_at = excluded.updated_at, event_position = "
+    "excluded.event_position, event_id = excluded.event_id"};
 
 /* The runner's statement `which` on the instance's connection, reset and
  * ready to bind; NULL if it cannot be prepared. A batch runs four of them:
@@ -138,6 +149,7 @@ typedef struct projection {
   int64_t fault_position;
   int fault_in_next;          /* the rebuild faulted, not the active instance */
   char *fault;                /* the error message while faulted */
+  char *rebuild_reason;       /* why the read model was last rebuilt on its own, or NULL */
   char *load_error;           /* the last failed load of a changed file, or NULL */
   uint64_t load_failures;
   uint64_t reloads;           /* changed modules loaded */
@@ -384,7 +396,7 @@ static char *projection_dir(ebb_projections *h, const projection *p) {
 static const char *checkpoint_sql =
     "CREATE TABLE IF NOT EXISTS _ebb_checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), "
     "name TEXT NOT NULL, version INTEGER NOT NULL, position INTEGER NOT NULL, "
-    "updated_at TEXT NOT NULL);"
+    "updated_at TEXT NOT NULL, event_position INTEGER, event_id TEXT);"
     "CREATE TABLE IF NOT EXISTS _ebb_skipped (position INTEGER PRIMARY KEY, type TEXT, "
     "stream TEXT, error TEXT, skipped_at TEXT NOT NULL);";
 
@@ -406,6 +418,10 @@ static int write_checkpoint(instance *in, const char *name, int64_t position) {
   sqlite3_bind_int64(st, 2, in->version);
   sqlite3_bind_int64(st, 3, position);
   sqlite3_bind_text(st, 4, now, -1, SQLITE_TRANSIENT);
+  if (in->mark_position > 0) {
+    sqlite3_bind_int64(st, 5, in->mark_position);
+    sqlite3_bind_text(st, 6, in->mark_id, -1, SQLITE_STATIC);
+  }
   int rc = sqlite3_step(st);
   sqlite3_reset(st);
   return rc == SQLITE_DONE ? 0 : -1;
@@ -429,8 +445,42 @@ static int load_skipped(instance *in) {
   return 0;
 }
 
-/* Opens (or creates, running setup) the instance's database file, and makes its db handle. */
-static int open_model(ebb_projections *h, projection *p, instance *in, int create, char **msg) {
+/* Has the read model seen events the store does not hold (its checkpoint past
+ * the head, or its fingerprint event gone or replaced)? The reason, or NULL. */
+static char *checkpoint_ahead(ebb_projections *h, const instance *in) {
+  ebb_store *store = ebb_runtime_store(h->rt);
+  ebb_error err;
+  ebb_error_init(&err);
+  int64_t head = 0;
+  char *why = NULL;
+  if (ebb_store_head(store, &head, &err) != 0) {
+    ebb_error_clear(&err);
+    return NULL; /* cannot tell: reading faults the projection soon enough */
+  }
+  if (in->position > head) {
+    return dupf("its checkpoint (position %lld) is ahead of the store's head (%lld): the store "
+                "lost or was restored without events the read model holds",
+                (long long)in->position, (long long)head);
+  }
+  if (in->mark_position <= 0) return NULL;
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  if (ebb_store_read_range(store, in->mark_position, in->mark_position, &l, &err) == 0 &&
+      (l.n == 0 || strcmp(l.items[0].id, in->mark_id) != 0))
+    why = dupf("the event at position %lld is %s%s, not %s as when the read model saw it: the "
+               "store was restored or lost events, and others now hold their positions",
+               (long long)in->mark_position, l.n ? "event " : "gone", l.n ? l.items[0].id : "",
+               in->mark_id);
+  ebb_event_list_free(&l);
+  ebb_error_clear(&err);
+  return why;
+}
+
+/* Opens (or creates, running setup) the instance's database file, and makes
+ * its db handle. An existing file whose checkpoint is ahead of the store
+ * fails with *ahead set (when ahead is not NULL). */
+static int open_model(ebb_projections *h, projection *p, instance *in, int create, int *ahead,
+                      char **msg) {
   char *dir = projection_dir(h, p);
   char *path = dir ? dupf("%s/%s", dir, in->db_file) : NULL;
   int rc = -1;
@@ -485,9 +535,15 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     }
     in->position = 0;
   } else {
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(in->db, "SELECT version, position FROM _ebb_checkpoint WHERE id = 1", -1,
-                           &st, NULL) != SQLITE_OK ||
+    /* A read model from before the fingerprint: add its columns (empty). */
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(in->db, "SELECT event_id FROM _ebb_checkpoint", -1, &st, NULL) !=
+        SQLITE_OK)
+      exec_sql(in->db, "ALTER TABLE _ebb_checkpoint ADD COLUMN event_position INTEGER;"
+                       "ALTER TABLE _ebb_checkpoint ADD COLUMN event_id TEXT;", NULL);
+    sqlite3_finalize(st);
+    if (sqlite3_prepare_v2(in->db, "SELECT version, position, event_position, event_id "
+                           "FROM _ebb_checkpoint WHERE id = 1", -1, &st, NULL) != SQLITE_OK ||
         sqlite3_step(st) != SQLITE_ROW) {
       *msg = dupf("%s has no checkpoint: %s", path, sqlite3_errmsg(in->db));
       sqlite3_finalize(st);
@@ -495,9 +551,17 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     }
     int64_t version = sqlite3_column_int64(st, 0);
     in->position = sqlite3_column_int64(st, 1);
+    in->mark_position = sqlite3_column_int64(st, 2);
+    const char *mark = (const char *)sqlite3_column_text(st, 3);
+    snprintf(in->mark_id, sizeof in->mark_id, "%s", mark && in->mark_position > 0 ? mark : "");
+    if (in->mark_id[0] == '\0') in->mark_position = 0;
     sqlite3_finalize(st);
     if (version != in->version) {
       *msg = dupf("%s was built by version %lld", in->db_file, (long long)version);
+      goto done;
+    }
+    if (ahead && (*msg = checkpoint_ahead(h, in)) != NULL) {
+      *ahead = 1;
       goto done;
     }
     load_skipped(in);
@@ -553,6 +617,7 @@ static void projection_free(ebb_projections *h, projection *p) {
   free(p->name);
   free(p->path);
   free(p->fault);
+  free(p->rebuild_reason);
   free(p->load_error);
   free(p);
 }
@@ -570,7 +635,7 @@ static int start_rebuild(ebb_projections *h, projection *p, instance *in, char *
   free(in->db_file);
   in->db_file = new_file_name(in);
   in->fresh = 1;
-  if (in->db_file == NULL || open_model(h, p, in, 1, msg) != 0) return -1;
+  if (in->db_file == NULL || open_model(h, p, in, 1, NULL, msg) != 0) return -1;
   char *dir = projection_dir(h, p);
   instance_free(p->next, 1, dir);
   free(dir);
@@ -620,6 +685,8 @@ static void load_projection(ebb_projections *h, projection *p) {
     }
     in->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     in->position = old->position;
+    in->mark_position = old->mark_position;
+    memcpy(in->mark_id, old->mark_id, sizeof in->mark_id);
     in->skipped = old->skipped;
     in->n_skipped = old->n_skipped;
     old->skipped = NULL;
@@ -657,13 +724,26 @@ static void load_projection(ebb_projections *h, projection *p) {
     if (current) {
       in->db_file = current;
       char *why = NULL;
-      if (open_model(h, p, in, 0, &why) == 0) {
+      int ahead = 0;
+      if (open_model(h, p, in, 0, &ahead, &why) == 0) {
         opened = 1;
         p->active = in;
+      } else if (ahead) {
+        ebb_log(EBB_LOG_WARN, "projection read model is ahead of the store: rebuilding",
+                "projection", p->name, "reason", why ? why : "", NULL);
+        free(p->rebuild_reason);
+        p->rebuild_reason = why;
+        /* Its data must never answer again, whatever happens before the rebuild ends. */
+        char *dir = projection_dir(h, p), *file = dir ? dupf("%s/%s", dir, current) : NULL;
+        if (file) unlink(file);
+        free(file);
+        free(dir);
       } else {
         ebb_log(EBB_LOG_INFO, "projection read model not reusable: rebuilding", "projection",
                 p->name, "reason", why ? why : "", NULL);
         free(why);
+      }
+      if (!opened) {
         /* Keep its sandbox; drop what open_model set up. */
         if (in->handle) ebb_projdb_close(in->handle);
         in->handle = NULL;
@@ -676,7 +756,7 @@ static void load_projection(ebb_projections *h, projection *p) {
       int had_model = current != NULL;
       free(in->db_file);
       in->db_file = new_file_name(in);
-      if (in->db_file == NULL || open_model(h, p, in, 1, &msg) != 0) {
+      if (in->db_file == NULL || open_model(h, p, in, 1, NULL, &msg) != 0) {
         instance_free(in, 0, NULL);
         goto failed;
       }
@@ -851,6 +931,11 @@ static int is_skipped(const instance *in, int64_t position) {
   return lo < in->n_skipped && in->skipped[lo] == position;
 }
 
+static int keep_event(const void *ud, const ebb_event *e) {
+  const instance *in = ud;
+  return matches(in, e) && !is_skipped(in, e->position);
+}
+
 /* Runs the handlers of a batch's events in order. Argument: the batch. An
  * error propagates with b->at naming the event. */
 static int l_run_batch(lua_State *L) {
@@ -945,29 +1030,56 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
     ebb_event_list_free(&l);
     return 0;
   }
-  /* Upcast: an event that cannot be read faults the projection at it. */
-  if (ebb_runtime_upcast(h->rt, &l, &err) != 0) {
-    /* The message names the event; the checkpoint stays before the batch. */
-    set_fault(p, in, l.items[0].position, dupf("%s", err.message));
+  /* The fingerprint to write with the checkpoint: the last event read. */
+  in->mark_position = l.items[l.n - 1].position;
+  snprintf(in->mark_id, sizeof in->mark_id, "%s", l.items[l.n - 1].id);
+  /* Only the events it reads, before upcasting: an event it does not read,
+   * even one no code can upcast, must not stop it. */
+  ebb_event_list_filter(&l, keep_event, in);
+  if (ebb_runtime_upcast_each(h->rt, &l, &err) != 0) {
+    set_fault(p, in, l.n ? l.items[0].position : in->position + 1, dupf("%s", err.message));
     ebb_event_list_free(&l);
     return 0;
   }
+  /* An event that cannot be upcast faults the projection at it, after the
+   * events before it are committed. */
+  size_t n = 0;
+  while (n < l.n && l.items[n].upcast_error == NULL) n++;
   batch b;
-  if (run_events(p, in, &l, l.n, last, &b, &msg) == 0) {
-    in->position = last;
+  int64_t checkpoint = n < l.n ? l.items[n].position - 1 : last;
+  if (n < l.n && n > 0) {
+    in->mark_position = l.items[n - 1].position;
+    snprintf(in->mark_id, sizeof in->mark_id, "%s", l.items[n - 1].id);
+    checkpoint = in->mark_position;
+  }
+  int ran = n < l.n && n == 0 ? 0 : run_events(p, in, &l, n, checkpoint, &b, &msg) == 0 ? 1 : -1;
+  if (ran == 1) {
+    in->position = checkpoint;
     p->events_total += (uint64_t)b.handled;
     p->eps_n += b.handled;
-    if (p->state == ST_LIVE) note_lag(p, &l, l.n);
-  } else {
-    size_t at = b.at < l.n ? b.at : 0;
+    if (p->state == ST_LIVE) note_lag(p, &l, n);
+  }
+  if (ran >= 0 && n < l.n) {
+    const ebb_event *bad = &l.items[n];
+    char pos[32];
+    snprintf(pos, sizeof pos, "%lld", (long long)bad->position);
+    ebb_log(EBB_LOG_ERROR, "projection faulted: an event cannot be upcast", "projection", p->name,
+            "#position", pos, "type", bad->type, "error", bad->upcast_error, NULL);
+    set_fault(p, in, bad->position, dupf("event %lld (%s in %s): %s", (long long)bad->position,
+                                         bad->type, bad->stream, bad->upcast_error));
+  } else if (ran < 0) {
+    size_t at = b.at < n ? b.at : 0;
     const ebb_event *bad = &l.items[at];
     /* Commit what came before the failing event (the same handlers, run
      * again on the rolled-back model: they are deterministic). */
     char *again = NULL;
-    if (at > 0 && !in->tainted &&
-        run_events(p, in, &l, at, l.items[at - 1].position, &b, &again) == 0) {
-      in->position = l.items[at - 1].position;
-      p->events_total += (uint64_t)b.handled;
+    if (at > 0 && !in->tainted) {
+      in->mark_position = l.items[at - 1].position;
+      snprintf(in->mark_id, sizeof in->mark_id, "%s", l.items[at - 1].id);
+      if (run_events(p, in, &l, at, l.items[at - 1].position, &b, &again) == 0) {
+        in->position = l.items[at - 1].position;
+        p->events_total += (uint64_t)b.handled;
+      }
     }
     free(again);
     char pos[32];
@@ -1054,7 +1166,20 @@ static int l_query(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, in->db_ref);
   char msg[256];
   if (ebb_json_decode(L, args, len, msg, sizeof msg) != 0) luaL_error(L, "arguments: %s", msg);
-  lua_call(L, 2, 1);
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+    /* ebb.reject(message): the arguments are wrong, a 400 with its message. */
+    if (lua_istable(L, -1) && luaL_getmetafield(L, -1, "__ebb") != LUA_TNIL) {
+      int rejection = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "rejection") == 0;
+      lua_pop(L, 1);
+      if (rejection && lua_getfield(L, -1, "message") == LUA_TSTRING) {
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2);
+        return 2;
+      }
+      if (rejection) lua_pop(L, 1);
+    }
+    return lua_error(L); /* anything else, a kill included, fails the query as before */
+  }
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     ebb_json_push_null(L);
@@ -1122,6 +1247,8 @@ static void run_query(ebb_projections *h, job *j) {
     char m[400];
     snprintf(m, sizeof m, "projection %.100s has no query %.200s", p->name, j->query);
     j->status = 404, j->body = error_body("not_found", m);
+  } else if (!lua_toboolean(L, -2)) {
+    j->status = 400, j->body = error_body("bad_request", lua_tostring(L, -1));
   } else {
     j->status = 200, j->body = strdup(lua_tostring(L, -1));
   }
@@ -1255,6 +1382,9 @@ static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf
   } else {
     ebb_buf_puts(b, "null");
   }
+  ebb_buf_puts(b, ",\"rebuild_reason\":");
+  if (p->rebuild_reason) ebb_buf_json_string(b, p->rebuild_reason, strlen(p->rebuild_reason));
+  else ebb_buf_puts(b, "null");
   ebb_buf_puts(b, ",\"load_error\":");
   if (p->load_error) ebb_buf_json_string(b, p->load_error, strlen(p->load_error));
   else ebb_buf_puts(b, "null");

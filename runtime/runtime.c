@@ -77,6 +77,10 @@ void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
   ebb_buf_append(out, e->metadata, e->metadata_len);
   ebb_buf_puts(out, ",\"recorded_at\":");
   ebb_buf_json_string(out, e->recorded_at, strlen(e->recorded_at));
+  if (e->upcast_error) {
+    ebb_buf_puts(out, ",\"upcast_error\":");
+    ebb_buf_json_string(out, e->upcast_error, strlen(e->upcast_error));
+  }
   ebb_buf_putc(out, '}');
 }
 
@@ -600,16 +604,33 @@ static void upcast_top(lua_State *L, ebb_runtime *rt, lua_Integer position) {
   }
 }
 
+int ebb_runtime_check_schema(const ebb_runtime *rt, const char *type, int64_t schema,
+                             ebb_error *err) {
+  for (size_t i = 0; i < rt->n_schemas; i++) {
+    if (strcmp(rt->schemas[i].type, type) != 0) continue;
+    if (schema <= rt->schemas[i].schema) return 0;
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "event type %s has schema %lld, newer than the code knows: the aggregate "
+                         "modules' schemas declare %s at schema %lld; deploy the code that "
+                         "declares it before storing such events",
+                         type, (long long)schema, type, (long long)rt->schemas[i].schema);
+  }
+  return 0;
+}
+
 typedef struct upcast_job {
   ebb_runtime *rt;
   ebb_event_list *events;
+  size_t at; /* the event being upcast: where a failure happened */
 } upcast_job;
 
-/* Rewrites, in the list, the events that need upcasting. Argument: the job. */
+/* Rewrites, in the list, the events from job->at on that need upcasting.
+ * Argument: the job. */
 static int l_upcast_list(lua_State *L) {
   upcast_job *job = lua_touserdata(L, 1);
   char msg[512];
-  for (size_t i = 0; i < job->events->n; i++) {
+  for (size_t i = job->at; i < job->events->n; i++) {
+    job->at = i;
     ebb_event *e = &job->events->items[i];
     if (!needs_upcast(job->rt, e->type, e->schema)) continue;
     lua_settop(L, 1);
@@ -645,13 +666,14 @@ static int l_upcast_list(lua_State *L) {
 
 static int recover(ebb_runtime *rt, ebb_error *err);
 
-int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) {
+/* Upcasts events[*at ..]: 0, or EBB_ESCRIPT with *at naming the event that failed. */
+static int upcast_from(ebb_runtime *rt, ebb_event_list *events, size_t *at, ebb_error *err) {
   if (recover(rt, err) != 0) return err->code;
-  size_t i = 0;
+  size_t i = *at;
   while (i < events->n && !needs_upcast(rt, events->items[i].type, events->items[i].schema)) i++;
   if (i == events->n) return 0; /* the common case: nothing to do, no Lua */
   lua_State *L = ebb_sandbox_state(rt->sb);
-  upcast_job job = {rt, events};
+  upcast_job job = {rt, events, i};
   lua_pushcfunction(L, l_upcast_list);
   lua_pushlightuserdata(L, &job);
   if (ebb_sandbox_call(rt->sb, 1, 0) != LUA_OK) {
@@ -661,9 +683,36 @@ int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) 
                   killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
                                                                     : "upcasting failed");
     lua_pop(L, 1);
+    *at = job.at;
     return EBB_ESCRIPT;
   }
   return 0;
+}
+
+int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) {
+  size_t at = 0;
+  return upcast_from(rt, events, &at, err);
+}
+
+int ebb_runtime_upcast_each(ebb_runtime *rt, ebb_event_list *events, ebb_error *err) {
+  size_t at = 0;
+  for (;;) {
+    ebb_error e;
+    ebb_error_init(&e);
+    int rc = upcast_from(rt, events, &at, &e);
+    if (rc == 0) return 0;
+    if (rc != EBB_ESCRIPT || at >= events->n || rt->sb == NULL) {
+      ebb_error_move(err, &e);
+      return rc;
+    }
+    /* This event stays as stored, saying why; the others go on. */
+    ebb_event *ev = &events->items[at];
+    free(ev->upcast_error);
+    ev->upcast_error = strdup(e.message);
+    ebb_error_clear(&e);
+    if (ev->upcast_error == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    at++;
+  }
 }
 
 int ebb__lua_prepare(lua_State *L) {

@@ -149,6 +149,17 @@ int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report);
  * changed). EBB_ESCRIPT, naming the event's position, type and schema, when
  * an upcaster is missing or fails; the list may then be partly upcast. */
 int ebb_runtime_upcast(ebb_runtime *rt, ebb_event_list *events, ebb_error *err);
+/* The same for readers that must not fail as a whole for one event: an event
+ * that cannot be upcast stays as stored (type, schema, data) with its
+ * upcast_error set, and the others are upcast. Fails only when the modules
+ * cannot run at all. */
+int ebb_runtime_upcast_each(ebb_runtime *rt, ebb_event_list *events, ebb_error *err);
+
+/* 0 when events of `type` at `schema` can be stored: EBB_EBADREQ when the
+ * aggregate modules declare the type at an older schema (its events would
+ * be unreadable by this code, and by every reader of the store). */
+int ebb_runtime_check_schema(const ebb_runtime *rt, const char *type, int64_t schema,
+                             ebb_error *err);
 
 /* The schema version the modules declare for an event type (1 when none
  * does): what a raw append writes when the writer names none. */

@@ -89,6 +89,7 @@ static void event_free(ebb_event *e) {
   free(e->data);
   free(e->metadata);
   free(e->recorded_at);
+  free(e->upcast_error);
 }
 
 void ebb_event_list_clear(ebb_event_list *l) {
@@ -127,12 +128,24 @@ int ebb_event_list_push(ebb_event_list *l, const ebb_event *ev) {
   e->data = dup_n(ev->data, ev->data_len);
   e->metadata = dup_n(ev->metadata, ev->metadata_len);
   e->recorded_at = dup_n(ev->recorded_at, strlen(ev->recorded_at));
-  if (!e->stream || !e->id || !e->type || !e->data || !e->metadata || !e->recorded_at) {
+  e->upcast_error = ev->upcast_error ? dup_n(ev->upcast_error, strlen(ev->upcast_error)) : NULL;
+  if (!e->stream || !e->id || !e->type || !e->data || !e->metadata || !e->recorded_at ||
+      (ev->upcast_error && !e->upcast_error)) {
     event_free(e);
     return EBB_ENOMEM;
   }
   l->n++;
   return 0;
+}
+
+void ebb_event_list_filter(ebb_event_list *l, int (*keep)(const void *ud, const ebb_event *e),
+                           const void *ud) {
+  size_t w = 0;
+  for (size_t i = 0; i < l->n; i++) {
+    if (keep(ud, &l->items[i])) l->items[w++] = l->items[i];
+    else event_free(&l->items[i]);
+  }
+  l->n = w;
 }
 
 /* ---------------------------------------------------------------- dispatch */
@@ -148,6 +161,39 @@ int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err
 
 void ebb_store_close(ebb_store *s) {
   if (s) s->vt->close(s);
+}
+
+/* Refuses a request that names one event id twice. A hash set, so that one
+ * large append (tens of thousands of events) costs linear time rather than
+ * holding the writer for seconds with a pairwise comparison. */
+static uint64_t id_hash(const char *s) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a */
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+static int check_unique_ids(ebb_append *r) {
+  if (r->n < 2) return 0;
+  size_t cap = 16;
+  while (cap < r->n * 2) cap *= 2;
+  size_t *slots = calloc(cap, sizeof *slots); /* index + 1 of the event; 0: empty */
+  if (slots == NULL) return ebb_error_set(&r->err, EBB_ENOMEM, "out of memory checking event ids");
+  int rc = 0;
+  for (size_t i = 0; i < r->n && rc == 0; i++) {
+    const char *id = r->events[i].id;
+    for (size_t k = (size_t)id_hash(id) & (cap - 1);; k = (k + 1) & (cap - 1)) {
+      if (slots[k] == 0) {
+        slots[k] = i + 1;
+        break;
+      }
+      if (strcmp(r->events[slots[k] - 1].id, id) == 0) {
+        rc = ebb_error_set(&r->err, EBB_EBADREQ, "event id %s appears twice in one append", id);
+        break;
+      }
+    }
+  }
+  free(slots);
+  return rc;
 }
 
 static int check_request(ebb_append *r) {
@@ -184,11 +230,8 @@ static int check_request(ebb_append *r) {
     if (!r->json_checked && ebb_json_validate(e->metadata, e->metadata_len, msg, sizeof msg) != 0)
       return ebb_error_set(&r->err, EBB_EBADREQ, "event %zu: metadata is not valid JSON: %s", i + 1,
                            msg);
-    for (size_t j = 0; j < i; j++)
-      if (strcmp(r->events[j].id, e->id) == 0)
-        return ebb_error_set(&r->err, EBB_EBADREQ, "event id %s appears twice in one append", e->id);
   }
-  return 0;
+  return check_unique_ids(r);
 }
 
 int ebb_store_append(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err) {

@@ -86,6 +86,7 @@ typedef struct ebb_event {
   int64_t position, version, schema;
   char *stream, *id, *type, *data, *metadata, *recorded_at;
   size_t data_len, metadata_len;
+  char *upcast_error; /* NULL, or why a reader could not upcast it (it is then as stored) */
 } ebb_event;
 
 typedef struct ebb_event_list {
@@ -98,12 +99,18 @@ void ebb_event_list_clear(ebb_event_list *l); /* frees the events, keeps the lis
 void ebb_event_list_free(ebb_event_list *l);
 /* Adds a copy of the given fields; returns 0 or EBB_ENOMEM. Used by backends. */
 int ebb_event_list_push(ebb_event_list *l, const ebb_event *ev);
+/* Keeps, in order, only the events for which keep(ud, event) is non-zero; frees the others. */
+void ebb_event_list_filter(ebb_event_list *l, int (*keep)(const void *ud, const ebb_event *e),
+                           const void *ud);
 
 typedef struct ebb_read_all {
   int64_t after;          /* events with position > after */
   int64_t limit;          /* > 0 */
   const char *category;   /* NULL: any */
   const char *type;       /* NULL: any */
+  size_t max_bytes;       /* 0: no bound; else stop once the events read hold this many bytes of
+                           * data and metadata (at least one event is read): a reader that must
+                           * bound its memory (a subscriber) asks for less with large events */
 } ebb_read_all;
 
 /* A saved aggregate state. In a list, strings are owned by the entry. */

@@ -513,8 +513,11 @@ fail:
 
 /* ---------------------------------------------------------------- reads */
 
-static int collect(sqlite_store *s, sqlite3_stmt *st, ebb_event_list *out, ebb_error *err) {
+/* max_bytes: 0, or stop once the events read hold that many bytes (see ebb_read_all). */
+static int collect(sqlite_store *s, sqlite3_stmt *st, size_t max_bytes, ebb_event_list *out,
+                   ebb_error *err) {
   int rc;
+  size_t bytes = 0;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     ebb_event ev = {
         .position = sqlite3_column_int64(st, 0),
@@ -537,6 +540,11 @@ static int collect(sqlite_store *s, sqlite3_stmt *st, ebb_event_list *out, ebb_e
       sqlite3_reset(st);
       return ebb_error_set(err, EBB_ENOMEM, "out of memory reading events");
     }
+    bytes += ev.data_len + ev.metadata_len;
+    if (max_bytes && bytes >= max_bytes) {
+      rc = SQLITE_DONE;
+      break;
+    }
   }
   sqlite3_reset(st);
   if (rc != SQLITE_DONE) return db_error(s, err, "reading events");
@@ -550,7 +558,7 @@ static int sqlite_read_stream(ebb_store *base, const char *stream, int64_t from,
   bind_text(st, 1, stream);
   sqlite3_bind_int64(st, 2, backward && from == 0 ? INT64_MAX : from);
   sqlite3_bind_int64(st, 3, limit);
-  return collect(s, st, out, err);
+  return collect(s, st, 0, out, err);
 }
 
 static int sqlite_read_all(ebb_store *base, const ebb_read_all *q, ebb_event_list *out,
@@ -563,7 +571,7 @@ static int sqlite_read_all(ebb_store *base, const ebb_read_all *q, ebb_event_lis
   sqlite3_bind_int64(st, 2, q->limit);
   if (q->category) bind_text(st, 3, q->category);
   if (q->type) bind_text(st, 4, q->type);
-  return collect(s, st, out, err);
+  return collect(s, st, q->max_bytes, out, err);
 }
 
 static int sqlite_read_range(ebb_store *base, int64_t first, int64_t last, ebb_event_list *out,
@@ -572,7 +580,7 @@ static int sqlite_read_range(ebb_store *base, int64_t first, int64_t last, ebb_e
   sqlite3_stmt *st = s->stmt[S_READ_RANGE];
   sqlite3_bind_int64(st, 1, first);
   sqlite3_bind_int64(st, 2, last);
-  return collect(s, st, out, err);
+  return collect(s, st, 0, out, err);
 }
 
 static int sqlite_stream_version(ebb_store *base, const char *stream, int64_t *version,

@@ -146,9 +146,22 @@ return doc
       "upcaster upcast.Listy%[1%] returned a list for the event at position 1" },
     { "an event newer than the code", "Written", 7, "position 1 %(Written, schema 7%) is newer than the code" },
   }
+  -- Stores an event as a newer ebb (whose Doc declares Written at schema 7) would.
+  local function stored_by_newer_code(stream, type_, schema, data)
+    rt:close()
+    local newer = support.tmpdir()
+    support.write(newer .. "/doc.lua", (DOC:gsub("Written = 4", "Written = 7")))
+    local nrt = assert(core.open { data = dir, aggregates = newer, durability = "normal" })
+    assert(nrt:append(stream, "any", { { type = type_, schema = schema, data = data } }))
+    nrt:close()
+    support.rmdir(newer)
+    rt = assert(core.open { data = dir, aggregates = aggs, durability = "normal" })
+  end
+
   for _, f in ipairs(failures) do
-    it("refuses " .. f[1] .. " on every read path, naming position, type and schema", function()
-      stored("Doc-1", f[2], f[3], { a = 1 })
+    it("refuses " .. f[1] .. " on every fold, and exports it as stored, naming why", function()
+      if f[3] > 4 then stored_by_newer_code("Doc-1", f[2], f[3], { a = 1 })
+      else stored("Doc-1", f[2], f[3], { a = 1 }) end
       for _, read in ipairs {
         function() return rt:read("Doc-1") end,
         function() return rt:events() end,
@@ -163,12 +176,41 @@ return doc
       assert.equal(1, rt:head())
       local raw = rt:read("Doc-1", { raw = true })[1]
       assert.same({ f[2], f[3] }, { raw.type, raw.schema })
+      -- A backup never fails for one event: it goes out as stored, saying why.
       local out, err, code = support.run { "--data", dir, "--aggregates", aggs, "export" }
-      assert.equal(6, code)
-      assert.equal("", out)
-      assert.matches(f[4], err)
+      assert.equal(0, code, err)
+      local line = decode(out)
+      assert.same({ f[2], f[3], 1 }, { line.type, line.schema, line.data.a })
+      assert.matches(f[4], line.upcast_error)
+      assert.matches("position 1 is written as stored", err)
+      local plain = support.run { "--data", dir, "--aggregates", aggs, "export", "--raw" }
+      assert.is_nil(decode(plain).upcast_error)
     end)
   end
+
+  it("refuses to store an event of a schema newer than the code, on every append path", function()
+    local r, msg, code = rt:append("Doc-1", "any", { { type = "Written", schema = 5, data = {} } })
+    assert.is_nil(r)
+    assert.equal("bad_request", code)
+    assert.matches("event type Written has schema 5, newer than the code knows: the aggregate " ..
+                   "modules' schemas declare Written at schema 4", msg)
+    assert(rt:append("Doc-1", "any", { { type = "Written", schema = 4, data = {} } }))
+    assert(rt:append("Doc-1", "any", { { type = "Undeclared", schema = 9, data = {} } }))
+    rt:close()
+    local lines = support.tmpdir() .. "/in.ndjson"
+    support.write(lines, table.concat({
+      '{"stream":"Doc-2","version":1,"id":"i-1","type":"Written","schema":4,"data":{},' ..
+        '"metadata":{},"recorded_at":"2024-01-01T00:00:00Z"}',
+      '{"stream":"Doc-2","version":2,"id":"i-2","type":"Written","schema":6,"data":{},' ..
+        '"metadata":{},"recorded_at":"2024-01-01T00:00:00Z"}', "" }, "\n"))
+    local out, err, ecode = support.run { "--data", dir, "--aggregates", aggs, "import", lines }
+    assert.matches('"imported":1', out)
+    assert.not_equal(0, ecode)
+    assert.matches("line 2: event type Written has schema 6, newer than the code knows", err)
+    rt = assert(core.open { data = dir, aggregates = aggs, durability = "normal" })
+    assert.equal(1, #rt:read("Doc-2", { raw = true })) -- the line before it is imported
+    assert.equal(3, rt:head())
+  end)
 
   it("refuses two modules declaring the same event type", function()
     support.write(aggs .. "/other.lua", [[return { type = "Other", initial = function() return {} end,

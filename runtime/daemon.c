@@ -619,10 +619,6 @@ static void on_written(void *ud, ebb_write *w) {
   if (w->req->err.code == 0) {
     d->m.events_appended += w->req->n;
     if (w->req->result.position > d->head) d->head = w->req->result.position;
-    if (w->req->n) {
-      schedule_pump(d);
-      if (d->projections) ebb_projections_notify(d->projections, d->head);
-    }
   }
   int ended;
   if (j->is_append) {
@@ -662,6 +658,18 @@ static void on_written(void *ud, ebb_write *w) {
     if (!ended) ended = job_start(j);
   }
   if (ended) run_queue(d, q, stream);
+}
+
+/* Once per wake-up of the loop by the writer, however many appends it
+ * reported: subscribers and the projection thread learn of the new head
+ * once per commit, not once per append (each notify is a futex wake-up of
+ * the projection thread). */
+static void on_reported(void *ud) {
+  ebb_daemon *d = ud;
+  if (d->head <= d->notified_head) return;
+  d->notified_head = d->head;
+  schedule_pump(d);
+  if (d->projections) ebb_projections_notify(d->projections, d->head);
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -1591,7 +1599,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   uv_loop_init(&d->loop);
   loop_open = 1;
   ebb_store_options so = {.dir = cfg->data, .durability = durability};
-  if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, d, err)) goto out;
+  if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, on_reported, d, err)) goto out;
   ebb_http_limits lim = {.max_header_bytes = 16 * 1024,
                          .max_body_bytes = (size_t)cfg->max_body,
                          .max_connections = (unsigned)cfg->max_connections,

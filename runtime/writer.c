@@ -28,6 +28,7 @@ struct ebb_writer {
   uv_async_t async;
   ebb_store *store;
   ebb_writer_done done;
+  ebb_writer_reported reported;
   void *ud;
   pthread_t thread;
   int started;
@@ -139,6 +140,7 @@ static void report(ebb_writer *w) {
   ebb_write *x = w->out_head;
   w->out_head = w->out_tail = NULL;
   pthread_mutex_unlock(&w->mu);
+  if (x == NULL) return;
   while (x) {
     ebb_write *next = x->next;
     x->next = NULL;
@@ -146,6 +148,7 @@ static void report(ebb_writer *w) {
     w->done(w->ud, x);
     x = next;
   }
+  if (w->reported) w->reported(w->ud);
 }
 
 static void on_async(uv_async_t *a) {
@@ -153,7 +156,8 @@ static void on_async(uv_async_t *a) {
 }
 
 int ebb_writer_start(ebb_writer **out, uv_loop_t *loop, const ebb_store_options *so,
-                     ebb_writer_done done, void *ud, ebb_error *err) {
+                     ebb_writer_done done, ebb_writer_reported reported, void *ud,
+                     ebb_error *err) {
   *out = NULL;
   ebb_writer *w = calloc(1, sizeof *w);
   if (w == NULL || (w->batch = calloc(MAX_BATCH, sizeof *w->batch)) == NULL) {
@@ -162,6 +166,7 @@ int ebb_writer_start(ebb_writer **out, uv_loop_t *loop, const ebb_store_options 
   }
   w->loop = loop;
   w->done = done;
+  w->reported = reported;
   w->ud = ud;
   if (ebb_store_open(&w->store, so, err) != 0) {
     free(w->batch);

@@ -209,7 +209,7 @@ static double metric(const char *text, const char *name) {
 }
 
 typedef struct probe {
-  double write_bytes, batches, batch_sum, events;
+  double write_bytes, batches, batch_sum, events, cpu_s;
 } probe;
 
 static void take_probe(probe *p) {
@@ -221,6 +221,17 @@ static void take_probe(probe *p) {
   while (f && fgets(line, sizeof line, f))
     if (strncmp(line, "write_bytes:", 12) == 0) p->write_bytes = strtod(line + 12, NULL);
   if (f) fclose(f);
+  /* utime and stime, all threads: fields 14 and 15, after the ")" of the name. */
+  snprintf(path, sizeof path, "/proc/%d/stat", opt.pid);
+  char stat[1024];
+  f = fopen(path, "r");
+  size_t n = f ? fread(stat, 1, sizeof stat - 1, f) : 0;
+  if (f) fclose(f);
+  stat[n] = '\0';
+  char *q = strrchr(stat, ')');
+  unsigned long long ut = 0, st = 0;
+  if (q && sscanf(q + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) == 2)
+    p->cpu_s = (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
   char *m = fetch("/metrics");
   if (m) {
     p->batches = metric(m, "ebb_commit_batch_size_count");
@@ -337,7 +348,8 @@ static void usage(void) {
           "usage: ebb-loadgen --port P [--host 127.0.0.1] [--mode health|open|deposit|append|orders]\n"
           "         [--connections 64] [--seconds 10] [--accounts 10000] [--run TAG] [--pid DAEMON_PID]\n"
           "prints: RESULT requests rps p50_ms p99_ms non200 errors cpu_s cpu_pct\n"
-          "        [write_bytes bytes_per_event batch events] (with --pid)\n");
+          "        [write_bytes bytes_per_event batch events daemon_cpu_pct daemon_us_per_req]\n"
+          "        (with --pid; daemon CPU from /proc/PID/stat, all threads)\n");
   exit(2);
 }
 
@@ -402,9 +414,11 @@ int main(int argc, char **argv) {
          (unsigned long long)errors, cpu, 100 * cpu / secs);
   if (opt.pid > 0) {
     double ev = p1.events - p0.events, b = p1.batches - p0.batches;
-    printf(" write_bytes=%.0f bytes_per_event=%.0f batch=%.1f events=%.0f",
+    printf(" write_bytes=%.0f bytes_per_event=%.0f batch=%.1f events=%.0f daemon_cpu_pct=%.0f "
+           "daemon_us_per_req=%.1f",
            p1.write_bytes - p0.write_bytes, ev > 0 ? (p1.write_bytes - p0.write_bytes) / ev : 0,
-           b > 0 ? (p1.batch_sum - p0.batch_sum) / b : 0, ev);
+           b > 0 ? (p1.batch_sum - p0.batch_sum) / b : 0, ev, 100 * (p1.cpu_s - p0.cpu_s) / secs,
+           done ? 1e6 * (p1.cpu_s - p0.cpu_s) / (double)done : 0);
   }
   printf("\n");
   if (non200 || errors) fprintf(stderr, "loadgen: first failure: %s\n", first_error);

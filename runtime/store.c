@@ -150,6 +150,14 @@ void ebb_store_close(ebb_store *s) {
   if (s) s->vt->close(s);
 }
 
+int64_t ebb_store_wal_pages(ebb_store *s) {
+  return s->vt->wal_pages(s);
+}
+
+int ebb_store_checkpoint(ebb_store *s, ebb_error *err) {
+  return s->vt->checkpoint(s, err);
+}
+
 static int check_request(ebb_append *r) {
   ebb_error_clear(&r->err);
   memset(&r->result, 0, sizeof r->result);

@@ -10,13 +10,21 @@
  */
 #include "writer.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "clock.h"
 
 #define MAX_BATCH 1024
+/* The store's commits do not checkpoint (manual_checkpoints): the thread
+ * does, after reporting a batch once the WAL holds CHECKPOINT_PAGES not yet
+ * copied, or after IDLE_MS without work. Answers never wait for a checkpoint,
+ * and a larger WAL lets a page written by many commits be copied once. */
+#define CHECKPOINT_PAGES 8192
+#define IDLE_MS 200
 
 const double ebb_writer_batch_bounds[EBB_WRITER_BATCH_BUCKETS] = {1, 2, 4, 8, 16, 32, 64, 256};
 const double ebb_writer_time_bounds[EBB_WRITER_TIME_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001,
@@ -106,11 +114,33 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
   pthread_mutex_unlock(&w->mu);
 }
 
+/* With w->mu held; returns with it held. */
+static void checkpoint(ebb_writer *w) {
+  pthread_mutex_unlock(&w->mu);
+  ebb_error err;
+  ebb_error_init(&err);
+  /* A failed checkpoint loses nothing (the WAL keeps it all): tried again later. */
+  ebb_store_checkpoint(w->store, &err);
+  ebb_error_clear(&err);
+  pthread_mutex_lock(&w->mu);
+}
+
 static void *writer_main(void *arg) {
   ebb_writer *w = arg;
   pthread_mutex_lock(&w->mu);
   for (;;) {
-    while (w->in_head == NULL && !w->stopping) pthread_cond_wait(&w->cv, &w->mu);
+    while (w->in_head == NULL && !w->stopping) {
+      if (ebb_store_wal_pages(w->store) == 0) {
+        pthread_cond_wait(&w->cv, &w->mu);
+        continue;
+      }
+      struct timespec until;
+      clock_gettime(CLOCK_REALTIME, &until);
+      until.tv_nsec += IDLE_MS * 1000000L;
+      if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+      if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && w->in_head == NULL)
+        checkpoint(w);
+    }
     if (w->in_head == NULL) break; /* stopping, and nothing left */
     /* Take up to MAX_BATCH requests; the rest waits for the next commit. */
     ebb_write *first = w->in_head, *last = first;
@@ -129,6 +159,7 @@ static void *writer_main(void *arg) {
     else w->out_head = first;
     w->out_tail = last;
     uv_async_send(&w->async);
+    if (ebb_store_wal_pages(w->store) >= CHECKPOINT_PAGES) checkpoint(w);
   }
   pthread_mutex_unlock(&w->mu);
   return NULL;
@@ -168,7 +199,9 @@ int ebb_writer_start(ebb_writer **out, uv_loop_t *loop, const ebb_store_options 
   w->done = done;
   w->reported = reported;
   w->ud = ud;
-  if (ebb_store_open(&w->store, so, err) != 0) {
+  ebb_store_options own = *so;
+  own.manual_checkpoints = 1;
+  if (ebb_store_open(&w->store, &own, err) != 0) {
     free(w->batch);
     free(w);
     return err->code;

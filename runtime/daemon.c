@@ -1610,8 +1610,6 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
     goto out;
   port = ebb_http_server_port(d->http);
   snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
-  holder_json(d, buf, sizeof buf);
-  ebb_lock_update(d->lock, buf, NULL);
   uv_timer_init(&d->loop, &d->rescan_timer);
   d->rescan_timer.data = d;
   ebb_projections_options po = {.loop = &d->loop,
@@ -1638,6 +1636,10 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   uv_signal_start(&d->sigterm, on_signal, SIGTERM);
   uv_signal_start(&d->sigint, on_signal, SIGINT);
   uv_signal_start(&d->sighup, on_signal, SIGHUP);
+  /* The lock shows where to connect only now: whoever reads it may signal
+   * the daemon, and a SIGTERM before the handlers were installed killed it. */
+  holder_json(d, buf, sizeof buf);
+  ebb_lock_update(d->lock, buf, NULL);
   uv_timer_init(&d->loop, &d->heartbeat);
   uv_timer_init(&d->loop, &d->pump_timer);
   uv_timer_init(&d->loop, &d->shutdown_timer);

@@ -145,8 +145,8 @@ typedef struct ebb_store_vtable {
   int (*snapshot_delete)(ebb_store *, const char *stream, const char *fingerprint, int64_t version,
                          int64_t *deleted, ebb_error *err);
   void (*close)(ebb_store *);
-  int64_t (*wal_pages)(ebb_store *);
-  int (*checkpoint)(ebb_store *, ebb_error *err);
+  int64_t (*wal_pages)(ebb_store *);             /* NULL: no WAL to checkpoint */
+  int (*checkpoint)(ebb_store *, ebb_error *err); /* NULL: likewise */
 } ebb_store_vtable;
 
 /* fsyncs issued by every SQLite store of the process so far, and their total

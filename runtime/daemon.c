@@ -630,10 +630,6 @@ static void on_written(void *ud, ebb_write *w) {
   if (w->req->err.code == 0) {
     d->m.events_appended += w->req->n;
     if (w->req->result.position > d->head) d->head = w->req->result.position;
-    if (w->req->n) {
-      schedule_pump(d);
-      if (d->projections) ebb_projections_notify(d->projections, d->head);
-    }
   }
   int ended;
   if (j->is_append) {
@@ -673,6 +669,18 @@ static void on_written(void *ud, ebb_write *w) {
     if (!ended) ended = job_start(j);
   }
   if (ended) run_queue(d, q, stream);
+}
+
+/* Once per wake-up of the loop by the writer, however many appends it
+ * reported: subscribers and the projection thread learn of the new head
+ * once per commit, not once per append (each notify is a futex wake-up of
+ * the projection thread). */
+static void on_reported(void *ud) {
+  ebb_daemon *d = ud;
+  if (d->head <= d->notified_head) return;
+  d->notified_head = d->head;
+  schedule_pump(d);
+  if (d->projections) ebb_projections_notify(d->projections, d->head);
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -1648,7 +1656,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   uv_loop_init(&d->loop);
   loop_open = 1;
   ebb_store_options so = {.dir = cfg->data, .durability = durability};
-  if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, d, err)) goto out;
+  if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, on_reported, d, err)) goto out;
   ebb_http_limits lim = {.max_header_bytes = 16 * 1024,
                          .max_body_bytes = (size_t)cfg->max_body,
                          .max_connections = connections_within_fd_limit(cfg->max_connections),
@@ -1685,6 +1693,10 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   uv_signal_start(&d->sigterm, on_signal, SIGTERM);
   uv_signal_start(&d->sigint, on_signal, SIGINT);
   uv_signal_start(&d->sighup, on_signal, SIGHUP);
+  /* The lock shows where to connect only now: whoever reads it may signal
+   * the daemon, and a SIGTERM before the handlers were installed killed it. */
+  holder_json(d, buf, sizeof buf);
+  ebb_lock_update(d->lock, buf, NULL);
   uv_timer_init(&d->loop, &d->heartbeat);
   uv_timer_init(&d->loop, &d->pump_timer);
   uv_timer_init(&d->loop, &d->shutdown_timer);
@@ -1697,10 +1709,6 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   snprintf(pos, sizeof pos, "%lld", (long long)d->head);
   ebb_log(EBB_LOG_INFO, "listening", "url", d->url, "data", cfg->data, "aggregates",
           cfg->aggregates, "durability", cfg->durability, "#position", pos, NULL);
-  /* The URL goes into the lock only now, with the signal handlers in place:
-     whoever reads it from there may send SIGTERM at once and must see a drain. */
-  holder_json(d, buf, sizeof buf);
-  ebb_lock_update(d->lock, buf, NULL);
   /* The one line scripts wait for, on stdout: where to connect. */
   printf("ebb listening on %s\n", d->url);
   fflush(stdout);

@@ -80,6 +80,7 @@ typedef struct ebb_daemon {
   int draining, stopped;
   int64_t final_deadline_ms;
   int64_t head;                 /* the last committed position known to the loop */
+  int64_t notified_head;        /* the head subscribers and projections were last told of */
   int64_t started_ms;
   char url[300];
   void *parser;                 /* lua_State for parsing request bodies */

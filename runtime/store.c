@@ -196,6 +196,15 @@ static int check_unique_ids(ebb_append *r) {
   return rc;
 }
 
+/* A backend without a WAL of its own leaves both NULL: nothing to copy. */
+int64_t ebb_store_wal_pages(ebb_store *s) {
+  return s->vt->wal_pages ? s->vt->wal_pages(s) : 0;
+}
+
+int ebb_store_checkpoint(ebb_store *s, ebb_error *err) {
+  return s->vt->checkpoint ? s->vt->checkpoint(s, err) : 0;
+}
+
 static int check_request(ebb_append *r) {
   ebb_error_clear(&r->err);
   memset(&r->result, 0, sizeof r->result);

@@ -38,6 +38,9 @@ typedef struct ebb_store_options {
   int readonly;         /* open for reading only */
   int exclusive;        /* hold the database lock while open: no other process may read or
                          * write it, and each transaction skips the lock system calls */
+  int manual_checkpoints; /* commits never checkpoint the WAL: the owner calls
+                           * ebb_store_checkpoint when it suits it (the daemon's writer,
+                           * after it has reported a batch) */
 } ebb_store_options;
 
 /* One event to append. All strings are borrowed for the duration of the call. */
@@ -149,6 +152,8 @@ typedef struct ebb_store_vtable {
   int (*snapshot_delete)(ebb_store *, const char *stream, const char *fingerprint, int64_t version,
                          int64_t *deleted, ebb_error *err);
   void (*close)(ebb_store *);
+  int64_t (*wal_pages)(ebb_store *);             /* NULL: no WAL to checkpoint */
+  int (*checkpoint)(ebb_store *, ebb_error *err); /* NULL: likewise */
 } ebb_store_vtable;
 
 /* fsyncs issued by every SQLite store of the process so far, and their total
@@ -164,6 +169,11 @@ struct ebb_store {
 /* Opens the SQLite store in opt->dir. 0 or an EBB_E* code. */
 int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
 void ebb_store_close(ebb_store *s); /* NULL-safe */
+/* Pages in the write-ahead log since this handle's last checkpoint (0 when
+ * unknown), and a passive checkpoint: copies what no reader still needs from
+ * the log into the database, never waiting for readers. */
+int64_t ebb_store_wal_pages(ebb_store *s);
+int ebb_store_checkpoint(ebb_store *s, ebb_error *err);
 
 /* Appends each request in one transaction. Returns 0 when the transaction
  * committed, whatever the individual requests' outcomes (see reqs[i].err);

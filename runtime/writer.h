@@ -33,6 +33,11 @@ typedef struct ebb_write {
 /* Called on the loop thread for every write once it is committed (or failed:
  * see req->err), in submission order. The write is the submitter's again. */
 typedef void (*ebb_writer_done)(void *ud, ebb_write *w);
+/* Called on the loop thread after the done callbacks of everything the
+ * writer had finished when the loop woke (one or more batches): the place
+ * for work due once per commit rather than once per write, such as waking
+ * whoever follows the head. NULL: none. */
+typedef void (*ebb_writer_reported)(void *ud);
 
 /* Bucket upper bounds (events per batch) of the batch size histogram. */
 #define EBB_WRITER_BATCH_BUCKETS 8
@@ -49,9 +54,10 @@ typedef struct ebb_writer_stats {
   double sync_seconds;
 } ebb_writer_stats;
 
-/* Opens a store handle on so->dir and starts the thread. done runs on loop. */
+/* Opens a store handle on so->dir and starts the thread. done and reported run on loop. */
 int ebb_writer_start(ebb_writer **out, uv_loop_t *loop, const ebb_store_options *so,
-                     ebb_writer_done done, void *ud, ebb_error *err);
+                     ebb_writer_done done, ebb_writer_reported reported, void *ud,
+                     ebb_error *err);
 /* Queues a write (loop thread). */
 void ebb_writer_submit(ebb_writer *w, ebb_write *write);
 /* Writes queued but not yet reported. */

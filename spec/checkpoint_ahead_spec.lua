@@ -7,15 +7,7 @@ local daemon = require "daemon_support"
 
 local function int(x) return ("%d"):format(x) end
 
-local function eventually(fn, seconds, what)
-  local deadline = os.time() + (seconds or 15)
-  while true do
-    local v = fn()
-    if v then return v end
-    assert(os.time() <= deadline, "timed out waiting for " .. (what or "a condition"))
-    daemon.sleep(0.02)
-  end
-end
+local eventually = support.eventually
 
 local function live(d, name, position)
   return eventually(function()

@@ -85,9 +85,9 @@ function M.stop(d)
   os.remove(d.log)
 end
 
-local function connect(d)
+local function connect(d, timeout)
   local c = assert(socket.tcp())
-  c:settimeout(10)
+  c:settimeout(timeout or 10)
   assert(c:connect(d.host, d.port))
   return c
 end
@@ -103,7 +103,8 @@ function M.read_response(c)
   return status, headers, body
 end
 
--- One request on a new connection. opts: body (string or table -> JSON), headers, token.
+-- One request on a new connection. opts: body (string or table -> JSON), headers, token,
+-- timeout (seconds to wait for the answer: 10 unless given).
 function M.request(d, method, path, opts)
   opts = opts or {}
   local body = opts.body
@@ -116,7 +117,7 @@ function M.request(d, method, path, opts)
   local token = opts.token or d.token
   if token then lines[#lines + 1] = "Authorization: Bearer " .. token end
   for k, v in pairs(opts.headers or {}) do lines[#lines + 1] = k .. ": " .. v end
-  local c = connect(d)
+  local c = connect(d, opts.timeout)
   assert(c:send(table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or "")))
   local status, headers, text = M.read_response(c)
   c:close()

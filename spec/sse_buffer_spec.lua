@@ -6,15 +6,7 @@
 local support = require "support"
 local daemon = require "daemon_support"
 
-local function eventually(fn, seconds, what)
-  local deadline = os.time() + (seconds or 30)
-  while true do
-    local v = fn()
-    if v then return v end
-    assert(os.time() <= deadline, "timed out waiting for " .. (what or "a condition"))
-    daemon.sleep(0.05)
-  end
-end
+local eventually = support.eventually
 
 -- A figure of the process's /proc/PID/status, in kB.
 local function proc_kb(d, field)

@@ -73,7 +73,21 @@ function support.cli(data, aggregates)
     local rest = type(first) == "table" and first or { first, ... }
     if type(first) == "table" then opts = ... end
     for _, a in ipairs(rest) do args[#args + 1] = a end
-    return support.run(args, opts)
+    -- Calls fn until it returns a true value, and returns that. Waits at least a
+-- minute (seconds raises it): a loaded machine is slow, and waiting longer only
+-- delays a failure, never causes one.
+function support.eventually(fn, seconds, what)
+  local socket = require "socket"
+  local deadline = os.time() + math.max(seconds or 60, 60)
+  while true do
+    local v = fn()
+    if v then return v end
+    assert(os.time() <= deadline, "timed out waiting for " .. (what or "a condition"))
+    socket.sleep(0.02)
+  end
+end
+
+return support.run(args, opts)
   end
 end
 
@@ -102,6 +116,20 @@ end
 -- Asserts that text contains part, literally.
 function support.contains(text, part)
   assert(text:find(part, 1, true), "expected to find\n  " .. part .. "\nin\n  " .. text)
+end
+
+-- Calls fn until it returns a true value, and returns that. Waits at least a
+-- minute (seconds raises it): a loaded machine is slow, and waiting longer only
+-- delays a failure, never causes one.
+function support.eventually(fn, seconds, what)
+  local socket = require "socket"
+  local deadline = os.time() + math.max(seconds or 60, 60)
+  while true do
+    local v = fn()
+    if v then return v end
+    assert(os.time() <= deadline, "timed out waiting for " .. (what or "a condition"))
+    socket.sleep(0.02)
+  end
 end
 
 return support

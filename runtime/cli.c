@@ -270,6 +270,7 @@ static int check_holder(cli *c, int writes) {
 static int open_runtime(cli *c, ebb_runtime **rt) {
   ebb_runtime_options o = {
       .data_dir = c->data,
+      .store = c->cfg.store,
       .aggregates_dir = c->aggregates,
       .durability = strcmp(c->durability, "normal") == 0 ? EBB_DURABILITY_NORMAL
                                                           : EBB_DURABILITY_FULL,

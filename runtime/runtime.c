@@ -764,7 +764,7 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
     goto fail;
   }
   ebb_store_options so = {
-      .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
+      .uri = opt->store, .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
   if (ebb_store_open(&rt->store, &so, err) != 0 || load_sandbox(rt, err) != 0) goto fail;
   *out = rt;
   return 0;

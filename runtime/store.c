@@ -145,6 +145,7 @@ static const struct backend {
   int (*open)(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
 } backends[] = {
     {"sqlite", 1, ebb__store_sqlite_open},
+    {"postgres", 0, ebb__store_postgres_open},
 };
 
 const char *ebb_store_backend(const char *uri) {

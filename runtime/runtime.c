@@ -1731,11 +1731,14 @@ int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_erro
   if (dc->appends) {
     if (dc->req.err.code) {
       int code = dc->req.err.code;
-      int again = code == EBB_EVERSION && d->from_cache;
+      int again = code == EBB_EVERSION;
       if (!again && err) ebb_error_move(err, &dc->req.err);
       decided_release(rt, dc);
-      /* The cached state was behind the store (its entry is gone already):
-       * deciding again folds the stream from the store. */
+      /* The state decided on was behind the store: the cached entry was stale
+       * (it is gone already), or another process (a second daemon on a shared
+       * PostgreSQL store, the CLI) appended between the read and the append.
+       * Deciding again folds the stream from the store; an expected_version
+       * the command gave is checked again there and fails then. */
       return again ? EBB_RETRY : code;
     }
     res = dc->req.result;

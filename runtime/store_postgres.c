@@ -325,6 +325,35 @@ static int ensure(pg_store *s, ebb_error *err) {
   return 0;
 }
 
+/* Is the connection gone? */
+static int lost(pg_store *s) {
+  return PQstatus(s->conn) != CONNECTION_OK;
+}
+
+/* A statement outside any transaction (a read, or one that may run twice):
+ * when the connection turns out to be gone (a server restart since the last
+ * call), reconnect and run it once more. Nothing was sent that could have
+ * changed anything, so a second try is safe. */
+static PGresult *run_alone(pg_store *s, int which, const params *p, int binary, ebb_error *err,
+                           const char *doing) {
+  if (ensure(s, err)) return NULL;
+  PGresult *res = run(s, which, p, binary, err, doing);
+  if (res || !lost(s)) return res;
+  ebb_error_clear(err);
+  if (ensure(s, err)) return NULL;
+  return run(s, which, p, binary, err, doing);
+}
+
+/* BEGIN, reconnecting once if the connection turns out to be gone. */
+static int begin(pg_store *s, ebb_error *err) {
+  if (ensure(s, err)) return err->code;
+  if (exec(s, "BEGIN", err, "starting a transaction") == 0) return 0;
+  if (!lost(s)) return err->code;
+  ebb_error_clear(err);
+  if (ensure(s, err) || exec(s, "BEGIN", err, "starting a transaction")) return err->code;
+  return 0;
+}
+
 static int read_schema_version(pg_store *s, int *version, ebb_error *err) {
   PGresult *res = PQexec(s->conn, "SELECT coalesce(max(version), 0) FROM ebb_schema");
   if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -494,11 +523,12 @@ static int check_idempotent(pg_store *s, ebb_append *r) {
                        first_found, r->stream, (long long)first_version, found, r->n);
 }
 
-static int find_command(pg_store *s, const char *command_id, ebb_command_record *out,
+/* alone: outside a transaction (may reconnect and run again). */
+static int find_command(pg_store *s, const char *command_id, ebb_command_record *out, int alone,
                         ebb_error *err) {
   params p = {0};
   p_text(&p, command_id);
-  PGresult *res = run(s, S_FIND_COMMAND, &p, 0, err, "looking up a command id");
+  PGresult *res = (alone ? run_alone : run)(s, S_FIND_COMMAND, &p, 0, err, "looking up a command id");
   if (res == NULL) return err->code;
   int found = PQntuples(res) > 0;
   if (found) {
@@ -520,7 +550,7 @@ static int append_one(pg_store *s, ebb_append *r, const char *now, int64_t *head
   *wrote = 0;
   if (r->command_id) {
     ebb_command_record rec;
-    int found = find_command(s, r->command_id, &rec, &r->err);
+    int found = find_command(s, r->command_id, &rec, 0, &r->err);
     if (found < 0) return found;
     if (found) {
       if (strcmp(rec.stream, r->stream) != 0 ||
@@ -536,8 +566,8 @@ static int append_one(pg_store *s, ebb_append *r, const char *now, int64_t *head
       return 0;
     }
   }
-  int64_t version;
-  int deleted;
+  int64_t version = 0;
+  int deleted = 0;
   if (stream_version(s, r->stream, &version, &deleted, &r->err)) return r->err.code;
   if (deleted)
     return ebb_error_set(&r->err, EBB_EDELETED,
@@ -626,11 +656,6 @@ static int append_one(pg_store *s, ebb_append *r, const char *now, int64_t *head
   return 0;
 }
 
-/* Is the transaction (or the connection) gone, rather than one request failed? */
-static int lost(pg_store *s) {
-  return PQstatus(s->conn) != CONNECTION_OK;
-}
-
 /* atomic: a failing request fails them all (see ebb_store_append_atomic). */
 static int pg_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
   pg_store *s = (pg_store *)base;
@@ -640,7 +665,7 @@ static int pg_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, eb
   ebb_error_init(&txerr);
   size_t failed = 0;
   int any = 0;
-  if (ensure(s, &txerr) || exec(s, "BEGIN", &txerr, "starting a transaction")) goto fail;
+  if (begin(s, &txerr)) goto fail;
   /* The one lock of every append: held until COMMIT, so positions are handed
    * out in commit order. */
   PGresult *res = run(s, S_LOCK_HEAD, NULL, 0, &txerr, "locking the position counter");
@@ -727,8 +752,7 @@ fail:
 /* ---------------------------------------------------------------- reads */
 
 static int collect(pg_store *s, int which, const params *p, ebb_event_list *out, ebb_error *err) {
-  if (ensure(s, err)) return err->code;
-  PGresult *res = run(s, which, p, 0, err, "reading events");
+  PGresult *res = run_alone(s, which, p, 0, err, "reading events");
   if (res == NULL) return err->code;
   int rows = PQntuples(res);
   for (int i = 0; i < rows; i++) {
@@ -786,14 +810,20 @@ static int pg_read_range(ebb_store *base, int64_t first, int64_t last, ebb_event
 static int pg_stream_version(ebb_store *base, const char *stream, int64_t *version, int *deleted,
                              ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
-  return stream_version(s, stream, version, deleted, err);
+  params p = {0};
+  p_text(&p, stream);
+  PGresult *res = run_alone(s, S_VERSION, &p, 0, err, "reading a stream's version");
+  if (res == NULL) return err->code;
+  int found = PQntuples(res) > 0;
+  *version = found ? get_i64(res, 0, 0) : 0;
+  *deleted = found && strcmp(PQgetvalue(res, 0, 1), EBB_TOMBSTONE) == 0;
+  PQclear(res);
+  return 0;
 }
 
 static int pg_head(ebb_store *base, int64_t *position, ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
-  PGresult *res = run(s, S_HEAD, NULL, 0, err, "reading the head position");
+  PGresult *res = run_alone(s, S_HEAD, NULL, 0, err, "reading the head position");
   if (res == NULL) return err->code;
   *position = PQntuples(res) > 0 ? get_i64(res, 0, 0) : 0;
   PQclear(res);
@@ -803,14 +833,12 @@ static int pg_head(ebb_store *base, int64_t *position, ebb_error *err) {
 static int pg_find_command(ebb_store *base, const char *command_id, ebb_command_record *out,
                            ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
-  return find_command(s, command_id, out, err);
+  return find_command(s, command_id, out, 1, err);
 }
 
 static int pg_schema_version(ebb_store *base, int *version, ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
-  PGresult *res = run(s, S_SCHEMA_VERSION, NULL, 0, err, "reading the schema version");
+  PGresult *res = run_alone(s, S_SCHEMA_VERSION, NULL, 0, err, "reading the schema version");
   if (res == NULL) return err->code;
   *version = (int)get_i64(res, 0, 0);
   PQclear(res);
@@ -823,7 +851,7 @@ static int pg_snapshot_save(ebb_store *base, const ebb_snapshot *snaps, size_t n
   pg_store *s = (pg_store *)base;
   char now[EBB_TIME_LEN + 1];
   ebb_clock_format(ebb_clock_now_ms(), now);
-  if (ensure(s, err) || exec(s, "BEGIN", err, "starting a transaction")) return err->code;
+  if (begin(s, err)) return err->code;
   for (size_t i = 0; i < n; i++) {
     params p = {0};
     p_text(&p, snaps[i].stream);
@@ -847,14 +875,13 @@ static int pg_snapshot_load(ebb_store *base, const char *stream, const char *fin
                             int64_t max_version, const char *max_time, int64_t *version,
                             int64_t *position, ebb_buf *state_buf, ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
   params p = {0};
   p_text(&p, stream);
   p_text(&p, fingerprint);
   p_int(&p, max_version < 0 ? INT64_MAX : max_version);
   p_text(&p, max_time ? max_time : "9999");
   /* Binary results: the state comes back as its bytes, the numbers as int8. */
-  PGresult *res = run(s, S_SNAP_LOAD, &p, 1, err, "loading a snapshot");
+  PGresult *res = run_alone(s, S_SNAP_LOAD, &p, 1, err, "loading a snapshot");
   if (res == NULL) return err->code;
   int found = 0;
   if (PQntuples(res) > 0) {
@@ -871,8 +898,7 @@ static int pg_snapshot_load(ebb_store *base, const char *stream, const char *fin
 
 static int pg_snapshot_list(ebb_store *base, ebb_snapshot_fn fn, void *ud, ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
-  PGresult *res = run(s, S_SNAP_LIST, NULL, 0, err, "listing snapshots");
+  PGresult *res = run_alone(s, S_SNAP_LIST, NULL, 0, err, "listing snapshots");
   if (res == NULL) return err->code;
   int rows = PQntuples(res);
   for (int i = 0; i < rows; i++) {
@@ -894,12 +920,11 @@ static int pg_snapshot_list(ebb_store *base, ebb_snapshot_fn fn, void *ud, ebb_e
 static int pg_snapshot_delete(ebb_store *base, const char *stream, const char *fingerprint,
                               int64_t version, int64_t *deleted, ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  if (ensure(s, err)) return err->code;
   params p = {0};
   p_text(&p, stream);
   p_text(&p, fingerprint);
   p_int(&p, version);
-  PGresult *res = run(s, S_SNAP_DELETE, &p, 0, err, "deleting snapshots");
+  PGresult *res = run_alone(s, S_SNAP_DELETE, &p, 0, err, "deleting snapshots");
   if (res == NULL) return err->code;
   *deleted = strtoll(PQcmdTuples(res), NULL, 10);
   PQclear(res);

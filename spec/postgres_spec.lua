@@ -128,3 +128,61 @@ describe("the PostgreSQL store", function()
     assert.matches("store must be sqlite or a PostgreSQL connection URI", msg)
   end)
 end)
+
+describe("the PostgreSQL store across a server restart", function()
+  local function restart_server()
+    local bin, data = os.getenv("EBB_TEST_PG_BIN"), os.getenv("EBB_TEST_PG_DATA")
+    assert(bin and data, "run under scripts/pg")
+    local as = io.popen("id -u"):read("l") == "0" and "runuser -u postgres -- " or ""
+    local log = data:gsub("/[^/]*$", "") .. "/server.log"
+    local ok = os.execute(as .. support.quote(bin .. "/pg_ctl") .. " -D " .. support.quote(data) ..
+      " -l " .. support.quote(log) .. " -w -t 60 -m fast restart > /dev/null")
+    assert(ok, "the PostgreSQL server did not restart: " .. support.read(log))
+  end
+
+  it("fails the call in flight as unavailable, never as stored, and reconnects", function()
+    local dir = support.tmpdir()
+    local rt = assert(core.open { data = dir, aggregates = support.root .. "/aggregates" })
+    assert(rt:append("R-1", "no_stream", { { type = "A", data = { n = 1 }, id = "r-a" } }))
+    restart_server()
+    local acked = {}
+    for i = 1, 3 do
+      local id = "r-b" .. i
+      local r, msg, code = rt:append("R-1", "any", { { type = "B", data = { n = i }, id = id } })
+      if r then
+        acked[#acked + 1] = id
+      else
+        assert.equal("unavailable", code, msg)
+        -- a re-send of the same event is idempotent once the store is back
+        r = assert(rt:append("R-1", "any", { { type = "B", data = { n = i }, id = id } }))
+        acked[#acked + 1] = id
+      end
+    end
+    local ids = {}
+    for _, e in ipairs(assert(rt:read("R-1"))) do ids[#ids + 1] = e.id end
+    assert.same({ "r-a", "r-b1", "r-b2", "r-b3" }, ids)
+    assert.equal(4, rt:head())
+    rt:close()
+    support.rmdir(dir)
+  end)
+
+  it("answers a command in flight 503 or 200, never a false 200, and serves again after", function()
+    local d = daemon.start {}
+    assert.equal(200, (d:command("BankAccount", "r", "OpenAccount", { owner = "r" })))
+    restart_server()
+    local ok = 0
+    for _ = 1, 4 do
+      local status, answer = d:command("BankAccount", "r", "Deposit", { amount = 1 },
+        { command_id = "dep-" .. ok })
+      if status == 200 then ok = ok + 1
+      else assert.equal(503, status, answer and answer.error and answer.error.message) end
+    end
+    local status, stream = d:get("/streams/BankAccount-r")
+    assert.equal(200, status)
+    assert.equal(1 + ok, #stream.events)
+    assert.equal(ok, stream.events[#stream.events].data.balance)
+    assert.is_true(ok >= 3)
+    d:stop()
+    support.rmdir(d.data)
+  end)
+end)

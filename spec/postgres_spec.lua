@@ -156,12 +156,13 @@ describe("the PostgreSQL store across a server restart", function()
       else
         assert.equal("unavailable", code, msg)
         -- a re-send of the same event is idempotent once the store is back
-        r = assert(rt:append("R-1", "any", { { type = "B", data = { n = i }, id = id } }))
+        assert(rt:append("R-1", "any", { { type = "B", data = { n = i }, id = id } }))
         acked[#acked + 1] = id
       end
     end
     local ids = {}
     for _, e in ipairs(assert(rt:read("R-1"))) do ids[#ids + 1] = e.id end
+    assert.same({ "r-b1", "r-b2", "r-b3" }, acked)
     assert.same({ "r-a", "r-b1", "r-b2", "r-b3" }, ids)
     assert.equal(4, rt:head())
     rt:close()

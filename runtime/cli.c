@@ -256,7 +256,10 @@ static int check_holder(cli *c, int writes) {
   int held = ebb_lock_probe(c->data, &holder, &err);
   if (held < 0) return fail(&err);
   c->held = held;
-  if (held && writes) {
+  /* A daemon's data directory holds the SQLite store; a PostgreSQL store is
+   * shared by design, and the CLI writes to it beside running daemons. */
+  const char *backend = ebb_store_backend(c->cfg.store);
+  if (held && writes && (backend == NULL || strcmp(backend, "sqlite") == 0)) {
     char msg[sizeof err.message];
     ebb_lock_describe(c->data, holder, msg, sizeof msg);
     free(holder);
@@ -270,6 +273,7 @@ static int check_holder(cli *c, int writes) {
 static int open_runtime(cli *c, ebb_runtime **rt) {
   ebb_runtime_options o = {
       .data_dir = c->data,
+      .store = c->cfg.store,
       .aggregates_dir = c->aggregates,
       .durability = strcmp(c->durability, "normal") == 0 ? EBB_DURABILITY_NORMAL
                                                           : EBB_DURABILITY_FULL,
@@ -955,6 +959,12 @@ static int cmd_check(cli *c) {
   if (rc) return rc;
   ebb_buf b = EBB_BUF_INIT, names = EBB_BUF_INIT;
   int problems = ebb_runtime_check(rt, &b);
+  int schema = 0;
+  const char *backend = ebb_store_kind(ebb_runtime_store(rt));
+  if (ebb_store_schema_version(ebb_runtime_store(rt), &schema, &err) != 0) {
+    ebb_runtime_close(rt);
+    return fail(&err);
+  }
   ebb_runtime_close(rt);
   int pproblems = ebb_projections_check(c->projections, NULL, &b, &names);
   if (problems || pproblems) {
@@ -970,7 +980,8 @@ static int cmd_check(cli *c) {
     return EBB_EXIT_SCRIPT;
   }
   ebb_buf_free(&b);
-  ebb_buf_puts(&b, "{\"ok\":true,\"aggregates\":");
+  ebb_buf_printf(&b, "{\"ok\":true,\"store\":{\"backend\":\"%s\",\"schema_version\":%d},"
+                 "\"aggregates\":", backend, schema);
   ebb_buf_json_string(&b, c->aggregates, strlen(c->aggregates));
   ebb_buf_puts(&b, ",\"projections\":[");
   ebb_buf_append(&b, names.data ? names.data : "", names.len);

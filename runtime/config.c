@@ -5,6 +5,7 @@
  */
 #include "config.h"
 #include "log.h"
+#include "store.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -30,6 +31,7 @@ typedef struct setting {
 
 static const setting settings[] = {
     TEXT(data, "data", "data directory"),
+    TEXT(store, "sqlite", "sqlite (DATA/events.db) or a PostgreSQL URI postgresql://user@host:port/db"),
     TEXT(aggregates, "aggregates", "aggregate modules"),
     TEXT(projections, "projections", "projection modules"),
     TEXT(durability, "full", "full (fsync every commit) or normal"),
@@ -229,6 +231,10 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
   if (strcmp(c->durability, "full") != 0 && strcmp(c->durability, "normal") != 0)
     return ebb_error_set(err, EBB_EBADREQ, "durability must be full or normal, not \"%s\"",
                          c->durability);
+  if (ebb_store_backend(c->store) == NULL)
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "store must be sqlite or a PostgreSQL connection URI "
+                         "(postgresql://user@host:port/database)");
   if (ebb_log_level_parse(c->log_level) < 0)
     return ebb_error_set(err, EBB_EBADREQ, "log_level must be debug, info, warn or error, not \"%s\"",
                          c->log_level);
@@ -244,6 +250,29 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
   return 0;
 }
 
+/* A store URI as shown: a password in it (user:secret@ or password=) masked. */
+static void put_store(ebb_buf *out, const char *v) {
+  ebb_buf shown = EBB_BUF_INIT;
+  const char *scheme = strstr(v, "://");
+  const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
+  const char *colon = scheme ? strchr(scheme + 3, ':') : NULL;
+  const char *kw = strstr(v, "password=");
+  if (at && colon && colon < at) {
+    ebb_buf_append(&shown, v, (size_t)(colon + 1 - v));
+    ebb_buf_puts(&shown, "(set)");
+    ebb_buf_puts(&shown, at);
+  } else if (kw) {
+    ebb_buf_append(&shown, v, (size_t)(kw + 9 - v));
+    ebb_buf_puts(&shown, "(set)");
+    const char *end = kw + 9 + strcspn(kw + 9, " &");
+    ebb_buf_puts(&shown, end);
+  } else {
+    ebb_buf_puts(&shown, v);
+  }
+  ebb_buf_json_string(out, shown.data ? shown.data : "", shown.len);
+  ebb_buf_free(&shown);
+}
+
 void ebb_config_dump(const ebb_config *c, ebb_buf *out) {
   ebb_buf_putc(out, '{');
   for (size_t i = 0; i < N_SETTINGS; i++) {
@@ -254,7 +283,8 @@ void ebb_config_dump(const ebb_config *c, ebb_buf *out) {
     if (s->is_text) {
       const char *v = *(char *const *)((const char *)c + s->offset);
       if (strcmp(s->name, "token") == 0 && v[0]) v = "(set)";
-      ebb_buf_json_string(out, v, strlen(v));
+      if (strcmp(s->name, "store") == 0) put_store(out, v);
+      else ebb_buf_json_string(out, v, strlen(v));
     } else {
       ebb_buf_printf(out, "%lld", (long long)*(const int64_t *)((const char *)c + s->offset));
     }

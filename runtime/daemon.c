@@ -1632,6 +1632,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   int durability = strcmp(cfg->durability, "normal") == 0 ? EBB_DURABILITY_NORMAL
                                                           : EBB_DURABILITY_FULL;
   ebb_runtime_options ro = {.data_dir = cfg->data,
+                            .store = cfg->store,
                             .aggregates_dir = cfg->aggregates,
                             .durability = durability,
                             .memory_limit = (size_t)cfg->memory_limit,
@@ -1655,7 +1656,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   if (ebb_store_head(ebb_runtime_store(d->rt), &d->head, err)) goto out;
   uv_loop_init(&d->loop);
   loop_open = 1;
-  ebb_store_options so = {.dir = cfg->data, .durability = durability};
+  ebb_store_options so = {.uri = cfg->store, .dir = cfg->data, .durability = durability};
   if (ebb_writer_start(&d->writer, &d->loop, &so, on_written, on_reported, d, err)) goto out;
   ebb_http_limits lim = {.max_header_bytes = 16 * 1024,
                          .max_body_bytes = (size_t)cfg->max_body,
@@ -1671,6 +1672,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   d->rescan_timer.data = d;
   ebb_projections_options po = {.loop = &d->loop,
                                 .data_dir = cfg->data,
+                                .store = cfg->store,
                                 .projections_dir = cfg->projections,
                                 .aggregates_dir = cfg->aggregates,
                                 .memory_limit = (size_t)cfg->memory_limit,

@@ -92,6 +92,7 @@ static int l_open(lua_State *L) {
   ebb_runtime_options o = {0};
   o.data_dir = opt_string_field(L, 1, "data", NULL);
   if (o.data_dir == NULL) luaL_error(L, "option data (the data directory) is required");
+  o.store = opt_string_field(L, 1, "store", NULL);
   o.aggregates_dir = opt_string_field(L, 1, "aggregates", "aggregates");
   o.lua_dir = opt_string_field(L, 1, "lua_dir", NULL);
   const char *durability = opt_string_field(L, 1, "durability", "full");

@@ -189,7 +189,7 @@ typedef struct job {
 
 struct ebb_projections {
   ebb_projections_options o;
-  char *data_dir, *projections_dir, *aggregates_dir, *lua_dir, *models_dir;
+  char *data_dir, *store, *projections_dir, *aggregates_dir, *lua_dir, *models_dir;
   uv_async_t async;
   pthread_t thread;
   int started;
@@ -1574,6 +1574,7 @@ static void host_free(ebb_projections *h) {
   }
   free(h->pub);
   free(h->data_dir);
+  free(h->store);
   free(h->projections_dir);
   free(h->aggregates_dir);
   free(h->lua_dir);
@@ -1588,15 +1589,16 @@ int ebb_projections_start(ebb_projections **out, const ebb_projections_options *
   if (h == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   h->o = *opt;
   h->data_dir = strdup(opt->data_dir);
+  h->store = opt->store ? strdup(opt->store) : NULL;
   h->projections_dir = strdup(opt->projections_dir);
   h->aggregates_dir = strdup(opt->aggregates_dir);
   h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
   h->models_dir = dupf("%s/projections", opt->data_dir);
-  if (!h->data_dir || !h->projections_dir || !h->aggregates_dir || !h->lua_dir || !h->models_dir) {
+  if (!h->data_dir || (opt->store && !h->store) || !h->projections_dir || !h->aggregates_dir || !h->lua_dir || !h->models_dir) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto fail;
   }
-  ebb_runtime_options ro = {.data_dir = h->data_dir, .aggregates_dir = h->aggregates_dir,
+  ebb_runtime_options ro = {.data_dir = h->data_dir, .store = h->store, .aggregates_dir = h->aggregates_dir,
                             .lua_dir = h->lua_dir, .durability = EBB_DURABILITY_NORMAL,
                             .memory_limit = opt->memory_limit,
                             .instruction_budget = opt->instruction_budget, .cache_size = -1,

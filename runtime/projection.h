@@ -30,6 +30,7 @@ typedef struct ebb_projections ebb_projections;
 typedef struct ebb_projections_options {
   uv_loop_t *loop;
   const char *data_dir;
+  const char *store;           /* NULL: SQLite in data_dir; else a PostgreSQL URI */
   const char *projections_dir;
   const char *aggregates_dir;  /* for upcasting */
   const char *lua_dir;         /* NULL: the built-in default */

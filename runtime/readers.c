@@ -15,7 +15,7 @@ typedef struct idle {
 
 struct ebb_readers {
   ebb_runtime_options ro;
-  char *data_dir, *aggregates_dir, *lua_dir;
+  char *data_dir, *store, *aggregates_dir, *lua_dir;
   pthread_mutex_t mu;
   idle *free_list;          /* runtimes given back, with the generation they were opened in */
   unsigned generation;
@@ -30,14 +30,16 @@ int ebb_readers_new(ebb_readers **out, const ebb_runtime_options *ro, ebb_error 
   if (r == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   r->ro = *ro;
   r->data_dir = strdup(ro->data_dir);
+  r->store = ro->store ? strdup(ro->store) : NULL;
   r->aggregates_dir = ro->aggregates_dir ? strdup(ro->aggregates_dir) : NULL;
   r->lua_dir = ro->lua_dir ? strdup(ro->lua_dir) : NULL;
-  if (r->data_dir == NULL || (ro->aggregates_dir && !r->aggregates_dir) ||
+  if (r->data_dir == NULL || (ro->store && !r->store) || (ro->aggregates_dir && !r->aggregates_dir) ||
       (ro->lua_dir && !r->lua_dir)) {
     ebb_readers_free(r);
     return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   }
   r->ro.data_dir = r->data_dir;
+  r->ro.store = r->store;
   r->ro.aggregates_dir = r->aggregates_dir;
   r->ro.lua_dir = r->lua_dir;
   r->ro.cache_size = -1;
@@ -123,6 +125,7 @@ void ebb_readers_free(ebb_readers *r) {
   }
   if (r->mu_ready) pthread_mutex_destroy(&r->mu);
   free(r->data_dir);
+  free(r->store);
   free(r->aggregates_dir);
   free(r->lua_dir);
   free(r);

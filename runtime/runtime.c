@@ -813,7 +813,7 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
     goto fail;
   }
   ebb_store_options so = {
-      .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
+      .uri = opt->store, .dir = opt->data_dir, .durability = opt->durability, .exclusive = opt->exclusive};
   if (ebb_store_open(&rt->store, &so, err) != 0 || load_sandbox(rt, err) != 0) goto fail;
   *out = rt;
   return 0;
@@ -1780,11 +1780,14 @@ int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_erro
   if (dc->appends) {
     if (dc->req.err.code) {
       int code = dc->req.err.code;
-      int again = code == EBB_EVERSION && d->from_cache;
+      int again = code == EBB_EVERSION;
       if (!again && err) ebb_error_move(err, &dc->req.err);
       decided_release(rt, dc);
-      /* The cached state was behind the store (its entry is gone already):
-       * deciding again folds the stream from the store. */
+      /* The state decided on was behind the store: the cached entry was stale
+       * (it is gone already), or another process (a second daemon on a shared
+       * PostgreSQL store, the CLI) appended between the read and the append.
+       * Deciding again folds the stream from the store; an expected_version
+       * the command gave is checked again there and fails then. */
       return again ? EBB_RETRY : code;
     }
     res = dc->req.result;

@@ -22,6 +22,7 @@ typedef struct ebb_runtime ebb_runtime;
 
 typedef struct ebb_runtime_options {
   const char *data_dir;        /* the store's directory */
+  const char *store;           /* NULL or "sqlite": data_dir/events.db; else a PostgreSQL URI */
   const char *aggregates_dir;  /* where aggregate modules live */
   const char *lua_dir;         /* the runtime's Lua library; NULL: the built-in default */
   int durability;              /* enum ebb_durability */

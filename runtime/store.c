@@ -6,6 +6,7 @@
 #include "store.h"
 
 #include "json.h"
+#include "store_backend.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -150,13 +151,50 @@ void ebb_event_list_filter(ebb_event_list *l, int (*keep)(const void *ud, const 
 
 /* ---------------------------------------------------------------- dispatch */
 
+/* The backends, opened by name. */
+static const struct backend {
+  const char *name;
+  int needs_dir; /* keeps its events in the data directory */
+  int (*open)(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
+} backends[] = {
+    {"sqlite", 1, ebb__store_sqlite_open},
+    {"postgres", 0, ebb__store_postgres_open},
+};
+
+const char *ebb_store_backend(const char *uri) {
+  if (uri == NULL || uri[0] == '\0' || strcmp(uri, "sqlite") == 0) return "sqlite";
+  if (strncmp(uri, "postgresql://", 13) == 0 || strncmp(uri, "postgres://", 11) == 0 ||
+      strchr(uri, '=') != NULL)
+    return "postgres";
+  return NULL;
+}
+
 int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err) {
   *out = NULL;
-  if (opt == NULL || opt->dir == NULL || opt->dir[0] == '\0')
-    return ebb_error_set(err, EBB_EBADREQ, "no data directory given");
+  if (opt == NULL) return ebb_error_set(err, EBB_EBADREQ, "no store options given");
+  const char *name = ebb_store_backend(opt->uri);
+  if (name == NULL)
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "store must be sqlite or a PostgreSQL connection URI "
+                         "(postgresql://user@host:port/database), not \"%s\"",
+                         opt->uri);
   if (opt->durability != EBB_DURABILITY_FULL && opt->durability != EBB_DURABILITY_NORMAL)
     return ebb_error_set(err, EBB_EBADREQ, "unknown durability level %d", opt->durability);
-  return ebb__store_sqlite_open(out, opt, err);
+  for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++) {
+    if (strcmp(backends[i].name, name) != 0) continue;
+    if (backends[i].needs_dir && (opt->dir == NULL || opt->dir[0] == '\0'))
+      return ebb_error_set(err, EBB_EBADREQ, "no data directory given");
+    return backends[i].open(out, opt, err);
+  }
+  return ebb_error_set(err, EBB_EBADREQ, "no %s store backend in this build", name);
+}
+
+const char *ebb_store_kind(const ebb_store *s) {
+  return s->vt->name;
+}
+
+int ebb_store_schema_version(ebb_store *s, int *version, ebb_error *err) {
+  return s->vt->schema_version(s, version, err);
 }
 
 void ebb_store_close(ebb_store *s) {

@@ -3,9 +3,11 @@
  *
  * A store keeps streams of immutable events with a global, gap-free position
  * and a 1-based version per stream. Dispatch, the CLI and the Lua binding only
- * use the functions below; a backend (SQLite today) supplies them through
- * ebb_store_vtable, so another one (PostgreSQL) can be added without touching
- * its callers. A store handle belongs to one thread at a time.
+ * use the functions below; a backend (SQLite or PostgreSQL) supplies them
+ * through ebb_store_vtable and is opened by name from a table in store.c, so
+ * callers never know which one they hold. Backends depend on this interface,
+ * never the reverse (their constructors are in store_backend.h). A store
+ * handle belongs to one thread at a time.
  *
  * Event data and metadata cross this interface as JSON object text; the store
  * validates it (a malformed text would make its stream unreadable) but never
@@ -33,7 +35,9 @@ enum ebb_durability {
 };
 
 typedef struct ebb_store_options {
-  const char *dir;      /* data directory, created if missing */
+  const char *uri;      /* NULL or "sqlite": SQLite in dir/events.db; a libpq connection URI
+                         * (postgresql://...) or "key=value" string: PostgreSQL */
+  const char *dir;      /* data directory, created if missing (SQLite only) */
   int durability;       /* enum ebb_durability */
   int readonly;         /* open for reading only */
   int exclusive;        /* hold the database lock while open: no other process may read or
@@ -151,6 +155,7 @@ typedef struct ebb_store_vtable {
   int (*snapshot_list)(ebb_store *, ebb_snapshot_fn fn, void *ud, ebb_error *err);
   int (*snapshot_delete)(ebb_store *, const char *stream, const char *fingerprint, int64_t version,
                          int64_t *deleted, ebb_error *err);
+  int (*schema_version)(ebb_store *, int *version, ebb_error *err);
   void (*close)(ebb_store *);
   int64_t (*wal_pages)(ebb_store *);             /* NULL: no WAL to checkpoint */
   int (*checkpoint)(ebb_store *, ebb_error *err); /* NULL: likewise */
@@ -159,15 +164,21 @@ typedef struct ebb_store_vtable {
 /* fsyncs issued by every SQLite store of the process so far, and their total
  * time: what durability costs, for metrics. */
 void ebb_store_sync_stats(uint64_t *count, double *seconds);
-const char *ebb__sync_vfs_name(void); /* the timing VFS the SQLite backend opens with */
 
 /* Every backend's handle starts with this. */
 struct ebb_store {
   const ebb_store_vtable *vt;
 };
 
-/* Opens the SQLite store in opt->dir. 0 or an EBB_E* code. */
+/* The backend that opt->uri names: "sqlite" (NULL, "" or "sqlite") or
+ * "postgres" (a postgresql:// or postgres:// URI, or a libpq "key=value"
+ * string); NULL when it names none. */
+const char *ebb_store_backend(const char *uri);
+/* Opens the store that opt->uri names. 0 or an EBB_E* code. */
 int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
+/* The backend's name ("sqlite", "postgres") and its schema version. */
+const char *ebb_store_kind(const ebb_store *s);
+int ebb_store_schema_version(ebb_store *s, int *version, ebb_error *err);
 void ebb_store_close(ebb_store *s); /* NULL-safe */
 /* Pages in the write-ahead log since this handle's last checkpoint (0 when
  * unknown), and a passive checkpoint: copies what no reader still needs from
@@ -236,10 +247,5 @@ int ebb_validate_name(const char *what, const char *s, ebb_error *err);
 int ebb_expected_matches(int64_t expected, int64_t actual);
 /* Parses "any", "no_stream", "exists" or a non-negative integer. */
 int ebb_parse_expected(const char *s, int64_t *out);
-
-/* Internal: the SQLite backend's schema (the benchmark's baseline uses it too). */
-extern const char *const ebb__sqlite_schema_sql;
-/* Internal: the SQLite backend's constructor. */
-int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
 
 #endif

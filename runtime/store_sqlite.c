@@ -11,7 +11,7 @@
  *
  * Every statement is prepared once at open and reset after each use.
  */
-#include "store.h"
+#include "store_backend.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -723,6 +723,18 @@ static int sqlite_snapshot_delete(ebb_store *base, const char *stream, const cha
   return 0;
 }
 
+static int sqlite_schema_version(ebb_store *base, int *version, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(s->db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
+    return db_error(s, err, "reading the schema version");
+  int rc = sqlite3_step(st);
+  *version = rc == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+  sqlite3_finalize(st);
+  if (rc != SQLITE_ROW) return db_error(s, err, "reading the schema version");
+  return 0;
+}
+
 static const ebb_store_vtable sqlite_vtable = {
     .name = "sqlite",
     .append = sqlite_append,
@@ -736,6 +748,7 @@ static const ebb_store_vtable sqlite_vtable = {
     .snapshot_load = sqlite_snapshot_load,
     .snapshot_list = sqlite_snapshot_list,
     .snapshot_delete = sqlite_snapshot_delete,
+    .schema_version = sqlite_schema_version,
     .close = sqlite_close,
     .wal_pages = sqlite_wal_pages,
     .checkpoint = sqlite_checkpoint,

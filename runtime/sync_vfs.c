@@ -14,7 +14,7 @@
 #include <string.h>
 
 #include "clock.h"
-#include "store.h"
+#include "store_backend.h"
 
 typedef struct timed_file {
   sqlite3_file base;      /* must be first: SQLite sees this */

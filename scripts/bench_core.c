@@ -33,6 +33,7 @@
 #include "error.h"
 #include "runtime.h"
 #include "store.h"
+#include "store_backend.h"
 #include "uuid.h"
 
 /* The targets. */

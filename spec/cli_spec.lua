@@ -192,7 +192,9 @@ describe("ebb CLI", function()
 
   it("takes its directories from EBB_* variables, options as --opt=value, and --metadata", function()
     local q = support.quote
+    local store = support.store_for(dir)
     local cmd = "cd /tmp && EBB_DATA=" .. q(dir) .. " EBB_AGGREGATES=" .. q(support.root .. "/aggregates") ..
+      (store and " EBB_STORE=" .. q(store) or "") ..
       " EBB_DURABILITY=normal " .. q(support.ebb) ..
       [[ send Order o-1 CreateOrder '{"customer_id":"c"}' --metadata='{"user_id":"u-1","tenant":"t"}']]
     local p = assert(io.popen(cmd, "r"))

@@ -262,9 +262,10 @@ describe("commands", function()
     it("answer a process that lost the race with what the winner stored", function()
       rt:close()
       local q = support.quote
+      local store = support.store_for(dir)
       local cmd = table.concat({ q(support.ebb), "--data", q(dir), "--aggregates", q(aggs),
-                                 "--durability", "normal", "send", "Probe", "p-1", "Slow",
-                                 "--command-id", "same" }, " ")
+                                 "--durability", "normal", store and "--store " .. q(store) or "",
+                                 "send", "Probe", "p-1", "Slow", "--command-id", "same" }, " ")
       local out1, out2 = os.tmpname(), os.tmpname()
       assert(os.execute("(" .. cmd .. " > " .. out1 .. ") & (" .. cmd .. " > " .. out2 .. "); wait"))
       rt = open()

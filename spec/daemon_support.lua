@@ -23,6 +23,11 @@ function M.start(opts)
   local args = { "serve", "--data", d.data, "--aggregates", d.aggregates,
                  "--listen", opts.listen or "127.0.0.1:0", "--log-format", "json" }
   for _, a in ipairs(opts.args or {}) do args[#args + 1] = a end
+  local store = opts.store or support.store_for(d.data)
+  if store then
+    args[#args + 1] = "--store"
+    args[#args + 1] = store
+  end
   if not opts.durability_given then
     args[#args + 1] = "--durability"
     args[#args + 1] = opts.durability or "normal"
@@ -211,10 +216,12 @@ end
 -- (a table, POSTed to /commands) or nil when the client is done;
 -- done(i, status, answer) sees each answer. Stops when every client is done,
 -- or when should_stop() says so; a lost connection ends that client.
+-- d is a daemon or a list of daemons (the clients spread over them).
 function M.load(d, n, step, done, should_stop)
   local conns = {}
   local active = n
-  for i = 1, n do conns[i] = connect(d) end
+  -- d may be a list of daemons: client i then talks to daemon (i - 1) % #d + 1
+  for i = 1, n do conns[i] = connect(d[1] and d[(i - 1) % #d + 1] or d) end
   while active > 0 and not (should_stop and should_stop()) do
     for i = 1, n do
       if conns[i] then

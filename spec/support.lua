@@ -18,6 +18,41 @@ function support.tmpdir()
   return name
 end
 
+-- The store the specs run against: SQLite in each data directory, or with
+-- EBB_TEST_STORE=postgres (under scripts/pg, which sets EBB_TEST_PG_URI) a
+-- PostgreSQL schema of its own per data directory, so each spec starts empty
+-- and reopening the same directory reopens the same store.
+support.store_kind = os.getenv("EBB_TEST_STORE") or "sqlite"
+local pg_made = {}
+function support.store_for(dir)
+  if support.store_kind ~= "postgres" then return nil end
+  local uri = assert(os.getenv("EBB_TEST_PG_URI"),
+    "EBB_TEST_STORE=postgres needs EBB_TEST_PG_URI: run the specs under scripts/pg")
+  local schema = "t" .. dir:gsub("%u", function(c) return "_" .. c:lower() end):gsub("[^%w_]", "_")
+  if not pg_made[schema] then
+    -- without the sanitizer runtimes scripts/test --sanitize preloads (psql hangs under them)
+    assert(os.execute("env -u LD_PRELOAD psql -q -X -v ON_ERROR_STOP=1 " .. sh_quote(uri) .. " -c " ..
+      sh_quote("CREATE SCHEMA IF NOT EXISTS " .. schema) .. " >/dev/null"))
+    pg_made[schema] = true
+  end
+  return uri .. "?options=-csearch_path%3D" .. schema
+end
+
+-- Under EBB_TEST_STORE=postgres, ebb.core's open gets that store for its data
+-- directory unless the spec names one.
+if support.store_kind == "postgres" then
+  local ok, core = pcall(require, "ebb.core")
+  if ok and not core.sqlite_open then
+    core.sqlite_open = core.open
+    core.open = function(opts)
+      if type(opts) == "table" and opts.store == nil and type(opts.data) == "string" then
+        opts.store = support.store_for(opts.data)
+      end
+      return core.sqlite_open(opts)
+    end
+  end
+end
+
 function support.rmdir(dir)
   if dir and dir:match("^/tmp/") then os.execute("rm -rf " .. sh_quote(dir)) end
 end
@@ -45,6 +80,17 @@ end
 -- Runs `ebb args...` (a list of strings); returns stdout, stderr, exit code.
 function support.run(args, opts)
   opts = opts or {}
+  if support.store_kind ~= "sqlite" then
+    -- the CLI opens the same store as ebb.core for the same data directory
+    local data, store
+    for i, a in ipairs(args) do
+      if args[i - 1] == "--data" then data = a end
+      if a == "--store" then store = true end
+    end
+    if data and not store then
+      args = { "--store", support.store_for(data), table.unpack(args) }
+    end
+  end
   local parts = { sh_quote(support.ebb) }
   for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
   local errfile = os.tmpname()

@@ -1,0 +1,949 @@
+/*
+ * store_postgres.c: the event store on PostgreSQL through libpq. Implements
+ * ebb_store_vtable (store.h) with the same semantics as the SQLite backend,
+ * so several `ebb serve` processes can share one event store.
+ *
+ * Global order: `ebb_head` is a one-row counter holding the last position.
+ * Every append transaction first locks that row (SELECT ... FOR UPDATE),
+ * numbers its events from it, sets it to the last position used and commits,
+ * releasing the lock. Writers are therefore serialized on one lock, taken once
+ * per append call (one group-commit batch), and a transaction that got
+ * positions 11..12 is visible before the one that gets 13 can even start
+ * numbering: commit order equals position order and there are no gaps (a
+ * request that fails inside the batch hands its positions back before the
+ * counter is written). No sequences, timers or high-water marks.
+ *
+ * Data, metadata and names are kept in text columns (never jsonb), so their
+ * bytes come back exactly as stored; names and times use the "C" collation so
+ * comparisons and order are bytewise, as in SQLite.
+ *
+ * The schema is versioned in `ebb_schema`; it is created or migrated in one
+ * transaction under a transaction-level advisory lock, so daemons starting at
+ * once do not race. Durability maps to synchronous_commit: full = on,
+ * normal = off (a crash of the PostgreSQL server may lose the last commits).
+ *
+ * A lost connection fails the call in flight with EBB_EUNAVAIL (an append
+ * whose COMMIT got no answer is reported failed, never as stored: re-sending
+ * it is idempotent by event id or command id); the next call reconnects once
+ * and prepares the statements again. Backoff between attempts is the
+ * caller's business.
+ *
+ * Every statement that carries a value is prepared once per connection and
+ * run with bound parameters; text goes in binary format with its length, so
+ * nothing is re-quoted or cut at a NUL.
+ */
+#include "store_backend.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+
+/* 1: events, commands, snapshots, the position counter. */
+#define SCHEMA_VERSION 1
+/* pg_advisory_xact_lock key for migrations: "ebb-schm" in ASCII. */
+#define MIGRATION_LOCK "7306920406391828845"
+
+static const char *const schema_v1 =
+    "CREATE TABLE ebb_head ("
+    "  id integer PRIMARY KEY CHECK (id = 1),"
+    "  position bigint NOT NULL);"
+    "INSERT INTO ebb_head (id, position) VALUES (1, 0);"
+    "CREATE TABLE events ("
+    "  position bigint PRIMARY KEY,"
+    "  stream text COLLATE \"C\" NOT NULL,"
+    "  version bigint NOT NULL CHECK (version >= 1),"
+    "  id text COLLATE \"C\" NOT NULL UNIQUE,"
+    "  type text COLLATE \"C\" NOT NULL,"
+    "  schema bigint NOT NULL DEFAULT 1 CHECK (schema >= 1),"
+    "  data text NOT NULL,"
+    "  metadata text NOT NULL,"
+    "  recorded_at text COLLATE \"C\" NOT NULL,"
+    "  category text COLLATE \"C\" NOT NULL,"
+    "  UNIQUE (stream, version));"
+    "CREATE INDEX events_by_category ON events (category, position);"
+    "CREATE INDEX events_by_type ON events (type, position);"
+    "CREATE TABLE commands ("
+    "  command_id text COLLATE \"C\" PRIMARY KEY,"
+    "  stream text COLLATE \"C\" NOT NULL,"
+    "  type text COLLATE \"C\" NOT NULL,"
+    "  version bigint NOT NULL,"
+    "  first_position bigint NOT NULL,"
+    "  last_position bigint NOT NULL,"
+    "  recorded_at text COLLATE \"C\" NOT NULL);"
+    "CREATE TABLE snapshots ("
+    "  stream text COLLATE \"C\" NOT NULL,"
+    "  fingerprint text COLLATE \"C\" NOT NULL,"
+    "  version bigint NOT NULL,"
+    "  position bigint NOT NULL,"
+    "  recorded_at text COLLATE \"C\" NOT NULL,"
+    "  state bytea NOT NULL,"
+    "  created_at text COLLATE \"C\" NOT NULL,"
+    "  PRIMARY KEY (stream, fingerprint, version));";
+
+#define EVENT_COLUMNS "position, stream, version, id, type, schema, data, metadata, recorded_at"
+
+enum {
+  S_LOCK_HEAD,
+  S_SET_HEAD,
+  S_VERSION,
+  S_INSERT,
+  S_FIND_ID,
+  S_FIND_COMMAND,
+  S_INSERT_COMMAND,
+  S_READ_FWD,
+  S_READ_BACK,
+  S_READ_ALL,
+  S_READ_ALL_CAT,
+  S_READ_ALL_TYPE,
+  S_READ_ALL_CAT_TYPE,
+  S_READ_RANGE,
+  S_HEAD,
+  S_POSITION_OF,
+  S_SNAP_SAVE,
+  S_SNAP_LOAD,
+  S_SNAP_LIST,
+  S_SNAP_DELETE,
+  S_SCHEMA_VERSION,
+  S_COUNT
+};
+
+static const char *const statements[S_COUNT] = {
+    [S_LOCK_HEAD] = "SELECT position FROM ebb_head WHERE id = 1 FOR UPDATE",
+    [S_SET_HEAD] = "UPDATE ebb_head SET position = $1::bigint WHERE id = 1",
+    [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
+                  "ORDER BY version DESC LIMIT 1",
+    [S_INSERT] = "INSERT INTO events (position, stream, version, id, type, schema, data, metadata, "
+                 "recorded_at, category) VALUES ($1::bigint, $2::text, $3::bigint, $4::text, "
+                 "$5::text, $6::bigint, $7::text, $8::text, $9::text, $10::text)",
+    [S_FIND_ID] = "SELECT stream, version, position FROM events WHERE id = $1::text",
+    [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position "
+                       "FROM commands WHERE command_id = $1::text",
+    [S_INSERT_COMMAND] = "INSERT INTO commands (command_id, stream, type, version, "
+                         "first_position, last_position, recorded_at) VALUES ($1::text, $2::text, "
+                         "$3::text, $4::bigint, $5::bigint, $6::bigint, $7::text)",
+    [S_READ_FWD] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = $1::text "
+                   "AND version >= $2::bigint ORDER BY version LIMIT $3::bigint",
+    [S_READ_BACK] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = $1::text "
+                    "AND version <= $2::bigint ORDER BY version DESC LIMIT $3::bigint",
+    [S_READ_ALL] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > $1::bigint "
+                   "ORDER BY position LIMIT $2::bigint",
+    [S_READ_ALL_CAT] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > $1::bigint "
+                       "AND category = $3::text ORDER BY position LIMIT $2::bigint",
+    [S_READ_ALL_TYPE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > $1::bigint "
+                        "AND type = $3::text ORDER BY position LIMIT $2::bigint",
+    [S_READ_ALL_CAT_TYPE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position > $1::bigint "
+                            "AND category = $3::text AND type = $4::text "
+                            "ORDER BY position LIMIT $2::bigint",
+    [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN $1::bigint "
+                     "AND $2::bigint ORDER BY position",
+    [S_HEAD] = "SELECT position FROM ebb_head WHERE id = 1",
+    [S_POSITION_OF] = "SELECT position FROM events WHERE stream = $1::text AND version = $2::bigint",
+    [S_SNAP_SAVE] = "INSERT INTO snapshots (stream, fingerprint, version, position, recorded_at, "
+                    "state, created_at) VALUES ($1::text, $2::text, $3::bigint, $4::bigint, "
+                    "$5::text, $6::bytea, $7::text) ON CONFLICT (stream, fingerprint, version) "
+                    "DO UPDATE SET position = EXCLUDED.position, recorded_at = "
+                    "EXCLUDED.recorded_at, state = EXCLUDED.state, created_at = EXCLUDED.created_at",
+    [S_SNAP_LOAD] = "SELECT version, position, state FROM snapshots WHERE stream = $1::text AND "
+                    "fingerprint = $2::text AND version <= $3::bigint AND recorded_at <= $4::text "
+                    "ORDER BY version DESC LIMIT 1",
+    [S_SNAP_LIST] = "SELECT stream, version, position, recorded_at, fingerprint, "
+                    "octet_length(state), created_at FROM snapshots ORDER BY stream, version",
+    [S_SNAP_DELETE] = "DELETE FROM snapshots WHERE ($1::text IS NULL OR stream = $1::text) AND "
+                      "($2::text IS NULL OR fingerprint = $2::text) AND "
+                      "($3::bigint < 0 OR version = $3::bigint)",
+    [S_SCHEMA_VERSION] = "SELECT coalesce(max(version), 0) FROM ebb_schema",
+};
+
+typedef struct pg_store {
+  ebb_store base;
+  PGconn *conn;
+  int durability, readonly;
+  int ready; /* this connection has its settings and prepared statements */
+} pg_store;
+
+/* ---------------------------------------------------------------- parameters */
+
+#define MAX_PARAMS 10
+
+typedef struct params {
+  const char *value[MAX_PARAMS];
+  int length[MAX_PARAMS], format[MAX_PARAMS];
+  char number[MAX_PARAMS][24];
+  int n;
+} params;
+
+/* Text (or bytes) with its length, in binary format: passed as is. NULL: SQL NULL. */
+static void p_bytes(params *p, const char *s, size_t len) {
+  p->value[p->n] = s ? (len ? s : "") : NULL;
+  p->length[p->n] = (int)len;
+  p->format[p->n] = 1;
+  p->n++;
+}
+
+static void p_text(params *p, const char *s) {
+  p_bytes(p, s, s ? strlen(s) : 0);
+}
+
+static void p_int(params *p, int64_t v) {
+  snprintf(p->number[p->n], sizeof p->number[0], "%lld", (long long)v);
+  p->value[p->n] = p->number[p->n];
+  p->length[p->n] = 0;
+  p->format[p->n] = 0;
+  p->n++;
+}
+
+/* ---------------------------------------------------------------- errors */
+
+static void trim(char *msg) {
+  size_t n = strlen(msg);
+  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
+}
+
+/* Is this failure the server or the connection going away? */
+static int is_unavailable(pg_store *s, const PGresult *res) {
+  if (PQstatus(s->conn) != CONNECTION_OK) return 1;
+  const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  if (state == NULL) return 1; /* no answer from the server at all */
+  return strncmp(state, "08", 2) == 0 ||     /* connection exception */
+         strncmp(state, "57P0", 4) == 0 ||   /* admin/crash shutdown, cannot connect now */
+         strcmp(state, "25006") == 0;        /* read-only transaction (a standby) */
+}
+
+/* Fills err from a failed result (or the connection's message) and frees res. */
+static int pg_error(pg_store *s, PGresult *res, ebb_error *err, const char *doing) {
+  char msg[768];
+  snprintf(msg, sizeof msg, "%s", res && PQresultErrorMessage(res)[0] ? PQresultErrorMessage(res)
+                                                                      : PQerrorMessage(s->conn));
+  trim(msg);
+  const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  int code = EBB_ESTORE;
+  if (is_unavailable(s, res)) code = EBB_EUNAVAIL;
+  else if (state && strncmp(state, "40", 2) == 0) code = EBB_EBUSY; /* serialization, deadlock */
+  else if (state && strncmp(state, "53", 2) == 0) code = EBB_ENOMEM; /* insufficient resources */
+  if (res) PQclear(res);
+  if (code == EBB_EUNAVAIL)
+    return ebb_error_set(err, code, "%s: the PostgreSQL store is unavailable: %s", doing,
+                         msg[0] ? msg : "connection lost");
+  return ebb_error_set(err, code, "%s: %s", doing, msg);
+}
+
+/* Runs a prepared statement. Returns the result (to PQclear) or NULL with err set. */
+static PGresult *run(pg_store *s, int which, const params *p, int binary, ebb_error *err,
+                     const char *doing) {
+  char name[16];
+  snprintf(name, sizeof name, "ebb_%d", which);
+  PGresult *res = PQexecPrepared(s->conn, name, p ? p->n : 0, p ? p->value : NULL,
+                                 p ? p->length : NULL, p ? p->format : NULL, binary);
+  ExecStatusType st = PQresultStatus(res);
+  if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) return res;
+  pg_error(s, res, err, doing);
+  return NULL;
+}
+
+/* Runs fixed SQL without values (transaction control, schema). */
+static int exec(pg_store *s, const char *sql, ebb_error *err, const char *doing) {
+  PGresult *res = PQexec(s->conn, sql);
+  ExecStatusType st = PQresultStatus(res);
+  if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+    PQclear(res);
+    return 0;
+  }
+  return pg_error(s, res, err, doing);
+}
+
+/* A failed request's statement left its savepoint aborted: back to it, or a
+ * negative code when even that failed (the transaction is lost). */
+static int rollback_to(pg_store *s, ebb_error *err) {
+  return exec(s, "ROLLBACK TO SAVEPOINT request", err, "rolling back a savepoint");
+}
+
+static int64_t get_i64(const PGresult *res, int row, int col) {
+  return strtoll(PQgetvalue(res, row, col), NULL, 10);
+}
+
+static int64_t get_be64(const PGresult *res, int row, int col) {
+  const unsigned char *p = (const unsigned char *)PQgetvalue(res, row, col);
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+  return (int64_t)v;
+}
+
+/* ---------------------------------------------------------------- connection */
+
+static void ignore_notice(void *arg, const char *message) {
+  (void)arg;
+  (void)message;
+}
+
+/* Settings and prepared statements of a fresh connection. */
+static int session_setup(pg_store *s, ebb_error *err) {
+  char sql[256];
+  snprintf(sql, sizeof sql,
+           "SET client_encoding = 'UTF8'; SET synchronous_commit = %s; "
+           "SET default_transaction_read_only = %s; SET default_transaction_isolation = "
+           "'read committed'",
+           s->durability == EBB_DURABILITY_FULL ? "on" : "off", s->readonly ? "on" : "off");
+  if (exec(s, sql, err, "configuring the PostgreSQL session")) return err->code;
+  return 0;
+}
+
+static int prepare_all(pg_store *s, ebb_error *err) {
+  for (int i = 0; i < S_COUNT; i++) {
+    char name[16];
+    snprintf(name, sizeof name, "ebb_%d", i);
+    PGresult *res = PQprepare(s->conn, name, statements[i], 0, NULL);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) return pg_error(s, res, err, "preparing a statement");
+    PQclear(res);
+  }
+  s->ready = 1;
+  return 0;
+}
+
+/* Before each call: a working connection outside any transaction. A lost one
+ * is reconnected once; failing that, EBB_EUNAVAIL. */
+static int ensure(pg_store *s, ebb_error *err) {
+  if (s->ready && PQstatus(s->conn) == CONNECTION_OK) {
+    PGTransactionStatusType ts = PQtransactionStatus(s->conn);
+    if (ts == PQTRANS_IDLE) return 0;
+    if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
+      if (exec(s, "ROLLBACK", err, "rolling back") == 0) return 0;
+      ebb_error_clear(err);
+    }
+  }
+  s->ready = 0;
+  PQreset(s->conn);
+  if (PQstatus(s->conn) != CONNECTION_OK) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", PQerrorMessage(s->conn));
+    trim(msg);
+    return ebb_error_set(err, EBB_EUNAVAIL, "the PostgreSQL store is unavailable: %s", msg);
+  }
+  if (session_setup(s, err) || prepare_all(s, err)) return err->code;
+  return 0;
+}
+
+/* Is the connection gone? */
+static int lost(pg_store *s) {
+  return PQstatus(s->conn) != CONNECTION_OK;
+}
+
+/* A statement outside any transaction (a read, or one that may run twice):
+ * when the connection turns out to be gone (a server restart since the last
+ * call), reconnect and run it once more. Nothing was sent that could have
+ * changed anything, so a second try is safe. */
+static PGresult *run_alone(pg_store *s, int which, const params *p, int binary, ebb_error *err,
+                           const char *doing) {
+  if (ensure(s, err)) return NULL;
+  PGresult *res = run(s, which, p, binary, err, doing);
+  if (res || !lost(s)) return res;
+  ebb_error_clear(err);
+  if (ensure(s, err)) return NULL;
+  return run(s, which, p, binary, err, doing);
+}
+
+/* BEGIN, reconnecting once if the connection turns out to be gone. */
+static int begin(pg_store *s, ebb_error *err) {
+  if (ensure(s, err)) return err->code;
+  if (exec(s, "BEGIN", err, "starting a transaction") == 0) return 0;
+  if (!lost(s)) return err->code;
+  ebb_error_clear(err);
+  if (ensure(s, err) || exec(s, "BEGIN", err, "starting a transaction")) return err->code;
+  return 0;
+}
+
+static int read_schema_version(pg_store *s, int *version, ebb_error *err) {
+  PGresult *res = PQexec(s->conn, "SELECT coalesce(max(version), 0) FROM ebb_schema");
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (state && strcmp(state, "42P01") == 0) { /* undefined table: no schema yet */
+      PQclear(res);
+      *version = 0;
+      return 0;
+    }
+    return pg_error(s, res, err, "reading the schema version");
+  }
+  *version = (int)get_i64(res, 0, 0);
+  PQclear(res);
+  return 0;
+}
+
+/* Creates or upgrades the schema, once, whoever else starts at the same time. */
+static int migrate(pg_store *s, ebb_error *err) {
+  if (exec(s, "BEGIN", err, "starting the schema migration") ||
+      exec(s, "SELECT pg_advisory_xact_lock(" MIGRATION_LOCK ")", err, "locking the schema") ||
+      exec(s, "CREATE TABLE IF NOT EXISTS ebb_schema (version integer NOT NULL)", err,
+           "creating the schema version table"))
+    goto fail;
+  int version;
+  if (read_schema_version(s, &version, err)) goto fail;
+  if (version > SCHEMA_VERSION) {
+    ebb_error_set(err, EBB_ESTORE, "the store's schema version %d is newer than this ebb knows (%d)",
+                  version, SCHEMA_VERSION);
+    goto fail;
+  }
+  if (version < 1 && (exec(s, schema_v1, err, "creating the schema") ||
+                      exec(s, "INSERT INTO ebb_schema (version) VALUES (1)", err,
+                           "recording the schema version")))
+    goto fail;
+  if (exec(s, "COMMIT", err, "committing the schema")) goto fail;
+  return 0;
+fail:
+  if (PQstatus(s->conn) == CONNECTION_OK) PQclear(PQexec(s->conn, "ROLLBACK"));
+  return err->code;
+}
+
+static void pg_close(ebb_store *base) {
+  pg_store *s = (pg_store *)base;
+  PQfinish(s->conn);
+  free(s);
+}
+
+static const ebb_store_vtable pg_vtable;
+
+int ebb__store_postgres_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err) {
+  *out = NULL;
+  pg_store *s = calloc(1, sizeof *s);
+  if (s == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory opening the store");
+  s->base.vt = &pg_vtable;
+  s->durability = opt->durability;
+  s->readonly = opt->readonly;
+  s->conn = PQconnectdb(opt->uri);
+  if (s->conn == NULL) {
+    free(s);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory connecting to PostgreSQL");
+  }
+  if (PQstatus(s->conn) != CONNECTION_OK) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", PQerrorMessage(s->conn));
+    trim(msg);
+    pg_close(&s->base);
+    return ebb_error_set(err, EBB_EUNAVAIL, "cannot connect to the PostgreSQL store: %s", msg);
+  }
+  PQsetNoticeProcessor(s->conn, ignore_notice, NULL);
+  int version = 0;
+  if (session_setup(s, err) || (!opt->readonly && migrate(s, err)) ||
+      read_schema_version(s, &version, err))
+    goto fail;
+  if (version < SCHEMA_VERSION) {
+    ebb_error_set(err, EBB_ESTORE,
+                  "the PostgreSQL database holds no ebb store yet (schema version %d); open it "
+                  "for writing once to create it",
+                  version);
+    goto fail;
+  }
+  if (prepare_all(s, err)) goto fail;
+  *out = &s->base;
+  return 0;
+fail:
+  pg_close(&s->base);
+  return err->code;
+}
+
+/* ---------------------------------------------------------------- append */
+
+static int stream_version(pg_store *s, const char *stream, int64_t *version, int *deleted,
+                          ebb_error *err) {
+  params p = {0};
+  p_text(&p, stream);
+  PGresult *res = run(s, S_VERSION, &p, 0, err, "reading a stream's version");
+  if (res == NULL) return err->code;
+  int found = PQntuples(res) > 0;
+  *version = found ? get_i64(res, 0, 0) : 0;
+  *deleted = found && strcmp(PQgetvalue(res, 0, 1), EBB_TOMBSTONE) == 0;
+  PQclear(res);
+  return 0;
+}
+
+/* After a failed append: are these events already stored, exactly where this
+ * request would have put them? 1: yes (r->result filled), 0: none of the ids
+ * is stored (the original error stands), < 0: some are stored elsewhere or
+ * only some are stored (r->err says which). The same rule as SQLite's. */
+static int check_idempotent(pg_store *s, ebb_append *r) {
+  size_t found = 0;
+  int64_t first_version = 0, first_position = 0, last_version = 0, last_position = 0;
+  char where[EBB_MAX_NAME + 1] = "";
+  const char *bad = NULL, *first_found = NULL;
+  ebb_error qerr;
+  ebb_error_init(&qerr);
+  for (size_t i = 0; i < r->n && !bad; i++) {
+    params p = {0};
+    p_text(&p, r->events[i].id);
+    PGresult *res = run(s, S_FIND_ID, &p, 0, &qerr, "looking up an event id");
+    if (res == NULL) {
+      ebb_error_clear(&r->err);
+      ebb_error_move(&r->err, &qerr);
+      return r->err.code;
+    }
+    if (PQntuples(res) > 0) {
+      const char *stream = PQgetvalue(res, 0, 0);
+      int64_t version = get_i64(res, 0, 1), position = get_i64(res, 0, 2);
+      if (found == 0) {
+        first_found = r->events[i].id;
+        first_version = version;
+        first_position = position;
+      }
+      if (strcmp(stream, r->stream) != 0 || version != first_version + (int64_t)i || found != i) {
+        snprintf(where, sizeof where, "%s", stream);
+        last_version = version;
+        bad = r->events[i].id;
+      }
+      if (!bad) {
+        last_version = version;
+        last_position = position;
+      }
+      found++;
+    }
+    PQclear(res);
+  }
+  if (found == 0) return 0;
+  int64_t want_first = r->expected >= 0 ? r->expected + 1
+                       : r->expected == EBB_EXPECT_NO_STREAM ? 1
+                                                             : 0;
+  ebb_error_clear(&r->err);
+  if (!bad && found == r->n && (want_first == 0 || first_version == want_first) &&
+      (r->expected != EBB_EXPECT_EXISTS || first_version > 1)) {
+    r->result.first_version = first_version;
+    r->result.version = last_version;
+    r->result.first_position = first_position;
+    r->result.position = last_position;
+    r->result.idempotent = 1;
+    return 1;
+  }
+  if (bad)
+    return ebb_error_set(&r->err, EBB_ECONFLICT,
+                         "event id %s is already stored in stream %s at version %lld", bad, where,
+                         (long long)last_version);
+  return ebb_error_set(&r->err, EBB_ECONFLICT,
+                       "event id %s is already stored in %s at version %lld, and %zu of the %zu "
+                       "events are; an idempotent re-send must repeat exactly the same events at "
+                       "the same place",
+                       first_found, r->stream, (long long)first_version, found, r->n);
+}
+
+/* alone: outside a transaction (may reconnect and run again). */
+static int find_command(pg_store *s, const char *command_id, ebb_command_record *out, int alone,
+                        ebb_error *err) {
+  params p = {0};
+  p_text(&p, command_id);
+  PGresult *res = (alone ? run_alone : run)(s, S_FIND_COMMAND, &p, 0, err, "looking up a command id");
+  if (res == NULL) return err->code;
+  int found = PQntuples(res) > 0;
+  if (found) {
+    snprintf(out->stream, sizeof out->stream, "%s", PQgetvalue(res, 0, 0));
+    snprintf(out->type, sizeof out->type, "%s", PQgetvalue(res, 0, 1));
+    out->version = get_i64(res, 0, 2);
+    out->first_position = get_i64(res, 0, 3);
+    out->position = get_i64(res, 0, 4);
+  }
+  PQclear(res);
+  return found;
+}
+
+/* One request inside the open transaction and its savepoint `request`.
+ * *head is the last position used; the request's events take the next ones.
+ * 0 (r->result filled; *wrote set when rows were added) or < 0 with r->err
+ * set. On failure the savepoint may be aborted: the caller rolls back to it. */
+static int append_one(pg_store *s, ebb_append *r, const char *now, int64_t *head, int *wrote) {
+  *wrote = 0;
+  if (r->command_id) {
+    ebb_command_record rec;
+    int found = find_command(s, r->command_id, &rec, 0, &r->err);
+    if (found < 0) return found;
+    if (found) {
+      if (strcmp(rec.stream, r->stream) != 0 ||
+          (r->command_type && strcmp(rec.type, r->command_type) != 0))
+        return ebb_error_set(&r->err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
+                             r->command_id, rec.type, rec.stream);
+      r->result.first_position = rec.first_position;
+      r->result.position = rec.position;
+      r->result.version = rec.version;
+      r->result.first_version =
+          rec.first_position ? rec.version - (rec.position - rec.first_position) : rec.version;
+      r->result.idempotent = 1;
+      return 0;
+    }
+  }
+  int64_t version = 0;
+  int deleted = 0;
+  if (stream_version(s, r->stream, &version, &deleted, &r->err)) return r->err.code;
+  if (deleted)
+    return ebb_error_set(&r->err, EBB_EDELETED,
+                         "stream %s was deleted at version %lld; its events stay readable",
+                         r->stream, (long long)version);
+  if (!ebb_expected_matches(r->expected, version)) {
+    int rc = r->n ? check_idempotent(s, r) : 0;
+    if (rc != 0) return rc > 0 ? 0 : rc;
+    ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
+                  r->stream, ebb_expected_name(r->expected, (char[24]){0}, 24),
+                  (long long)version);
+    r->err.expected = r->expected;
+    r->err.actual = version;
+    return EBB_EVERSION;
+  }
+  size_t category_len = ebb_stream_category_len(r->stream);
+  int64_t position = *head;
+  for (size_t i = 0; i < r->n; i++) {
+    const ebb_event_in *e = &r->events[i];
+    params p = {0};
+    p_int(&p, position + 1);
+    p_text(&p, r->stream);
+    p_int(&p, version + 1 + (int64_t)i);
+    p_text(&p, e->id);
+    p_text(&p, e->type);
+    p_int(&p, e->schema);
+    p_bytes(&p, e->data, e->data_len);
+    p_bytes(&p, e->metadata, e->metadata_len);
+    p_text(&p, e->recorded_at ? e->recorded_at : now);
+    p_bytes(&p, r->stream, category_len);
+    char name[16];
+    snprintf(name, sizeof name, "ebb_%d", S_INSERT);
+    PGresult *res = PQexecPrepared(s->conn, name, p.n, p.value, p.length, p.format, 0);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+      const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+      if (state && strcmp(state, "23505") == 0) {
+        /* Only the id can collide: the version was checked under the head
+         * lock. The savepoint is aborted: undo it before looking the ids up. */
+        pg_error(s, res, &r->err, "appending an event");
+        ebb_error tmp;
+        ebb_error_init(&tmp);
+        if (rollback_to(s, &tmp)) {
+          ebb_error_clear(&r->err);
+          ebb_error_move(&r->err, &tmp);
+          return r->err.code;
+        }
+        int idem = check_idempotent(s, r);
+        if (idem > 0) return 0; /* nothing of this request stays: *head unchanged */
+        if (idem == 0 && r->err.code == 0) ebb_error_set(&r->err, EBB_ECONFLICT, "event id clash");
+        return r->err.code;
+      }
+      return pg_error(s, res, &r->err, "appending an event");
+    }
+    PQclear(res);
+    position++;
+    if (i == 0) r->result.first_position = position;
+    r->result.position = position;
+  }
+  r->result.first_version = r->n ? version + 1 : version;
+  r->result.version = version + (int64_t)r->n;
+  if (r->n == 0 && version > 0) {
+    /* A command that recorded nothing answers with the stream's last position. */
+    params p = {0};
+    p_text(&p, r->stream);
+    p_int(&p, version);
+    PGresult *res = run(s, S_POSITION_OF, &p, 0, &r->err, "reading a stream's last position");
+    if (res == NULL) return r->err.code;
+    if (PQntuples(res) > 0) r->result.position = get_i64(res, 0, 0);
+    PQclear(res);
+  }
+  if (r->command_id) {
+    params p = {0};
+    p_text(&p, r->command_id);
+    p_text(&p, r->stream);
+    p_text(&p, r->command_type ? r->command_type : "");
+    p_int(&p, r->result.version);
+    p_int(&p, r->result.first_position);
+    p_int(&p, r->result.position);
+    p_text(&p, now);
+    PGresult *res = run(s, S_INSERT_COMMAND, &p, 0, &r->err, "recording a command id");
+    if (res == NULL) return r->err.code;
+    PQclear(res);
+  }
+  *head = position;
+  *wrote = 1;
+  return 0;
+}
+
+/* atomic: a failing request fails them all (see ebb_store_append_atomic). */
+static int pg_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  char now[EBB_TIME_LEN + 1];
+  ebb_clock_format(ebb_clock_now_ms(), now);
+  ebb_error txerr;
+  ebb_error_init(&txerr);
+  size_t failed = 0;
+  int any = 0;
+  if (begin(s, &txerr)) goto fail;
+  /* The one lock of every append: held until COMMIT, so positions are handed
+   * out in commit order. */
+  PGresult *res = run(s, S_LOCK_HEAD, NULL, 0, &txerr, "locking the position counter");
+  if (res == NULL) goto fail;
+  int64_t head = PQntuples(res) > 0 ? get_i64(res, 0, 0) : -1, start = head;
+  PQclear(res);
+  if (head < 0) {
+    ebb_error_set(&txerr, EBB_ESTORE, "the position counter (ebb_head) is missing");
+    goto fail;
+  }
+  for (size_t i = 0; i < n; i++) {
+    ebb_append *r = &reqs[i];
+    if (r->err.code && atomic) {
+      failed = i;
+      goto undo_all;
+    }
+    if (r->err.code) continue; /* refused by the checks in store.c */
+    if (exec(s, "SAVEPOINT request", &txerr, "starting a savepoint")) goto fail;
+    int wrote = 0;
+    append_one(s, r, now, &head, &wrote);
+    if (r->err.code) {
+      if (lost(s)) {
+        ebb_error_set(&txerr, EBB_EUNAVAIL, "%s", r->err.message);
+        goto fail;
+      }
+      memset(&r->result, 0, sizeof r->result);
+      if (atomic) {
+        failed = i;
+        goto undo_all;
+      }
+      if (rollback_to(s, &txerr)) goto fail;
+    }
+    any |= wrote;
+  }
+  if (!any) {
+    /* Nothing new (all failed or idempotent): release the lock, write nothing. */
+    if (exec(s, "ROLLBACK", &txerr, "rolling back")) goto fail;
+    return 0;
+  }
+  if (head != start) {
+    params p = {0};
+    p_int(&p, head);
+    res = run(s, S_SET_HEAD, &p, 0, &txerr, "advancing the position counter");
+    if (res == NULL) goto fail;
+    PQclear(res);
+  }
+  res = PQexec(s->conn, "COMMIT");
+  if (PQresultStatus(res) != PGRES_COMMAND_OK || strcmp(PQcmdStatus(res), "COMMIT") != 0) {
+    /* No answer to COMMIT: it may or may not have happened. Report failure;
+     * a re-send is idempotent by event id and command id. */
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+      PQclear(res);
+      ebb_error_set(&txerr, EBB_ESTORE, "committing: the transaction was rolled back");
+    } else {
+      pg_error(s, res, &txerr, "committing");
+    }
+    goto fail;
+  }
+  PQclear(res);
+  return 0;
+undo_all:
+  if (!lost(s)) PQclear(PQexec(s->conn, "ROLLBACK"));
+  for (size_t i = 0; i < n; i++) {
+    memset(&reqs[i].result, 0, sizeof reqs[i].result);
+    if (i == failed) continue;
+    ebb_error_clear(&reqs[i].err);
+    ebb_error_set(&reqs[i].err, EBB_EUNAVAIL, "not appended: request %zu of this append failed",
+                  failed + 1);
+  }
+  return reqs[failed].err.code;
+fail:
+  if (!lost(s) && PQtransactionStatus(s->conn) != PQTRANS_IDLE) PQclear(PQexec(s->conn, "ROLLBACK"));
+  for (size_t i = 0; i < n; i++) {
+    memset(&reqs[i].result, 0, sizeof reqs[i].result);
+    ebb_error_clear(&reqs[i].err);
+    ebb_error_set(&reqs[i].err, txerr.code, "%s", txerr.message);
+  }
+  int code = txerr.code;
+  if (err) ebb_error_move(err, &txerr);
+  ebb_error_clear(&txerr);
+  return code;
+}
+
+/* ---------------------------------------------------------------- reads */
+
+static int collect(pg_store *s, int which, const params *p, ebb_event_list *out, ebb_error *err) {
+  PGresult *res = run_alone(s, which, p, 0, err, "reading events");
+  if (res == NULL) return err->code;
+  int rows = PQntuples(res);
+  for (int i = 0; i < rows; i++) {
+    ebb_event ev = {
+        .position = get_i64(res, i, 0),
+        .stream = PQgetvalue(res, i, 1),
+        .version = get_i64(res, i, 2),
+        .id = PQgetvalue(res, i, 3),
+        .type = PQgetvalue(res, i, 4),
+        .schema = get_i64(res, i, 5),
+        .data = PQgetvalue(res, i, 6),
+        .data_len = (size_t)PQgetlength(res, i, 6),
+        .metadata = PQgetvalue(res, i, 7),
+        .metadata_len = (size_t)PQgetlength(res, i, 7),
+        .recorded_at = PQgetvalue(res, i, 8),
+    };
+    if (ebb_event_list_push(out, &ev)) {
+      PQclear(res);
+      return ebb_error_set(err, EBB_ENOMEM, "out of memory reading events");
+    }
+  }
+  PQclear(res);
+  return 0;
+}
+
+static int pg_read_stream(ebb_store *base, const char *stream, int64_t from, int64_t limit,
+                          int backward, ebb_event_list *out, ebb_error *err) {
+  params p = {0};
+  p_text(&p, stream);
+  p_int(&p, backward && from == 0 ? INT64_MAX : from);
+  p_int(&p, limit);
+  return collect((pg_store *)base, backward ? S_READ_BACK : S_READ_FWD, &p, out, err);
+}
+
+static int pg_read_all(ebb_store *base, const ebb_read_all *q, ebb_event_list *out,
+                       ebb_error *err) {
+  int which = q->category ? (q->type ? S_READ_ALL_CAT_TYPE : S_READ_ALL_CAT)
+                          : (q->type ? S_READ_ALL_TYPE : S_READ_ALL);
+  params p = {0};
+  p_int(&p, q->after);
+  p_int(&p, q->limit);
+  if (q->category) p_text(&p, q->category);
+  if (q->type) p_text(&p, q->type);
+  return collect((pg_store *)base, which, &p, out, err);
+}
+
+static int pg_read_range(ebb_store *base, int64_t first, int64_t last, ebb_event_list *out,
+                         ebb_error *err) {
+  params p = {0};
+  p_int(&p, first);
+  p_int(&p, last);
+  return collect((pg_store *)base, S_READ_RANGE, &p, out, err);
+}
+
+static int pg_stream_version(ebb_store *base, const char *stream, int64_t *version, int *deleted,
+                             ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  params p = {0};
+  p_text(&p, stream);
+  PGresult *res = run_alone(s, S_VERSION, &p, 0, err, "reading a stream's version");
+  if (res == NULL) return err->code;
+  int found = PQntuples(res) > 0;
+  *version = found ? get_i64(res, 0, 0) : 0;
+  *deleted = found && strcmp(PQgetvalue(res, 0, 1), EBB_TOMBSTONE) == 0;
+  PQclear(res);
+  return 0;
+}
+
+static int pg_head(ebb_store *base, int64_t *position, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  PGresult *res = run_alone(s, S_HEAD, NULL, 0, err, "reading the head position");
+  if (res == NULL) return err->code;
+  *position = PQntuples(res) > 0 ? get_i64(res, 0, 0) : 0;
+  PQclear(res);
+  return 0;
+}
+
+static int pg_find_command(ebb_store *base, const char *command_id, ebb_command_record *out,
+                           ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  return find_command(s, command_id, out, 1, err);
+}
+
+static int pg_schema_version(ebb_store *base, int *version, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  PGresult *res = run_alone(s, S_SCHEMA_VERSION, NULL, 0, err, "reading the schema version");
+  if (res == NULL) return err->code;
+  *version = (int)get_i64(res, 0, 0);
+  PQclear(res);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- snapshots */
+
+static int pg_snapshot_save(ebb_store *base, const ebb_snapshot *snaps, size_t n, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  char now[EBB_TIME_LEN + 1];
+  ebb_clock_format(ebb_clock_now_ms(), now);
+  if (begin(s, err)) return err->code;
+  for (size_t i = 0; i < n; i++) {
+    params p = {0};
+    p_text(&p, snaps[i].stream);
+    p_text(&p, snaps[i].fingerprint);
+    p_int(&p, snaps[i].version);
+    p_int(&p, snaps[i].position);
+    p_text(&p, snaps[i].recorded_at);
+    p_bytes(&p, snaps[i].state ? snaps[i].state : "", snaps[i].state_len);
+    p_text(&p, now);
+    PGresult *res = run(s, S_SNAP_SAVE, &p, 0, err, "saving a snapshot");
+    if (res == NULL) {
+      if (!lost(s)) PQclear(PQexec(s->conn, "ROLLBACK"));
+      return err->code;
+    }
+    PQclear(res);
+  }
+  return exec(s, "COMMIT", err, "committing snapshots");
+}
+
+static int pg_snapshot_load(ebb_store *base, const char *stream, const char *fingerprint,
+                            int64_t max_version, const char *max_time, int64_t *version,
+                            int64_t *position, ebb_buf *state_buf, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  params p = {0};
+  p_text(&p, stream);
+  p_text(&p, fingerprint);
+  p_int(&p, max_version < 0 ? INT64_MAX : max_version);
+  p_text(&p, max_time ? max_time : "9999");
+  /* Binary results: the state comes back as its bytes, the numbers as int8. */
+  PGresult *res = run_alone(s, S_SNAP_LOAD, &p, 1, err, "loading a snapshot");
+  if (res == NULL) return err->code;
+  int found = 0;
+  if (PQntuples(res) > 0) {
+    *version = get_be64(res, 0, 0);
+    *position = get_be64(res, 0, 1);
+    found = ebb_buf_append(state_buf, PQgetvalue(res, 0, 2), (size_t)PQgetlength(res, 0, 2)) == 0
+                ? 1
+                : EBB_ENOMEM;
+  }
+  PQclear(res);
+  if (found == EBB_ENOMEM) return ebb_error_set(err, EBB_ENOMEM, "out of memory loading a snapshot");
+  return found;
+}
+
+static int pg_snapshot_list(ebb_store *base, ebb_snapshot_fn fn, void *ud, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  PGresult *res = run_alone(s, S_SNAP_LIST, NULL, 0, err, "listing snapshots");
+  if (res == NULL) return err->code;
+  int rows = PQntuples(res);
+  for (int i = 0; i < rows; i++) {
+    ebb_snapshot snap = {
+        .stream = PQgetvalue(res, i, 0),
+        .version = get_i64(res, i, 1),
+        .position = get_i64(res, i, 2),
+        .recorded_at = PQgetvalue(res, i, 3),
+        .fingerprint = PQgetvalue(res, i, 4),
+        .state_len = (size_t)get_i64(res, i, 5),
+        .created_at = PQgetvalue(res, i, 6),
+    };
+    if (fn(ud, &snap) != 0) break;
+  }
+  PQclear(res);
+  return 0;
+}
+
+static int pg_snapshot_delete(ebb_store *base, const char *stream, const char *fingerprint,
+                              int64_t version, int64_t *deleted, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  params p = {0};
+  p_text(&p, stream);
+  p_text(&p, fingerprint);
+  p_int(&p, version);
+  PGresult *res = run_alone(s, S_SNAP_DELETE, &p, 0, err, "deleting snapshots");
+  if (res == NULL) return err->code;
+  *deleted = strtoll(PQcmdTuples(res), NULL, 10);
+  PQclear(res);
+  return 0;
+}
+
+static const ebb_store_vtable pg_vtable = {
+    .name = "postgres",
+    .append = pg_append,
+    .read_stream = pg_read_stream,
+    .read_all = pg_read_all,
+    .read_range = pg_read_range,
+    .stream_version = pg_stream_version,
+    .head = pg_head,
+    .find_command = pg_find_command,
+    .snapshot_save = pg_snapshot_save,
+    .snapshot_load = pg_snapshot_load,
+    .snapshot_list = pg_snapshot_list,
+    .snapshot_delete = pg_snapshot_delete,
+    .schema_version = pg_schema_version,
+    .close = pg_close,
+};

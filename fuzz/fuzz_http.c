@@ -70,6 +70,20 @@ static int parse_body(lua_State *L) {
   return 0;
 }
 
+/* An error's message goes to the client inside JSON: it must stay JSON
+ * whatever bytes of the request it quotes. */
+static void check_message(ebb_error *err) {
+  if (err->code) {
+    ebb_buf b = EBB_BUF_INIT;
+    char msg[256];
+    ebb_buf_json_string(&b, err->message, strlen(err->message));
+    FUZZ_CHECK(b.oom || ebb_json_validate(b.data, b.len, msg, sizeof msg) == 0,
+               "an error message is not a JSON string: %s: %s", msg, err->message);
+    ebb_buf_free(&b);
+  }
+  ebb_error_clear(err);
+}
+
 static void read_request(ebb_http_conn *c, const ebb_http_request *req) {
   FUZZ_CHECK(req->method && req->path && req->query && req->body, "a request lacks a part");
   FUZZ_CHECK(req->body[req->body_len] == '\0', "the body is not NUL-terminated");
@@ -90,7 +104,10 @@ static void read_request(ebb_http_conn *c, const ebb_http_request *req) {
   const char *allow;
   int post = strcmp(req->method, "POST") == 0;
   int route = ebb__route_of(&pp, post, &allow);
-  if (allow == NULL) goto done;
+  if (allow == NULL) {
+    ebb_error_set(&err, EBB_ENOTFOUND, "no route %s; see README.md for the API", req->path);
+    goto done;
+  }
   ebb_params q = {0};
   if (ebb__parse_query(req->query, allowed[route], &q, &err) == 0) {
     int64_t x;
@@ -100,13 +117,13 @@ static void read_request(ebb_http_conn *c, const ebb_http_request *req) {
         ebb__param_int(&q, "after", 0, INT64_MAX, &x, &err) ||
         ebb__param_int(&q, "version", 0, INT64_MAX, &x, &err) ||
         ebb__param_bool(&q, "backward", &b, &err);
-    ebb_error_clear(&err);
+    check_message(&err);
     const char *v;
     if ((v = ebb__param(&q, "category"))) ebb_validate_name("category", v, &err);
     if ((v = ebb__param(&q, "type"))) ebb_validate_name("event type", v, &err);
-    ebb_error_clear(&err);
+    check_message(&err);
     if (route == ROUTE_STREAM || route == ROUTE_APPEND) ebb_validate_name("stream name", pp.seg[1], &err);
-    ebb_error_clear(&err);
+    check_message(&err);
     if (route == ROUTE_QUERY) {
       ebb_buf args = EBB_BUF_INIT;
       int64_t after = -1;
@@ -123,7 +140,7 @@ static void read_request(ebb_http_conn *c, const ebb_http_request *req) {
   }
   ebb__params_free(&q);
 done:
-  ebb_error_clear(&err);
+  check_message(&err);
 }
 
 static size_t requests;

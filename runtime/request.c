@@ -41,6 +41,12 @@ int ebb__pct_decode(const char *s, size_t n, int plus_space, char *out, size_t o
   return 0;
 }
 
+static int utf8(const char *s) {
+  for (size_t n = strlen(s), i = 0, k; i < n; i += k)
+    if ((k = ebb_utf8_seq((const unsigned char *)s + i, n - i)) == 0) return 0;
+  return 1;
+}
+
 /* Splits "/a/b%2Fc" into decoded segments. A message in err on failure. */
 int ebb__split_path(const char *path, ebb_path_parts *pp, ebb_error *err) {
   pp->n = 0;
@@ -110,6 +116,9 @@ int ebb__parse_query(const char *query, const char *allowed, ebb_params *q, ebb_
       if (ebb__pct_decode(p, kl, 1, k, kl + 1) || (eq && ebb__pct_decode(eq + 1, vl, 1, v, vl + 1)))
         return ebb_error_set(err, EBB_EBADREQ, "bad percent-encoding in the query string");
       if (!eq) v[0] = '\0';
+      /* Values go on as JSON text (a query's arguments) and into messages. */
+      if (!utf8(k) || !utf8(v))
+        return ebb_error_set(err, EBB_EBADREQ, "the query string is not UTF-8 (percent-decoded)");
       size_t klen = strlen(k);
       const char *a = allowed;
       int ok = allowed == NULL;

@@ -1,7 +1,9 @@
 -- Regressions of what the fuzz targets (fuzz/, scripts/fuzz) found: each
 -- case is the smallest form of a crashing or hanging input, checked through
 -- the interface a user reaches it by. The inputs are in fuzz/corpus too.
+local core = require "ebb.core"
 local support = require "support"
+local daemon = require "daemon_support"
 
 -- Runs `ebb args...` bounded by a generous timeout, so that a hang fails
 -- the spec (exit 124) instead of stopping the suite.
@@ -49,6 +51,45 @@ describe("fuzzing regressions", function()
       local out, err, code = check "local n = 0 for i = 1, 4096 do n = n + 1 end max_body = n"
       assert.equal(0, code, err)
       assert.matches('"max_body":{"value":4096,"source":"file"}', out, 1, true)
+    end)
+  end)
+
+  describe("over HTTP", function()
+    local d
+    setup(function() d = daemon.start { args = { "--projections", support.root .. "/projections" } } end)
+    teardown(function() d:stop() end)
+
+    -- The body of the answer to raw request bytes, decoded by ebb's own
+    -- (strict UTF-8) JSON decoder.
+    local function answer(request)
+      local text = d:raw(request)
+      local status = tonumber(text:match("^HTTP/1%.1 (%d+)"))
+      local body = text:match("\r\n\r\n(.*)$")
+      local v, err = core.json_decode(body or "")
+      return status, v, err, body
+    end
+
+    it("refuses a query string that is not UTF-8 with 400, not a script error (fuzz_http)", function()
+      for _, path in ipairs { "/projections/order_summary/get?id=%FF",
+                              "/projections/order_summary/list?%C0%AF=1",
+                              "/events?category=%ED%A0%80" } do
+        local status, v, err, body = answer("GET " .. path .. " HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert.equal(400, status, path .. ": " .. tostring(body))
+        assert.is_table(v, err)
+        assert.equal("bad_request", v.error.code)
+        assert.matches("not UTF%-8", v.error.message)
+      end
+    end)
+
+    it("answers JSON that is valid UTF-8 when the message quotes bytes that are not (fuzz_http)", function()
+      -- a raw byte in the path, and a parameter name cut inside a character
+      local long = string.rep("a", 63) .. "%C3%A9"
+      for _, path in ipairs { "/no\255route", "/events?" .. long .. "=1" } do
+        local status, v, err, body = answer("GET " .. path .. " HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert.is_true(status == 400 or status == 404, path .. ": " .. tostring(status))
+        assert.is_table(v, path .. ": " .. tostring(err) .. ": " .. tostring(body))
+        assert.is_string(v.error.message)
+      end
     end)
   end)
 end)

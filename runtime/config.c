@@ -137,9 +137,10 @@ static int l_run_file(lua_State *L) {
 
 /* A config file is code: it runs in the sandbox, whose bounds stop a loop
  * or a growing string in it (a typo can make either) with an error instead
- * of hanging or exhausting ebb at start-up. Settings need little of both. */
-#define CONFIG_MEMORY ((size_t)16 * 1024 * 1024)
-#define CONFIG_BUDGET ((int64_t)1000000)
+ * of hanging or exhausting ebb at start-up. Settings need a few hundred
+ * instructions and a few KiB. */
+#define CONFIG_MEMORY ((size_t)8 * 1024 * 1024)
+#define CONFIG_BUDGET ((int64_t)100000)
 
 int ebb_config_load_file(ebb_config *c, const char *path, ebb_error *err) {
   ebb_sandbox *sb;

@@ -116,9 +116,6 @@ int ebb__parse_query(const char *query, const char *allowed, ebb_params *q, ebb_
       if (ebb__pct_decode(p, kl, 1, k, kl + 1) || (eq && ebb__pct_decode(eq + 1, vl, 1, v, vl + 1)))
         return ebb_error_set(err, EBB_EBADREQ, "bad percent-encoding in the query string");
       if (!eq) v[0] = '\0';
-      /* Values go on as JSON text (a query's arguments) and into messages. */
-      if (!utf8(k) || !utf8(v))
-        return ebb_error_set(err, EBB_EBADREQ, "the query string is not UTF-8 (percent-decoded)");
       size_t klen = strlen(k);
       const char *a = allowed;
       int ok = allowed == NULL;
@@ -170,6 +167,11 @@ int ebb__param_bool(const ebb_params *q, const char *key, int *out, ebb_error *e
 
 /* The query string as a JSON object of arguments: numbers as numbers. */
 int ebb__query_args(const ebb_params *q, ebb_buf *out, int64_t *after, ebb_error *err) {
+  /* JSON strings are UTF-8: anything else would reach the query as invalid JSON. */
+  for (int i = 0; i < q->n; i++)
+    if (!utf8(q->key[i]) || !utf8(q->val[i]))
+      return ebb_error_set(err, EBB_EBADREQ,
+                           "query argument %d is not valid UTF-8 (once percent-decoded)", i + 1);
   ebb_buf_putc(out, '{');
   int first = 1;
   for (int i = 0; i < q->n; i++) {

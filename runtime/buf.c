@@ -78,6 +78,25 @@ int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) {
   return 0;
 }
 
+size_t ebb_utf8_seq(const unsigned char *p, size_t n) {
+  unsigned c = p[0];
+  if (c < 0x80) return 1;
+  size_t len;
+  unsigned min;
+  if ((c & 0xE0) == 0xC0) len = 2, min = 0x80;
+  else if ((c & 0xF0) == 0xE0) len = 3, min = 0x800;
+  else if ((c & 0xF8) == 0xF0) len = 4, min = 0x10000;
+  else return 0;
+  if (len > n) return 0;
+  unsigned cp = c & (0x7F >> len);
+  for (size_t i = 1; i < len; i++) {
+    if ((p[i] & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (p[i] & 0x3F);
+  }
+  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+  return len;
+}
+
 int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n) {
   static const char hex[] = "0123456789abcdef";
   if (ebb_buf_reserve(b, n + 2) != 0) return -1;
@@ -85,7 +104,14 @@ int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n) {
   size_t run = 0; /* start of the pending run of bytes that need no escape */
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)s[i];
-    if (c >= 0x20 && c != '"' && c != '\\') continue;
+    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') continue;
+    if (c >= 0x80) {
+      size_t k = ebb_utf8_seq((const unsigned char *)s + i, n - i);
+      if (k > 0) {
+        i += k - 1;
+        continue;
+      }
+    }
     ebb_buf_append(b, s + run, i - run);
     run = i + 1;
     switch (c) {
@@ -97,6 +123,10 @@ int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n) {
       case '\b': ebb_buf_append(b, "\\b", 2); break;
       case '\f': ebb_buf_append(b, "\\f", 2); break;
       default: {
+        if (c >= 0x80) { /* not UTF-8 */
+          ebb_buf_append(b, "\\ufffd", 6);
+          break;
+        }
         char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
         ebb_buf_append(b, u, 6);
       }

@@ -26,8 +26,13 @@ int ebb_buf_append(ebb_buf *b, const void *p, size_t n);
 int ebb_buf_puts(ebb_buf *b, const char *s);
 int ebb_buf_putc(ebb_buf *b, char c);
 int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Appends s as a JSON string literal (quotes and escapes); s must be UTF-8. */
+/* Appends s as a JSON string literal (quotes and escapes). A byte that is
+ * not part of a UTF-8 sequence becomes U+FFFD, so the literal is valid JSON
+ * even when s quotes what a client sent (error messages). */
 int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n);
+/* The length of the UTF-8 sequence at p (n bytes available): 1 to 4, or 0
+ * if it is not one (overlong, surrogate, past U+10FFFF, cut short). */
+size_t ebb_utf8_seq(const unsigned char *p, size_t n);
 /* Returns the NUL-terminated text ("" for an empty buffer); NULL after oom. */
 const char *ebb_buf_cstr(ebb_buf *b);
 /* Hands the memory to the caller (malloc'd, NUL-terminated) and re-inits b. */

@@ -21,6 +21,7 @@
 #include "config.h"
 #include "daemon.h"
 #include "http_client.h"
+#include "import.h"
 #include "json.h"
 #include "lock.h"
 #include "log.h"
@@ -997,89 +998,9 @@ static int cmd_check(cli *c) {
 
 /* ---------------------------------------------------------------- import */
 
-/* One event line, turned into owned C strings by l_parse_line. */
-typedef struct import_event {
-  char *stream, *id, *type, *data, *metadata, *recorded_at;
-  int64_t version, schema;
-  size_t data_len, metadata_len;
-  long line;
-} import_event;
-
-static void import_event_free(import_event *e) {
-  free(e->stream);
-  free(e->id);
-  free(e->type);
-  free(e->data);
-  free(e->metadata);
-  free(e->recorded_at);
-  memset(e, 0, sizeof *e);
-}
-
-static char *take_string_field(lua_State *L, int t, const char *k) {
-  if (lua_getfield(L, t, k) != LUA_TSTRING) luaL_error(L, "field \"%s\" must be a string", k);
-  size_t len;
-  const char *v = lua_tolstring(L, -1, &len);
-  if (strlen(v) != len) luaL_error(L, "field \"%s\" contains a NUL character", k);
-  char *s = strdup(v);
-  lua_pop(L, 1);
-  if (s == NULL) luaL_error(L, "out of memory");
-  return s;
-}
-
-/* Parses one NDJSON line (argument 1: text, 2: import_event*). Raises with a message. */
-static int l_parse_line(lua_State *L) {
-  size_t len;
-  const char *text = lua_tolstring(L, 1, &len);
-  import_event *e = lua_touserdata(L, 2);
-  char msg[512];
-  if (ebb_json_decode_document(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "%s", msg);
-  if (!lua_istable(L, -1)) luaL_error(L, "an event must be a JSON object");
-  int t = lua_gettop(L);
-  e->stream = take_string_field(L, t, "stream");
-  e->id = take_string_field(L, t, "id");
-  e->type = take_string_field(L, t, "type");
-  e->recorded_at = take_string_field(L, t, "recorded_at");
-  /* Stored in one canonical form (UTC, milliseconds), so times compare as text. */
-  int64_t ms;
-  if (ebb_clock_parse(e->recorded_at, &ms) != 0)
-    luaL_error(L, "field \"recorded_at\" is not an RFC 3339 time: %s", e->recorded_at);
-  char *canonical = realloc(e->recorded_at, EBB_TIME_LEN + 1);
-  if (canonical == NULL) luaL_error(L, "out of memory");
-  e->recorded_at = canonical;
-  ebb_clock_format(ms, e->recorded_at);
-  if (lua_getfield(L, t, "version") != LUA_TNUMBER || !lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1)
-    luaL_error(L, "field \"version\" must be a positive integer");
-  e->version = lua_tointeger(L, -1);
-  int st = lua_getfield(L, t, "schema");
-  if (st != LUA_TNIL && (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1))
-    luaL_error(L, "field \"schema\" must be a positive integer");
-  e->schema = st == LUA_TNIL ? 1 : lua_tointeger(L, -1);
-  lua_pop(L, 2);
-  static const char *const parts[2] = {"data", "metadata"};
-  for (int k = 0; k < 2; k++) {
-    char **dst = k ? &e->metadata : &e->data;
-    size_t *dst_len = k ? &e->metadata_len : &e->data_len;
-    int ft = lua_getfield(L, t, parts[k]);
-    if (ft != LUA_TNIL && (ft != LUA_TTABLE || lua_getmetatable(L, -1)))
-      luaL_error(L, "field \"%s\" must be a JSON object", parts[k]);
-    /* The value's own text, byte for byte, so export -> import -> export is exact. */
-    const char *v;
-    size_t vlen;
-    if (ft == LUA_TNIL) v = "{}", vlen = 2;
-    else if (ebb_json_member(text, len, parts[k], &v, &vlen) != 1)
-      luaL_error(L, "field \"%s\" must be spelled without escapes", parts[k]);
-    if ((*dst = malloc(vlen + 1)) == NULL) luaL_error(L, "out of memory");
-    memcpy(*dst, v, vlen);
-    (*dst)[vlen] = '\0';
-    *dst_len = vlen;
-    lua_pop(L, 1);
-  }
-  return 0;
-}
-
 typedef struct import_state {
   ebb_store *store;
-  import_event *events;
+  ebb_import_event *events;
   size_t n, cap;
   long imported, skipped;
 } import_state;
@@ -1099,7 +1020,7 @@ static int import_flush(import_state *s, ebb_error *err) {
   }
   size_t nreq = 0;
   for (size_t i = 0; i < s->n; i++) {
-    import_event *e = &s->events[i];
+    ebb_import_event *e = &s->events[i];
     in[i] = (ebb_event_in){e->id, e->type, e->schema, e->data, e->data_len,
                            e->metadata, e->metadata_len, e->recorded_at};
     ebb_append *last = nreq ? &reqs[nreq - 1] : NULL;
@@ -1118,7 +1039,7 @@ static int import_flush(import_state *s, ebb_error *err) {
     for (good = 0; good < nreq && reqs[good].err.code == EBB_EUNAVAIL; good++) {
     }
     ebb_append *bad = &reqs[good];
-    const import_event *first = &s->events[bad->events - in];
+    const ebb_import_event *first = &s->events[bad->events - in];
     ebb_error_set(err, bad->err.code, "line %ld (%s, from version %lld): %s", first->line,
                   first->stream, (long long)first->version, bad->err.message);
     err->expected = bad->err.expected;
@@ -1137,7 +1058,7 @@ static int import_flush(import_state *s, ebb_error *err) {
     else s->imported += (long)reqs[r].n;
   }
   for (size_t r = 0; r < nreq; r++) ebb_error_clear(&reqs[r].err);
-  for (size_t i = 0; i < s->n; i++) import_event_free(&s->events[i]);
+  for (size_t i = 0; i < s->n; i++) ebb_import_event_free(&s->events[i]);
   s->n = 0;
   free(in);
   free(reqs);
@@ -1176,7 +1097,7 @@ static int cmd_import(cli *c) {
     if (len == 0) continue;
     if (s.n == s.cap) {
       size_t cap = s.cap ? s.cap * 2 : 256;
-      import_event *p = realloc(s.events, cap * sizeof *p);
+      ebb_import_event *p = realloc(s.events, cap * sizeof *p);
       if (p == NULL) {
         ebb_error_set(&err, EBB_ENOMEM, "out of memory");
         break;
@@ -1184,14 +1105,14 @@ static int cmd_import(cli *c) {
       s.events = p;
       s.cap = cap;
     }
-    import_event *e = &s.events[s.n];
+    ebb_import_event *e = &s.events[s.n];
     memset(e, 0, sizeof *e);
     e->line = lineno;
-    lua_pushcfunction(L, l_parse_line);
+    lua_pushcfunction(L, ebb_import_parse_line);
     lua_pushlstring(L, line, (size_t)len);
     lua_pushlightuserdata(L, e);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-      import_event_free(e);
+      ebb_import_event_free(e);
       /* everything before the bad line is imported, nothing after it */
       if (import_flush(&s, &err) == 0)
         ebb_error_set(&err, EBB_EBADREQ, "line %ld: %s", lineno, lua_tostring(L, -1));
@@ -1199,7 +1120,7 @@ static int cmd_import(cli *c) {
       break;
     }
     if (ebb_runtime_check_schema(rt, e->type, e->schema, &err) != 0) {
-      import_event_free(e);
+      ebb_import_event_free(e);
       char why[sizeof err.message];
       snprintf(why, sizeof why, "%s", err.message);
       ebb_error_clear(&err);
@@ -1212,7 +1133,7 @@ static int cmd_import(cli *c) {
   }
   if (!err.code && ferror(f)) ebb_error_set(&err, EBB_ESTORE, "reading input: %s", strerror(errno));
   if (!err.code) import_flush(&s, &err);
-  for (size_t i = 0; i < s.n; i++) import_event_free(&s.events[i]);
+  for (size_t i = 0; i < s.n; i++) ebb_import_event_free(&s.events[i]);
   free(s.events);
   free(line);
   if (L) lua_close(L);

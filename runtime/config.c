@@ -6,6 +6,7 @@
 #include "config.h"
 #include "log.h"
 #include "store.h"
+#include "sandbox.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -136,17 +137,30 @@ static int l_run_file(lua_State *L) {
   return 1;
 }
 
+/* A config file is code: it runs in the sandbox, whose bounds stop a loop
+ * or a growing string in it (a typo can make either) with an error instead
+ * of hanging or exhausting ebb at start-up. Settings need a few hundred
+ * instructions and a few KiB. */
+#define CONFIG_MEMORY ((size_t)8 * 1024 * 1024)
+#define CONFIG_BUDGET ((int64_t)100000)
+
 int ebb_config_load_file(ebb_config *c, const char *path, ebb_error *err) {
-  lua_State *L = luaL_newstate();
-  if (L == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  ebb_sandbox *sb;
+  ebb_sandbox_options opt = {.memory_limit = CONFIG_MEMORY, .instruction_budget = CONFIG_BUDGET};
+  if (ebb_sandbox_new(&sb, &opt, err) != 0) return err->code;
+  lua_State *L = ebb_sandbox_state(sb);
+  lua_settop(L, 0);
+  lua_newtable(L); /* the environment, kept below the call */
   lua_pushcfunction(L, l_run_file);
   lua_pushstring(L, path);
-  lua_newtable(L);
-  lua_pushvalue(L, -1);
-  lua_insert(L, 1); /* keep the environment below the call */
+  lua_pushvalue(L, 1);
   int rc = 0;
-  if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
-    rc = ebb_error_set(err, EBB_EBADREQ, "config file %s", lua_tostring(L, -1));
+  if (ebb_sandbox_call(sb, 2, 1) != LUA_OK) {
+    if (ebb_sandbox_killed(sb)) /* the reason does not always name the file */
+      rc = ebb_error_set(err, EBB_EBADREQ, "config file %s: %s", path, ebb_sandbox_killed(sb));
+    else /* Lua's message starts with the file's name */
+      rc = ebb_error_set(err, EBB_EBADREQ, "config file %s",
+                         lua_isstring(L, -1) ? lua_tostring(L, -1) : "failed");
     goto done;
   }
   /* A returned table wins over assigned globals. */
@@ -186,7 +200,7 @@ int ebb_config_load_file(ebb_config *c, const char *path, ebb_error *err) {
     lua_pop(L, 1);
   }
 done:
-  lua_close(L);
+  ebb_sandbox_free(sb);
   return rc;
 }
 

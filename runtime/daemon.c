@@ -25,11 +25,11 @@
 #include "clock.h"
 #include "json.h"
 #include "log.h"
+#include "request.h"
 #include "uuid.h"
 
 #define DEFAULT_LIMIT 1000
 #define MAX_LIMIT 10000
-#define MAX_PARAMS 16
 
 const char *const ebb__route_names[N_ROUTES] = {
     "commands", "append",  "stream",      "events",     "subscribe",          "aggregate",
@@ -124,151 +124,6 @@ static void answer_fail(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri, int 
   ebb_error_init(&err);
   ebb_error_set(&err, code, fmt, arg);
   answer_error(d, c, ri, &err);
-}
-
-/* ---------------------------------------------------------------- paths and queries */
-
-static int hexval(int ch) {
-  if (ch >= '0' && ch <= '9') return ch - '0';
-  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-  if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-  return -1;
-}
-
-/* Percent-decodes [s, s+n) into out (NUL-terminated); plus_space for queries.
- * -1 on a bad escape or an encoded NUL. */
-static int pct_decode(const char *s, size_t n, int plus_space, char *out, size_t outlen) {
-  size_t o = 0;
-  for (size_t i = 0; i < n; i++) {
-    int ch = (unsigned char)s[i];
-    if (ch == '%') {
-      if (i + 2 >= n) return -1;
-      int hi = hexval(s[i + 1]), lo = hexval(s[i + 2]);
-      if (hi < 0 || lo < 0) return -1;
-      ch = hi * 16 + lo;
-      if (ch == 0) return -1;
-      i += 2;
-    } else if (ch == '+' && plus_space) {
-      ch = ' ';
-    }
-    if (o + 1 >= outlen) return -2;
-    out[o++] = (char)ch;
-  }
-  out[o] = '\0';
-  return 0;
-}
-
-#define MAX_SEGMENTS 5
-#define SEGMENT_MAX (EBB_MAX_NAME * 3 + 1)
-
-typedef struct path_parts {
-  int n;
-  char seg[MAX_SEGMENTS][EBB_MAX_NAME + 2];
-} path_parts;
-
-/* Splits "/a/b%2Fc" into decoded segments. A message in err on failure. */
-static int split_path(const char *path, path_parts *pp, ebb_error *err) {
-  pp->n = 0;
-  if (path[0] != '/') return ebb_error_set(err, EBB_EBADREQ, "the path must start with /");
-  const char *p = path + 1;
-  while (*p) {
-    const char *slash = strchr(p, '/');
-    size_t n = slash ? (size_t)(slash - p) : strlen(p);
-    if (pp->n == MAX_SEGMENTS) return ebb_error_set(err, EBB_ENOTFOUND, "no such route");
-    int rc = pct_decode(p, n, 0, pp->seg[pp->n], sizeof pp->seg[pp->n]);
-    if (rc == -1)
-      return ebb_error_set(err, EBB_EBADREQ,
-                           "bad percent-encoding in the path: %%XX with two hex digits, not %%00");
-    if (rc == -2)
-      return ebb_error_set(err, EBB_EBADREQ, "a path segment is longer than %d bytes",
-                           EBB_MAX_NAME);
-    pp->n++;
-    if (!slash) break;
-    p = slash + 1;
-    if (*p == '\0') break; /* a trailing slash is forgiven */
-  }
-  return 0;
-}
-
-typedef struct params {
-  int n;
-  char *key[MAX_PARAMS], *val[MAX_PARAMS];
-} params;
-
-static void params_free(params *q) {
-  for (int i = 0; i < q->n; i++) {
-    free(q->key[i]);
-    free(q->val[i]);
-  }
-  q->n = 0;
-}
-
-/* Parses a query string, allowing only the names in `allowed` (space-separated; NULL: any). */
-static int parse_query(const char *query, const char *allowed, params *q, ebb_error *err) {
-  q->n = 0;
-  for (const char *p = query; *p;) {
-    const char *amp = strchr(p, '&');
-    size_t n = amp ? (size_t)(amp - p) : strlen(p);
-    if (n) {
-      const char *eq = memchr(p, '=', n);
-      size_t kl = eq ? (size_t)(eq - p) : n;
-      size_t vl = eq ? n - kl - 1 : 0;
-      if (q->n == MAX_PARAMS) return ebb_error_set(err, EBB_EBADREQ, "too many query parameters");
-      char *k = malloc(kl + 1), *v = malloc(vl + 1);
-      q->key[q->n] = k;
-      q->val[q->n] = v;
-      q->n++;
-      if (!k || !v) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
-      if (pct_decode(p, kl, 1, k, kl + 1) || (eq && pct_decode(eq + 1, vl, 1, v, vl + 1)))
-        return ebb_error_set(err, EBB_EBADREQ, "bad percent-encoding in the query string");
-      if (!eq) v[0] = '\0';
-      size_t klen = strlen(k);
-      const char *a = allowed;
-      int ok = allowed == NULL;
-      while (a && *a) {
-        const char *sp = strchr(a, ' ');
-        size_t al = sp ? (size_t)(sp - a) : strlen(a);
-        if (al == klen && memcmp(a, k, al) == 0) ok = 1;
-        a = sp ? sp + 1 : NULL;
-      }
-      if (!ok && allowed)
-        return ebb_error_set(err, EBB_EBADREQ, "unknown query parameter \"%.64s\"%s%s%s", k,
-                             allowed[0] ? " (this route takes: " : " (this route takes none",
-                             allowed, ")");
-    }
-    if (!amp) break;
-    p = amp + 1;
-  }
-  return 0;
-}
-
-static const char *param(const params *q, const char *key) {
-  for (int i = q->n - 1; i >= 0; i--)
-    if (strcmp(q->key[i], key) == 0) return q->val[i];
-  return NULL;
-}
-
-static int param_int(const params *q, const char *key, int64_t min, int64_t max, int64_t *out,
-                     ebb_error *err) {
-  const char *v = param(q, key);
-  if (v == NULL) return 0;
-  char *end;
-  errno = 0;
-  long long x = strtoll(v, &end, 10);
-  if (errno || end == v || *end || x < min || x > max)
-    return ebb_error_set(err, EBB_EBADREQ, "%s must be an integer from %lld to %lld, not \"%.64s\"",
-                         key, (long long)min, (long long)max, v);
-  *out = x;
-  return 0;
-}
-
-static int param_bool(const params *q, const char *key, int *out, ebb_error *err) {
-  const char *v = param(q, key);
-  if (v == NULL) return 0;
-  if (!strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "")) *out = 1;
-  else if (!strcmp(v, "false") || !strcmp(v, "0")) *out = 0;
-  else return ebb_error_set(err, EBB_EBADREQ, "%s must be true or false, not \"%.64s\"", key, v);
-  return 0;
 }
 
 /* ---------------------------------------------------------------- body parsing */
@@ -751,11 +606,11 @@ static int require_json(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
  * and a client could believe it had, say, a version check it has not. */
 static int no_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                     const reqinfo *ri) {
-  params q;
+  ebb_params q;
   ebb_error err;
   ebb_error_init(&err);
-  int rc = parse_query(req->query, "", &q, &err);
-  params_free(&q);
+  int rc = ebb__parse_query(req->query, "", &q, &err);
+  ebb__params_free(&q);
   if (rc) answer_error(d, c, ri, &err);
   return rc;
 }
@@ -982,69 +837,69 @@ static readjob *readjob_new(int kind, ebb_error *err) {
 
 static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri, const char *stream) {
-  params q = {0};
+  ebb_params q = {0};
   ebb_error err;
   ebb_error_init(&err);
   int oom = 0;
   readjob *j = readjob_new(READ_STREAM, &err);
-  if (j && !parse_query(req->query, "from limit backward", &q, &err) &&
-      !param_int(&q, "from", 0, INT64_MAX, &j->from, &err) &&
-      !param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
-      !param_bool(&q, "backward", &j->backward, &err) &&
+  if (j && !ebb__parse_query(req->query, "from limit backward", &q, &err) &&
+      !ebb__param_int(&q, "from", 0, INT64_MAX, &j->from, &err) &&
+      !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
+      !ebb__param_bool(&q, "backward", &j->backward, &err) &&
       !ebb_validate_name("stream name", stream, &err))
     j->a = dup_or_null(stream, &oom);
   start_read(d, c, ri, j, &err, oom);
-  params_free(&q);
+  ebb__params_free(&q);
 }
 
 static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri) {
-  params q = {0};
+  ebb_params q = {0};
   ebb_error err;
   ebb_error_init(&err);
   int oom = 0;
   readjob *j = readjob_new(READ_EVENTS, &err);
-  if (j && !parse_query(req->query, "after limit category type", &q, &err) &&
-      !param_int(&q, "after", 0, INT64_MAX, &j->from, &err) &&
-      !param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
-      !(param(&q, "category") && ebb_validate_name("category", param(&q, "category"), &err)) &&
-      !(param(&q, "type") && ebb_validate_name("event type", param(&q, "type"), &err))) {
-    j->a = dup_or_null(param(&q, "category"), &oom);
-    j->b = dup_or_null(param(&q, "type"), &oom);
+  if (j && !ebb__parse_query(req->query, "after limit category type", &q, &err) &&
+      !ebb__param_int(&q, "after", 0, INT64_MAX, &j->from, &err) &&
+      !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
+      !(ebb__param(&q, "category") && ebb_validate_name("category", ebb__param(&q, "category"), &err)) &&
+      !(ebb__param(&q, "type") && ebb_validate_name("event type", ebb__param(&q, "type"), &err))) {
+    j->a = dup_or_null(ebb__param(&q, "category"), &oom);
+    j->b = dup_or_null(ebb__param(&q, "type"), &oom);
   }
   start_read(d, c, ri, j, &err, oom);
-  params_free(&q);
+  ebb__params_free(&q);
 }
 
 static void route_aggregate(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                             const reqinfo *ri, const char *type, const char *id) {
-  params q = {0};
+  ebb_params q = {0};
   ebb_error err;
   ebb_error_init(&err);
   int oom = 0;
   readjob *j = readjob_new(READ_AGGREGATE, &err);
-  if (j && !parse_query(req->query, "version at", &q, &err) &&
-      !param_int(&q, "version", 0, INT64_MAX, &j->version, &err)) {
+  if (j && !ebb__parse_query(req->query, "version at", &q, &err) &&
+      !ebb__param_int(&q, "version", 0, INT64_MAX, &j->version, &err)) {
     j->a = dup_or_null(type, &oom);
     j->b = dup_or_null(id, &oom);
-    j->at = dup_or_null(param(&q, "at"), &oom);
+    j->at = dup_or_null(ebb__param(&q, "at"), &oom);
   }
   start_read(d, c, ri, j, &err, oom);
-  params_free(&q);
+  ebb__params_free(&q);
 }
 
 static void route_subscribe(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                             const reqinfo *ri) {
-  params q;
+  ebb_params q;
   ebb_error err;
   ebb_error_init(&err);
   int64_t after = 0;
   size_t len;
   const char *last = ebb_http_header(c, "last-event-id", &len);
-  if (parse_query(req->query, "after category type", &q, &err) ||
-      param_int(&q, "after", 0, INT64_MAX, &after, &err) ||
-      (param(&q, "category") && ebb_validate_name("category", param(&q, "category"), &err)) ||
-      (param(&q, "type") && ebb_validate_name("type", param(&q, "type"), &err)))
+  if (ebb__parse_query(req->query, "after category type", &q, &err) ||
+      ebb__param_int(&q, "after", 0, INT64_MAX, &after, &err) ||
+      (ebb__param(&q, "category") && ebb_validate_name("category", ebb__param(&q, "category"), &err)) ||
+      (ebb__param(&q, "type") && ebb_validate_name("type", ebb__param(&q, "type"), &err)))
     goto fail;
   if (last && len) {
     /* The resume point wins over after=: it is where the client got to. */
@@ -1064,15 +919,15 @@ static void route_subscribe(ebb_daemon *d, ebb_http_conn *c, const ebb_http_requ
   if (strcmp(req->method, "HEAD") == 0) {
     /* The headers a subscription would get, and no stream. */
     ebb_http_respond(c, 200, "text/event-stream", "Cache-Control: no-cache\r\n", NULL, 0);
-    params_free(&q);
+    ebb__params_free(&q);
     return;
   }
-  ebb__sse_start(d, c, req->query, after, param(&q, "category"), param(&q, "type"));
-  params_free(&q);
+  ebb__sse_start(d, c, req->query, after, ebb__param(&q, "category"), ebb__param(&q, "type"));
+  ebb__params_free(&q);
   return;
 fail:
   answer_error(d, c, ri, &err);
-  params_free(&q);
+  ebb__params_free(&q);
 }
 
 static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
@@ -1179,60 +1034,17 @@ static void on_projections_progress(void *ud) {
   }
 }
 
-/* The query string as a JSON object of arguments: numbers as numbers. */
-static int query_args(const params *q, ebb_buf *out, int64_t *after, ebb_error *err) {
-  ebb_buf_putc(out, '{');
-  int first = 1;
-  for (int i = 0; i < q->n; i++) {
-    const char *k = q->key[i], *v = q->val[i];
-    if (strcmp(k, "after") == 0) {
-      char *end;
-      errno = 0;
-      long long x = strtoll(v, &end, 10);
-      if (errno || end == v || *end || x < 0)
-        return ebb_error_set(err, EBB_EBADREQ, "after must be a position (0 or more), not \"%.64s\"", v);
-      *after = x;
-      continue;
-    }
-    if (!first) ebb_buf_putc(out, ',');
-    first = 0;
-    ebb_buf_json_string(out, k, strlen(k));
-    ebb_buf_putc(out, ':');
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (*v && !errno && *end == '\0' && (v[0] != '0' || v[1] == '\0') && v[0] != '+') {
-      ebb_buf_printf(out, "%lld", x);
-      continue;
-    }
-    errno = 0;
-    double f = strtod(v, &end);
-    if (*v && !errno && *end == '\0' && f == f && f - f == 0 && v[0] != '+' && v[0] != '.' &&
-        strspn(v, "-0123456789.eE") == strlen(v)) {
-      /* %.17g of 2.0 is "2": keep a float a float in JSON. */
-      char num[40];
-      snprintf(num, sizeof num, "%.17g", f);
-      ebb_buf_puts(out, num);
-      if (!strpbrk(num, ".eEni")) ebb_buf_puts(out, ".0");
-      continue;
-    }
-    ebb_buf_json_string(out, v, strlen(v));
-  }
-  ebb_buf_putc(out, '}');
-  return 0;
-}
-
 static void route_projections(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                               const reqinfo *ri, const char *name) {
-  params q;
+  ebb_params q;
   ebb_error err;
   ebb_error_init(&err);
-  if (parse_query(req->query, "", &q, &err)) {
+  if (ebb__parse_query(req->query, "", &q, &err)) {
     answer_error(d, c, ri, &err);
-    params_free(&q);
+    ebb__params_free(&q);
     return;
   }
-  params_free(&q);
+  ebb__params_free(&q);
   ebb_buf b = EBB_BUF_INIT;
   if (d->projections == NULL) ebb_buf_puts(&b, name ? "" : "[]");
   else if (!ebb_projections_status(d->projections, name, &b)) ebb_buf_reset(&b);
@@ -1243,18 +1055,14 @@ static void route_projections(ebb_daemon *d, ebb_http_conn *c, const ebb_http_re
 
 static void route_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                         const reqinfo *ri, const char *name, const char *query) {
-  params q = {0};
+  ebb_params q = {0};
   ebb_error err;
   ebb_error_init(&err);
   ebb_buf args = EBB_BUF_INIT;
   int64_t after = -1;
   /* Any parameter is an argument of the query; the query decides what it takes. */
-  if (parse_query(req->query, NULL, &q, &err)) goto fail;
-  if (query_args(&q, &args, &after, &err)) goto fail;
-  if (ebb_json_validate(args.data, args.len, NULL, 0) != 0) {
-    ebb_error_set(&err, EBB_EBADREQ, "query arguments must be UTF-8 text once percent-decoded");
-    goto fail;
-  }
+  if (ebb__parse_query(req->query, NULL, &q, &err)) goto fail;
+  if (ebb__query_args(&q, &args, &after, &err)) goto fail;
   if (d->projections == NULL) {
     ebb_error_set(&err, EBB_ENOTFOUND, "no projection %s", name);
     goto fail;
@@ -1286,12 +1094,12 @@ static void route_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request 
   } else {
     ebb_projections_query(d->projections, name, query, pq->args, pquery_answer, pq);
   }
-  params_free(&q);
+  ebb__params_free(&q);
   ebb_buf_free(&args);
   return;
 fail:
   answer_error(d, c, ri, &err);
-  params_free(&q);
+  ebb__params_free(&q);
   ebb_buf_free(&args);
 }
 
@@ -1391,26 +1199,16 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
   reqinfo_init(&ri, req);
   ebb_error err;
   ebb_error_init(&err);
-  path_parts parts, *pp = &parts; /* on the stack: a malloc this size costs more than the request */
+  ebb_path_parts parts, *pp = &parts; /* on the stack: a malloc this size costs more than the request */
   int get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
   int post = strcmp(req->method, "POST") == 0;
   const char *allow = NULL; /* the methods of a path that exists, for a 405 */
-  if (split_path(req->path, pp, &err) != 0) {
+  if (ebb__split_path(req->path, pp, &err) != 0) {
     answer_error(d, c, &ri, &err);
     goto done;
   }
-  const char *s0 = pp->n > 0 ? pp->seg[0] : "";
   int n = pp->n;
-  if (n == 1 && !strcmp(s0, "commands")) ri.route = ROUTE_COMMANDS, allow = "POST";
-  else if (n == 2 && !strcmp(s0, "streams")) ri.route = post ? ROUTE_APPEND : ROUTE_STREAM, allow = "GET, POST";
-  else if (n == 1 && !strcmp(s0, "events")) ri.route = ROUTE_EVENTS, allow = "GET";
-  else if (n == 1 && !strcmp(s0, "subscribe")) ri.route = ROUTE_SUBSCRIBE, allow = "GET";
-  else if (n == 3 && !strcmp(s0, "aggregates")) ri.route = ROUTE_AGGREGATE, allow = "GET";
-  else if (n == 1 && !strcmp(s0, "health")) ri.route = ROUTE_HEALTH, allow = "GET";
-  else if (n == 1 && !strcmp(s0, "metrics")) ri.route = ROUTE_METRICS, allow = "GET";
-  else if ((n == 1 || n == 2) && !strcmp(s0, "projections")) ri.route = ROUTE_PROJECTIONS, allow = "GET";
-  else if (n == 3 && !strcmp(s0, "projections"))
-    ri.route = post ? ROUTE_PROJECTION_CONTROL : ROUTE_QUERY, allow = "GET, POST";
+  ri.route = ebb__route_of(pp, post, &allow);
   if (allow == NULL) {
     answer_fail(d, c, &ri, EBB_ENOTFOUND, "no route %s; see README.md for the API", req->path);
     goto done;

@@ -77,6 +77,7 @@ struct ebb_http_conn {
   unsigned headers_done : 1;
   unsigned in_field : 1;  /* a header name is being collected */
   unsigned method_seen : 1;
+  unsigned socketless : 1; /* fuzzing (ebb__http_conn_socketless): output is dropped */
   llhttp_t parser;
   const char *chunk;     /* start of the bytes llhttp is executing */
   ptrdiff_t hbytes;      /* request line and header bytes before chunk; negative while the
@@ -277,6 +278,10 @@ static void on_write(uv_write_t *req, int status) {
 /* Queues b's bytes, taking its memory. On failure the connection is closed. */
 static int send_buf(ebb_http_conn *c, ebb_buf *b) {
   wreq *w = NULL;
+  if (c->socketless) {
+    ebb_buf_free(b);
+    return 0;
+  }
   if (b->oom || b->len > UINT_MAX || (w = malloc(sizeof *w)) == NULL) {
     ebb_buf_free(b);
     conn_close(c);
@@ -586,7 +591,7 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf);
 
 static void read_on(ebb_http_conn *c) {
-  if (c->reading || c->eof || c->state == C_CLOSED) return;
+  if (c->reading || c->eof || c->state == C_CLOSED || c->socketless) return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
     conn_close(c);
     return;
@@ -631,6 +636,25 @@ static void pump(ebb_http_conn *c) {
   settle(c);
 }
 
+/* Takes n bytes read from the peer. */
+static void input(ebb_http_conn *c, const char *data, size_t n) {
+  if (c->state == C_STREAM || c->state == C_FINISHING || c->state == C_CLOSED)
+    return; /* nobody reads it */
+  size_t used = 0;
+  if (c->in.len == 0) used = run(c, data, n); /* the usual case: no copy */
+  if (used < n && (c->state == C_IDLE || c->state == C_READING || c->state == C_HELD)) {
+    if (ebb_buf_append(&c->in, data + used, n - used) != 0) {
+      conn_close(c);
+      return;
+    }
+    if (c->in.len > n - used) {
+      pump(c); /* older input was waiting: it goes first */
+      return;
+    }
+  }
+  settle(c);
+}
+
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
   ebb_http_conn *c = st->data;
   if (n == 0 || c->state == C_CLOSED) return;
@@ -646,20 +670,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     else if (c->state == C_STREAM || c->shut) conn_close(c); /* the subscriber is gone */
     return;
   }
-  if (c->state == C_STREAM || c->state == C_FINISHING) return; /* nobody reads it */
-  size_t used = 0;
-  if (c->in.len == 0) used = run(c, buf->base, (size_t)n); /* the usual case: no copy */
-  if (used < (size_t)n && (c->state == C_IDLE || c->state == C_READING || c->state == C_HELD)) {
-    if (ebb_buf_append(&c->in, buf->base + used, (size_t)n - used) != 0) {
-      conn_close(c);
-      return;
-    }
-    if (c->in.len > (size_t)n - used) {
-      pump(c); /* older input was waiting: it goes first */
-      return;
-    }
-  }
-  settle(c);
+  input(c, buf->base, (size_t)n);
 }
 
 /* ---------------------------------------------------------------- timeouts */
@@ -743,14 +754,10 @@ static void drop_connection(ebb_http_server *s, uv_stream_t *l) {
   uv_close((uv_handle_t *)&s->drop, on_drop_closed);
 }
 
-static void on_connection(uv_stream_t *l, int status) {
-  ebb_http_server *s = l->data;
-  if (status < 0 || s->closing) return; /* e.g. out of file descriptors: libuv retries */
+/* A new connection on s, with a socket handle not yet connected. */
+static ebb_http_conn *conn_new(ebb_http_server *s) {
   ebb_http_conn *c = calloc(1, sizeof *c);
-  if (c == NULL) {
-    drop_connection(s, l);
-    return;
-  }
+  if (c == NULL) return NULL;
   uv_tcp_init(s->loop, &c->tcp);
   uv_timer_init(s->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
@@ -762,15 +769,26 @@ static void on_connection(uv_stream_t *l, int status) {
   s->nconns++;
   s->nlive++;
   c->state = C_IDLE;
+  llhttp_init(&c->parser, HTTP_REQUEST, &s->settings);
+  c->parser.data = c;
+  c->counted = 1;
+  s->nopen++;
+  return c;
+}
+
+static void on_connection(uv_stream_t *l, int status) {
+  ebb_http_server *s = l->data;
+  if (status < 0 || s->closing) return; /* e.g. out of file descriptors: libuv retries */
+  ebb_http_conn *c = conn_new(s);
+  if (c == NULL) {
+    drop_connection(s, l);
+    return;
+  }
   if (uv_accept(l, (uv_stream_t *)&c->tcp) < 0) {
     conn_close(c);
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
-  llhttp_init(&c->parser, HTTP_REQUEST, &s->settings);
-  c->parser.data = c;
-  c->counted = 1;
-  s->nopen++;
   /* Connections being refused are not counted as open; past twice the
    * limit there is no room even to refuse politely. */
   if (s->nconns > 2 * (size_t)s->lim.max_connections) {
@@ -956,4 +974,19 @@ void ebb_http_conn_set_data(ebb_http_conn *c, void *data,
 
 void *ebb_http_conn_data(ebb_http_conn *c) {
   return c->data;
+}
+
+/* ---------------------------------------------------------------- fuzzing seam */
+
+ebb_http_conn *ebb__http_conn_socketless(ebb_http_server *s) {
+  if (s->closing) return NULL;
+  ebb_http_conn *c = conn_new(s);
+  if (c == NULL) return NULL;
+  c->socketless = 1;
+  arm(c, s->lim.idle_timeout_ms);
+  return c;
+}
+
+void ebb__http_conn_input(ebb_http_conn *c, const char *data, size_t len) {
+  if (len > 0) input(c, data, len);
 }

@@ -158,4 +158,14 @@ void *ebb_http_conn_data(ebb_http_conn *c);
 /* The standard reason phrase ("Not Found"); "Unknown" for others. */
 const char *ebb_http_status_text(int status);
 
+/* ---------------------------------------------------------------- internal: fuzzing */
+
+/* A connection with no socket (for fuzz/fuzz_http.c): bytes given to
+ * ebb__http_conn_input are parsed as if read from a peer, requests go to
+ * the handler as usual, and whatever is answered is dropped. It closes with
+ * the server (ebb_http_server_close, then run the loop). NULL when out of
+ * memory or closing. */
+ebb_http_conn *ebb__http_conn_socketless(ebb_http_server *s);
+void ebb__http_conn_input(ebb_http_conn *c, const char *data, size_t len);
+
 #endif

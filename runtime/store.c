@@ -19,26 +19,6 @@ size_t ebb_stream_category_len(const char *stream) {
   return dash ? (size_t)(dash - stream) : strlen(stream);
 }
 
-/* Length of the valid UTF-8 sequence at p (with n bytes left), or 0. */
-static size_t utf8_seq(const unsigned char *p, size_t n) {
-  unsigned c = p[0];
-  if (c < 0x80) return 1;
-  size_t len;
-  unsigned min;
-  if ((c & 0xE0) == 0xC0) len = 2, min = 0x80;
-  else if ((c & 0xF0) == 0xE0) len = 3, min = 0x800;
-  else if ((c & 0xF8) == 0xF0) len = 4, min = 0x10000;
-  else return 0;
-  if (len > n) return 0;
-  unsigned cp = c & (0x7F >> len);
-  for (size_t i = 1; i < len; i++) {
-    if ((p[i] & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (p[i] & 0x3F);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  return len;
-}
-
 int ebb_validate_name(const char *what, const char *s, ebb_error *err) {
   if (s == NULL || s[0] == '\0') return ebb_error_set(err, EBB_EBADREQ, "%s must not be empty", what);
   size_t n = strlen(s);
@@ -49,7 +29,7 @@ int ebb_validate_name(const char *what, const char *s, ebb_error *err) {
   for (size_t i = 0; i < n;) {
     if (p[i] < 0x20 || p[i] == 0x7F)
       return ebb_error_set(err, EBB_EBADREQ, "%s contains a control character at byte %zu", what, i);
-    size_t k = utf8_seq(p + i, n - i);
+    size_t k = ebb_utf8_seq(p + i, n - i);
     if (k == 0) return ebb_error_set(err, EBB_EBADREQ, "%s is not valid UTF-8 at byte %zu", what, i);
     i += k;
   }

@@ -1,0 +1,1 @@
+return { ["max-body"] = 4096 }

@@ -1,0 +1,2 @@
+token = [[multi
+line]]

@@ -1,0 +1,2 @@
+local function f(x) return x * 2 end
+idle_timeout_ms = f(500)

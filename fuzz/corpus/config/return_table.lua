@@ -1,0 +1,1 @@
+return { data = "/var/lib/ebb", durability = "normal", log_level = "debug", log_format = "json" }

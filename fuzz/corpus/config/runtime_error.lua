@@ -1,0 +1,1 @@
+data = nothing.here

@@ -35,6 +35,10 @@
 #define MAX_CAPTURES 32     /* LUA_MAXCAPTURES */
 #define MAX_DEPTH 200       /* MAXCCALLS of lstrlib: "pattern too complex" */
 #define CHARGE_EVERY 4096   /* steps counted locally before they are charged */
+/* Instructions one step costs: a step (a backtrack into do_match, a
+   character tried by a quantifier) takes about three times as long as a
+   VM instruction, measured with a pathological pattern against a loop. */
+#define STEP_COST 3
 #define SPECIALS "^$*+?.([%-"
 
 #define CAP_UNFINISHED (-1)
@@ -58,14 +62,14 @@ static void charge(matcher *m, long n) {
   if (m->steps >= CHARGE_EVERY) {
     long s = m->steps;
     m->steps = 0;
-    ebb_sandbox_charge(m->L, s);
+    ebb_sandbox_charge(m->L, s * STEP_COST);
   }
 }
 
 static void settle(matcher *m) {
   long s = m->steps;
   m->steps = 0;
-  if (s > 0) ebb_sandbox_charge(m->L, s);
+  if (s > 0) ebb_sandbox_charge(m->L, s * STEP_COST);
 }
 
 static int class_has(int c, int cl) {
@@ -492,6 +496,7 @@ static void add_template(matcher *m, luaL_Buffer *b, const char *s, const char *
    table or function keeps the original text (and returns 0: unchanged). */
 static int add_replacement(matcher *m, luaL_Buffer *b, const char *s, const char *e, int tr) {
   lua_State *L = m->L;
+  charge(m, 4); /* the replacement's own work: copying, converting */
   if (tr == LUA_TNUMBER || tr == LUA_TSTRING) {
     add_template(m, b, s, e);
     return 1;

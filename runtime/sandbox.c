@@ -43,6 +43,18 @@
    error and describing it cannot themselves fail for lack of memory. Killed
    code cannot use it: every Lua instruction it runs raises. */
 #define KILL_HEADROOM ((size_t)1024 * 1024)
+/* Allocation is work the hook does not see either (malloc, the collector
+   that allocation drives, stack and CallInfo growth in deep recursion, C
+   functions building big strings): each allocation costs ALLOC_COST
+   instructions plus one per ALLOC_BYTES_PER_STEP bytes. */
+#define ALLOC_COST 16
+#define ALLOC_BYTES_PER_STEP 64
+/* Nested Lua calls allowed before the call is killed. Lua's own limit is
+   its stack size (about 200,000 levels), and overflowing it costs ~0.1 s
+   of C work the hook cannot see; a loop of pcall'd overflows stalled the
+   daemon for seconds. Checked by the hook, so the depth may overshoot by
+   what HOOK_EVERY instructions can add. */
+#define MAX_CALL_DEPTH 10000
 
 struct ebb_sandbox {
   lua_State *L;
@@ -151,6 +163,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       return NULL;
     }
   }
+  if (nsize > old && sb->depth > 0) sb->spent += ALLOC_COST + (int64_t)((nsize - old) / ALLOC_BYTES_PER_STEP);
   void *p = realloc(ptr, nsize);
   if (p == NULL) {
     /* Lua assumes shrinking never fails; keep the bigger block. */
@@ -230,8 +243,17 @@ static void sb_hook(lua_State *L, lua_Debug *ar) {
   if (sb->depth == 0) return; /* host code between calls is not bounded */
   if (!sb->killing) {
     sb->spent += every;
-    if (sb->spent <= sb->budget) return;
-    budget_reason(sb, L, ar);
+    lua_Debug deep;
+    if (sb->spent <= sb->budget) {
+      if (!lua_getstack(L, MAX_CALL_DEPTH, &deep)) return;
+      snprintf(sb->reason, sizeof sb->reason, "call depth of %d exceeded (endless recursion?)", MAX_CALL_DEPTH);
+      if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0) {
+        size_t n = strlen(sb->reason);
+        snprintf(sb->reason + n, sizeof sb->reason - n, " at %s:%d", ar->short_src, ar->currentline);
+      }
+    } else {
+      budget_reason(sb, L, ar);
+    }
     kill_now(sb, L);
   }
   lua_pushstring(L, sb->reason);

@@ -140,7 +140,9 @@ static int single(matcher *m, const char *s, const char *p, const char *ep) {
   switch (*p) {
     case '.': return 1;
     case ESC: return class_has(c, (unsigned char)p[1]);
-    case '[': return in_set(c, p, ep - 1);
+    case '[':
+      charge(m, (long)((ep - p) / 16)); /* a set is scanned (twice, with class_end) per use */
+      return in_set(c, p, ep - 1);
     default: return (unsigned char)*p == c;
   }
 }
@@ -300,6 +302,7 @@ static const char *do_match(matcher *m, const char *s, const char *p) {
     }
     s++;
     p = ep;
+    charge(m, 1);
   }
   m->depth++;
   return s;

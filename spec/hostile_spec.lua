@@ -101,7 +101,7 @@ local attacks = {
   { "Loop", BOUND }, { "PcallLoop", BOUND }, { "CoroutineLoop", BOUND }, { "WrapLoop", BOUND },
   { "XpcallLoop", BOUND }, { "Recursion", "call depth of %d+ exceeded" }, { "Sort", BOUND },
   { "Find", BOUND }, { "Match", BOUND }, { "Gmatch", BOUND }, { "Gsub", BOUND }, { "PcallFind", BOUND },
-  { "Balance", BOUND }, { "BackReference", BOUND }, { "PlainFind", BOUND },
+  { "Balance", BOUND }, { "BackReference", BOUND }, { "BigSet", BOUND }, { "PlainFind", BOUND },
   { "Rep" }, { "RepSep" }, { "Concat" }, { "Format" }, { "GsubAmplify" }, { "GsubFunction" }, { "Tables" },
   { "HugeError" }, { "LargeError" }, { "TostringLoop", BOUND }, { "TostringHuge" },
   { "Gc", "__gc field is not allowed" }, { "Close", BOUND }, { "CoroutineClose", BOUND },

@@ -141,7 +141,7 @@ static int single(matcher *m, const char *s, const char *p, const char *ep) {
     case '.': return 1;
     case ESC: return class_has(c, (unsigned char)p[1]);
     case '[':
-      charge(m, (long)((ep - p) / 16)); /* a set is scanned (twice, with class_end) per use */
+      charge(m, (long)((ep - p) / 2)); /* a set is scanned (twice, with class_end) per use */
       return in_set(c, p, ep - 1);
     default: return (unsigned char)*p == c;
   }

@@ -7,8 +7,14 @@
  * module does can reach the file system, the clock, randomness, or another
  * module's view of the libraries. (2) Module loading: `require` and
  * ebb_sandbox_load_file read text chunks from fixed directories and give each
- * module an environment table of its own. (3) The bounds: a counting
- * allocator with a byte cap and a count hook with an instruction budget.
+ * module an environment table of its own, and keep the text of every file
+ * they read (ebb_sandbox_sources) so a rebuilt state runs the same code.
+ * (3) The bounds: a counting allocator with a byte cap and a count hook with
+ * an instruction budget and a limit on call depth. Work Lua does in C is
+ * charged to the same budget: every allocation, pattern matching (the
+ * matcher of pattern.c replaces the stock one), table.sort, and encoding
+ * (json.c and serialize.c call ebb_sandbox_spend, which also counts their
+ * output against the byte cap).
  * (4) The kill: once a bound is hit, every Lua instruction on every thread
  * raises an error until the outermost ebb_sandbox_call returns, so pcall,
  * xpcall and coroutines cannot swallow it.

@@ -21,6 +21,7 @@
 
 #include <lauxlib.h>
 
+#include "sandbox.h"
 #include "valuepath.h"
 
 /* ------------------------------------------------------------------ */
@@ -667,6 +668,9 @@ typedef struct {
   char *err;
   size_t errlen;
   int jt; /* stack index of the string "__jsontype" */
+  /* Work not yet charged to the sandbox (see charge()). */
+  int64_t values;  /* values written since the last charge */
+  size_t charged;  /* output length at the last charge */
   /* The path from the root to the value being written (valuepath.h). JSON
    * keys are always strings, so only index and key steps occur. */
   ebb__path_step path[EBB_JSON_MAX_DEPTH + 1];
@@ -677,6 +681,31 @@ static const ebb__path_style json_path_style = {"data", "cannot encode ", 128, 8
 /* Sets err to "cannot encode <path>: <reason>" and returns -1. */
 #define enc_fail(e, steps, ...) \
   ebb__path_fail(&json_path_style, (e)->L, (e)->path, (steps), (e)->err, (e)->errlen, __VA_ARGS__)
+
+/* Inside the sandbox, encoding is work the instruction hook cannot see, and
+ * its output lives outside the state's allocator: a table reached twice in
+ * one value is written twice, so {t, t} nested 40 deep would run for hours
+ * into an unbounded buffer. So the encoder charges what it does to the
+ * running call: each value as ENC_VALUE_COST instructions, each output byte
+ * as 1/ENC_BYTES_PER_STEP of one, and the output bytes against the memory
+ * cap (ebb_sandbox_spend). Charged every ENC_CHARGE_EVERY values or
+ * ENC_CHARGE_BYTES bytes, and before a long string is copied. Outside a
+ * sandbox this costs a counter. */
+#define ENC_VALUE_COST 16
+#define ENC_BYTES_PER_STEP 8
+#define ENC_CHARGE_EVERY 1024
+#define ENC_CHARGE_BYTES ((size_t)64 * 1024)
+
+/* Charges the work since the last charge plus `ahead` bytes about to be
+ * written. -1 once the call is killed, with err set to the reason. */
+static int charge(encoder *e, size_t ahead, int steps) {
+  size_t bytes = e->out->len - e->charged + ahead;
+  int64_t cost = e->values * ENC_VALUE_COST + (int64_t)(bytes / ENC_BYTES_PER_STEP);
+  e->values = 0;
+  e->charged = e->out->len + ahead;
+  if (ebb_sandbox_spend(e->L, cost, bytes) == 0) return 0;
+  return enc_fail(e, steps, "stopped: the call ran out of its bounds (instruction budget or memory)");
+}
 
 /* Describes a key that makes a table neither an array nor an object. */
 static const char *key_kind(lua_State *L, int idx) {
@@ -796,6 +825,7 @@ static int enc_string(encoder *e, const char *str, size_t len, int steps, const 
   static const char hex[] = "0123456789abcdef";
   const unsigned char *s = (const unsigned char *)str, *end = s + len, *run = s, *p = s;
   ebb_buf *b = e->out;
+  if (len > ENC_CHARGE_BYTES && charge(e, len, steps) != 0) return -1;
   if (b->len + len + 3 > b->cap) ebb_buf_reserve(b, len + 2); /* the common size, at once */
   out_char(b, '"');
   for (;;) {
@@ -922,6 +952,8 @@ static int enc_table(encoder *e, int t, int steps) {
 static int enc_value(encoder *e, int idx, int steps) {
   lua_State *L = e->L;
   ebb_buf *b = e->out;
+  if ((++e->values >= ENC_CHARGE_EVERY || b->len - e->charged > ENC_CHARGE_BYTES) && charge(e, 0, steps) != 0)
+    return -1;
   switch (lua_type(L, idx)) {
     case LUA_TNIL: out_bytes(b, "null", 4); return 0;
     case LUA_TBOOLEAN:
@@ -958,11 +990,14 @@ int ebb_json_encode(lua_State *L, int idx, ebb_buf *out, char *err, size_t errle
   e.out = out;
   e.err = err;
   e.errlen = errlen;
+  e.values = 0;
+  e.charged = out->len;
   idx = lua_absindex(L, idx);
   luaL_checkstack(L, 8, "JSON");
   lua_pushliteral(L, "__jsontype");
   e.jt = lua_gettop(L);
   int rc = enc_value(&e, idx, 0);
+  if (rc == 0) rc = charge(&e, 0, 0);
   lua_settop(L, top);
   if (rc == 0 && out->oom) {
     if (err && errlen) snprintf(err, errlen, "cannot encode data: out of memory");

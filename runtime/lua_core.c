@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "pattern.h"
 #include "projection_db.h"
 #include "runtime.h"
 #include "serialize.h"
@@ -634,5 +635,8 @@ int luaopen_ebb_core(lua_State *L) {
   lua_pushcfunction(L, ebb_deserialize_lua);
   lua_setfield(L, -2, "deserialize");
   ebb__lua_json_open(L);
+  lua_newtable(L); /* the sandbox's pattern functions, for specs that compare them with Lua's */
+  ebb__pattern_install(L, -1);
+  lua_setfield(L, -2, "patterns");
   return 1;
 }

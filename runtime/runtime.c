@@ -46,6 +46,15 @@ struct ebb_runtime {
   size_t memory_limit;
   int64_t instruction_budget;
   int tainted;                  /* a call was killed: rebuild the Lua state before the next */
+  /* What the running modules were loaded from, kept so that the rebuild
+   * after a kill (recover) brings back the code that was running, not what
+   * the directory holds now: the file names found, the text of every file
+   * read, and (while recovering) the fingerprints computed then. */
+  ebb_sandbox_sources *sources;
+  char **module_names;
+  size_t n_module_names;
+  int reuse_names;              /* load_sandbox takes module_names as they are */
+  int recovering;               /* ... and keeps the fingerprints too */
   uint64_t generation;          /* counts Lua states built: references die with theirs */
   struct pending_snapshot *pending; /* taken, not yet written (see ebb_runtime_flush) */
   size_t n_pending;
@@ -425,13 +434,17 @@ static int names_cmp(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static void load_modules(ebb_runtime *rt, const char *dir) {
-  lua_State *L = ebb_sandbox_state(rt->sb);
+static void free_module_names(ebb_runtime *rt) {
+  for (size_t i = 0; i < rt->n_module_names; i++) free(rt->module_names[i]);
+  free(rt->module_names);
+  rt->module_names = NULL;
+  rt->n_module_names = 0;
+}
+
+/* Lists the module files of dir into rt->module_names, sorted. */
+static int list_modules(ebb_runtime *rt, const char *dir) {
   DIR *d = opendir(dir);
-  if (d == NULL) {
-    ebb_buf_printf(&rt->problems, "%s: cannot open the aggregates directory\n", dir);
-    return;
-  }
+  if (d == NULL) return -1;
   char **names = NULL;
   size_t n = 0, cap = 0;
   struct dirent *de;
@@ -447,7 +460,25 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
     if ((names[n] = strdup(de->d_name)) != NULL) n++;
   }
   closedir(d);
-  qsort(names, n, sizeof *names, names_cmp);
+  if (n > 0) qsort(names, n, sizeof *names, names_cmp);
+  rt->module_names = names;
+  rt->n_module_names = n;
+  return 0;
+}
+
+static void load_modules(ebb_runtime *rt, const char *dir) {
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  /* A rebuild after a kill loads the files found before, from the kept
+   * texts; otherwise the directory is read now. */
+  if (!rt->reuse_names) {
+    free_module_names(rt);
+    if (list_modules(rt, dir) != 0) {
+      ebb_buf_printf(&rt->problems, "%s: cannot open the aggregates directory\n", dir);
+      return;
+    }
+  }
+  char **names = rt->module_names;
+  size_t n = rt->n_module_names;
   int *kinds = calloc(n ? n : 1, sizeof *kinds); /* 0 helper, 1 aggregate, -1 broken */
   for (size_t i = 0; i < n && kinds; i++) {
     char path[4096];
@@ -474,10 +505,8 @@ static void load_modules(ebb_runtime *rt, const char *dir) {
     kinds[i] = status != LUA_OK || lua_type(L, -1) == LUA_TSTRING ? -1 : lua_toboolean(L, -1);
     lua_pop(L, 1);
   }
-  if (kinds) compute_fingerprints(rt, dir, names, kinds, n);
+  if (kinds && !rt->recovering) compute_fingerprints(rt, dir, names, kinds, n);
   free(kinds);
-  for (size_t i = 0; i < n; i++) free(names[i]);
-  free(names);
 }
 
 /* ---------------------------------------------------------------- upcasting */
@@ -738,6 +767,9 @@ static int load_sandbox(ebb_runtime *rt, ebb_error *err) {
       .memory_limit = rt->memory_limit,
       .instruction_budget = rt->instruction_budget,
   };
+  if (rt->sources == NULL && (rt->sources = ebb_sandbox_sources_new()) == NULL)
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  sbo.sources = rt->sources;
   if (ebb_sandbox_new(&rt->sb, &sbo, err) != 0) return err->code;
   rt->generation++;
   lua_State *L = ebb_sandbox_state(rt->sb);
@@ -787,8 +819,20 @@ static void unload_sandbox(ebb_runtime *rt) {
  * (from a module's globals, say) and fail every later call: start afresh. */
 static int recover(ebb_runtime *rt, ebb_error *err) {
   if (!rt->tainted) return 0;
+  /* The same code comes back (kept names and texts), so the fingerprints
+   * stay those computed when it was loaded, whatever the disk holds now. */
+  if (rt->store) ebb_runtime_flush(rt, NULL);
+  struct fingerprint_entry *fp = rt->fingerprints;
+  size_t nfp = rt->n_fingerprints;
+  rt->fingerprints = NULL;
+  rt->n_fingerprints = 0;
   unload_sandbox(rt);
-  if (load_sandbox(rt, err) != 0) return err->code;
+  rt->fingerprints = fp;
+  rt->n_fingerprints = nfp;
+  rt->reuse_names = rt->recovering = 1;
+  int rc = load_sandbox(rt, err);
+  rt->reuse_names = rt->recovering = 0;
+  if (rc != 0) return err->code;
   rt->tainted = 0;
   return 0;
 }
@@ -826,6 +870,8 @@ void ebb_runtime_close(ebb_runtime *rt) {
   if (rt == NULL) return;
   unload_sandbox(rt);
   ebb_state_cache_free(rt->cache, NULL); /* empty: unload_sandbox cleared it */
+  ebb_sandbox_sources_free(rt->sources);
+  free_module_names(rt);
   free_spares(rt);
   for (size_t i = 0; i < rt->n_types; i++) free(rt->types[i]);
   ebb_store_close(rt->store);
@@ -850,12 +896,26 @@ int ebb_runtime_reload(ebb_runtime *rt, ebb_buf *report, ebb_error *err) {
   int problems = rc == 0 ? ebb_runtime_check(&trial, report) : 0;
   unload_sandbox(&trial);
   ebb_buf_free(&trial.problems);
+  if (rc != 0 || problems) {
+    ebb_sandbox_sources_free(trial.sources);
+    free_module_names(&trial);
+  }
   if (rc != 0) return rc;
   if (problems)
     return ebb_error_set(err, EBB_ESCRIPT, "%d problem%s in the modules; the running ones stay",
                          problems, problems == 1 ? "" : "s");
   unload_sandbox(rt);
-  if (load_sandbox(rt, err) != 0) {
+  /* The new modules are the texts the trial checked, not a second read of
+   * the directory (which may have changed since). */
+  ebb_sandbox_sources_free(rt->sources);
+  free_module_names(rt);
+  rt->sources = trial.sources;
+  rt->module_names = trial.module_names;
+  rt->n_module_names = trial.n_module_names;
+  rt->reuse_names = 1;
+  rc = load_sandbox(rt, err);
+  rt->reuse_names = 0;
+  if (rc != 0) {
     rt->tainted = 1; /* the next call tries again */
     return err->code;
   }

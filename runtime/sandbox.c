@@ -7,8 +7,14 @@
  * module does can reach the file system, the clock, randomness, or another
  * module's view of the libraries. (2) Module loading: `require` and
  * ebb_sandbox_load_file read text chunks from fixed directories and give each
- * module an environment table of its own. (3) The bounds: a counting
- * allocator with a byte cap and a count hook with an instruction budget.
+ * module an environment table of its own, and keep the text of every file
+ * they read (ebb_sandbox_sources) so a rebuilt state runs the same code.
+ * (3) The bounds: a counting allocator with a byte cap and a count hook with
+ * an instruction budget and a limit on call depth. Work Lua does in C is
+ * charged to the same budget: every allocation, pattern matching (the
+ * matcher of pattern.c replaces the stock one), table.sort, and encoding
+ * (json.c and serialize.c call ebb_sandbox_spend, which also counts their
+ * output against the byte cap).
  * (4) The kill: once a bound is hit, every Lua instruction on every thread
  * raises an error until the outermost ebb_sandbox_call returns, so pcall,
  * xpcall and coroutines cannot swallow it.
@@ -33,6 +39,8 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "pattern.h"
+
 /* The hook runs every HOOK_EVERY instructions: often enough that a budget
    overrun is noticed within microseconds, rarely enough to cost nothing. */
 #define HOOK_EVERY 1000
@@ -41,6 +49,18 @@
    error and describing it cannot themselves fail for lack of memory. Killed
    code cannot use it: every Lua instruction it runs raises. */
 #define KILL_HEADROOM ((size_t)1024 * 1024)
+/* Allocation is work the hook does not see either (malloc, the collector
+   that allocation drives, stack and CallInfo growth in deep recursion, C
+   functions building big strings): each allocation costs ALLOC_COST
+   instructions plus one per ALLOC_BYTES_PER_STEP bytes. */
+#define ALLOC_COST 16
+#define ALLOC_BYTES_PER_STEP 64
+/* Nested Lua calls allowed before the call is killed. Lua's own limit is
+   its stack size (about 200,000 levels), and overflowing it costs ~0.1 s
+   of C work the hook cannot see; a loop of pcall'd overflows stalled the
+   daemon for seconds. Checked by the hook, so the depth may overshoot by
+   what HOOK_EVERY instructions can add. */
+#define MAX_CALL_DEPTH 10000
 
 struct ebb_sandbox {
   lua_State *L;
@@ -48,6 +68,7 @@ struct ebb_sandbox {
   size_t limit;
   int64_t budget;
   int64_t spent;        /* instructions counted in this call */
+  size_t outside;       /* bytes of encoded output charged in this call (ebb_sandbox_spend) */
   int hook_every;
   int depth;            /* nesting of ebb_sandbox_call; bounds apply when > 0 */
   int killing;          /* the running call is being killed */
@@ -59,6 +80,8 @@ struct ebb_sandbox {
   char **dirs;          /* runtime_dir, then the module dirs */
   int has_runtime_dir;  /* dirs[0] is the runtime's own library */
   size_t n_dirs;
+  ebb_sandbox_sources *sources; /* the text of every file loaded */
+  int own_sources;              /* sources was made here, not passed in */
   /* A refused allocation, remembered so that Lua's retry of the very same
      request after its emergency collection can be recognised: only a request
      that cannot be met even after a full collection kills the call, so a
@@ -82,6 +105,15 @@ static ebb_sandbox *sb_of(lua_State *L) {
   void *ud = NULL;
   lua_getallocf(L, &ud);
   return ud;
+}
+
+static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize);
+
+/* The sandbox of L, or NULL when L is not a sandbox's state (the same C
+   code also runs in plain Lua, in ebb.core under busted). */
+static ebb_sandbox *sandbox_of(lua_State *L) {
+  void *ud = NULL;
+  return lua_getallocf(L, &ud) == sb_alloc ? ud : NULL;
 }
 
 /* ---------------------------------------------------------------- bounds */
@@ -137,6 +169,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       return NULL;
     }
   }
+  if (nsize > old && sb->depth > 0) sb->spent += ALLOC_COST + (int64_t)((nsize - old) / ALLOC_BYTES_PER_STEP);
   void *p = realloc(ptr, nsize);
   if (p == NULL) {
     /* Lua assumes shrinking never fails; keep the bigger block. */
@@ -153,7 +186,56 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 void ebb_sandbox_recharge(ebb_sandbox *sb) {
-  if (!sb->killing) sb->spent = 0;
+  if (!sb->killing) {
+    sb->spent = 0;
+    sb->outside = 0;
+  }
+}
+
+/* Writes "instruction budget of N exceeded at file:line" (the place of the
+   Lua function at the given stack level, when there is one) as the reason. */
+static void budget_reason(ebb_sandbox *sb, lua_State *L, lua_Debug *ar) {
+  int n = snprintf(sb->reason, sizeof sb->reason, "instruction budget of %" PRId64 " exceeded", sb->budget);
+  if (n > 0 && (size_t)n < sizeof sb->reason && lua_getinfo(L, "Sl", ar)) {
+    if (ar->currentline > 0)
+      snprintf(sb->reason + n, sizeof sb->reason - n, " at %s:%d", ar->short_src, ar->currentline);
+    else
+      snprintf(sb->reason + n, sizeof sb->reason - n, " in %s", ar->short_src);
+  }
+}
+
+int ebb_sandbox_spend(lua_State *L, int64_t steps, size_t bytes) {
+  ebb_sandbox *sb = sandbox_of(L);
+  if (sb == NULL || sb->depth == 0) return 0;
+  if (sb->killing) return -1;
+  sb->spent += steps;
+  sb->outside += bytes;
+  if (sb->outside > sb->limit || sb->used > sb->limit - sb->outside) {
+    snprintf(sb->reason, sizeof sb->reason,
+             "memory limit of %zu bytes exceeded (%zu bytes of encoded output on top of %zu in use)", sb->limit,
+             sb->outside, sb->used);
+    kill_now(sb, L);
+    return -1;
+  }
+  if (sb->spent <= sb->budget) return 0;
+  /* Charged from C: name the Lua function that called it (level 1), or the
+     innermost Lua frame, whichever is found first. */
+  lua_Debug ar;
+  int level = 0;
+  while (lua_getstack(L, level, &ar) && lua_getinfo(L, "S", &ar) && ar.what[0] == 'C') level++;
+  if (lua_getstack(L, level, &ar)) {
+    budget_reason(sb, L, &ar);
+  } else {
+    snprintf(sb->reason, sizeof sb->reason, "instruction budget of %" PRId64 " exceeded", sb->budget);
+  }
+  kill_now(sb, L);
+  return -1;
+}
+
+void ebb_sandbox_charge(lua_State *L, int64_t steps) {
+  if (ebb_sandbox_spend(L, steps, 0) == 0) return;
+  lua_pushstring(L, sandbox_of(L)->reason);
+  lua_error(L);
 }
 
 /* The count hook: charges the budget and, once the call is killed, raises
@@ -167,13 +249,16 @@ static void sb_hook(lua_State *L, lua_Debug *ar) {
   if (sb->depth == 0) return; /* host code between calls is not bounded */
   if (!sb->killing) {
     sb->spent += every;
-    if (sb->spent <= sb->budget) return;
-    int n = snprintf(sb->reason, sizeof sb->reason, "instruction budget of %" PRId64 " exceeded", sb->budget);
-    if (n > 0 && (size_t)n < sizeof sb->reason && lua_getinfo(L, "Sl", ar)) {
-      if (ar->currentline > 0)
+    lua_Debug deep;
+    if (sb->spent <= sb->budget) {
+      if (!lua_getstack(L, MAX_CALL_DEPTH, &deep)) return;
+      snprintf(sb->reason, sizeof sb->reason, "call depth of %d exceeded (endless recursion?)", MAX_CALL_DEPTH);
+      if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0) {
+        size_t n = strlen(sb->reason);
         snprintf(sb->reason + n, sizeof sb->reason - n, " at %s:%d", ar->short_src, ar->currentline);
-      else
-        snprintf(sb->reason + n, sizeof sb->reason - n, " in %s", ar->short_src);
+      }
+    } else {
+      budget_reason(sb, L, ar);
     }
     kill_now(sb, L);
   }
@@ -214,6 +299,7 @@ int ebb_sandbox_call(ebb_sandbox *sb, int nargs, int nresults) {
   int func = lua_gettop(L) - nargs;
   if (outer) {
     sb->spent = 0;
+    sb->outside = 0;
     sb->killing = 0;
     sb->was_killed = 0;
     sb->pending = 0;
@@ -287,56 +373,131 @@ static void push_env(lua_State *L) {
   lua_setfield(L, -2, "_G");
 }
 
-typedef struct file_reader {
-  FILE *f;
-  int newline;  /* emit a "\n" first, for a skipped '#' line */
-  char buf[4096];
-} file_reader;
+/* --------------------------------------------------------- kept sources
+ *
+ * The text of every Lua file a sandbox loads is kept, by path. A host that
+ * rebuilds its sandbox after a kill passes the same sources to the new one,
+ * which then runs the code that was running, not whatever the file holds
+ * now (an edit saved without a reload, perhaps broken). */
 
-static const char *read_file(lua_State *L, void *ud, size_t *size) {
+typedef struct {
+  char *path;
+  char *text;
+  size_t len;
+} source;
+
+struct ebb_sandbox_sources {
+  source *items;
+  size_t n, cap;
+};
+
+ebb_sandbox_sources *ebb_sandbox_sources_new(void) {
+  return calloc(1, sizeof(ebb_sandbox_sources));
+}
+
+void ebb_sandbox_sources_free(ebb_sandbox_sources *src) {
+  if (src == NULL) return;
+  for (size_t i = 0; i < src->n; i++) {
+    free(src->items[i].path);
+    free(src->items[i].text);
+  }
+  free(src->items);
+  free(src);
+}
+
+/* The kept text of path, reading (and keeping) the file the first time.
+   NULL with errno set when it cannot be read (ENOMEM included). */
+static const source *source_get(ebb_sandbox_sources *src, const char *path) {
+  for (size_t i = 0; i < src->n; i++)
+    if (strcmp(src->items[i].path, path) == 0) return &src->items[i];
+  if (src->n == src->cap) {
+    size_t cap = src->cap ? src->cap * 2 : 16;
+    source *p = realloc(src->items, cap * sizeof *p);
+    if (p == NULL) return errno = ENOMEM, NULL;
+    src->items = p;
+    src->cap = cap;
+  }
+  FILE *f = fopen(path, "rb");
+  if (f == NULL) return NULL;
+  char *text = NULL;
+  size_t len = 0, cap = 0;
+  int e = 0;
+  for (;;) {
+    if (len == cap) {
+      cap = cap ? cap * 2 : 8192;
+      char *p = realloc(text, cap);
+      if (p == NULL) {
+        e = ENOMEM;
+        break;
+      }
+      text = p;
+    }
+    size_t got = fread(text + len, 1, cap - len, f);
+    len += got;
+    if (got == 0) {
+      if (ferror(f)) e = EIO;
+      break;
+    }
+  }
+  fclose(f);
+  char *copy = e == 0 ? strdup(path) : NULL;
+  if (copy == NULL) {
+    free(text);
+    return errno = e ? e : ENOMEM, NULL;
+  }
+  source *it = &src->items[src->n++];
+  it->path = copy;
+  it->text = text;
+  it->len = len;
+  return it;
+}
+
+typedef struct text_reader {
+  const char *p;
+  size_t n;
+  int newline;  /* give a "\n" first, for a skipped '#' line */
+} text_reader;
+
+static const char *read_text(lua_State *L, void *ud, size_t *size) {
   (void)L;
-  file_reader *r = ud;
+  text_reader *r = ud;
   if (r->newline) {
     r->newline = 0;
     *size = 1;
     return "\n";
   }
-  *size = fread(r->buf, 1, sizeof r->buf, r->f);
-  return *size > 0 ? r->buf : NULL;
+  *size = r->n;
+  r->n = 0;
+  return *size > 0 ? r->p : NULL;
 }
 
 /* Pushes the text chunk at path as a function with its own environment, or
    raises. Chunk name "@"..chunkname, so messages read "order.lua:12: ...".
    Like luaL_loadfilex it skips a UTF-8 BOM and a first '#' line (keeping
-   line numbers), but it never accepts a binary chunk. */
+   line numbers), but it never accepts a binary chunk. The text comes from
+   the kept sources (read from disk the first time). */
 static void load_chunk(lua_State *L, const char *path, const char *chunkname, int *missing) {
-  file_reader r;
+  ebb_sandbox *sb = sb_of(L);
   const char *name = lua_pushfstring(L, "@%s", chunkname);
-  r.newline = 0;
-  r.f = fopen(path, "rb");
-  if (r.f == NULL) {
+  errno = 0;
+  const source *src = source_get(sb->sources, path);
+  if (src == NULL) {
     int e = errno;
     if (missing != NULL && (e == ENOENT || e == ENOTDIR)) *missing = 1;
     luaL_error(L, "cannot open %s: %s", path, strerror(e));
   }
-  unsigned char bom[3];
-  if (!(fread(bom, 1, 3, r.f) == 3 && bom[0] == 0xEF && bom[1] == 0xBB && bom[2] == 0xBF))
-    rewind(r.f);
-  int c = getc(r.f);
-  if (c == '#') {
-    while ((c = getc(r.f)) != EOF && c != '\n') {}
-    r.newline = c == '\n';
-  } else if (c == LUA_SIGNATURE[0]) {
-    fclose(r.f);
+  text_reader r = {src->text, src->len, 0};
+  if (r.n >= 3 && memcmp(r.p, "\xEF\xBB\xBF", 3) == 0) r.p += 3, r.n -= 3;
+  if (r.n > 0 && r.p[0] == '#') {
+    const char *nl = memchr(r.p, '\n', r.n);
+    size_t skip = nl != NULL ? (size_t)(nl - r.p) + 1 : r.n;
+    r.newline = nl != NULL;
+    r.p += skip;
+    r.n -= skip;
+  } else if (r.n > 0 && r.p[0] == LUA_SIGNATURE[0]) {
     luaL_error(L, "cannot load %s: binary chunks are not allowed", chunkname);
-  } else if (c != EOF) {
-    ungetc(c, r.f);
   }
-  int status = lua_load(L, read_file, &r, name, "t"); /* protected: cannot longjmp past fclose */
-  int failed = ferror(r.f);
-  fclose(r.f);
-  if (status != LUA_OK) lua_error(L);
-  if (failed) luaL_error(L, "cannot read %s", path);
+  if (lua_load(L, read_text, &r, name, "t") != LUA_OK) lua_error(L);
   lua_remove(L, -2); /* the chunk name */
   push_env(L);
   if (lua_setupvalue(L, -2, 1) == NULL) lua_pop(L, 1);
@@ -903,6 +1064,49 @@ static int sb_table_move(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* table.sort compares in C, where the hook does not run: charge what a
+   sort of n elements may cost up front (n log2 n comparisons). */
+static int sb_table_sort(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Unsigned n = lua_rawlen(L, 1);
+  int64_t cost = 0;
+  for (lua_Unsigned m = n; m > 1; m >>= 1) cost += (int64_t)n;
+  ebb_sandbox_charge(L, cost);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 0);
+  return 0;
+}
+
+/* getmetatable, except for the runtime's marker metatables (a field __ebb
+   or __jsontype): those are shared by every module, so one that changed
+   them (clearing __ebb, say) would change how the runtime treats every
+   other module's values. For them it returns a fresh copy: reading works
+   as before, writing changes nothing but the copy. */
+static int sb_getmetatable(lua_State *L) {
+  luaL_checkany(L, 1);
+  if (!lua_getmetatable(L, 1)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  int mt = lua_gettop(L);
+  if (luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL) return 1;
+  lua_pushliteral(L, "__ebb");
+  int marker = lua_rawget(L, mt) != LUA_TNIL;
+  lua_pushliteral(L, "__jsontype");
+  marker = lua_rawget(L, mt) != LUA_TNIL || marker;
+  lua_settop(L, mt);
+  if (!marker) return 1;
+  lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, mt)) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, -4);
+  }
+  return 1;
+}
+
 static int sb_init(lua_State *L) {
   enum { BASE = 1, CO, TAB, STR, MATH, UTF8, OS, G, OSLIB };
   luaL_requiref(L, LUA_GNAME, luaopen_base, 0);
@@ -931,6 +1135,10 @@ static int sb_init(lua_State *L) {
   lua_getfield(L, TAB, "move");
   lua_pushcclosure(L, sb_table_move, 1);
   lua_setfield(L, TAB, "move");
+  lua_getfield(L, TAB, "sort");
+  lua_pushcclosure(L, sb_table_sort, 1);
+  lua_setfield(L, TAB, "sort");
+  ebb__pattern_install(L, STR);
   /* getmetatable("").__index.format = ... would change strings for every
      module: hide the string metatable. */
   lua_pushliteral(L, "");
@@ -943,13 +1151,15 @@ static int sb_init(lua_State *L) {
 
   static const char *const base_names[] = {
       "assert", "error", "ipairs", "next", "pairs", "pcall", "rawequal", "rawget", "rawlen",
-      "select", "getmetatable", "tonumber", "tostring", "type", "_VERSION", NULL};
+      "select", "tonumber", "tostring", "type", "_VERSION", NULL};
   for (const char *const *n = base_names; *n != NULL; n++) copy_field(L, BASE, G, *n);
   lua_getfield(L, BASE, "load");
   lua_pushcclosure(L, sb_load, 1);
   lua_setfield(L, G, "load");
   lua_pushcfunction(L, sb_setmetatable);
   lua_setfield(L, G, "setmetatable");
+  lua_pushcfunction(L, sb_getmetatable);
+  lua_setfield(L, G, "getmetatable");
   lua_pushcfunction(L, sb_rawset);
   lua_setfield(L, G, "rawset");
   lua_pushcfunction(L, sb_xpcall);
@@ -1032,6 +1242,11 @@ int ebb_sandbox_new(ebb_sandbox **out, const ebb_sandbox_options *opt, ebb_error
   size_t n = opt != NULL ? opt->n_module_dirs + 1 : 0;
   sb->dirs = calloc(n > 0 ? n : 1, sizeof *sb->dirs);
   if (sb->dirs == NULL) goto oom;
+  sb->sources = opt != NULL ? opt->sources : NULL;
+  if (sb->sources == NULL) {
+    if ((sb->sources = ebb_sandbox_sources_new()) == NULL) goto oom;
+    sb->own_sources = 1;
+  }
   if (opt != NULL && opt->runtime_dir != NULL) {
     if ((sb->dirs[sb->n_dirs++] = strdup(opt->runtime_dir)) == NULL) goto oom;
     sb->has_runtime_dir = 1;
@@ -1072,6 +1287,7 @@ void ebb_sandbox_free(ebb_sandbox *sb) {
   if (sb->L != NULL) lua_close(sb->L);
   for (size_t i = 0; i < sb->n_dirs; i++) free(sb->dirs[i]);
   free(sb->dirs);
+  if (sb->own_sources) ebb_sandbox_sources_free(sb->sources);
   free(sb->traceback);
   free(sb);
 }

@@ -33,16 +33,33 @@
 
 typedef struct ebb_sandbox ebb_sandbox;
 
+/* The text of every Lua file a sandbox loaded, by path (see
+   ebb_sandbox_options.sources). */
+typedef struct ebb_sandbox_sources ebb_sandbox_sources;
+ebb_sandbox_sources *ebb_sandbox_sources_new(void);  /* NULL when out of memory */
+void ebb_sandbox_sources_free(ebb_sandbox_sources *src); /* NULL-safe */
+
 typedef struct ebb_sandbox_options {
   const char *const *module_dirs;  /* directories `require` may load user modules from, in order */
   size_t n_module_dirs;
   const char *runtime_dir;         /* the runtime's own Lua library (require "ebb" -> runtime_dir/ebb/init.lua); searched first */
   size_t memory_limit;             /* bytes for the whole state; 0 = 128 MiB */
-  int64_t instruction_budget;      /* VM instructions per ebb_sandbox_call; 0 = 50,000,000 */
+  int64_t instruction_budget;      /* VM instructions per ebb_sandbox_call; 0 = EBB_SANDBOX_DEFAULT_BUDGET */
+  /* Where file texts come from: a file read once is kept here and every
+     later load of the same path (in this sandbox or another given the same
+     sources) uses the kept text, not the disk. A host rebuilding its sandbox
+     after a kill passes the sources of the one it replaces, so the code
+     that was running comes back even if a file changed since. Borrowed: it
+     must outlive the sandbox. NULL: the sandbox keeps its own. */
+  ebb_sandbox_sources *sources;
 } ebb_sandbox_options;
 
 #define EBB_SANDBOX_DEFAULT_MEMORY ((size_t)128 * 1024 * 1024)
-#define EBB_SANDBOX_DEFAULT_BUDGET ((int64_t)50000000)
+/* 20 million: a call that uses it all (a loop, a pathological pattern, an
+   encoding bomb; C work is charged as instructions) holds the thread that
+   runs it about 70 ms on a 2020s x86 core, so a hostile module cannot
+   stall the daemon's loop for long. Domain handlers use a few thousand. */
+#define EBB_SANDBOX_DEFAULT_BUDGET ((int64_t)20000000)
 
 /* Creates the state with the safe globals installed. opt may be NULL
    (defaults, no module directories). Returns 0 or EBB_ENOMEM / EBB_ESCRIPT. */
@@ -74,9 +91,23 @@ int ebb_sandbox_call(ebb_sandbox *sb, int nargs, int nresults);
 void ebb_sandbox_recharge(ebb_sandbox *sb);
 const char *ebb_sandbox_traceback(ebb_sandbox *sb);   /* of the last failed call, or "" */
 /* Why the last call was killed: NULL if it was not, else e.g.
-   "instruction budget of 50000000 exceeded at order.lua:12" or
+   "instruction budget of 20000000 exceeded at order.lua:12" or
    "memory limit of 134217728 bytes exceeded". */
 const char *ebb_sandbox_killed(ebb_sandbox *sb);
 size_t ebb_sandbox_memory(ebb_sandbox *sb);           /* bytes in use by the state */
+
+/* Work done in C on behalf of the running call, which the instruction hook
+   cannot see (pattern matching, encoding), charged to its bounds: steps
+   count as instructions, bytes (output built outside the state, such as
+   encoded JSON) count against the memory cap until the call ends or is
+   recharged. Returns 0, or -1 once the call is killed (the bound was hit
+   now or before); the caller then stops and fails, and the call ends with
+   the kill reason whatever it returns. Does nothing (0) when L is not a
+   sandbox's state or no bounded call runs: the same C code serves plain
+   Lua. */
+int ebb_sandbox_spend(lua_State *L, int64_t steps, size_t bytes);
+/* ebb_sandbox_spend(L, steps, 0), raising the kill reason on -1. For C
+   functions that hold nothing that a longjmp would leak. */
+void ebb_sandbox_charge(lua_State *L, int64_t steps);
 
 #endif

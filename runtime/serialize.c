@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "sandbox.h"
 #include "valuepath.h"
 
 enum {
@@ -113,6 +114,8 @@ typedef struct {
   int amt;   /* stack index of the shared array metatable */
   int omt;   /* stack index of the shared object metatable */
   lua_Integer ntables;
+  int64_t values;  /* values written since the last charge */
+  size_t charged;  /* output length at the last charge */
   ebb__path_step path[EBB_SERIALIZE_MAX_DEPTH + 1]; /* see valuepath.h */
 } encoder;
 
@@ -136,6 +139,27 @@ static inline unsigned char *room(encoder *e, size_t n) {
 #define OOM(e, steps) enc_fail((e), (steps), "out of memory")
 
 static int enc_table(encoder *e, int t, int depth);
+
+/* Inside the sandbox a snapshot is work the instruction hook cannot see,
+ * written outside the state's allocator. Tables are written once, but a
+ * string is written at every place it is reached: twenty keys holding one
+ * 40 MiB string make 800 MiB. So, as json.c's encoder does, the work is
+ * charged to the running call (ebb_sandbox_spend, which allocates nothing
+ * and cannot raise): values and bytes as instructions, bytes against the
+ * memory cap. */
+#define SER_VALUE_COST 8
+#define SER_BYTES_PER_STEP 8
+#define SER_CHARGE_EVERY 1024
+#define SER_CHARGE_BYTES ((size_t)64 * 1024)
+
+static int charge(encoder *e, size_t ahead, int depth) {
+  size_t bytes = e->out->len - e->charged + ahead;
+  int64_t cost = e->values * SER_VALUE_COST + (int64_t)(bytes / SER_BYTES_PER_STEP);
+  e->values = 0;
+  e->charged = e->out->len + ahead;
+  if (ebb_sandbox_spend(e->L, cost, bytes) == 0) return 0;
+  return enc_fail(e, depth, "stopped: the call ran out of its bounds (instruction budget or memory)");
+}
 
 static inline size_t ref_hash(const void *p) {
   uint64_t h = (uint64_t)(uintptr_t)p * UINT64_C(0x9E3779B97F4A7C15);
@@ -179,6 +203,8 @@ static const char *a_type(lua_State *L, int idx) {
 static int enc_value(encoder *e, int idx, int depth) {
   lua_State *L = e->L;
   unsigned char *p;
+  if ((++e->values >= SER_CHARGE_EVERY || e->out->len - e->charged > SER_CHARGE_BYTES) && charge(e, 0, depth) != 0)
+    return -1;
   switch (lua_type(L, idx)) {
     case LUA_TNIL:
     case LUA_TBOOLEAN:
@@ -209,6 +235,7 @@ static int enc_value(encoder *e, int idx, int depth) {
     case LUA_TSTRING: {
       size_t n;
       const char *s = lua_tolstring(L, idx, &n);
+      if (n > SER_CHARGE_BYTES && charge(e, n, depth) != 0) return -1;
       if ((p = room(e, 1 + VARINT_MAX + n)) == NULL) return OOM(e, depth);
       if (n <= SHORTSTR_MAX) {
         *p++ = (unsigned char)(T_SHORTSTR + n);
@@ -374,6 +401,8 @@ int ebb_serialize(lua_State *L, int idx, ebb_buf *out, char *err, size_t errlen)
   e.err = err;
   e.errlen = errlen;
   e.ntables = 0;
+  e.values = 0;
+  e.charged = out->len;
   if (!lua_checkstack(L, 8)) return enc_fail(&e, 0, "Lua stack overflow");
   /* The only Lua allocations: the marker metatables, made once per state. */
   ebb_json_push_array_mt(L);
@@ -390,6 +419,7 @@ int ebb_serialize(lua_State *L, int idx, ebb_buf *out, char *err, size_t errlen)
     out->len++;
     rc = enc_value(&e, idx, 0);
   }
+  if (rc == 0) rc = charge(&e, 0, 0);
   free(e.slots);
   if (rc != 0) out->len = oldlen;
   if (out->data && !out->oom) out->data[out->len] = '\0';

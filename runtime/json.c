@@ -692,7 +692,7 @@ static const ebb__path_style json_path_style = {"data", "cannot encode ", 128, 8
  * ENC_CHARGE_BYTES bytes, and before a long string is copied. Outside a
  * sandbox this costs a counter. */
 #define ENC_VALUE_COST 16
-#define ENC_BYTES_PER_STEP 8
+#define ENC_BYTES_PER_STEP 2
 #define ENC_CHARGE_EVERY 1024
 #define ENC_CHARGE_BYTES ((size_t)64 * 1024)
 

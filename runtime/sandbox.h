@@ -55,11 +55,13 @@ typedef struct ebb_sandbox_options {
 } ebb_sandbox_options;
 
 #define EBB_SANDBOX_DEFAULT_MEMORY ((size_t)128 * 1024 * 1024)
-/* 20 million: a call that uses it all (a loop, a pathological pattern, an
+/* 10 million: a call that uses it all (a loop, a pathological pattern, an
    encoding bomb; C work is charged as instructions) holds the thread that
-   runs it about 70 ms on a 2020s x86 core, so a hostile module cannot
-   stall the daemon's loop for long. Domain handlers use a few thousand. */
-#define EBB_SANDBOX_DEFAULT_BUDGET ((int64_t)20000000)
+   runs it well under 250 ms on this project's 2-core VM (a plain loop about
+   60 ms, the costliest C-heavy attacks about 200 ms; README, "Budgets"), so
+   a hostile module cannot stall the daemon's loop for long. Domain handlers
+   use a few thousand. */
+#define EBB_SANDBOX_DEFAULT_BUDGET ((int64_t)10000000)
 
 /* Creates the state with the safe globals installed. opt may be NULL
    (defaults, no module directories). Returns 0 or EBB_ENOMEM / EBB_ESCRIPT. */
@@ -91,7 +93,7 @@ int ebb_sandbox_call(ebb_sandbox *sb, int nargs, int nresults);
 void ebb_sandbox_recharge(ebb_sandbox *sb);
 const char *ebb_sandbox_traceback(ebb_sandbox *sb);   /* of the last failed call, or "" */
 /* Why the last call was killed: NULL if it was not, else e.g.
-   "instruction budget of 20000000 exceeded at order.lua:12" or
+   "instruction budget of 10000000 exceeded at order.lua:12" or
    "memory limit of 134217728 bytes exceeded". */
 const char *ebb_sandbox_killed(ebb_sandbox *sb);
 size_t ebb_sandbox_memory(ebb_sandbox *sb);           /* bytes in use by the state */

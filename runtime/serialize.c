@@ -148,7 +148,7 @@ static int enc_table(encoder *e, int t, int depth);
  * and cannot raise): values and bytes as instructions, bytes against the
  * memory cap. */
 #define SER_VALUE_COST 8
-#define SER_BYTES_PER_STEP 8
+#define SER_BYTES_PER_STEP 2
 #define SER_CHARGE_EVERY 1024
 #define SER_CHARGE_BYTES ((size_t)64 * 1024)
 

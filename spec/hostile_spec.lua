@@ -107,7 +107,7 @@ local attacks = {
   { "Rep" }, { "RepSep" }, { "Concat" }, { "Format" }, { "GsubAmplify" }, { "GsubFunction" }, { "Tables" },
   { "HugeError" }, { "LargeError" }, { "TostringLoop", BOUND }, { "TostringHuge" },
   { "Gc", "__gc field is not allowed" }, { "Close", BOUND }, { "CoroutineClose", BOUND },
-  { "EncodeBomb", BOUND }, { "SharedString", MEMORY },
+  { "EncodeBomb", BOUND }, { "SharedString", BOUND },
 }
 
 -- Sanitizer builds run several times slower: the bounds on time scale.

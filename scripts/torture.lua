@@ -84,10 +84,12 @@ return c
 write(work .. "/projections/tally.lua", [[
 local p = { name = "tally", version = 1, from = { "Counter", "Raw" } }
 function p.setup(db)
-  db:exec "CREATE TABLE t (stream TEXT PRIMARY KEY, n INTEGER NOT NULL, last INTEGER NOT NULL, sum INTEGER NOT NULL)"
+  db:exec [=[CREATE TABLE t (stream TEXT PRIMARY KEY, n INTEGER NOT NULL,
+                            last INTEGER NOT NULL, sum INTEGER NOT NULL)]=]
 end
 local function count(db, e)
-  db:exec("INSERT INTO t VALUES (?, 1, ?, ?) ON CONFLICT (stream) DO UPDATE SET n = n + 1, last = excluded.last, sum = sum + excluded.sum",
+  db:exec("INSERT INTO t VALUES (?, 1, ?, ?) ON CONFLICT (stream) DO UPDATE SET n = n + 1, "
+          .. "last = excluded.last, sum = sum + excluded.sum",
           e.stream, e.version, e.data.k or 0)
 end
 p.on = { Added = count, RawEvent = count }
@@ -302,7 +304,7 @@ end
 -- `subs` SSE subscribers until should_stop() or the daemon dies; reads what
 -- was answered before the end.
 local function drive(d, clients, subs, should_stop)
-  local conns, readers = {}, {}
+  local conns = {}
   for i = 1, clients do conns[i] = { c = connect(d) } end
   local sse = {}
   for i = 1, subs do
@@ -334,7 +336,7 @@ local function drive(d, clients, subs, should_stop)
   local dead = false
   while true do
     local stop = should_stop() or dead
-    readers = {}
+    local readers = {}
     for _, cl in ipairs(conns) do
       if cl.c and not cl.req and not stop then
         cl.req = next_request()
@@ -414,7 +416,7 @@ end
 
 -- Verifies the store behind a freshly started daemon. losses_allowed: at
 -- `normal` after a power cut (counted, reported, then forgotten).
-local function verify(d, data, losses_allowed, cycle_totals)
+local function verify(d, losses_allowed, cycle_totals)
   local t = cycle_totals or totals
   local events, head = all_events(d)
   if not events then
@@ -553,21 +555,27 @@ local function crash_loop(n)
   for cycle = 1, n do
     local d, why = start(data, "full")
     if not d then print("cannot start ebb: " .. why); failures = failures + 1; return end
-    if cycle > 1 then verify(d, data, false) end
+    if cycle > 1 then verify(d, false) end
     local deadline = socket.gettime() + 0.05 + math.random() * 0.5
     drive(d, 6, 2, function()
       if socket.gettime() >= deadline and alive(d.pid) then d:kill9() end
       return not alive(d.pid)
     end)
     d:kill9()
+    if cycle % 50 == 0 then
+      io.stderr:write(("  crash cycle %d/%d, %.0f s, lost %d partial %d gaps %d projection %d\n")
+        :format(cycle, n, socket.gettime() - t0, totals.lost, totals.partial, totals.gaps,
+                totals.projection))
+    end
   end
   local d = assert(start(data, "full"))
-  verify(d, data, false)
+  verify(d, false)
   local ok, out = integrity(data)
   if not ok then totals.corrupt = totals.corrupt + 1; print("integrity_check: " .. out) end
   d:stop()
   print(("crash loop: %d kill -9 cycles in %.0f s, %d events acknowledged, %d checks of an "
-         .. "acknowledged event after a restart, %d requests (%d acknowledged, %d outcome unknown); lost %d, partial %d, gaps %d, projection "
+         .. "acknowledged event after a restart, %d requests (%d acknowledged, %d outcome "
+         .. "unknown); lost %d, partial %d, gaps %d, projection "
          .. "mismatches %d, SSE resume errors %d, re-send mismatches %d, seen-but-lost %d, corrupt %d")
     :format(n, socket.gettime() - t0, stats.acked_events - before.acked,
             totals.checked - before.checked, stats.requests,
@@ -587,7 +595,7 @@ local function power(n, durability)
   local req0, idem0, ack0 = stats.requests, stats.idem_mismatch, stats.acked_events
   for cycle = 1, n do
     local which = math.random() < 0.5 and "cut_after_syncs" or "cut_after_writes"
-    local at = which == "cut_after_syncs" and math.random(1, 60) or math.random(1, 400)
+    local at = which == "cut_after_syncs" and math.random(1, 150) or math.random(1, 1000)
     local env = ("EBB_TEST_FAULTS=%s=%d,seed=%d%s"):format(which, at, math.random(1, 1e9),
                                                           math.random() < 0.5 and ",torn=1" or "")
     local d, why = start(data, durability, env)
@@ -603,15 +611,20 @@ local function power(n, durability)
       if alive(d.pid) then d:kill9() else cuts = cuts + 1 end
     end
     local v = assert(start(data, durability))
-    local lost = verify(v, data, durability ~= "full", t)
+    local lost = verify(v, durability ~= "full", t)
     if (lost or 0) > 0 then cycles_with_loss = cycles_with_loss + 1 end
     v:stop()
     local ok, out = integrity(data)
     if not ok then t.corrupt = t.corrupt + 1; print("integrity_check: " .. out) end
     log("power %s %d: %s lost %s", durability, cycle, env, tostring(lost))
+    if cycle % 50 == 0 then
+      io.stderr:write(("  power %s run %d/%d, %.0f s, lost %d partial %d gaps %d projection %d\n")
+        :format(durability, cycle, n, socket.gettime() - t0, t.lost, t.partial, t.gaps, t.projection))
+    end
   end
   print(("power loss at %s: %d runs, %d power cuts (%s) in %.0f s, %d requests, %d events "
-         .. "acknowledged, %d checks of an acknowledged event; lost %d (in %d runs), partial %d, gaps %d, projection mismatches %d, "
+         .. "acknowledged, %d checks of an acknowledged event; lost %d (in %d runs), partial %d, "
+         .. "gaps %d, projection mismatches %d, "
          .. "SSE resume errors %d, re-send mismatches %d, corrupt %d")
     :format(durability, n, cuts, "dropped or torn unsynced pages", socket.gettime() - t0,
             stats.requests - req0, stats.acked_events - ack0, t.checked, t.lost, cycles_with_loss, t.partial, t.gaps,
@@ -655,8 +668,8 @@ local function faults()
       -- After a failed fsync nothing may be acknowledged, even with the disk back.
       check("eio: /health is 503 failed", st == 503 and h and h.status == "failed",
             tostring(st) .. " " .. json.encode(h or {}))
-      local cst = d:req("POST", "/commands", { aggregate = "counter", id = "after-eio", type = "Add",
-                                               data = { n = 1, tag = new_tag(1) } })
+      local cst = d:req("POST", "/commands", { aggregate = "counter", id = "after-eio",
+                                               type = "Add", data = { n = 1, tag = new_tag(1) } })
       check("eio: no write after a failed fsync", cst == 503, tostring(cst))
     else
       check("enospc: writes resume", st == 200, tostring(st))
@@ -667,7 +680,7 @@ local function faults()
     d:kill9()
     local v = assert(start(data, "full"))
     local before = totals.lost + totals.partial + totals.gaps
-    verify(v, data, false)
+    verify(v, false)
     res.false_acks = res.false_acks + (totals.lost + totals.partial + totals.gaps - before)
     v:stop()
     local ok, out = integrity(data)
@@ -707,7 +720,7 @@ local function disk_full()
   d:stop()
   local v = assert(start(data, "full"))
   local before = totals.lost + totals.partial + totals.gaps
-  verify(v, data, false)
+  verify(v, false)
   local bad = totals.lost + totals.partial + totals.gaps - before
   v:stop()
   local ok, out = integrity(data)

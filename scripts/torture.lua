@@ -392,13 +392,18 @@ end
 local totals = { checked = 0, lost = 0, partial = 0, gaps = 0, projection = 0, resend = 0,
                  sse = 0, corrupt = 0, seen_lost = 0 }
 
-local function all_events(d)
-  local out, after = {}, 0
+-- The events after `after`, slimmed to what the checks need.
+local function all_events(d, after)
+  local out = {}
+  after = after or 0
   while true do
     local st, page = d:req("GET", ("/events?after=%d&limit=10000"):format(after))
     if st ~= 200 then return nil, "GET /events answered " .. tostring(st) end
     if #page.events == 0 then return out, int(page.head) end
-    for _, e in ipairs(page.events) do out[#out + 1] = e end
+    for _, e in ipairs(page.events) do
+      out[#out + 1] = { position = int(e.position), stream = e.stream, version = int(e.version),
+                        id = e.id, type = e.type, tag = e.data.tag, k = int(e.data.k) }
+    end
     after = int(page.next)
   end
 end
@@ -416,28 +421,39 @@ end
 
 -- Verifies the store behind a freshly started daemon. losses_allowed: at
 -- `normal` after a power cut (counted, reported, then forgotten).
-local function verify(d, losses_allowed, cycle_totals)
+local function verify(d, losses_allowed, cycle_totals, full)
   local t = cycle_totals or totals
-  local events, head = all_events(d)
+  -- What the last scan read is kept; only its last 500 positions and what
+  -- follows are read again, except on every 25th verification (and when
+  -- asked), which reads the whole store again from position 1.
+  M.verifications = (M.verifications or 0) + 1
+  local from = 0
+  if M.scan and not full and M.verifications % 25 ~= 0 then from = math.max(0, M.scan_head - 500) end
+  local events, head = all_events(d, from)
   if not events then
     t.corrupt = t.corrupt + 1
     print("  cannot read the events: " .. tostring(head))
     return
   end
-  local by_pos, tags = {}, {}
+  local by_pos = {}
+  if from > 0 then for p = 1, from do by_pos[p] = M.scan[p] end end
   for i, e in ipairs(events) do
-    local p = int(e.position)
-    if p ~= i then t.gaps = t.gaps + 1; log("gap: position %d at index %d", p, i) break end
+    local p = e.position
+    if p ~= from + i then t.gaps = t.gaps + 1; log("gap: position %d at index %d", p, from + i) break end
     by_pos[p] = e
-    local tag = e.data.tag
-    if tag then tags[tag] = (tags[tag] or 0) + 1 end
   end
-  if #events ~= head then t.gaps = t.gaps + 1 end
+  if from + #events ~= head then t.gaps = t.gaps + 1 end
+  M.scan, M.scan_head = by_pos, head
+  local tags = {}
+  for p = 1, head do
+    local e = by_pos[p]
+    if e and e.tag then tags[e.tag] = (tags[e.tag] or 0) + 1 end
+  end
   -- Every acknowledged event at its place.
   local lost = 0
   for p, a in pairs(M.acked) do
     local e = by_pos[p]
-    t.checked = t.checked + 1
+    if p > from then t.checked = t.checked + 1 end -- read again this time
     if not e or e.id ~= a.id or e.stream ~= a.stream or int(e.version) ~= a.version then
       lost = lost + 1
       log("lost: position %d %s v%d", p, a.stream, a.version)
@@ -471,15 +487,20 @@ local function verify(d, losses_allowed, cycle_totals)
   end
   -- The projection against a rebuild computed from the events.
   if grew then
-    local events2, head2 = all_events(d)
-    if events2 then events, head = events2, head2 end
+    local more, head2 = all_events(d, head)
+    if more then
+      for _, e in ipairs(more) do by_pos[e.position] = e end
+      head = head2
+      M.scan_head = head
+    end
   end
   local expect = {}
-  for _, e in ipairs(events) do
-    local cat = e.stream:match("^([^-]+)")
-    if (cat == "Counter" or cat == "Raw") and (e.type == "Added" or e.type == "RawEvent") then
+  for p = 1, head do
+    local e = by_pos[p]
+    local cat = e and e.stream:match("^([^-]+)")
+    if e and (cat == "Counter" or cat == "Raw") and (e.type == "Added" or e.type == "RawEvent") then
       local r = expect[e.stream] or { n = 0, sum = 0 }
-      r.n, r.last, r.sum = r.n + 1, int(e.version), r.sum + (int(e.data.k) or 0)
+      r.n, r.last, r.sum = r.n + 1, e.version, r.sum + (e.k or 0)
       expect[e.stream] = r
     end
   end
@@ -506,12 +527,12 @@ local function verify(d, losses_allowed, cycle_totals)
   t.projection = t.projection + (mism > 0 and 1 or 0)
   -- SSE resume from a random position: no gap, no duplicate.
   if head > 0 then
-    local from = math.random(0, head - 1)
+    local resume = math.random(math.max(0, head - 2000), head - 1)
     local c = connect(d)
     c:send(request_bytes(d, "GET", "/subscribe", nil,
-                         { Accept = "text/event-stream", ["Last-Event-ID"] = tostring(from) }))
+                         { Accept = "text/event-stream", ["Last-Event-ID"] = tostring(resume) }))
     c:settimeout(10)
-    local want, bad = from + 1, false
+    local want, bad = resume + 1, false
     while want <= head do
       local line = c:receive("*l")
       if not line then bad = true break end
@@ -522,13 +543,17 @@ local function verify(d, losses_allowed, cycle_totals)
       end
     end
     c:close()
-    if bad then t.sse = t.sse + 1; log("SSE resume from %d broke at %d", from, want) end
+    if bad then t.sse = t.sse + 1; log("SSE resume from %d broke at %d", resume, want) end
   end
   -- Forget what was lost; the store is the truth from here on.
-  M.acked, M.seen = {}, {}
-  for _, e in ipairs(events) do
-    M.acked[int(e.position)] = { stream = e.stream, version = int(e.version), id = e.id }
-    if e.stream:match("^Raw%-") then M.raws[e.stream] = int(e.version) end
+  M.seen = {}
+  for p in pairs(M.acked) do if p > head then M.acked[p] = nil end end
+  for p = 1, head do
+    local e = by_pos[p]
+    if e then
+      M.acked[p] = { stream = e.stream, version = e.version, id = e.id }
+      if e.stream:match("^Raw%-") then M.raws[e.stream] = e.version end
+    end
   end
   return lost
 end
@@ -545,6 +570,7 @@ end
 
 local function reset_model()
   M.acked, M.commands, M.cmd_ids, M.raws, M.appends, M.seen = {}, {}, {}, {}, {}, {}
+  M.scan, M.scan_head = nil, 0
 end
 
 local function crash_loop(n)
@@ -569,7 +595,7 @@ local function crash_loop(n)
     end
   end
   local d = assert(start(data, "full"))
-  verify(d, false)
+  verify(d, false, nil, true)
   local ok, out = integrity(data)
   if not ok then totals.corrupt = totals.corrupt + 1; print("integrity_check: " .. out) end
   d:stop()

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "log.h"
 
 #define MAX_BATCH 1024
 
@@ -58,9 +59,15 @@ struct ebb_writer {
 
 static void set_health(ebb_writer *w, int health, const char *why, const char *detail) {
   pthread_mutex_lock(&w->mu);
+  int changed = w->health != health;
   w->health = health;
   snprintf(w->reason, sizeof w->reason, "%s%s", why, detail);
   pthread_mutex_unlock(&w->mu);
+  /* Once per change, not once per failed batch. */
+  if (changed)
+    ebb_log(health == EBB_WRITER_STOPPED ? EBB_LOG_ERROR : EBB_LOG_WARN,
+            health == EBB_WRITER_STOPPED ? "store failed: writes stopped" : "store commit failed",
+            "reason", why, "detail", detail, NULL);
 }
 
 /* After a commit failed as a whole: drop the handle and open a new one, so

@@ -621,7 +621,9 @@ local function power(n, durability)
   local req0, idem0, ack0 = stats.requests, stats.idem_mismatch, stats.acked_events
   for cycle = 1, n do
     local which = math.random() < 0.5 and "cut_after_syncs" or "cut_after_writes"
-    local at = which == "cut_after_syncs" and math.random(1, 150) or math.random(1, 1000)
+    -- At `normal` only checkpoints sync: far fewer syncs than at `full`.
+    local at = which == "cut_after_writes" and math.random(1, 1000)
+        or math.random(1, durability == "full" and 150 or 10)
     local env = ("EBB_TEST_FAULTS=%s=%d,seed=%d%s"):format(which, at, math.random(1, 1e9),
                                                           math.random() < 0.5 and ",torn=1" or "")
     local d, why = start(data, durability, env)

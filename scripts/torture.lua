@@ -633,7 +633,7 @@ local function power(n, durability)
     local which = math.random() < 0.5 and "cut_after_syncs" or "cut_after_writes"
     -- At `normal` only checkpoints sync: far fewer syncs than at `full`.
     local at = which == "cut_after_writes" and math.random(1, 1000)
-        or math.random(1, durability == "full" and 150 or 10)
+        or math.random(1, durability == "full" and 150 or 5)
     local env = ("EBB_TEST_FAULTS=%s=%d,seed=%d%s"):format(which, at, math.random(1, 1e9),
                                                           math.random() < 0.5 and ",torn=1" or "")
     local d, why = start(data, durability, env)
@@ -644,7 +644,8 @@ local function power(n, durability)
         print("cannot start ebb: " .. why); failures = failures + 1; return
       end
     else
-      local deadline = socket.gettime() + (durability == "full" and 3 or 1.5)
+      -- Load until the cut (at most 20 s): a slow machine must not mean no cut.
+      local deadline = socket.gettime() + 20
       drive(d, 6, 1, function() return socket.gettime() >= deadline or not alive(d.pid) end)
       if alive(d.pid) then d:kill9() else cuts = cuts + 1 end
     end

@@ -599,9 +599,11 @@ local function crash_loop(n)
     end)
     d:kill9()
     if cycle % 50 == 0 then
-      io.stderr:write(("  crash cycle %d/%d, %.0f s, lost %d partial %d gaps %d projection %d\n")
-        :format(cycle, n, socket.gettime() - t0, totals.lost, totals.partial, totals.gaps,
-                totals.projection))
+      io.stderr:write(("  crash cycle %d/%d, %.0f s, %d events acknowledged, lost %d partial %d "
+                       .. "gaps %d projection %d sse %d re-send %d\n")
+        :format(cycle, n, socket.gettime() - t0, stats.acked_events - before.acked, totals.lost,
+                totals.partial, totals.gaps, totals.projection, totals.sse,
+                totals.resend + stats.idem_mismatch))
     end
   end
   local d = assert(start(data, "full"))
@@ -657,9 +659,11 @@ local function power(n, durability)
     local ok, out = integrity(data)
     if not ok then t.corrupt = t.corrupt + 1; print("integrity_check: " .. out) end
     log("power %s %d: %s lost %s", durability, cycle, env, tostring(lost))
-    if cycle % 50 == 0 then
-      io.stderr:write(("  power %s run %d/%d, %.0f s, lost %d partial %d gaps %d projection %d\n")
-        :format(durability, cycle, n, socket.gettime() - t0, t.lost, t.partial, t.gaps, t.projection))
+    if cycle % 25 == 0 then
+      io.stderr:write(("  power %s run %d/%d, %d cuts, %.0f s, %d events acknowledged, lost %d partial %d "
+                       .. "gaps %d projection %d corrupt %d\n")
+        :format(durability, cycle, n, cuts, socket.gettime() - t0, stats.acked_events - ack0, t.lost,
+                t.partial, t.gaps, t.projection, t.corrupt))
     end
   end
   print(("power loss at %s: %d runs, %d power cuts (%s) in %.0f s, %d requests, %d events "

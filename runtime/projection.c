@@ -194,7 +194,6 @@ struct ebb_projections {
   ebb_runtime *rt;
   projection *list;
   int64_t known_head;
-  int64_t start_head;         /* the store's head when the host started (never changes) */
   int64_t published_ms;       /* of the last full publish */
 };
 
@@ -499,17 +498,6 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     sqlite3_finalize(st);
     if (version != in->version) {
       *msg = dupf("%s was built by version %lld", in->db_file, (long long)version);
-      goto done;
-    }
-    /* A read model that has seen events the store no longer has (a power cut
-     * at durability `normal` loses the last commits, while this file may
-     * have kept them) would skip the new events written at those positions:
-     * it must be rebuilt. Compared with the head before anything was
-     * written since the start, so new events cannot hide the loss. */
-    if (in->position > h->start_head) {
-      *msg = dupf("its checkpoint (position %lld) is past the store's last event (%lld): the "
-                  "store lost events this read model had seen",
-                  (long long)in->position, (long long)h->start_head);
       goto done;
     }
     load_skipped(in);
@@ -1485,7 +1473,6 @@ int ebb_projections_start(ebb_projections **out, const ebb_projections_options *
                             .no_snapshots = 1};
   if (ebb_runtime_open(&h->rt, &ro, err) != 0) goto fail;
   if (ebb_store_head(ebb_runtime_store(h->rt), &h->head, err) != 0) goto fail;
-  h->start_head = h->head;
   pthread_mutex_init(&h->mu, NULL);
   pthread_cond_init(&h->cv, NULL);
   uv_async_init(opt->loop, &h->async, on_async);

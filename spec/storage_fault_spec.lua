@@ -99,38 +99,4 @@ describe("storage faults", function()
     local _, state = d:get("/aggregates/bank_account/b")
     assert.are.equal(100, state.state.balance)
   end)
-
-  it("a read model that saw events the store lost (power cut at normal) is rebuilt", function()
-    local data = support.tmpdir()
-    local args = { "--projections", support.root .. "/projections" }
-    d = daemon.start { data = data, args = args }
-    assert.are.equal(200, (d:command("bank_account", "p", "OpenAccount", { owner = "x" })))
-    assert.are.equal(200, (deposit(d, "p", 10)))
-    d:stop()
-    -- What a power cut at `normal` can leave: the store as it was here...
-    local saved = support.tmpdir()
-    assert(os.execute(("cp %s/events.db* %s/"):format(support.quote(data), support.quote(saved))))
-    d = daemon.start { data = data, args = args }
-    assert.are.equal(200, (deposit(d, "p", 1000)))
-    assert.are.equal(200, (deposit(d, "p", 1000)))
-    local st, r = d:get("/projections/account_balances/balance?id=p&after=4")
-    assert.are.equal(200, st)
-    assert.are.equal(2010, r.balance)
-    d:stop()
-    -- ...while the read model kept everything up to position 4.
-    assert(os.execute(("rm -f %s/events.db*; cp %s/events.db* %s/"):format(
-      support.quote(data), support.quote(saved), support.quote(data))))
-    d = daemon.start { data = data, args = args }
-    -- New, different events at positions 3 and 4.
-    assert.are.equal(200, (deposit(d, "p", 5)))
-    assert.are.equal(200, (deposit(d, "p", 7)))
-    st, r = d:get("/projections/account_balances/balance?id=p&after=4")
-    for _ = 1, 200 do
-      if st == 200 then break end
-      daemon.sleep(0.05)
-      st, r = d:get("/projections/account_balances/balance?id=p&after=4")
-    end
-    assert.are.equal(200, st)
-    assert.are.equal(22, r.balance)
-  end)
 end)

@@ -930,15 +930,32 @@ fail:
   ebb__params_free(&q);
 }
 
+/* The store's part: "ok"; "failing" (the last commit failed, e.g. disk full:
+ * still 200, writes are tried again); "failed" (an fsync failed: 503, no
+ * write is taken until a restart). See writer.c. */
 static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
   ebb_buf b = EBB_BUF_INIT;
+  char reason[1536] = "";
+  int store = d->writer ? ebb_writer_health(d->writer, reason, sizeof reason) : EBB_WRITER_OK;
+  const char *status = d->draining ? "draining"
+                       : store == EBB_WRITER_STOPPED ? "failed"
+                       : store == EBB_WRITER_FAILING ? "degraded"
+                                                     : "ok";
   ebb_buf_printf(&b,
-                 "{\"status\":\"%s\",\"position\":%lld,\"uptime_ms\":%lld,\"pid\":%ld,"
-                 "\"subscribers\":%zu,\"in_flight\":%zu}",
-                 d->draining ? "draining" : "ok", (long long)d->head,
-                 (long long)(ebb_clock_now_ms() - d->started_ms), (long)getpid(), d->n_subscribers,
-                 d->jobs);
-  answer(d, c, ri, d->draining ? 503 : 200, b.data, b.len);
+                 "{\"status\":\"%s\",\"store\":\"%s\",\"position\":%lld,\"uptime_ms\":%lld,"
+                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu",
+                 status,
+                 store == EBB_WRITER_STOPPED   ? "failed"
+                 : store == EBB_WRITER_FAILING ? "failing"
+                                               : "ok",
+                 (long long)d->head, (long long)(ebb_clock_now_ms() - d->started_ms),
+                 (long)getpid(), d->n_subscribers, d->jobs);
+  if (store != EBB_WRITER_OK) {
+    ebb_buf_puts(&b, ",\"reason\":");
+    ebb_buf_json_string(&b, reason, strlen(reason));
+  }
+  ebb_buf_puts(&b, "}");
+  answer(d, c, ri, d->draining || store == EBB_WRITER_STOPPED ? 503 : 200, b.data, b.len);
   ebb_buf_free(&b);
 }
 

@@ -164,6 +164,11 @@ typedef struct ebb_store_vtable {
 /* fsyncs issued by every SQLite store of the process so far, and their total
  * time: what durability costs, for metrics. */
 void ebb_store_sync_stats(uint64_t *count, double *seconds);
+/* TEST-ONLY (fault_vfs.c): when EBB_TEST_FAULTS is set, makes the power-cut
+ * and fault-injecting VFS the default one; otherwise does nothing. */
+void ebb__fault_vfs_install(void);
+/* fsyncs of the store that failed in this process, ever (see writer.c). */
+uint64_t ebb__store_sync_failures(void);
 
 /* Every backend's handle starts with this. */
 struct ebb_store {

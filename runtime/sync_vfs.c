@@ -6,6 +6,8 @@
  * one forwards every call to the default VFS and wraps the files it opens so
  * that xSync is timed. The counters are process-wide by nature (a VFS is
  * registered for the process) and are atomics, since any thread may sync.
+ * Failed syncs are counted too: after one, the writer trusts the disk no more
+ * (writer.c).
  */
 #include <pthread.h>
 #include <sqlite3.h>
@@ -23,7 +25,7 @@ typedef struct timed_file {
 
 static sqlite3_vfs timed_vfs;
 static sqlite3_io_methods timed_methods_v1, timed_methods_v2, timed_methods_v3;
-static _Atomic uint64_t sync_count, sync_ns;
+static _Atomic uint64_t sync_count, sync_ns, sync_failures;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 #define REAL(f) (((timed_file *)(f))->real)
@@ -45,6 +47,7 @@ static int t_sync(sqlite3_file *f, int flags) {
   int rc = REAL(f)->pMethods->xSync(REAL(f), flags);
   atomic_fetch_add(&sync_ns, ebb_clock_mono_ns() - t0);
   atomic_fetch_add(&sync_count, 1);
+  if (rc != SQLITE_OK) atomic_fetch_add(&sync_failures, 1);
   return rc;
 }
 static int t_size(sqlite3_file *f, sqlite3_int64 *size) {
@@ -124,6 +127,7 @@ static void v_dlclose(sqlite3_vfs *vfs, void *h) {
 }
 
 static void register_vfs(void) {
+  ebb__fault_vfs_install(); /* test-only; inert unless EBB_TEST_FAULTS is set */
   sqlite3_vfs *real = sqlite3_vfs_find(NULL);
   if (real == NULL) return;
   sqlite3_io_methods m = {
@@ -168,6 +172,10 @@ static void register_vfs(void) {
 const char *ebb__sync_vfs_name(void) {
   pthread_once(&once, register_vfs);
   return timed_vfs.zName; /* NULL (the default VFS) if registering failed */
+}
+
+uint64_t ebb__store_sync_failures(void) {
+  return atomic_load(&sync_failures);
 }
 
 void ebb_store_sync_stats(uint64_t *count, double *seconds) {

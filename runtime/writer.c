@@ -14,16 +14,29 @@
  * per write, the thread would commit the first write of a turn alone while
  * the loop was still deciding the rest: one lock and one wake-up per turn
  * instead of per write, and batches as large as what the loop had to give.
+ *
+ * Storage failures. A commit that fails as a whole (disk full, I/O error)
+ * fails every request of its batch with storage_error, and the writer
+ * reopens its store handle, discarding whatever SQLite believed of the file;
+ * the next batch tries again, so writes resume when space comes back. An
+ * fsync that fails is different: the kernel may have dropped the pages it
+ * could not write and will report success for the next fsync (PostgreSQL's
+ * 2018 "fsyncgate"), so nothing written since can be trusted to be on disk.
+ * The writer then never commits again: every later write fails with
+ * `unavailable`, and /health says why (ebb_writer_health), until ebb is
+ * restarted and SQLite's recovery reads back what the disk really holds.
  */
 #include "writer.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "clock.h"
+#include "log.h"
 
 #define MAX_BATCH 1024
 /* The store's commits do not checkpoint (manual_checkpoints): the thread
@@ -61,7 +74,56 @@ struct ebb_writer {
   int stopping;
   ebb_writer_stats stats; /* under mu */
   ebb_append *batch;      /* the thread's scratch copies of the requests */
+  ebb_store_options so;   /* to reopen the store; so.dir is ours */
+  int health;             /* enum ebb_writer_health, under mu */
+  char reason[1536];      /* why, when health is not OK; under mu */
 };
+
+static void set_health(ebb_writer *w, int health, const char *why, const char *detail) {
+  pthread_mutex_lock(&w->mu);
+  int changed = w->health != health;
+  w->health = health;
+  snprintf(w->reason, sizeof w->reason, "%s%s", why, detail);
+  pthread_mutex_unlock(&w->mu);
+  /* Once per change, not once per failed batch. */
+  if (changed)
+    ebb_log(health == EBB_WRITER_STOPPED ? EBB_LOG_ERROR : EBB_LOG_WARN,
+            health == EBB_WRITER_STOPPED ? "store failed: writes stopped" : "store commit failed",
+            "reason", why, "detail", detail, NULL);
+}
+
+/* After a commit failed as a whole: drop the handle and open a new one, so
+ * nothing SQLite cached of the failed transaction survives. */
+static void reopen(ebb_writer *w) {
+  ebb_store_close(w->store);
+  w->store = NULL;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_store_open(&w->store, &w->so, &err) != 0) {
+    set_health(w, EBB_WRITER_STOPPED, "the store cannot be reopened after a failed commit: ",
+               err.message);
+  }
+  ebb_error_clear(&err);
+}
+
+/* Fails a batch that the store will not take (health STOPPED). */
+static void refuse_batch(ebb_writer *w, ebb_write *first) {
+  char reason[sizeof w->reason];
+  pthread_mutex_lock(&w->mu);
+  snprintf(reason, sizeof reason, "%s", w->reason);
+  pthread_mutex_unlock(&w->mu);
+  for (ebb_write *x = first; x; x = x->next) {
+    if (x->req) {
+      memset(&x->req->result, 0, sizeof x->req->result);
+      ebb_error_clear(&x->req->err);
+      ebb_error_set(&x->req->err, EBB_EUNAVAIL, "not written: %s", reason);
+    }
+    if (x->snapshots) {
+      ebb_snapshot_batch_free(x->snapshots);
+      x->snapshots = NULL;
+    }
+  }
+}
 
 static void push(ebb_write **head, ebb_write **tail, ebb_write *w) {
   w->next = NULL;
@@ -79,6 +141,14 @@ static void count(uint64_t *hist, const double *bounds, size_t n, double v) {
 
 /* Commits one batch: the requests in one transaction, then the snapshots. */
 static void write_batch(ebb_writer *w, ebb_write *first) {
+  pthread_mutex_lock(&w->mu);
+  int stopped = w->health == EBB_WRITER_STOPPED;
+  pthread_mutex_unlock(&w->mu);
+  if (stopped) {
+    refuse_batch(w, first);
+    return;
+  }
+  uint64_t sync_failures = ebb__store_sync_failures();
   size_t n = 0, events = 0;
   for (ebb_write *x = first; x; x = x->next)
     if (x->req) {
@@ -91,6 +161,13 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
     ebb_error err;
     ebb_error_init(&err);
     failed = ebb_store_append(w->store, w->batch, n, &err) != 0;
+    if (failed) {
+      set_health(w, EBB_WRITER_FAILING, "the last commit failed: ", err.message);
+    } else {
+      pthread_mutex_lock(&w->mu);
+      if (w->health == EBB_WRITER_FAILING) w->health = EBB_WRITER_OK, w->reason[0] = '\0';
+      pthread_mutex_unlock(&w->mu);
+    }
     ebb_error_clear(&err);
     size_t i = 0;
     for (ebb_write *x = first; x; x = x->next)
@@ -113,6 +190,16 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
       ebb_snapshot_batch_free(x->snapshots);
       x->snapshots = NULL;
     }
+  if (ebb__store_sync_failures() != sync_failures) {
+    /* Never retried, never trusted: see the top of this file. A commit that
+     * succeeded had its own fsync succeed, so its answers stand. */
+    set_health(w, EBB_WRITER_STOPPED,
+               "an fsync of the store failed: what was written since the last good fsync may "
+               "not be on disk, so no more writes are taken; restart ebb once the disk is checked",
+               "");
+  } else if (failed) {
+    reopen(w);
+  }
   pthread_mutex_lock(&w->mu);
   if (n) {
     w->stats.batches++;
@@ -125,6 +212,14 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
   }
   w->stats.snapshots += snaps;
   pthread_mutex_unlock(&w->mu);
+}
+
+/* WAL pages a checkpoint would copy, with w->mu held: none once the store
+ * failed (after a failed fsync the WAL's pages are not to be trusted, so
+ * they are never copied into the database) or has no handle. */
+static int64_t pages_to_copy(ebb_writer *w) {
+  if (w->store == NULL || w->health == EBB_WRITER_STOPPED) return 0;
+  return ebb_store_wal_pages(w->store);
 }
 
 /* With w->mu held; returns with it held. */
@@ -143,7 +238,7 @@ static void *writer_main(void *arg) {
   pthread_mutex_lock(&w->mu);
   for (;;) {
     while (w->in_head == NULL && !w->stopping) {
-      if (ebb_store_wal_pages(w->store) == 0) {
+      if (pages_to_copy(w) == 0) {
         pthread_cond_wait(&w->cv, &w->mu);
         continue;
       }
@@ -151,7 +246,8 @@ static void *writer_main(void *arg) {
       clock_gettime(CLOCK_REALTIME, &until);
       until.tv_nsec += IDLE_MS * 1000000L;
       if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
-      if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && w->in_head == NULL)
+      if (pthread_cond_timedwait(&w->cv, &w->mu, &until) == ETIMEDOUT && w->in_head == NULL &&
+          pages_to_copy(w) > 0)
         checkpoint(w);
     }
     if (w->in_head == NULL) break; /* stopping, and nothing left */
@@ -172,7 +268,7 @@ static void *writer_main(void *arg) {
     else w->out_head = first;
     w->out_tail = last;
     uv_async_send(&w->async);
-    if (ebb_store_wal_pages(w->store) >= CHECKPOINT_PAGES) checkpoint(w);
+    if (pages_to_copy(w) >= CHECKPOINT_PAGES) checkpoint(w);
   }
   pthread_mutex_unlock(&w->mu);
   return NULL;
@@ -212,9 +308,15 @@ int ebb_writer_start(ebb_writer **out, uv_loop_t *loop, const ebb_store_options 
   w->done = done;
   w->reported = reported;
   w->ud = ud;
-  ebb_store_options own = *so;
-  own.manual_checkpoints = 1;
-  if (ebb_store_open(&w->store, &own, err) != 0) {
+  w->so = *so;
+  w->so.manual_checkpoints = 1;
+  if ((w->so.dir = strdup(so->dir)) == NULL) {
+    free(w->batch);
+    free(w);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  if (ebb_store_open(&w->store, &w->so, err) != 0) {
+    free((char *)w->so.dir);
     free(w->batch);
     free(w);
     return err->code;
@@ -271,8 +373,17 @@ void ebb_writer_stats_get(ebb_writer *w, ebb_writer_stats *out) {
   ebb_store_sync_stats(&out->syncs, &out->sync_seconds);
 }
 
+int ebb_writer_health(ebb_writer *w, char *reason, size_t size) {
+  pthread_mutex_lock(&w->mu);
+  int health = w->health;
+  snprintf(reason, size, "%s", w->reason);
+  pthread_mutex_unlock(&w->mu);
+  return health;
+}
+
 static void on_close(uv_handle_t *h) {
   ebb_writer *w = h->data;
+  free((char *)w->so.dir);
   free(w->batch);
   free(w);
 }

@@ -63,6 +63,13 @@ void ebb_writer_submit(ebb_writer *w, ebb_write *write);
 /* Writes queued but not yet reported. */
 size_t ebb_writer_pending(const ebb_writer *w);
 void ebb_writer_stats_get(ebb_writer *w, ebb_writer_stats *out);
+enum ebb_writer_health {
+  EBB_WRITER_OK = 0,
+  EBB_WRITER_FAILING = 1, /* the last commit failed (e.g. disk full); writes are still tried */
+  EBB_WRITER_STOPPED = 2  /* an fsync failed: no write is taken again until a restart */
+};
+/* The writer's state, and why when it is not OK (any thread). */
+int ebb_writer_health(ebb_writer *w, char *reason, size_t size);
 /* Writes and reports everything submitted, stops the thread, closes its
  * store; the writer's memory goes once the loop has run its close callback.
  * No done callback runs after it returns except for writes submitted

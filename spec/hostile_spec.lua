@@ -95,7 +95,6 @@ local function start_poller(d)
 end
 
 local BOUND = "instruction budget of %d+ exceeded"
-local MEMORY = "memory limit of %d+ bytes exceeded"
 
 -- Commands of hostile.lua and what their script_error must say (nil: any
 -- message; the point is that they end).

@@ -139,6 +139,7 @@ typedef struct sqlite_store {
   sqlite3_stmt *stmt[S_COUNT];
   int64_t wal_pages;  /* with manual checkpoints: the WAL's frames after the last commit */
   int64_t backfilled; /* of which the last checkpoint copied into the database */
+  uint64_t sync_failures; /* the process's failed store fsyncs when this handle opened */
 } sqlite_store;
 
 static int db_error(sqlite_store *s, ebb_error *err, const char *doing) {
@@ -188,6 +189,13 @@ static int make_dirs(const char *dir, ebb_error *err) {
 static void sqlite_close(ebb_store *base) {
   sqlite_store *s = (sqlite_store *)base;
   for (int i = 0; i < S_COUNT; i++) sqlite3_finalize(s->stmt[i]);
+  /* The last handle to close checkpoints the WAL into the database. Not
+   * after an fsync failed since this one opened: the WAL may have lost
+   * pages the WAL index still counts, so it is left for the next open to
+   * check. (The count is the process's: a failure in another store only
+   * leaves this WAL for the next open, which loses nothing.) */
+  if (s->db && ebb__store_sync_failures() != s->sync_failures)
+    sqlite3_db_config(s->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)NULL);
   sqlite3_close(s->db);
   free(s);
 }
@@ -259,6 +267,7 @@ int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_er
   sqlite_store *s = calloc(1, sizeof *s);
   if (s == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory opening the store");
   s->base.vt = &sqlite_vtable;
+  s->sync_failures = ebb__store_sync_failures();
   int flags = opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
   if (sqlite3_open_v2(path, &s->db, flags | SQLITE_OPEN_NOMUTEX, ebb__sync_vfs_name()) !=
       SQLITE_OK) {

@@ -106,6 +106,13 @@ static void reopen(ebb_writer *w) {
   ebb_error_clear(&err);
 }
 
+static void stop_after_failed_sync(ebb_writer *w) {
+  set_health(w, EBB_WRITER_STOPPED,
+             "an fsync of the store failed: what was written since the last good fsync may "
+             "not be on disk, so no more writes are taken; restart ebb once the disk is checked",
+             "");
+}
+
 /* Fails a batch that the store will not take (health STOPPED). */
 static void refuse_batch(ebb_writer *w, ebb_write *first) {
   char reason[sizeof w->reason];
@@ -193,10 +200,7 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
   if (ebb__store_sync_failures() != sync_failures) {
     /* Never retried, never trusted: see the top of this file. A commit that
      * succeeded had its own fsync succeed, so its answers stand. */
-    set_health(w, EBB_WRITER_STOPPED,
-               "an fsync of the store failed: what was written since the last good fsync may "
-               "not be on disk, so no more writes are taken; restart ebb once the disk is checked",
-               "");
+    stop_after_failed_sync(w);
   } else if (failed) {
     reopen(w);
   }
@@ -227,9 +231,15 @@ static void checkpoint(ebb_writer *w) {
   pthread_mutex_unlock(&w->mu);
   ebb_error err;
   ebb_error_init(&err);
-  /* A failed checkpoint loses nothing (the WAL keeps it all): tried again later. */
+  uint64_t sync_failures = ebb__store_sync_failures();
+  /* A checkpoint that fails for another reason loses nothing (the WAL keeps
+   * it all): it is tried again later. */
   ebb_store_checkpoint(w->store, &err);
   ebb_error_clear(&err);
+  /* But a failed fsync, of the WAL or of the database, is the same as in a
+   * commit: what it covered may be gone, and a retry that succeeds would
+   * copy whatever the WAL now holds into the database. */
+  if (ebb__store_sync_failures() != sync_failures) stop_after_failed_sync(w);
   pthread_mutex_lock(&w->mu);
 }
 

@@ -99,4 +99,38 @@ describe("storage faults", function()
     local _, state = d:get("/aggregates/bank_account/b")
     assert.are.equal(100, state.state.balance)
   end)
+
+  it("a failed fsync in a checkpoint stops the writer, and the WAL is never copied after it", function()
+    -- At normal a commit does not fsync: the first fsync is the idle
+    -- checkpoint's, and that is the one that fails.
+    local data = support.tmpdir()
+    local toggle = data .. ".toggle"
+    d = daemon.start { data = data, durability = "normal", env = "EBB_TEST_FAULTS=toggle=" .. toggle }
+    support.write(toggle, "eio")
+    assert.are.equal(200, (d:command("bank_account", "c", "OpenAccount", { owner = "x" })))
+    for i = 1, 20 do assert.are.equal(200, (deposit(d, "c", i))) end
+    local health = support.eventually(function()
+      local st, h = d:get("/health")
+      return st == 503 and h
+    end, 60, "/health to report the failed fsync")
+    assert.are.equal("failed", health.status)
+    assert.matches("fsync of the store failed", health.reason)
+    local st, ans = deposit(d, "c", 99)
+    assert.are.equal(503, st)
+    assert.are.equal("unavailable", ans.error.code)
+    -- The disk "works" again: neither an idle checkpoint nor the one SQLite
+    -- runs when its last connection closes may copy the distrusted WAL into
+    -- the database.
+    local before = support.read(data .. "/events.db")
+    os.remove(toggle)
+    require("socket").sleep(0.5)
+    assert.is_true(before == support.read(data .. "/events.db"), "events.db changed after the failed fsync")
+    d:stop()
+    assert.is_true(before == support.read(data .. "/events.db"), "events.db changed at shutdown")
+    -- What a restart finds is whole: positions without a gap, and writes work.
+    d = daemon.start { data = data, durability = "normal" }
+    local events = all_events(d)
+    for i, e in ipairs(events) do assert.are.equal(i, e.position) end
+    assert.are.equal(200, (d:command("bank_account", "c2", "OpenAccount", { owner = "y" })))
+  end)
 end)

@@ -119,21 +119,7 @@ function support.cli(data, aggregates)
     local rest = type(first) == "table" and first or { first, ... }
     if type(first) == "table" then opts = ... end
     for _, a in ipairs(rest) do args[#args + 1] = a end
-    -- Calls fn until it returns a true value, and returns that. Waits at least a
--- minute (seconds raises it): a loaded machine is slow, and waiting longer only
--- delays a failure, never causes one.
-function support.eventually(fn, seconds, what)
-  local socket = require "socket"
-  local deadline = os.time() + math.max(seconds or 60, 60)
-  while true do
-    local v = fn()
-    if v then return v end
-    assert(os.time() <= deadline, "timed out waiting for " .. (what or "a condition"))
-    socket.sleep(0.02)
-  end
-end
-
-return support.run(args, opts)
+    return support.run(args, opts)
   end
 end
 
@@ -142,14 +128,6 @@ function support.lines(text, decode)
   local list = {}
   for line in text:gmatch("[^\n]+") do list[#list + 1] = decode(line) end
   return list
-end
-
--- Milliseconds of wall-clock time spent in fn (coarse; for "within a second" checks).
-function support.elapsed(fn)
-  local t0 = os.time()
-  local c0 = os.clock()
-  local r = table.pack(fn())
-  return os.clock() - c0, os.time() - t0, table.unpack(r, 1, r.n)
 end
 
 -- Runs f(...), which must raise; returns the error as text.

@@ -69,6 +69,14 @@ probe.handle = {
     return { { type = "Counted", data = { xs = c.data.xs } } }
   end,
   EmptyRep = function() return { { type = "Counted", data = { s = string.rep("", math.maxinteger) } } } end,
+  Reps = function()
+    local out = {}
+    for _, c in ipairs { { "ab", 0 }, { "ab", -3 }, { "ab", 1 }, { "ab", 5 }, { "abc", 7, "-" }, { "x", 1, "--" },
+                          { "", 4, "," }, { "a", 3, "" }, { "xyz", 1000, "<>" }, { "q", 100000 } } do
+      out[#out + 1] = string.rep(c[1], c[2], c[3])
+    end
+    return { { type = "Counted", data = { reps = out } } }
+  end,
   HugeMove = function() table.move({}, 1, 1 << 62, 1, {}) end,
   Hoard = function() while true do hoard = { hoard } end end,
   Loop = function() while true do end end,
@@ -354,6 +362,13 @@ describe("commands", function()
     it("bounds C loops that allocate nothing", function()
       local r = assert(send("EmptyRep"))
       assert.equal("", r.events[1].data.s)
+      -- the sandbox's own string.rep gives what Lua's does
+      local want = {}
+      for _, c in ipairs { { "ab", 0 }, { "ab", -3 }, { "ab", 1 }, { "ab", 5 }, { "abc", 7, "-" }, { "x", 1, "--" },
+                            { "", 4, "," }, { "a", 3, "" }, { "xyz", 1000, "<>" }, { "q", 100000 } } do
+        want[#want + 1] = string.rep(c[1], c[2], c[3])
+      end
+      assert.same(want, assert(send("Reps")).events[1].data.reps)
       local r2, msg, code = send("HugeMove")
       assert.is_nil(r2)
       assert.equal("script_error", code)
@@ -365,7 +380,10 @@ describe("commands", function()
         local r, msg, code = send(name)
         assert.is_nil(r)
         assert.equal("script_error", code)
-        assert.matches(name:match("Memory") and "memory" or "instruction budget", msg)
+        -- Allocation is charged to the budget: at 5M instructions a bomb
+        -- spends it before the 32 MiB memory cap is reached.
+        assert.matches(name:match("Memory") and "instruction budget of %d+ exceeded %(allocating"
+                       or "instruction budget", msg)
         assert.equal(0, rt:head())
         assert(send("Count"))
         assert.equal(1, rt:head())

@@ -37,19 +37,6 @@ p.on = {
 
 local ebb = require "ebb"
 
--- A whole-number argument from `min` up (the largest allowed: `max`, above
--- which it is capped), or `default` when absent; anything else is refused
--- with a 400 (a negative LIMIT would mean "no limit" to SQLite).
-local function count_arg(a, name, default, min, max)
-  local v = a[name]
-  if v == nil then return default end
-  local n = math.tointeger(tonumber(v))
-  if n == nil or n < min then
-    ebb.reject(("%s must be a whole number from %d, not %s"):format(name, min, tostring(v)))
-  end
-  return math.min(n, max)
-end
-
 p.queries = {
   -- balance?id=a-1
   balance = function(db, a)
@@ -57,7 +44,7 @@ p.queries = {
   end,
   -- top?limit=10: the accounts with the highest balances
   top = function(db, a)
-    local limit = count_arg(a, "limit", 10, 1, 100)
+    local limit = ebb.count_arg(a, "limit", 10, 1, 100)
     return db:rows("SELECT id, owner, balance FROM accounts ORDER BY balance DESC, id LIMIT ?", limit)
   end,
 }

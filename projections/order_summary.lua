@@ -53,19 +53,6 @@ local MAX_PAGE = 100
 
 local ebb = require "ebb"
 
--- A whole-number argument from `min` up (the largest allowed: `max`, above
--- which it is capped), or `default` when absent; anything else is refused
--- with a 400 (a negative LIMIT would mean "no limit" to SQLite).
-local function count_arg(a, name, default, min, max)
-  local v = a[name]
-  if v == nil then return default end
-  local n = math.tointeger(tonumber(v))
-  if n == nil or n < min then
-    ebb.reject(("%s must be a whole number from %d, not %s"):format(name, min, tostring(v)))
-  end
-  return math.min(n, max)
-end
-
 p.queries = {
   -- get?id=o-1: the order, or null
   get = function(db, a)
@@ -73,8 +60,8 @@ p.queries = {
   end,
   -- list?customer_id=&status=&limit=&offset=: newest first, at most 100 per page
   list = function(db, a)
-    local limit = count_arg(a, "limit", 20, 1, MAX_PAGE)
-    local offset = count_arg(a, "offset", 0, 0, math.maxinteger)
+    local limit = ebb.count_arg(a, "limit", 20, 1, MAX_PAGE)
+    local offset = ebb.count_arg(a, "offset", 0, 0, math.maxinteger)
     return db:rows([[SELECT * FROM orders
                      WHERE (?1 IS NULL OR customer_id = ?1) AND (?2 IS NULL OR status = ?2)
                      ORDER BY created_at DESC, id LIMIT ?3 OFFSET ?4]],

@@ -61,6 +61,21 @@ function ebb.array(t) return shaped(t, array_mt, "array") end
 -- empty. Returns the table.
 function ebb.object(t) return shaped(t, object_mt, "object") end
 
+-- Query arguments -------------------------------------------------------------
+
+-- A whole-number argument of a projection query, args[name], from `min` up
+-- (capped at `max`), or `default` when absent; anything else is refused with
+-- a 400 (a negative LIMIT would mean "no limit" to SQLite).
+function ebb.count_arg(args, name, default, min, max)
+  local v = args[name]
+  if v == nil then return default end
+  local n = math.tointeger(tonumber(v))
+  if n == nil or n < min then
+    ebb.reject(("%s must be a whole number from %d, not %s"):format(name, min, tostring(v)))
+  end
+  return math.min(n, max or math.maxinteger)
+end
+
 -- JSON null -------------------------------------------------------------------
 
 -- ebb.null is the value JSON `null` decodes to, and the value to store where a

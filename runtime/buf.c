@@ -78,25 +78,6 @@ int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) {
   return 0;
 }
 
-size_t ebb_utf8_seq(const unsigned char *p, size_t n) {
-  unsigned c = p[0];
-  if (c < 0x80) return 1;
-  size_t len;
-  unsigned min;
-  if ((c & 0xE0) == 0xC0) len = 2, min = 0x80;
-  else if ((c & 0xF0) == 0xE0) len = 3, min = 0x800;
-  else if ((c & 0xF8) == 0xF0) len = 4, min = 0x10000;
-  else return 0;
-  if (len > n) return 0;
-  unsigned cp = c & (0x7F >> len);
-  for (size_t i = 1; i < len; i++) {
-    if ((p[i] & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (p[i] & 0x3F);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  return len;
-}
-
 int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n) {
   static const char hex[] = "0123456789abcdef";
   if (ebb_buf_reserve(b, n + 2) != 0) return -1;

@@ -30,9 +30,30 @@ int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) __attribute__((format(print
  * not part of a UTF-8 sequence becomes U+FFFD, so the literal is valid JSON
  * even when s quotes what a client sent (error messages). */
 int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n);
-/* The length of the UTF-8 sequence at p (n bytes available): 1 to 4, or 0
- * if it is not one (overlong, surrogate, past U+10FFFF, cut short). */
-size_t ebb_utf8_seq(const unsigned char *p, size_t n);
+/* The length of the strictly valid UTF-8 sequence at p (n >= 1 bytes
+ * available): 1 to 4, or 0 if it is not one: a stray continuation byte, an
+ * overlong form, a UTF-16 surrogate, past U+10FFFF, cut short (the ranges of
+ * RFC 3629, table 3-7 of the Unicode standard). Inline: the JSON codec's
+ * inner loop calls it. */
+static inline size_t ebb_utf8_seq(const unsigned char *p, size_t n) {
+  unsigned c = p[0];
+  if (c < 0x80) return 1;
+  if (c < 0xC2) return 0; /* continuation byte, or overlong 2-byte lead */
+  if (c < 0xE0) return (n >= 2 && (p[1] & 0xC0) == 0x80) ? 2 : 0;
+  if (c < 0xF0) {
+    if (n < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
+    if (c == 0xE0 && p[1] < 0xA0) return 0; /* overlong */
+    if (c == 0xED && p[1] >= 0xA0) return 0; /* U+D800..U+DFFF */
+    return 3;
+  }
+  if (c < 0xF5) {
+    if (n < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80) return 0;
+    if (c == 0xF0 && p[1] < 0x90) return 0; /* overlong */
+    if (c == 0xF4 && p[1] >= 0x90) return 0; /* above U+10FFFF */
+    return 4;
+  }
+  return 0;
+}
 /* Returns the NUL-terminated text ("" for an empty buffer); NULL after oom. */
 const char *ebb_buf_cstr(ebb_buf *b);
 /* Hands the memory to the caller (malloc'd, NUL-terminated) and re-inits b. */

@@ -36,31 +36,6 @@ static const unsigned char str_class[256] = {
     [0x00 ... 0x1f] = 3, ['"'] = 1, ['\\'] = 2, [0x80 ... 0xff] = 4,
 };
 
-/* Length (2..4) of the strictly valid UTF-8 sequence at p, or 0: rejects
- * stray continuation bytes, overlong forms, UTF-16 surrogates encoded in
- * UTF-8 and code points above U+10FFFF (the ranges of RFC 3629, table 3-7 of
- * the Unicode standard). p[0] must be >= 0x80. */
-static size_t utf8_seq(const unsigned char *p, const unsigned char *end) {
-  unsigned c = p[0];
-  size_t avail = (size_t)(end - p);
-  if (c < 0xC2) return 0; /* continuation byte, or overlong 2-byte lead */
-  if (c < 0xE0) return (avail >= 2 && (p[1] & 0xC0) == 0x80) ? 2 : 0;
-  if (c < 0xF0) {
-    if (avail < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
-    if (c == 0xE0 && p[1] < 0xA0) return 0; /* overlong */
-    if (c == 0xED && p[1] >= 0xA0) return 0; /* U+D800..U+DFFF */
-    return 3;
-  }
-  if (c < 0xF5) {
-    if (avail < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80)
-      return 0;
-    if (c == 0xF0 && p[1] < 0x90) return 0; /* overlong */
-    if (c == 0xF4 && p[1] >= 0x90) return 0; /* above U+10FFFF */
-    return 4;
-  }
-  return 0;
-}
-
 /* Writes code point cp (valid, not a surrogate) as UTF-8; returns the length. */
 static size_t utf8_put(char *out, unsigned long cp) {
   if (cp < 0x80) {
@@ -275,7 +250,7 @@ static int parse_string(parser *ps) {
       }
       case 3: return parse_fail(ps, q, "control character in string");
       default: {
-        size_t n = utf8_seq(q, end);
+        size_t n = ebb_utf8_seq(q, (size_t)(end - q));
         if (n == 0) return parse_fail(ps, q, "invalid UTF-8 in string");
         q += n;
       }
@@ -687,23 +662,19 @@ static const ebb__path_style json_path_style = {"data", "cannot encode ", 128, 8
  * one value is written twice, so {t, t} nested 40 deep would run for hours
  * into an unbounded buffer. So the encoder charges what it does to the
  * running call: each value as ENC_VALUE_COST instructions, each output byte
- * as 1/ENC_BYTES_PER_STEP of one, and the output bytes against the memory
+ * as half of one, and the output bytes against the memory
  * cap (ebb_sandbox_spend). Charged every ENC_CHARGE_EVERY values or
  * ENC_CHARGE_BYTES bytes, and before a long string is copied. Outside a
  * sandbox this costs a counter. */
 #define ENC_VALUE_COST 16
-#define ENC_BYTES_PER_STEP 2
 #define ENC_CHARGE_EVERY 1024
 #define ENC_CHARGE_BYTES ((size_t)64 * 1024)
 
 /* Charges the work since the last charge plus `ahead` bytes about to be
  * written. -1 once the call is killed, with err set to the reason. */
 static int charge(encoder *e, size_t ahead, int steps) {
-  size_t bytes = e->out->len - e->charged + ahead;
-  int64_t cost = e->values * ENC_VALUE_COST + (int64_t)(bytes / ENC_BYTES_PER_STEP);
-  e->values = 0;
-  e->charged = e->out->len + ahead;
-  if (ebb_sandbox_spend(e->L, cost, bytes) == 0) return 0;
+  if (ebb_sandbox_spend_output(e->L, &e->values, ENC_VALUE_COST, &e->charged, e->out->len, ahead) == 0)
+    return 0;
   return enc_fail(e, steps, "stopped: the call ran out of its bounds (instruction budget or memory)");
 }
 
@@ -832,7 +803,7 @@ static int enc_string(encoder *e, const char *str, size_t len, int steps, const 
     while (p < end && str_class[*p] == 0) p++;
     if (p == end) break;
     if (str_class[*p] == 4) {
-      size_t n = utf8_seq(p, end);
+      size_t n = ebb_utf8_seq(p, (size_t)(end - p));
       if (n == 0) return enc_fail(e, steps, "%s is not valid UTF-8", what);
       p += n;
       continue;

@@ -249,6 +249,15 @@ int ebb_sandbox_spend(lua_State *L, int64_t steps, size_t bytes) {
   return -1;
 }
 
+int ebb_sandbox_spend_output(lua_State *L, int64_t *values, int value_cost, size_t *charged,
+                             size_t out_len, size_t ahead) {
+  size_t bytes = out_len - *charged + ahead;
+  int64_t cost = *values * value_cost + (int64_t)(bytes / 2);
+  *values = 0;
+  *charged = out_len + ahead;
+  return ebb_sandbox_spend(L, cost, bytes);
+}
+
 void ebb_sandbox_charge(lua_State *L, int64_t steps) {
   if (ebb_sandbox_spend(L, steps, 0) == 0) return;
   lua_pushstring(L, sandbox_of(L)->reason);

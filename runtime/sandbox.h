@@ -108,6 +108,13 @@ size_t ebb_sandbox_memory(ebb_sandbox *sb);           /* bytes in use by the sta
    sandbox's state or no bounded call runs: the same C code serves plain
    Lua. */
 int ebb_sandbox_spend(lua_State *L, int64_t steps, size_t bytes);
+/* What an encoder owes since its last charge: the values it wrote, at
+   value_cost instructions each, and the bytes its output grew by (out_len -
+   *charged) plus `ahead` bytes it is about to write, at one instruction per
+   2, charged through ebb_sandbox_spend. Resets *values and moves *charged
+   past `ahead`. Returns what ebb_sandbox_spend returns. */
+int ebb_sandbox_spend_output(lua_State *L, int64_t *values, int value_cost, size_t *charged,
+                             size_t out_len, size_t ahead);
 /* ebb_sandbox_spend(L, steps, 0), raising the kill reason on -1. For C
    functions that hold nothing that a longjmp would leak. */
 void ebb_sandbox_charge(lua_State *L, int64_t steps);

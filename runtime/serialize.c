@@ -148,16 +148,12 @@ static int enc_table(encoder *e, int t, int depth);
  * and cannot raise): values and bytes as instructions, bytes against the
  * memory cap. */
 #define SER_VALUE_COST 8
-#define SER_BYTES_PER_STEP 2
 #define SER_CHARGE_EVERY 1024
 #define SER_CHARGE_BYTES ((size_t)64 * 1024)
 
 static int charge(encoder *e, size_t ahead, int depth) {
-  size_t bytes = e->out->len - e->charged + ahead;
-  int64_t cost = e->values * SER_VALUE_COST + (int64_t)(bytes / SER_BYTES_PER_STEP);
-  e->values = 0;
-  e->charged = e->out->len + ahead;
-  if (ebb_sandbox_spend(e->L, cost, bytes) == 0) return 0;
+  if (ebb_sandbox_spend_output(e->L, &e->values, SER_VALUE_COST, &e->charged, e->out->len, ahead) == 0)
+    return 0;
   return enc_fail(e, depth, "stopped: the call ran out of its bounds (instruction budget or memory)");
 }
 

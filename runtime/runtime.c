@@ -1114,7 +1114,12 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
       lua_pop(L, 1);
     }
     const char *cmd_id = d->cmd->command_id ? d->cmd->command_id : d->command_uuid;
-    lua_pushstring(L, cmd_id);
+    /* A causation the command names stays (a reactor's command: the event
+     * it reacted to); otherwise the command caused its events. */
+    if (lua_getfield(L, cmeta, "causation_id") != LUA_TSTRING) {
+      lua_pop(L, 1);
+      lua_pushstring(L, cmd_id);
+    }
     lua_setfield(L, mt, "causation_id");
     lua_pushstring(L, cmd_id);
     lua_setfield(L, mt, "command_id");

@@ -70,7 +70,14 @@ function order.handle.CreateOrder(s, c)
   if type(currency) ~= "string" or not currency:match("^%u%u%u$") then
     ebb.reject("currency must be a three-letter code such as EUR", { currency = currency })
   end
-  return emit("OrderCreated", { customer_id = customer_id, currency = currency })
+  -- The bank account that pays for the order (optional): the order_payment
+  -- reactor charges it when the order is confirmed.
+  local account_id = c.data.account_id
+  if account_id ~= nil and (type(account_id) ~= "string" or account_id == "") then
+    ebb.reject("account_id must be a non-empty string", { account_id = account_id })
+  end
+  return emit("OrderCreated", { customer_id = customer_id, currency = currency,
+                                account_id = account_id })
 end
 
 function order.handle.AddItem(s, c)
@@ -107,7 +114,8 @@ end
 function order.handle.ConfirmOrder(s)
   must_be(s, "created", "confirm")
   if #s.items == 0 then ebb.reject("cannot confirm an empty order") end
-  return emit("OrderConfirmed", { total = s.total, item_count = s.item_count })
+  return emit("OrderConfirmed", { total = s.total, item_count = s.item_count,
+                                  account_id = s.account_id })
 end
 
 function order.handle.ShipOrder(s)
@@ -127,6 +135,14 @@ function order.handle.CancelOrder(s, c)
   return emit("OrderCancelled", { reason = reason })
 end
 
+-- The timeout of an order that was never confirmed (see reactors/order_payment.lua):
+-- unlike CancelOrder, it refuses once the order has moved on, so a timeout
+-- that fires late never cancels a confirmed order.
+function order.handle.ExpireOrder(s)
+  must_be(s, "created", "expire")
+  return emit("OrderCancelled", { reason = "not confirmed in time" })
+end
+
 -- Evolution --------------------------------------------------------------------
 
 order.apply = {}
@@ -135,6 +151,7 @@ function order.apply.OrderCreated(s, e)
   s.status = "created"
   s.customer_id = e.data.customer_id
   s.currency = e.data.currency
+  s.account_id = e.data.account_id
 end
 
 function order.apply.ItemAdded(s, e)

@@ -17,7 +17,8 @@ function p.setup(db)
   ]]
 end
 
-local function id_of(e) return (e.stream:gsub("^BankAccount%-", "")) end
+-- aggregate_id: the id part of the stream ("a-1" in "BankAccount-a-1").
+local function id_of(e) return e.aggregate_id end
 
 local function set_balance(db, e)
   db:exec("UPDATE accounts SET balance = ? WHERE id = ?", e.data.balance, id_of(e))

@@ -24,7 +24,8 @@ function p.setup(db)
   ]]
 end
 
-local function id_of(e) return (e.stream:gsub("^Order%-", "")) end
+-- aggregate_id: the id part of the stream ("o-1" in "Order-o-1").
+local function id_of(e) return e.aggregate_id end
 
 local function set_status(db, e, status)
   db:exec("UPDATE orders SET status = ?, updated_at = ? WHERE id = ?", status, e.recorded_at, id_of(e))

@@ -35,6 +35,7 @@ static const setting settings[] = {
     TEXT(store, "sqlite", "sqlite (DATA/events.db) or a PostgreSQL URI postgresql://user@host:port/db"),
     TEXT(aggregates, "aggregates", "aggregate modules"),
     TEXT(projections, "projections", "projection modules"),
+    TEXT(reactors, "reactors", "reactor modules"),
     TEXT(durability, "full", "full (fsync every commit) or normal"),
     TEXT(listen, "127.0.0.1:7070", "serve: HOST:PORT to listen on (port 0 picks one)"),
     TEXT(token, "", "bearer token clients must send (required off loopback)"),

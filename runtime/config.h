@@ -20,7 +20,7 @@
 
 typedef struct ebb_config {
   /* text settings: malloc'd, never NULL after ebb_config_init */
-  char *data, *store, *aggregates, *projections, *durability, *listen, *token, *url, *log_level,
+  char *data, *store, *aggregates, *projections, *reactors, *durability, *listen, *token, *url, *log_level,
       *log_format, *config;
   /* numbers */
   int64_t max_body, max_connections, idle_timeout_ms, request_timeout_ms, shutdown_timeout_ms,

@@ -33,7 +33,8 @@
 
 const char *const ebb__route_names[N_ROUTES] = {
     "commands", "append",  "stream",      "events",     "subscribe",          "aggregate",
-    "health",   "metrics", "projections", "projection_query", "projection_control", "other"};
+    "health",   "metrics", "projections", "projection_query", "projection_control", "reactors",
+    "other"};
 
 /* ---------------------------------------------------------------- errors */
 
@@ -148,6 +149,8 @@ typedef struct job {
   char **owned;
   size_t n_owned, cap_owned;
   ebb_write write;
+  ebb_reactor_issued done;   /* a command a reactor issued: told instead of a client */
+  void *done_ud;
 } job;
 
 typedef struct stream_queue {
@@ -394,6 +397,12 @@ static void on_conn_close(ebb_http_conn *c, void *data) {
 static void job_end(job *j, int status, char *body, size_t len, ebb_error *err) {
   ebb_daemon *d = j->d;
   if (j->conn) ebb_http_conn_set_data(j->conn, NULL, NULL);
+  if (j->done) {
+    ebb_error ok;
+    ebb_error_init(&ok);
+    j->done(j->done_ud, err ? err : &ok);
+    j->done = NULL;
+  }
   if (err) {
     if (!j->is_append) d->m.commands[-err->code < 16 ? -err->code : 15]++;
     answer_error(d, j->conn, &j->ri, err);
@@ -536,6 +545,7 @@ static void on_reported(void *ud) {
   d->notified_head = d->head;
   schedule_pump(d);
   if (d->projections) ebb_projections_notify(d->projections, d->head);
+  if (d->reactors) ebb_reactors_notify(d->reactors, d->head);
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -548,6 +558,7 @@ static void enqueue(ebb_daemon *d, job *j) {
       ebb_error err;
       ebb_error_init(&err);
       ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+      if (j->done) j->done(j->done_ud, &err);
       answer_error(d, j->conn, &j->ri, &err);
       job_free(j);
       return;
@@ -629,6 +640,45 @@ static void route_command(ebb_daemon *d, ebb_http_conn *c, const ebb_http_reques
     job_free(j);
     return;
   }
+  enqueue(d, j);
+}
+
+/* A command a reactor issues: the same pipeline as POST /commands (its
+ * stream's queue, group commit), answered to the reactor. */
+static void issue_command(void *ud, const ebb_command *cmd, ebb_reactor_issued done,
+                          void *done_ud) {
+  ebb_daemon *d = ud;
+  ebb_error err;
+  ebb_error_init(&err);
+  reqinfo ri = {.route = ROUTE_COMMANDS, .t0 = ebb_clock_mono_ns(), .method = "POST"};
+  snprintf(ri.path, sizeof ri.path, "(reactor) %s", cmd->command_id ? cmd->command_id : "");
+  job *j = NULL;
+  if (d->draining || d->stopped) {
+    ebb_error_set(&err, EBB_EUNAVAIL, "ebb is shutting down");
+  } else if ((j = job_new(d, NULL, &ri)) == NULL) {
+    ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+  } else {
+    j->cmd.aggregate = own(j, strdup(cmd->aggregate));
+    j->cmd.id = own(j, strdup(cmd->id));
+    j->cmd.type = own(j, strdup(cmd->type));
+    j->cmd.data = own(j, strndup(cmd->data, cmd->data_len));
+    j->cmd.data_len = cmd->data_len;
+    j->cmd.metadata = own(j, strndup(cmd->metadata, cmd->metadata_len));
+    j->cmd.metadata_len = cmd->metadata_len;
+    j->cmd.command_id = cmd->command_id ? own(j, strdup(cmd->command_id)) : NULL;
+    if (!j->cmd.aggregate || !j->cmd.id || !j->cmd.type || !j->cmd.data || !j->cmd.metadata ||
+        (cmd->command_id && !j->cmd.command_id))
+      ebb_error_set(&err, EBB_ENOMEM, "out of memory");
+    else ebb_runtime_stream_of(d->rt, j->cmd.aggregate, j->cmd.id, j->stream, &err);
+  }
+  if (err.code) {
+    job_free(j);
+    done(done_ud, &err);
+    ebb_error_clear(&err);
+    return;
+  }
+  j->done = done;
+  j->done_ud = done_ud;
   enqueue(d, j);
 }
 
@@ -1070,6 +1120,41 @@ static void route_projections(ebb_daemon *d, ebb_http_conn *c, const ebb_http_re
   ebb_buf_free(&b);
 }
 
+/* GET /reactors, /reactors/{name}, /reactors/{name}/schedules; POST
+ * /reactors/{name}/retry|skip. */
+static void route_reactors(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                           const reqinfo *ri, const ebb_path_parts *pp) {
+  int post = strcmp(req->method, "POST") == 0;
+  if (post ? no_query(d, c, req, ri) : 0) return;
+  if (!post) {
+    ebb_params q;
+    ebb_error err;
+    ebb_error_init(&err);
+    int rc = ebb__parse_query(req->query, "", &q, &err);
+    ebb__params_free(&q);
+    if (rc) {
+      answer_error(d, c, ri, &err);
+      return;
+    }
+  }
+  const char *name = pp->n >= 2 ? pp->seg[1] : NULL;
+  ebb_buf b = EBB_BUF_INIT;
+  int status = 200;
+  if (d->reactors == NULL) {
+    if (name) status = 0;
+    else ebb_buf_puts(&b, "[]");
+  } else if (pp->n == 3 && !post) {
+    if (!ebb_reactors_schedules(d->reactors, name, &b)) status = 0;
+  } else if (pp->n == 3) {
+    status = ebb_reactors_control(d->reactors, name, pp->seg[2], &b);
+  } else if (!ebb_reactors_status(d->reactors, name, &b)) {
+    status = 0;
+  }
+  if (status == 0) answer_fail(d, c, ri, EBB_ENOTFOUND, "no reactor %s", name);
+  else answer(d, c, ri, status, b.data, b.len);
+  ebb_buf_free(&b);
+}
+
 static void route_query(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                         const reqinfo *ri, const char *name, const char *query) {
   ebb_params q = {0};
@@ -1270,6 +1355,7 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
     case ROUTE_METRICS: route_metrics(d, c, &ri); break;
     case ROUTE_PROJECTIONS: route_projections(d, c, req, &ri, n == 2 ? pp->seg[1] : NULL); break;
     case ROUTE_QUERY: route_query(d, c, req, &ri, pp->seg[1], pp->seg[2]); break;
+    case ROUTE_REACTORS: route_reactors(d, c, req, &ri, pp); break;
     case ROUTE_PROJECTION_CONTROL:
       route_control(d, c, req, &ri, pp->seg[1], pp->seg[2]);
       break;
@@ -1350,6 +1436,9 @@ static void stop(ebb_daemon *d) {
   }
   ebb_projections_stop(d->projections);
   d->projections = NULL;
+  /* The writer reported every command, reactors' included: none is in flight. */
+  ebb_reactors_stop(d->reactors);
+  d->reactors = NULL;
   d->final_deadline_ms = ebb_clock_now_ms() + 2000;
   uv_timer_stop(&d->shutdown_timer);
   uv_timer_start(&d->shutdown_timer, on_final_check, 0, 10);
@@ -1409,6 +1498,7 @@ static void on_signal(uv_signal_t *s, int signum) {
     reload(d);
     ebb_readers_reload(d->readers);
     if (d->projections) ebb_projections_rescan(d->projections);
+    if (d->reactors) ebb_reactors_rescan(d->reactors);
   }
   else begin_drain(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
@@ -1503,6 +1593,20 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
               cfg->projections, NULL);
     }
   }
+  ebb_reactors_options rdo = {.loop = &d->loop,
+                              .rt = d->rt,
+                              .data_dir = cfg->data,
+                              .reactors_dir = cfg->reactors,
+                              .durability = durability,
+                              .memory_limit = (size_t)cfg->memory_limit,
+                              .instruction_budget = cfg->instruction_budget,
+                              .issue = issue_command,
+                              .issue_ud = d};
+  if (ebb_reactors_start(&d->reactors, &rdo, err)) goto out;
+  /* Leader hook: one daemon on a store (SQLite) always runs the reactors.
+   * With several daemons on one PostgreSQL store, the holder of the store's
+   * leader lock calls ebb_reactors_set_active(d->reactors, 1), the others 0. */
+  ebb_reactors_set_active(d->reactors, 1);
   uv_signal_init(&d->loop, &d->sigterm);
   uv_signal_init(&d->loop, &d->sigint);
   uv_signal_init(&d->loop, &d->sighup);
@@ -1535,6 +1639,7 @@ out:
   rc = err->code;
   if (d->projections) ebb_projections_stop(d->projections);
   if (d->writer) ebb_writer_stop(d->writer);
+  ebb_reactors_stop(d->reactors); /* after the writer: it answers their commands */
   if (d->http) ebb_http_server_close(d->http);
   if (loop_open) {
     uv_run(&d->loop, UV_RUN_DEFAULT); /* the close callbacks */

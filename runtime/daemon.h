@@ -24,6 +24,7 @@
 #include "http.h"
 #include "lock.h"
 #include "projection.h"
+#include "reactor.h"
 #include "readers.h"
 #include "runtime.h"
 #include "strmap.h"
@@ -37,7 +38,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err);
 
 enum { ROUTE_COMMANDS, ROUTE_APPEND, ROUTE_STREAM, ROUTE_EVENTS, ROUTE_SUBSCRIBE, ROUTE_AGGREGATE,
        ROUTE_HEALTH, ROUTE_METRICS, ROUTE_PROJECTIONS, ROUTE_QUERY, ROUTE_PROJECTION_CONTROL,
-       ROUTE_OTHER, N_ROUTES };
+       ROUTE_REACTORS, ROUTE_OTHER, N_ROUTES };
 extern const char *const ebb__route_names[N_ROUTES];
 
 #define N_STATUS_SLOTS 24
@@ -62,6 +63,7 @@ typedef struct ebb_daemon {
   size_t reads;                 /* read routes running there */
   ebb_writer *writer;
   ebb_projections *projections;
+  ebb_reactors *reactors;
   uv_fs_event_t watch;          /* the projections directory */
   int watching;
   uv_timer_t rescan_timer;      /* debounces a burst of file events into one rescan */

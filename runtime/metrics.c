@@ -128,5 +128,6 @@ void ebb__metrics_render(ebb_daemon *d, ebb_buf *b) {
   ebb_buf_printf(b, "ebb_module_reloads_total{result=\"failed\"} %llu\n",
                  (unsigned long long)m->reload_failures);
   if (d->projections) ebb_projections_metrics(d->projections, b);
+  if (d->reactors) ebb_reactors_metrics(d->reactors, b);
   memory(b);
 }

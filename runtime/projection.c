@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "follower.h"
 #include "json.h"
 #include "log.h"
 #include "projection_db.h"
@@ -52,8 +53,10 @@
 #define DEFAULT_BATCH 1000
 #define LAG_SAMPLES 4096
 
-enum { ST_CATCHING_UP, ST_LIVE, ST_REBUILDING, ST_FAULTED, ST_STOPPED };
-static const char *const state_names[] = {"catching_up", "live", "rebuilding", "faulted", "stopped"};
+enum { ST_CATCHING_UP = EBB_FOLLOW_CATCHING_UP, ST_LIVE = EBB_FOLLOW_LIVE,
+       ST_REBUILDING = EBB_FOLLOW_REBUILDING, ST_FAULTED = EBB_FOLLOW_FAULTED,
+       ST_STOPPED = EBB_FOLLOW_STOPPED };
+#define state_names ebb_follow_state_names
 
 /* ---------------------------------------------------------------- types */
 
@@ -64,15 +67,9 @@ typedef struct instance {
   ebb_projdb *handle;
   sqlite3 *db;
   char *db_file;              /* its file name in the projection's directory */
-  int64_t position;           /* the checkpoint */
-  int64_t mark_position;      /* the fingerprint written with it: the last event read at or */
-  char mark_id[EBB_MAX_NAME + 1]; /* before the checkpoint (0, "": none) */
+  ebb_follower f;             /* the checkpoint, its fingerprint, from and skipped */
   int fresh;                  /* never caught up: a rebuild in progress */
   int tainted;                /* its Lua state was killed: reload before running it again */
-  char **from;                /* categories (no '-' needed) or event types */
-  size_t n_from;
-  int64_t *skipped;           /* positions skipped by `skip`, sorted */
-  size_t n_skipped;
   sqlite3_stmt *stmt[4];      /* the runner's own statements on db, prepared once (TX_*) */
   int64_t sql_left;           /* SQLite VM steps left to the batch or query in progress */
   int sql_exhausted;          /* ... and they ran out: the interrupt was ours */
@@ -262,9 +259,7 @@ static void instance_free(instance *in, int remove_file, const char *dir) {
     }
     free(p);
   }
-  for (size_t i = 0; i < in->n_from; i++) free(in->from[i]);
-  free(in->from);
-  free(in->skipped);
+  ebb_follower_clear(&in->f);
   free(in->db_file);
   free(in);
 }
@@ -285,12 +280,9 @@ static int l_validate(lua_State *L) {
   if (lua_getfield(L, 1, "from") != LUA_TTABLE) luaL_error(L, "missing field: from (a list of categories or event types)");
   lua_Integer n = luaL_len(L, -1);
   if (n < 1 || n > 256) luaL_error(L, "from must list 1 to 256 categories or event types");
-  in->from = calloc((size_t)n, sizeof *in->from);
-  if (in->from == NULL) luaL_error(L, "out of memory");
   for (lua_Integer i = 1; i <= n; i++) {
     if (lua_rawgeti(L, -1, i) != LUA_TSTRING) luaL_error(L, "from[%d] must be a string", (int)i);
-    if ((in->from[i - 1] = strdup(lua_tostring(L, -1))) == NULL) luaL_error(L, "out of memory");
-    in->n_from = (size_t)i;
+    if (ebb_follower_add_from(&in->f, lua_tostring(L, -1)) != 0) luaL_error(L, "out of memory");
     lua_pop(L, 1);
   }
   if (lua_getfield(L, 1, "on") != LUA_TTABLE) luaL_error(L, "missing field: on (a table of event handlers)");
@@ -418,9 +410,9 @@ static int write_checkpoint(instance *in, const char *name, int64_t position) {
   sqlite3_bind_int64(st, 2, in->version);
   sqlite3_bind_int64(st, 3, position);
   sqlite3_bind_text(st, 4, now, -1, SQLITE_TRANSIENT);
-  if (in->mark_position > 0) {
-    sqlite3_bind_int64(st, 5, in->mark_position);
-    sqlite3_bind_text(st, 6, in->mark_id, -1, SQLITE_STATIC);
+  if (in->f.mark_position > 0) {
+    sqlite3_bind_int64(st, 5, in->f.mark_position);
+    sqlite3_bind_text(st, 6, in->f.mark_id, -1, SQLITE_STATIC);
   }
   int rc = sqlite3_step(st);
   sqlite3_reset(st);
@@ -432,48 +424,17 @@ static int load_skipped(instance *in) {
   if (sqlite3_prepare_v2(in->db, "SELECT position FROM _ebb_skipped ORDER BY position", -1, &st,
                          NULL) != SQLITE_OK)
     return -1;
-  free(in->skipped);
-  in->skipped = NULL;
-  in->n_skipped = 0;
+  int64_t *skipped = NULL;
+  size_t n = 0;
   while (sqlite3_step(st) == SQLITE_ROW) {
-    int64_t *p = realloc(in->skipped, (in->n_skipped + 1) * sizeof *p);
+    int64_t *p = realloc(skipped, (n + 1) * sizeof *p);
     if (p == NULL) break;
-    in->skipped = p;
-    p[in->n_skipped++] = sqlite3_column_int64(st, 0);
+    skipped = p;
+    p[n++] = sqlite3_column_int64(st, 0);
   }
   sqlite3_finalize(st);
+  ebb_follower_set_skipped(&in->f, skipped, n);
   return 0;
-}
-
-/* Has the read model seen events the store does not hold (its checkpoint past
- * the head, or its fingerprint event gone or replaced)? The reason, or NULL. */
-static char *checkpoint_ahead(ebb_projections *h, const instance *in) {
-  ebb_store *store = ebb_runtime_store(h->rt);
-  ebb_error err;
-  ebb_error_init(&err);
-  int64_t head = 0;
-  char *why = NULL;
-  if (ebb_store_head(store, &head, &err) != 0) {
-    ebb_error_clear(&err);
-    return NULL; /* cannot tell: reading faults the projection soon enough */
-  }
-  if (in->position > head) {
-    return dupf("its checkpoint (position %lld) is ahead of the store's head (%lld): the store "
-                "lost or was restored without events the read model holds",
-                (long long)in->position, (long long)head);
-  }
-  if (in->mark_position <= 0) return NULL;
-  ebb_event_list l;
-  ebb_event_list_init(&l);
-  if (ebb_store_read_range(store, in->mark_position, in->mark_position, &l, &err) == 0 &&
-      (l.n == 0 || strcmp(l.items[0].id, in->mark_id) != 0))
-    why = dupf("the event at position %lld is %s%s, not %s as when the read model saw it: the "
-               "store was restored or lost events, and others now hold their positions",
-               (long long)in->mark_position, l.n ? "event " : "gone", l.n ? l.items[0].id : "",
-               in->mark_id);
-  ebb_event_list_free(&l);
-  ebb_error_clear(&err);
-  return why;
 }
 
 /* Opens (or creates, running setup) the instance's database file, and makes
@@ -533,7 +494,7 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
       exec_sql(in->db, "ROLLBACK", NULL);
       goto done;
     }
-    in->position = 0;
+    in->f.position = 0;
   } else {
     /* A read model from before the fingerprint: add its columns (empty). */
     sqlite3_stmt *st = NULL;
@@ -550,17 +511,17 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
       goto done;
     }
     int64_t version = sqlite3_column_int64(st, 0);
-    in->position = sqlite3_column_int64(st, 1);
-    in->mark_position = sqlite3_column_int64(st, 2);
+    in->f.position = sqlite3_column_int64(st, 1);
+    in->f.mark_position = sqlite3_column_int64(st, 2);
     const char *mark = (const char *)sqlite3_column_text(st, 3);
-    snprintf(in->mark_id, sizeof in->mark_id, "%s", mark && in->mark_position > 0 ? mark : "");
-    if (in->mark_id[0] == '\0') in->mark_position = 0;
+    snprintf(in->f.mark_id, sizeof in->f.mark_id, "%s", mark && in->f.mark_position > 0 ? mark : "");
+    if (in->f.mark_id[0] == '\0') in->f.mark_position = 0;
     sqlite3_finalize(st);
     if (version != in->version) {
       *msg = dupf("%s was built by version %lld", in->db_file, (long long)version);
       goto done;
     }
-    if (ahead && (*msg = checkpoint_ahead(h, in)) != NULL) {
+    if (ahead && (*msg = ebb_follower_ahead(&in->f, ebb_runtime_store(h->rt), "the read model")) != NULL) {
       *ahead = 1;
       goto done;
     }
@@ -684,13 +645,10 @@ static void load_projection(ebb_projections *h, projection *p) {
       goto failed;
     }
     in->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    in->position = old->position;
-    in->mark_position = old->mark_position;
-    memcpy(in->mark_id, old->mark_id, sizeof in->mark_id);
-    in->skipped = old->skipped;
-    in->n_skipped = old->n_skipped;
-    old->skipped = NULL;
-    old->n_skipped = 0;
+    in->f.position = old->f.position;
+    in->f.mark_position = old->f.mark_position;
+    memcpy(in->f.mark_id, old->f.mark_id, sizeof in->f.mark_id);
+    ebb_follower_take(&in->f, &old->f);
     p->active = in;
     instance_free(old, 0, NULL);
     /* A rebuild of the same version goes on with the new code. */
@@ -911,31 +869,6 @@ typedef struct batch {
   int64_t handled;
 } batch;
 
-static int matches(const instance *in, const ebb_event *e) {
-  size_t cat = ebb_stream_category_len(e->stream);
-  for (size_t i = 0; i < in->n_from; i++) {
-    const char *f = in->from[i];
-    if (strcmp(f, e->type) == 0) return 1;
-    if (strlen(f) == cat && strncmp(f, e->stream, cat) == 0) return 1;
-  }
-  return 0;
-}
-
-static int is_skipped(const instance *in, int64_t position) {
-  size_t lo = 0, hi = in->n_skipped;
-  while (lo < hi) {
-    size_t mid = (lo + hi) / 2;
-    if (in->skipped[mid] < position) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo < in->n_skipped && in->skipped[lo] == position;
-}
-
-static int keep_event(const void *ud, const ebb_event *e) {
-  const instance *in = ud;
-  return matches(in, e) && !is_skipped(in, e->position);
-}
-
 /* Runs the handlers of a batch's events in order. Argument: the batch. An
  * error propagates with b->at naming the event. */
 static int l_run_batch(lua_State *L) {
@@ -947,7 +880,6 @@ static int l_run_batch(lua_State *L) {
   int db = lua_gettop(L);
   for (b->at = 0; b->at < b->n; b->at++) {
     const ebb_event *e = &b->events->items[b->at];
-    if (!matches(b->in, e) || is_skipped(b->in, e->position)) continue;
     if (lua_getfield(L, on, e->type) != LUA_TFUNCTION) {
       lua_pop(L, 1);
       continue;
@@ -1004,63 +936,48 @@ static void note_lag(projection *p, const ebb_event_list *l, size_t n) {
 
 /* One batch for the instance: 1 if it did work. */
 static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
-  if (in->position >= head || in->tainted) return 0;
+  if (in->f.position >= head || in->tainted) return 0;
   int64_t limit = h->o.batch > 0 ? h->o.batch : DEFAULT_BATCH;
-  ebb_read_all q = {.after = in->position, .limit = limit};
-  ebb_event_list l;
-  ebb_event_list_init(&l);
+  ebb_follower_batch fb;
   ebb_error err;
   ebb_error_init(&err);
   char *msg = NULL;
-  if (ebb_store_read_all(ebb_runtime_store(h->rt), &q, &l, &err) != 0) {
+  int rc = ebb_follower_read(&in->f, h->rt, head, limit, &fb, &err);
+  if (rc == -1) {
     /* Faulted, not retried in a loop: retry resumes once the store reads again. */
     ebb_log(EBB_LOG_ERROR, "projection cannot read events", "projection", p->name, "error",
             err.message, NULL);
-    set_fault(p, in, in->position + 1,
-              dupf("cannot read the events after position %lld: %s", (long long)in->position,
+    set_fault(p, in, in->f.position + 1,
+              dupf("cannot read the events after position %lld: %s", (long long)in->f.position,
                    err.message));
-    ebb_event_list_free(&l);
+    ebb_follower_batch_free(&fb);
     return 0;
   }
-  int64_t last = l.n ? l.items[l.n - 1].position : in->position;
-  if ((int64_t)l.n < limit && head > last) last = head; /* nothing more to see up to head */
-  if (l.n == 0) {
-    /* Nothing after the checkpoint up to head: move the checkpoint on. */
-    in->position = last;
-    ebb_event_list_free(&l);
+  if (rc == -2) {
+    set_fault(p, in, fb.events.n ? fb.events.items[0].position : in->f.position + 1,
+              dupf("%s", err.message));
+    ebb_follower_batch_free(&fb);
     return 0;
   }
-  /* The fingerprint to write with the checkpoint: the last event read. */
-  in->mark_position = l.items[l.n - 1].position;
-  snprintf(in->mark_id, sizeof in->mark_id, "%s", l.items[l.n - 1].id);
-  /* Only the events it reads, before upcasting: an event it does not read,
-   * even one no code can upcast, must not stop it. */
-  ebb_event_list_filter(&l, keep_event, in);
-  if (ebb_runtime_upcast_each(h->rt, &l, &err) != 0) {
-    set_fault(p, in, l.n ? l.items[0].position : in->position + 1, dupf("%s", err.message));
-    ebb_event_list_free(&l);
+  if (rc == 0) {
+    ebb_follower_batch_free(&fb);
     return 0;
   }
+  ebb_event_list *l = &fb.events;
+  size_t n = fb.n;
+  batch b;
+  int64_t checkpoint = fb.checkpoint;
   /* An event that cannot be upcast faults the projection at it, after the
    * events before it are committed. */
-  size_t n = 0;
-  while (n < l.n && l.items[n].upcast_error == NULL) n++;
-  batch b;
-  int64_t checkpoint = n < l.n ? l.items[n].position - 1 : last;
-  if (n < l.n && n > 0) {
-    in->mark_position = l.items[n - 1].position;
-    snprintf(in->mark_id, sizeof in->mark_id, "%s", l.items[n - 1].id);
-    checkpoint = in->mark_position;
-  }
-  int ran = n < l.n && n == 0 ? 0 : run_events(p, in, &l, n, checkpoint, &b, &msg) == 0 ? 1 : -1;
+  int ran = fb.bad && n == 0 ? 0 : run_events(p, in, l, n, checkpoint, &b, &msg) == 0 ? 1 : -1;
   if (ran == 1) {
-    in->position = checkpoint;
+    in->f.position = checkpoint;
     p->events_total += (uint64_t)b.handled;
     p->eps_n += b.handled;
-    if (p->state == ST_LIVE) note_lag(p, &l, n);
+    if (p->state == ST_LIVE) note_lag(p, l, n);
   }
-  if (ran >= 0 && n < l.n) {
-    const ebb_event *bad = &l.items[n];
+  if (ran >= 0 && fb.bad) {
+    const ebb_event *bad = fb.bad;
     char pos[32];
     snprintf(pos, sizeof pos, "%lld", (long long)bad->position);
     ebb_log(EBB_LOG_ERROR, "projection faulted: an event cannot be upcast", "projection", p->name,
@@ -1069,15 +986,14 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
                                          bad->type, bad->stream, bad->upcast_error));
   } else if (ran < 0) {
     size_t at = b.at < n ? b.at : 0;
-    const ebb_event *bad = &l.items[at];
+    const ebb_event *bad = &l->items[at];
     /* Commit what came before the failing event (the same handlers, run
      * again on the rolled-back model: they are deterministic). */
     char *again = NULL;
     if (at > 0 && !in->tainted) {
-      in->mark_position = l.items[at - 1].position;
-      snprintf(in->mark_id, sizeof in->mark_id, "%s", l.items[at - 1].id);
-      if (run_events(p, in, &l, at, l.items[at - 1].position, &b, &again) == 0) {
-        in->position = l.items[at - 1].position;
+      ebb_follower_mark(&in->f, &l->items[at - 1]);
+      if (run_events(p, in, l, at, l->items[at - 1].position, &b, &again) == 0) {
+        in->f.position = l->items[at - 1].position;
         p->events_total += (uint64_t)b.handled;
       }
     }
@@ -1090,19 +1006,19 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
                                          bad->type, bad->stream, msg ? msg : "error"));
     free(msg);
   }
-  ebb_event_list_free(&l);
+  ebb_follower_batch_free(&fb);
   return 1;
 }
 
 /* Swaps a finished rebuild in: from now on it answers; the old one goes. */
 static void maybe_swap(ebb_projections *h, projection *p, int64_t head) {
   instance *n = p->next;
-  if (n == NULL || n->position < head) return;
+  if (n == NULL || n->f.position < head) return;
   if (write_current(h, p, n->db_file) != 0) {
     ebb_log(EBB_LOG_ERROR, "projection rebuilt but cannot switch to it", "projection", p->name,
             "error", strerror(errno), NULL);
     /* Faulted rather than tried again every round; retry tries again. */
-    set_fault(p, n, n->position,
+    set_fault(p, n, n->f.position,
               dupf("rebuilt, but cannot make %s current: %s", n->db_file, strerror(errno)));
     return;
   }
@@ -1131,14 +1047,14 @@ static int run_round(ebb_projections *h, int64_t head) {
     if (p->active) worked |= step(h, p, p->active, head);
     if (p->next && p->state != ST_FAULTED) worked |= step(h, p, p->next, head);
     maybe_swap(h, p, head);
-    int behind = (p->active && p->active->position < head) || p->next;
+    int behind = (p->active && p->active->f.position < head) || p->next;
     if (behind && p->behind_since_ms == 0) p->behind_since_ms = now;
     if (!behind) p->behind_since_ms = 0;
     if (p->state == ST_FAULTED || p->state == ST_STOPPED) continue;
     if (p->next) p->state = ST_REBUILDING;
     else if (!behind) p->state = ST_LIVE;
     /* Live stays live through a burst of commits; far behind is catching up. */
-    else if (!(p->state == ST_LIVE && head - p->active->position <= 10 * per_batch))
+    else if (!(p->state == ST_LIVE && head - p->active->f.position <= 10 * per_batch))
       p->state = ST_CATCHING_UP;
     if (now - p->eps_t0_ms >= 1000) {
       double rate = (double)p->eps_n * 1000.0 / (double)(now - p->eps_t0_ms);
@@ -1351,7 +1267,7 @@ static void lag_percentiles(projection *p, int64_t *p50, int64_t *p99) {
 static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf *b) {
   (void)h;
   instance *in = p->active;
-  int64_t pos = in ? in->position : -1;
+  int64_t pos = in ? in->f.position : -1;
   int64_t p50, p99;
   lag_percentiles(p, &p50, &p99);
   ebb_buf_puts(b, "{\"name\":");
@@ -1361,18 +1277,18 @@ static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf
                     "\"events_total\":%llu,\"live_lag_ms\":{\"p50\":%lld,\"p99\":%lld},",
                  (long long)(in ? in->version : p->next ? p->next->version : 0),
                  state_names[p->state], (long long)pos, (long long)head,
-                 (long long)(in && head > in->position ? head - in->position : 0),
+                 (long long)(in && head > in->f.position ? head - in->f.position : 0),
                  (long long)(p->behind_since_ms ? ebb_clock_now_ms() - p->behind_since_ms : 0),
                  p->eps, (unsigned long long)p->events_total, (long long)p50, (long long)p99);
   ebb_buf_puts(b, "\"from\":[");
   instance *any = in ? in : p->next;
-  for (size_t i = 0; any && i < any->n_from; i++) {
+  for (size_t i = 0; any && i < any->f.n_from; i++) {
     if (i) ebb_buf_putc(b, ',');
-    ebb_buf_json_string(b, any->from[i], strlen(any->from[i]));
+    ebb_buf_json_string(b, any->f.from[i], strlen(any->f.from[i]));
   }
   ebb_buf_puts(b, "],\"rebuilding\":");
   if (p->next) ebb_buf_printf(b, "{\"version\":%lld,\"position\":%lld}", (long long)p->next->version,
-                              (long long)p->next->position);
+                              (long long)p->next->f.position);
   else ebb_buf_puts(b, "null");
   ebb_buf_puts(b, ",\"last_error\":");
   if (p->fault) {
@@ -1390,8 +1306,8 @@ static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf
   else ebb_buf_puts(b, "null");
   ebb_buf_printf(b, ",\"load_failures\":%llu,\"reloads\":%llu,\"skipped\":[",
                  (unsigned long long)p->load_failures, (unsigned long long)p->reloads);
-  for (size_t i = 0; in && i < in->n_skipped; i++)
-    ebb_buf_printf(b, "%s%lld", i ? "," : "", (long long)in->skipped[i]);
+  for (size_t i = 0; in && i < in->f.n_skipped; i++)
+    ebb_buf_printf(b, "%s%lld", i ? "," : "", (long long)in->f.skipped[i]);
   ebb_buf_puts(b, "]}");
 }
 
@@ -1407,7 +1323,7 @@ static void publish(ebb_projections *h, int full) {
     pthread_mutex_lock(&h->mu);
     for (projection *p = h->list; p && i < h->n_pub; p = p->link, i++)
       if (strcmp(h->pub[i].name, p->name) == 0 && h->pub[i].answers)
-        h->pub[i].position = p->active->position;
+        h->pub[i].position = p->active->f.position;
     h->progressed = 1;
     pthread_mutex_unlock(&h->mu);
     uv_async_send(&h->async);
@@ -1425,10 +1341,10 @@ static void publish(ebb_projections *h, int full) {
     pub[i].name = strdup(p->name);
     pub[i].json = ebb_buf_take(&b, NULL);
     pub[i].answers = p->active != NULL && !p->active->tainted;
-    pub[i].position = pub[i].answers ? p->active->position : -1;
+    pub[i].position = pub[i].answers ? p->active->f.position : -1;
     pub[i].state = p->state;
     pub[i].lag_events =
-        p->active && h->known_head > p->active->position ? h->known_head - p->active->position : 0;
+        p->active && h->known_head > p->active->f.position ? h->known_head - p->active->f.position : 0;
     pub[i].lag_s =
         p->behind_since_ms ? (double)(ebb_clock_now_ms() - p->behind_since_ms) / 1000 : 0.0;
     lag_percentiles(p, &pub[i].live_p50, &pub[i].live_p99);
@@ -1465,7 +1381,7 @@ static unsigned state_signature(ebb_projections *h) {
 static int behind(ebb_projections *h, int64_t head) {
   for (projection *p = h->list; p; p = p->link) {
     if (p->state == ST_FAULTED || p->state == ST_STOPPED) continue;
-    if ((p->active && !p->active->tainted && p->active->position < head) ||
+    if ((p->active && !p->active->tainted && p->active->f.position < head) ||
         (p->next && !p->next->tainted))
       return 1;
   }

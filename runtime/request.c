@@ -86,6 +86,9 @@ int ebb__route_of(const ebb_path_parts *pp, int post, const char **allow) {
   else if ((n == 1 || n == 2) && !strcmp(s0, "projections")) route = ROUTE_PROJECTIONS, *allow = "GET";
   else if (n == 3 && !strcmp(s0, "projections"))
     route = post ? ROUTE_PROJECTION_CONTROL : ROUTE_QUERY, *allow = "GET, POST";
+  else if ((n == 1 || n == 2) && !strcmp(s0, "reactors")) route = ROUTE_REACTORS, *allow = "GET";
+  else if (n == 3 && !strcmp(s0, "reactors"))
+    route = ROUTE_REACTORS, *allow = strcmp(pp->seg[2], "schedules") == 0 ? "GET" : "POST";
   return route;
 }
 

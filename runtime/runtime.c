@@ -124,10 +124,17 @@ void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result
  * either way; projections see it. */
 void ebb_event_push(lua_State *L, const ebb_event *e, int with_position) {
   char msg[256];
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 10);
   if (with_position) {
     lua_pushinteger(L, e->position);
     lua_setfield(L, -2, "position");
+    /* The id part of the stream ("o-1" in "Order-o-1"), so that no consumer
+     * parses stream names; a stream without one has none. */
+    const char *dash = strchr(e->stream, '-');
+    if (dash) {
+      lua_pushstring(L, dash + 1);
+      lua_setfield(L, -2, "aggregate_id");
+    }
   }
   lua_pushstring(L, e->stream);
   lua_setfield(L, -2, "stream");
@@ -1107,7 +1114,12 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
       lua_pop(L, 1);
     }
     const char *cmd_id = d->cmd->command_id ? d->cmd->command_id : d->command_uuid;
-    lua_pushstring(L, cmd_id);
+    /* A causation the command names stays (a reactor's command: the event
+     * it reacted to); otherwise the command caused its events. */
+    if (lua_getfield(L, cmeta, "causation_id") != LUA_TSTRING) {
+      lua_pop(L, 1);
+      lua_pushstring(L, cmd_id);
+    }
     lua_setfield(L, mt, "causation_id");
     lua_pushstring(L, cmd_id);
     lua_setfield(L, mt, "command_id");

@@ -167,7 +167,8 @@ int ebb_runtime_check_schema(const ebb_runtime *rt, const char *type, int64_t sc
 int64_t ebb_runtime_schema_of(const ebb_runtime *rt, const char *type);
 
 /* Pushes the event as the Lua table modules see: {stream, version, id, type,
- * schema, recorded_at, data, metadata} and, with_position, position. Raises
+ * schema, recorded_at, data, metadata} and, with_position (the consumers of the
+ * global order), position and aggregate_id (the stream's id part). Raises
  * if its data or metadata cannot be read. Protected context. */
 struct lua_State;
 void ebb_event_push(struct lua_State *L, const ebb_event *e, int with_position);

@@ -773,8 +773,8 @@ with the same db handle the daemon gives it (ebb.core's), for specs:
 setup runs first; given events go through the handlers in order, in one
 transaction per :given, filtered by `from` as the runner filters them, and
 get what the store would give them: position (counting from 1), version (per
-stream), id ("event-<position>"), schema 1, empty metadata and recorded_at
-testing.NOW, unless the event says otherwise. Queries run on a read-only
+stream), id ("event-<position>"), aggregate_id (the stream's id part), schema
+1, empty metadata and recorded_at testing.NOW, unless the event says otherwise. Queries run on a read-only
 handle, as in the daemon. A handler error rolls its :given back and raises,
 naming the event.
 ]]
@@ -826,6 +826,7 @@ function Projection:given(events)
       id = given.id or ("event-" .. self.position), type = given.type, schema = given.schema or 1,
       data = given.data or {}, metadata = given.metadata or {},
       recorded_at = given.recorded_at or testing.NOW,
+      aggregate_id = given.stream:match("^[^-]*%-(.*)$"),
     }
     local handler = self.module.on[e.type]
     if handler and self:matches(e) then

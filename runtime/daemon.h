@@ -26,6 +26,7 @@
 #include "projection.h"
 #include "readers.h"
 #include "runtime.h"
+#include "store_live.h"
 #include "strmap.h"
 #include "writer.h"
 
@@ -62,6 +63,7 @@ typedef struct ebb_daemon {
   size_t reads;                 /* read routes running there */
   ebb_writer *writer;
   ebb_projections *projections;
+  ebb_live *live;               /* a shared store's watch and leader links; NULL: not shared */
   uv_fs_event_t watch;          /* the projections directory */
   int watching;
   uv_timer_t rescan_timer;      /* debounces a burst of file events into one rescan */

@@ -112,7 +112,10 @@ enum {
 
 static const char *const statements[S_COUNT] = {
     [S_LOCK_HEAD] = "SELECT position FROM ebb_head WHERE id = 1 FOR UPDATE",
-    [S_SET_HEAD] = "UPDATE ebb_head SET position = $1::bigint WHERE id = 1",
+    /* The new head, and the wake-up of every daemon's watch link (store_pg_link.c),
+     * sent by the server on COMMIT only: in the same round trip. */
+    [S_SET_HEAD] = "WITH u AS (UPDATE ebb_head SET position = $1::bigint WHERE id = 1) "
+                   "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
                   "ORDER BY version DESC LIMIT 1",
     [S_INSERT] = "INSERT INTO events (position, stream, version, id, type, schema, data, metadata, "

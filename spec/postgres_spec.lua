@@ -103,6 +103,37 @@ describe("several daemons on one PostgreSQL store", function()
     assert.same({ 4, 7 }, { answer.version, answer.events[1].data.balance })
   end)
 
+  it("push every daemon's commits to subscribers on every daemon, in order", function()
+    local subs = { ds[1]:subscribe("?after=0"), ds[2]:subscribe("?after=0") }
+    for _, sub in ipairs(subs) do assert.equal(200, sub.status) end
+    -- both daemons and the CLI write; nobody writes after that, so only a push
+    -- (never a timer) can deliver the last events to the other daemon
+    local n = 0
+    for i = 1, 6 do
+      local d = ds[(i - 1) % 2 + 1]
+      assert.equal(200, (d:command("BankAccount", "push-" .. i, "OpenAccount", { owner = "p" })))
+      n = n + 1
+    end
+    local _, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
+      support.root .. "/aggregates", "send", "BankAccount", "push-cli", "OpenAccount", '{"owner":"c"}' }
+    assert.equal(0, code, err)
+    n = n + 1
+    for k, sub in ipairs(subs) do
+      local streams = {}
+      for pos = 1, n do
+        local ev = sub:next(60)
+        assert(ev, "daemon " .. k .. "'s subscriber got no event " .. pos)
+        assert.equal(pos, ev.json.position)
+        streams[#streams + 1] = ev.json.stream
+      end
+      assert.equal("BankAccount-push-cli", streams[n])
+      sub:close()
+    end
+    local status, health = ds[2]:get("/health")
+    assert.equal(200, status)
+    assert.equal("connected", health.connection)
+  end)
+
   it("reports the store and its schema version in ebb check", function()
     local out, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
       support.root .. "/aggregates", "--projections", dirs[1], "check" }

@@ -88,9 +88,9 @@ static int link_start(ebb_store_link *base, ebb_error *err) {
   pg_link *l = (pg_link *)base;
   drop(l);
   /* Defaults first: the URI, expanded in place of dbname, overrides them. */
-  const char *const keys[] = {"keepalives_idle", "keepalives_interval", "keepalives_count",
-                              "application_name", "dbname", NULL};
-  const char *const values[] = {"10", "5", "3",
+  const char *const keys[] = {"connect_timeout", "keepalives_idle", "keepalives_interval",
+                              "keepalives_count", "application_name", "dbname", NULL};
+  const char *const values[] = {"10", "10", "5", "3",
                                 l->kind == EBB_LINK_LEADER ? "ebb leader" : "ebb watch", l->uri,
                                 NULL};
   l->conn = PQconnectStartParams(keys, values, 1);

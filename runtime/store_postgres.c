@@ -413,7 +413,13 @@ int ebb__store_postgres_open(ebb_store **out, const ebb_store_options *opt, ebb_
   s->base.vt = &pg_vtable;
   s->durability = opt->durability;
   s->readonly = opt->readonly;
-  s->conn = PQconnectdb(opt->uri);
+  /* Defaults first: the URI, expanded in place of dbname, overrides them. A
+   * connection attempt gives up after 10 s rather than never, and keepalives
+   * notice a server that vanished without closing the connection. */
+  const char *const keys[] = {"connect_timeout", "keepalives_idle", "keepalives_interval",
+                              "keepalives_count", "dbname", NULL};
+  const char *const values[] = {"10", "10", "5", "3", opt->uri, NULL};
+  s->conn = PQconnectdbParams(keys, values, 1);
   if (s->conn == NULL) {
     free(s);
     return ebb_error_set(err, EBB_ENOMEM, "out of memory connecting to PostgreSQL");

@@ -160,18 +160,23 @@ describe("the PostgreSQL store", function()
   end)
 end)
 
+-- pg_ctl ACTION (stop, start, restart) on scripts/pg's cluster, with the options it started with.
+local function pg_ctl(action)
+  local bin, data = os.getenv("EBB_TEST_PG_BIN"), os.getenv("EBB_TEST_PG_DATA")
+  assert(bin and data, "run under scripts/pg")
+  -- the server is not ours to instrument: no sanitizer runtimes preloaded into it
+  local as = "env -u LD_PRELOAD " ..
+    (io.popen("id -u"):read("l") == "0" and "runuser -u postgres -- " or "")
+  local log = data:gsub("/[^/]*$", "") .. "/server.log"
+  local ok = os.execute(as .. support.quote(bin .. "/pg_ctl") .. " -D " .. support.quote(data) ..
+    " -l " .. support.quote(log) .. " -w -t 60 -m fast " ..
+    (action == "start" and ("-o " .. support.quote(assert(os.getenv("EBB_TEST_PG_OPTS"))) .. " ") or "") ..
+    action .. " > /dev/null")
+  assert(ok, "pg_ctl " .. action .. " failed: " .. support.read(log))
+end
+
 describe("the PostgreSQL store across a server restart", function()
-  local function restart_server()
-    local bin, data = os.getenv("EBB_TEST_PG_BIN"), os.getenv("EBB_TEST_PG_DATA")
-    assert(bin and data, "run under scripts/pg")
-    -- the server is not ours to instrument: no sanitizer runtimes preloaded into it
-    local as = "env -u LD_PRELOAD " ..
-      (io.popen("id -u"):read("l") == "0" and "runuser -u postgres -- " or "")
-    local log = data:gsub("/[^/]*$", "") .. "/server.log"
-    local ok = os.execute(as .. support.quote(bin .. "/pg_ctl") .. " -D " .. support.quote(data) ..
-      " -l " .. support.quote(log) .. " -w -t 60 -m fast restart > /dev/null")
-    assert(ok, "the PostgreSQL server did not restart: " .. support.read(log))
-  end
+  local function restart_server() pg_ctl("restart") end
 
   it("fails the call in flight as unavailable, never as stored, and reconnects", function()
     local dir = support.tmpdir()
@@ -216,6 +221,55 @@ describe("the PostgreSQL store across a server restart", function()
     assert.equal(1 + ok, #stream.events)
     assert.equal(ok, stream.events[#stream.events].data.balance)
     assert.is_true(ok >= 3)
+    d:stop()
+    support.rmdir(d.data)
+  end)
+
+  it("answers 503 while the server is down, shows it in /health and /metrics, and serves again after", function()
+    local d = daemon.start {}
+    assert.equal(200, (d:command("BankAccount", "down", "OpenAccount", { owner = "d" })))
+    support.eventually(function()
+      local _, h = d:get("/health")
+      return h.connection == "connected" and h.leader == true
+    end, 60, "the daemon to connect and lead")
+    pg_ctl("stop")
+    local ok, stopped = pcall(function()
+      support.eventually(function()
+        local _, health = d:get("/health")
+        return health.connection == "reconnecting" and health.leader == false
+      end, 60, "/health to show the lost connection")
+      local _, health = d:get("/health")
+      assert.is_string(health.connection_error)
+      for i = 1, 3 do
+        local status, answer = d:command("BankAccount", "down", "Deposit", { amount = 1 },
+          { command_id = "down-" .. i })
+        assert.equal(503, status)
+        assert.equal("unavailable", answer.error.code)
+      end
+      local _, _, metrics = d:get("/metrics")
+      assert.matches("\nebb_store_connected 0\n", metrics)
+      assert.matches("\nebb_leader 0\n", metrics)
+    end)
+    pg_ctl("start")
+    assert(ok, stopped)
+    -- back: the writer reconnects on its next batch, the links after their pause
+    local last
+    local back, why = pcall(support.eventually, function()
+      local status, answer = d:command("BankAccount", "down", "Deposit", { amount = 1 }, { command_id = "up" })
+      last = status .. " " .. tostring(answer and answer.error and answer.error.message)
+      return status == 200
+    end, 60, "a command to succeed again")
+    assert(back, tostring(why) .. " (last answer: " .. tostring(last) .. ")")
+    support.eventually(function()
+      local _, health = d:get("/health")
+      return health.connection == "connected" and health.leader == true and health.status == "ok"
+    end, 60, "/health to show the store connected again")
+    local _, _, metrics = d:get("/metrics")
+    assert.matches("\nebb_store_connected 1\n", metrics)
+    assert.matches("\nebb_store_reconnects_total [1-9]", metrics)
+    local status, stream = d:get("/streams/BankAccount-down")
+    assert.equal(200, status)
+    assert.equal(2, #stream.events) -- nothing answered 503 was stored
     d:stop()
     support.rmdir(d.data)
   end)

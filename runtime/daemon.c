@@ -535,17 +535,36 @@ static void on_written(void *ud, ebb_write *w) {
   if (ended) run_queue(d, q, stream);
 }
 
-/* Once per wake-up of the loop by the writer, however many appends it
- * reported: subscribers and the projection thread learn of the new head
- * once per commit, not once per append (each notify is a futex wake-up of
- * the projection thread). */
-static void on_reported(void *ud) {
-  ebb_daemon *d = ud;
+/* Events appeared in the store up to `head`: the one path by which
+ * subscribers and the projection thread learn of new events, whoever
+ * committed them (this daemon's writer, or another process on a shared
+ * store). They read from their own last position, so a head learned twice
+ * or late costs nothing. */
+static void head_advanced(ebb_daemon *d, int64_t head) {
+  if (head > d->head) d->head = head;
   if (d->head <= d->notified_head) return;
   d->notified_head = d->head;
   schedule_pump(d);
   if (d->projections) ebb_projections_notify(d->projections, d->head);
   if (d->reactors) ebb_reactors_notify(d->reactors, d->head);
+}
+
+/* Once per wake-up of the loop by the writer, however many appends it
+ * reported: once per commit, not once per append (each notify is a futex
+ * wake-up of the projection thread). */
+static void on_reported(void *ud) {
+  ebb_daemon *d = ud;
+  head_advanced(d, d->head);
+}
+
+/* A commit of any process on a shared store (store_live.h). */
+static void on_store_head(void *ud, int64_t head) {
+  head_advanced(ud, head);
+}
+
+static void on_leader(void *ud, int leader) {
+  (void)ud;
+  (void)leader; /* singleton work (reactors, NATS) starts and stops here */
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -1003,6 +1022,16 @@ static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
   if (store != EBB_WRITER_OK) {
     ebb_buf_puts(&b, ",\"reason\":");
     ebb_buf_json_string(&b, reason, strlen(reason));
+  }
+  ebb_live_status ls;
+  ebb_live_status_get(d->live, &ls);
+  ebb_buf_printf(&b, ",\"leader\":%s", ls.leader ? "true" : "false");
+  if (d->live) {
+    ebb_buf_printf(&b, ",\"connection\":\"%s\"", ls.connected ? "connected" : "reconnecting");
+    if (ls.error[0]) {
+      ebb_buf_puts(&b, ",\"connection_error\":");
+      ebb_buf_json_string(&b, ls.error, strlen(ls.error));
+    }
   }
   ebb_buf_puts(&b, "}");
   answer(d, c, ri, d->draining || store == EBB_WRITER_STOPPED ? 503 : 200, b.data, b.len);
@@ -1585,6 +1614,12 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
                                 .on_progress = on_projections_progress,
                                 .ud = d};
   if (ebb_projections_start(&d->projections, &po, err)) goto out;
+  ebb_live_options lo = {.loop = &d->loop,
+                         .store = cfg->store,
+                         .on_head = on_store_head,
+                         .on_leader = on_leader,
+                         .ud = d};
+  if (ebb_live_start(&d->live, &lo, err)) goto out;
   if (uv_fs_event_init(&d->loop, &d->watch) == 0) {
     d->watch.data = d;
     d->watching = 1;
@@ -1637,6 +1672,8 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   ebb_log(EBB_LOG_INFO, "stopped", NULL);
 out:
   rc = err->code;
+  ebb_live_stop(d->live);
+  d->live = NULL;
   if (d->projections) ebb_projections_stop(d->projections);
   if (d->writer) ebb_writer_stop(d->writer);
   ebb_reactors_stop(d->reactors); /* after the writer: it answers their commands */

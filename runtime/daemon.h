@@ -27,6 +27,7 @@
 #include "reactor.h"
 #include "readers.h"
 #include "runtime.h"
+#include "store_live.h"
 #include "strmap.h"
 #include "writer.h"
 
@@ -64,6 +65,7 @@ typedef struct ebb_daemon {
   ebb_writer *writer;
   ebb_projections *projections;
   ebb_reactors *reactors;
+  ebb_live *live;               /* a shared store's watch and leader links; NULL: not shared */
   uv_fs_event_t watch;          /* the projections directory */
   int watching;
   uv_timer_t rescan_timer;      /* debounces a burst of file events into one rescan */

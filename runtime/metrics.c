@@ -103,6 +103,18 @@ void ebb__metrics_render(ebb_daemon *d, ebb_buf *b) {
     counter(b, "ebb_snapshots_written_total", "Aggregate snapshots written.", (double)ws.snapshots);
   }
 
+  ebb_live_status ls;
+  ebb_live_status_get(d->live, &ls);
+  gauge(b, "ebb_leader", "1 while this daemon holds the store's leader lock.", ls.leader);
+  if (d->live) {
+    gauge(b, "ebb_store_connected",
+          "1 while the link watching the shared store is connected, 0 while it reconnects.",
+          ls.connected);
+    counter(b, "ebb_store_reconnects_total", "Links to the shared store that broke and reconnected.",
+            (double)ls.reconnects);
+    counter(b, "ebb_store_wakeups_total", "Heads read after a commit notification or a reconnect.",
+            (double)ls.wakeups);
+  }
   gauge(b, "ebb_subscribers", "Open Server-Sent Events subscriptions.", (double)d->n_subscribers);
   counter(b, "ebb_subscriber_events_total", "Events sent to subscribers.",
           (double)m->sse_events_sent);

@@ -136,9 +136,11 @@ static const struct backend {
   const char *name;
   int needs_dir; /* keeps its events in the data directory */
   int (*open)(ebb_store **out, const ebb_store_options *opt, ebb_error *err);
+  /* NULL: a store of one process, without links */
+  int (*link)(ebb_store_link **out, const char *uri, int kind, ebb_error *err);
 } backends[] = {
-    {"sqlite", 1, ebb__store_sqlite_open},
-    {"postgres", 0, ebb__store_postgres_open},
+    {"sqlite", 1, ebb__store_sqlite_open, NULL},
+    {"postgres", 0, ebb__store_postgres_open, ebb__store_postgres_link_new},
 };
 
 const char *ebb_store_backend(const char *uri) {
@@ -167,6 +169,44 @@ int ebb_store_open(ebb_store **out, const ebb_store_options *opt, ebb_error *err
     return backends[i].open(out, opt, err);
   }
   return ebb_error_set(err, EBB_EBADREQ, "no %s store backend in this build", name);
+}
+
+int ebb_store_link_new(ebb_store_link **out, const char *uri, int kind, ebb_error *err) {
+  *out = NULL;
+  const char *name = ebb_store_backend(uri);
+  if (name == NULL) return ebb_error_set(err, EBB_EBADREQ, "store names no backend: \"%s\"", uri);
+  if (kind != EBB_LINK_WATCH && kind != EBB_LINK_LEADER)
+    return ebb_error_set(err, EBB_EBADREQ, "unknown store link kind %d", kind);
+  for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++)
+    if (strcmp(backends[i].name, name) == 0)
+      return backends[i].link ? backends[i].link(out, uri, kind, err) : 0;
+  return ebb_error_set(err, EBB_EBADREQ, "no %s store backend in this build", name);
+}
+
+int ebb_store_link_start(ebb_store_link *l, ebb_error *err) {
+  return l->vt->start(l, err);
+}
+
+int ebb_store_link_fd(const ebb_store_link *l) {
+  return l->vt->fd(l);
+}
+
+int ebb_store_link_wants(const ebb_store_link *l) {
+  return l->vt->wants(l);
+}
+
+int ebb_store_link_up(const ebb_store_link *l) {
+  return l->vt->up(l);
+}
+
+int ebb_store_link_step(ebb_store_link *l, ebb_store_link_news *news, ebb_error *err) {
+  news->head = -1;
+  news->leader = 0;
+  return l->vt->step(l, news, err);
+}
+
+void ebb_store_link_free(ebb_store_link *l) {
+  if (l) l->vt->free(l);
 }
 
 const char *ebb_store_kind(const ebb_store *s) {

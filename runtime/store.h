@@ -243,6 +243,52 @@ int ebb_store_snapshot_list(ebb_store *s, ebb_snapshot_fn fn, void *ud, ebb_erro
 int ebb_store_snapshot_delete(ebb_store *s, const char *stream, const char *fingerprint,
                               int64_t version, int64_t *deleted, ebb_error *err);
 
+/* ---------------------------------------------------------------- links
+ *
+ * A link is a connection of its own to a store that several processes share
+ * (PostgreSQL), driven without blocking by an event loop that watches its
+ * socket: ebb_store_link_fd and ebb_store_link_wants say what to wait for,
+ * ebb_store_link_step does what the socket allows and reports what it
+ * learned. It never blocks, so the loop's owner keeps its thread; this file
+ * stays free of any event loop. A store of one process (SQLite) has no
+ * links: ebb_store_link_new gives NULL, and that process's own writer is
+ * the only source of new events and always the leader.
+ *
+ *   EBB_LINK_WATCH: LISTENs for commits of every process (each append
+ *     transaction notifies on commit) and reads the head after each wake-up
+ *     and after every (re)connect: a wake-up, never the data itself, so a
+ *     notification lost while disconnected costs nothing.
+ *   EBB_LINK_LEADER: waits for the store's leader lock (a session advisory
+ *     lock) and holds it while the link lives; whoever holds it runs the
+ *     singleton work. A process that dies, or whose link breaks, loses it
+ *     and another waiting link gets it. */
+typedef struct ebb_store_link ebb_store_link;
+enum ebb_store_link_kind { EBB_LINK_WATCH = 0, EBB_LINK_LEADER = 1 };
+enum { EBB_LINK_READ = 1, EBB_LINK_WRITE = 2 };
+
+typedef struct ebb_store_link_news {
+  int64_t head;   /* the store's head read just now; -1: none read in this step */
+  int leader;     /* LEADER links: 1 once the lock was granted in this step */
+} ebb_store_link_news;
+
+/* A link of `kind` to the store `uri` names; *out is NULL (and 0 returned)
+ * when that store is not shared. Not connected yet: call start. */
+int ebb_store_link_new(ebb_store_link **out, const char *uri, int kind, ebb_error *err);
+/* Starts connecting (dropping any connection the link had). 0 or EBB_EUNAVAIL
+ * when it failed at once; then try again later. */
+int ebb_store_link_start(ebb_store_link *l, ebb_error *err);
+/* The socket to watch (-1: none) and for what (EBB_LINK_READ / _WRITE). The
+ * socket may change after a step; the caller then watches the new one. */
+int ebb_store_link_fd(const ebb_store_link *l);
+int ebb_store_link_wants(const ebb_store_link *l);
+/* 1 once connected and set up (listening, or queued for the lock). */
+int ebb_store_link_up(const ebb_store_link *l);
+/* After the socket was ready: 0, with news filled; or EBB_EUNAVAIL when the
+ * connection failed or broke (err says why): the link is down (a leader lost
+ * the lock), and start must be called again, after a pause. */
+int ebb_store_link_step(ebb_store_link *l, ebb_store_link_news *news, ebb_error *err);
+void ebb_store_link_free(ebb_store_link *l); /* NULL-safe */
+
 /* The store's category of a stream: the text before its first '-' (all of it without one). */
 size_t ebb_stream_category_len(const char *stream);
 /* Validates a stream name, event type or id: non-empty, at most EBB_MAX_NAME bytes, UTF-8,

@@ -39,7 +39,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
 #include "clock.h"
+#include "strmap.h"
 
 /* 1: events, commands, snapshots, the position counter. */
 #define SCHEMA_VERSION 1
@@ -107,12 +109,20 @@ enum {
   S_SNAP_LIST,
   S_SNAP_DELETE,
   S_SCHEMA_VERSION,
+  S_VERSIONS,
+  S_FIND_IDS,
+  S_FIND_COMMANDS,
+  S_INSERT_MANY,
+  S_INSERT_COMMANDS,
   S_COUNT
 };
 
 static const char *const statements[S_COUNT] = {
     [S_LOCK_HEAD] = "SELECT position FROM ebb_head WHERE id = 1 FOR UPDATE",
-    [S_SET_HEAD] = "UPDATE ebb_head SET position = $1::bigint WHERE id = 1",
+    /* The new head, and the wake-up of every daemon's watch link (store_pg_link.c),
+     * sent by the server on COMMIT only: in the same round trip. */
+    [S_SET_HEAD] = "WITH u AS (UPDATE ebb_head SET position = $1::bigint WHERE id = 1) "
+                   "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
                   "ORDER BY version DESC LIMIT 1",
     [S_INSERT] = "INSERT INTO events (position, stream, version, id, type, schema, data, metadata, "
@@ -155,6 +165,20 @@ static const char *const statements[S_COUNT] = {
                       "($2::text IS NULL OR fingerprint = $2::text) AND "
                       "($3::bigint < 0 OR version = $3::bigint)",
     [S_SCHEMA_VERSION] = "SELECT coalesce(max(version), 0) FROM ebb_schema",
+    /* A batch's statements (see "batches" below): whole arrays bound at once. */
+    [S_VERSIONS] = "SELECT s.stream, e.version, e.type, e.position FROM unnest($1::text[]) AS "
+                   "s(stream) LEFT JOIN LATERAL (SELECT version, type, position FROM events "
+                   "WHERE stream = s.stream ORDER BY version DESC LIMIT 1) e ON true",
+    [S_FIND_IDS] = "SELECT id FROM events WHERE id = ANY($1::text[]) LIMIT 1",
+    [S_FIND_COMMANDS] = "SELECT command_id FROM commands WHERE command_id = ANY($1::text[]) LIMIT 1",
+    [S_INSERT_MANY] = "INSERT INTO events (position, stream, version, id, type, schema, data, "
+                      "metadata, recorded_at, category) SELECT * FROM unnest($1::bigint[], "
+                      "$2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], "
+                      "$8::text[], $9::text[], $10::text[])",
+    [S_INSERT_COMMANDS] = "INSERT INTO commands (command_id, stream, type, version, first_position, "
+                          "last_position, recorded_at) SELECT * FROM unnest($1::text[], "
+                          "$2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
+                          "$7::text[])",
 };
 
 typedef struct pg_store {
@@ -410,7 +434,13 @@ int ebb__store_postgres_open(ebb_store **out, const ebb_store_options *opt, ebb_
   s->base.vt = &pg_vtable;
   s->durability = opt->durability;
   s->readonly = opt->readonly;
-  s->conn = PQconnectdb(opt->uri);
+  /* Defaults first: the URI, expanded in place of dbname, overrides them. A
+   * connection attempt gives up after 10 s rather than never, and keepalives
+   * notice a server that vanished without closing the connection. */
+  const char *const keys[] = {"connect_timeout", "keepalives_idle", "keepalives_interval",
+                              "keepalives_count", "dbname", NULL};
+  const char *const values[] = {"10", "10", "5", "3", opt->uri, NULL};
+  s->conn = PQconnectdbParams(keys, values, 1);
   if (s->conn == NULL) {
     free(s);
     return ebb_error_set(err, EBB_ENOMEM, "out of memory connecting to PostgreSQL");
@@ -656,6 +686,348 @@ static int append_one(pg_store *s, ebb_append *r, const char *now, int64_t *head
   return 0;
 }
 
+/* ---------------------------------------------------------------- batches
+ *
+ * A batch (one append call, one group commit of the daemon) is two round
+ * trips in the common case, whatever its size: libpq's pipeline mode sends
+ * BEGIN, the lock of the position counter, the last version of every stream
+ * the batch names, and a look-up of its event ids and command ids, all at
+ * once; the requests are then decided here, in order, exactly as append_one
+ * would (expected versions against the versions read under the lock, each
+ * request seeing the ones before it), and one pipeline writes every event
+ * (one INSERT of bound arrays through unnest), every command record, the
+ * counter, and COMMIT. A batch in which some event id or command id is
+ * already stored, or repeats inside the batch (an idempotent re-send, a
+ * conflict), goes on in the same transaction, under the same lock, through
+ * append_one, request by request: those answers need the stored rows. */
+
+/* A PostgreSQL binary array (the format array_recv reads) of text or int8. */
+typedef struct arr {
+  ebb_buf b;
+  uint32_t n;
+} arr;
+
+static void put32(ebb_buf *b, uint32_t v) {
+  unsigned char x[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16), (unsigned char)(v >> 8),
+                        (unsigned char)v};
+  ebb_buf_append(b, x, 4);
+}
+
+static void arr_init(arr *a, uint32_t oid) {
+  a->b = (ebb_buf)EBB_BUF_INIT;
+  a->n = 0;
+  put32(&a->b, 1);   /* dimensions */
+  put32(&a->b, 0);   /* no NULLs */
+  put32(&a->b, oid); /* element type */
+  put32(&a->b, 0);   /* length, set by arr_param */
+  put32(&a->b, 1);   /* lower bound */
+}
+
+static void arr_bytes(arr *a, const char *p, size_t len) {
+  put32(&a->b, (uint32_t)len);
+  if (len) ebb_buf_append(&a->b, p, len);
+  a->n++;
+}
+
+static void arr_text(arr *a, const char *p) {
+  arr_bytes(a, p, strlen(p));
+}
+
+static void arr_i64(arr *a, int64_t v) {
+  put32(&a->b, 8);
+  put32(&a->b, (uint32_t)((uint64_t)v >> 32));
+  put32(&a->b, (uint32_t)v);
+  a->n++;
+}
+
+/* Binds the array as the next parameter (binary); 0 or EBB_ENOMEM. */
+static int arr_param(params *p, arr *a) {
+  if (a->b.oom || a->b.len < 20) return EBB_ENOMEM;
+  unsigned char *d = (unsigned char *)a->b.data;
+  d[12] = (unsigned char)(a->n >> 24), d[13] = (unsigned char)(a->n >> 16);
+  d[14] = (unsigned char)(a->n >> 8), d[15] = (unsigned char)a->n;
+  p_bytes(p, a->b.data, a->b.len);
+  return 0;
+}
+
+#define OID_TEXT 25
+#define OID_INT8 20
+
+typedef struct pipe_item {
+  int which;        /* a prepared statement, or -1: sql */
+  const char *sql;  /* without parameters (BEGIN, COMMIT) */
+  params *p;
+  PGresult *res;    /* out: to PQclear */
+} pipe_item;
+
+/* Sends the items in one pipeline and reads their results: one round trip.
+ * 0 when each succeeded; otherwise the first failure is in err, and every
+ * result is freed. A connection left in a state we cannot trust is reset by
+ * the next ensure(). */
+static int pipeline(pg_store *s, pipe_item *items, size_t n, ebb_error *err) {
+  for (size_t i = 0; i < n; i++) items[i].res = NULL;
+  if (!PQenterPipelineMode(s->conn)) return pg_error(s, NULL, err, "starting a pipeline");
+  int sent = 1;
+  for (size_t i = 0; i < n && sent; i++) {
+    char name[16];
+    snprintf(name, sizeof name, "ebb_%d", items[i].which);
+    params *p = items[i].p;
+    sent = items[i].which < 0
+               ? PQsendQueryParams(s->conn, items[i].sql, 0, NULL, NULL, NULL, NULL, 0)
+               : PQsendQueryPrepared(s->conn, name, p ? p->n : 0, p ? p->value : NULL,
+                                     p ? p->length : NULL, p ? p->format : NULL, 0);
+  }
+  if (!sent || !PQpipelineSync(s->conn)) {
+    s->ready = 0;
+    PQexitPipelineMode(s->conn);
+    return pg_error(s, NULL, err, "sending a pipeline");
+  }
+  int rc = 0;
+  for (size_t i = 0; i < n; i++) {
+    PGresult *res = PQgetResult(s->conn);
+    if (res == NULL) { /* the connection went away */
+      if (rc == 0) rc = pg_error(s, NULL, err, "reading a pipeline's results");
+      s->ready = 0;
+      break;
+    }
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
+      items[i].res = res;
+    } else if (st == PGRES_PIPELINE_ABORTED) {
+      PQclear(res);
+      if (rc == 0) rc = ebb_error_set(err, EBB_ESTORE, "a pipeline was aborted");
+    } else if (rc == 0) {
+      rc = pg_error(s, res, err, "running a pipeline");
+    } else {
+      PQclear(res);
+    }
+    PGresult *end = PQgetResult(s->conn); /* NULL: the end of this query's results */
+    if (end) {
+      PQclear(end);
+      s->ready = 0;
+    }
+  }
+  if (s->ready) {
+    PGresult *sync = PQgetResult(s->conn);
+    if (sync == NULL || PQresultStatus(sync) != PGRES_PIPELINE_SYNC) s->ready = 0;
+    if (sync) PQclear(sync);
+  }
+  if (!PQexitPipelineMode(s->conn)) s->ready = 0;
+  if (rc == 0 && !s->ready) rc = pg_error(s, NULL, err, "reading a pipeline's results");
+  if (rc)
+    for (size_t i = 0; i < n; i++) {
+      if (items[i].res) PQclear(items[i].res);
+      items[i].res = NULL;
+    }
+  return rc;
+}
+
+typedef struct stream_state {
+  int64_t version, position; /* the stream's last event (0, 0: none) */
+  int deleted;
+} stream_state;
+
+typedef struct batch {
+  ebb_strmap *streams;  /* stream -> stream_state, the requests' streams */
+  stream_state *states;
+  int simple;           /* no stored or repeated event id or command id: decide here */
+  int64_t head;
+} batch;
+
+static void batch_free(batch *b) {
+  ebb_strmap_free(b->streams);
+  free(b->states);
+}
+
+/* Puts key in m (value v) unless there: 1 when it was there already, -1: out of memory. */
+static int seen(ebb_strmap *m, const char *key, void *v) {
+  if (ebb_strmap_get(m, key)) return 1;
+  return ebb_strmap_put(m, key, v) ? -1 : 0;
+}
+
+/* BEGIN, the lock, and what deciding needs: one round trip. */
+static int batch_start(pg_store *s, ebb_append *reqs, size_t n, batch *b, ebb_error *err) {
+  memset(b, 0, sizeof *b);
+  b->simple = 1;
+  ebb_strmap *ids = ebb_strmap_new(), *cmds = ebb_strmap_new();
+  b->streams = ebb_strmap_new();
+  arr streams, idv, cmdv;
+  arr_init(&streams, OID_TEXT);
+  arr_init(&idv, OID_TEXT);
+  arr_init(&cmdv, OID_TEXT);
+  int rc = 0;
+  size_t n_streams = 0;
+  if (ids == NULL || cmds == NULL || b->streams == NULL) goto oom;
+  static int one = 1; /* a non-NULL marker value */
+  for (size_t i = 0; i < n; i++) {
+    ebb_append *r = &reqs[i];
+    if (r->err.code) continue;
+    int k = seen(b->streams, r->stream, &one);
+    if (k < 0) goto oom;
+    if (k == 0) {
+      arr_text(&streams, r->stream);
+      n_streams++;
+    }
+    for (size_t e = 0; e < r->n; e++) {
+      if ((k = seen(ids, r->events[e].id, &one)) < 0) goto oom;
+      if (k) b->simple = 0;
+      arr_text(&idv, r->events[e].id);
+    }
+    if (r->command_id) {
+      if ((k = seen(cmds, r->command_id, &one)) < 0) goto oom;
+      if (k) b->simple = 0;
+      arr_text(&cmdv, r->command_id);
+    }
+  }
+  b->states = calloc(n_streams ? n_streams : 1, sizeof *b->states);
+  if (b->states == NULL) goto oom;
+  params pv = {0}, pi = {0}, pc = {0};
+  if (arr_param(&pv, &streams) || arr_param(&pi, &idv) || arr_param(&pc, &cmdv)) goto oom;
+  pipe_item items[5] = {
+      {.which = -1, .sql = "BEGIN"},
+      {.which = S_LOCK_HEAD},
+      {.which = S_VERSIONS, .p = &pv},
+      {.which = S_FIND_IDS, .p = &pi},
+      {.which = S_FIND_COMMANDS, .p = &pc},
+  };
+  size_t n_items = cmdv.n ? 5 : 4;
+  if (pipeline(s, items, n_items, err)) {
+    if (!lost(s)) goto done;
+    /* Gone since the last call (a server restart): nothing was done, try once more. */
+    ebb_error_clear(err);
+    if (ensure(s, err) || pipeline(s, items, n_items, err)) goto done;
+  }
+  b->head = PQntuples(items[1].res) > 0 ? get_i64(items[1].res, 0, 0) : -1;
+  PGresult *v = items[2].res;
+  if (PQntuples(v) != (int)n_streams) {
+    for (size_t i = 0; i < n_items; i++) PQclear(items[i].res);
+    rc = ebb_error_set(err, EBB_ESTORE, "reading the streams' versions: %d rows for %zu streams",
+                       PQntuples(v), n_streams);
+    goto done;
+  }
+  for (int row = 0; row < PQntuples(v); row++) {
+    stream_state *st = &b->states[row];
+    if (!PQgetisnull(v, row, 1)) {
+      st->version = get_i64(v, row, 1);
+      st->deleted = strcmp(PQgetvalue(v, row, 2), EBB_TOMBSTONE) == 0;
+      st->position = get_i64(v, row, 3);
+    }
+    if (ebb_strmap_put(b->streams, PQgetvalue(v, row, 0), st)) {
+      for (size_t i = 0; i < n_items; i++) PQclear(items[i].res);
+      goto oom;
+    }
+  }
+  if (PQntuples(items[3].res) > 0 || (n_items == 5 && PQntuples(items[4].res) > 0)) b->simple = 0;
+  for (size_t i = 0; i < n_items; i++) PQclear(items[i].res);
+  if (b->head < 0) rc = ebb_error_set(err, EBB_ESTORE, "the position counter (ebb_head) is missing");
+  goto done;
+oom:
+  rc = ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
+done:
+  if (rc == 0 && err->code) rc = err->code;
+  ebb_strmap_free(ids);
+  ebb_strmap_free(cmds);
+  ebb_buf_free(&streams.b);
+  ebb_buf_free(&idv.b);
+  ebb_buf_free(&cmdv.b);
+  return rc;
+}
+
+/* Decides one request of a simple batch, as append_one would: 0 (accepted,
+ * r->result filled, *head and the stream's state advanced) or r->err set. */
+static int decide(batch *b, ebb_append *r, int64_t *head) {
+  stream_state *st = ebb_strmap_get(b->streams, r->stream);
+  if (st == NULL) return ebb_error_set(&r->err, EBB_ESTORE, "stream %s was not read", r->stream);
+  if (st->deleted)
+    return ebb_error_set(&r->err, EBB_EDELETED,
+                         "stream %s was deleted at version %lld; its events stay readable",
+                         r->stream, (long long)st->version);
+  if (!ebb_expected_matches(r->expected, st->version)) {
+    /* None of its ids is stored (the batch is simple): not an idempotent re-send. */
+    ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
+                  r->stream, ebb_expected_name(r->expected, (char[24]){0}, 24),
+                  (long long)st->version);
+    r->err.expected = r->expected;
+    r->err.actual = st->version;
+    return EBB_EVERSION;
+  }
+  memset(&r->result, 0, sizeof r->result);
+  r->result.first_version = r->n ? st->version + 1 : st->version;
+  r->result.version = st->version + (int64_t)r->n;
+  if (r->n) {
+    r->result.first_position = *head + 1;
+    r->result.position = *head + (int64_t)r->n;
+    *head += (int64_t)r->n;
+    st->version += (int64_t)r->n;
+    st->position = r->result.position;
+    st->deleted = strcmp(r->events[r->n - 1].type, EBB_TOMBSTONE) == 0;
+  } else if (st->version > 0) {
+    r->result.position = st->position; /* a command that recorded nothing */
+  }
+  return 0;
+}
+
+/* Writes the accepted requests of a simple batch and commits: one round trip. */
+static int batch_write(pg_store *s, ebb_append *reqs, size_t n, int64_t start, int64_t head,
+                       const char *now, ebb_error *err) {
+  arr ev[10], cm[7];
+  static const uint32_t ev_oid[10] = {OID_INT8, OID_TEXT, OID_INT8, OID_TEXT, OID_TEXT,
+                                      OID_INT8, OID_TEXT, OID_TEXT, OID_TEXT, OID_TEXT};
+  static const uint32_t cm_oid[7] = {OID_TEXT, OID_TEXT, OID_TEXT, OID_INT8,
+                                     OID_INT8, OID_INT8, OID_TEXT};
+  for (int i = 0; i < 10; i++) arr_init(&ev[i], ev_oid[i]);
+  for (int i = 0; i < 7; i++) arr_init(&cm[i], cm_oid[i]);
+  for (size_t i = 0; i < n; i++) {
+    ebb_append *r = &reqs[i];
+    if (r->err.code) continue;
+    size_t category_len = ebb_stream_category_len(r->stream);
+    for (size_t e = 0; e < r->n; e++) {
+      const ebb_event_in *x = &r->events[e];
+      arr_i64(&ev[0], r->result.first_position + (int64_t)e);
+      arr_text(&ev[1], r->stream);
+      arr_i64(&ev[2], r->result.first_version + (int64_t)e);
+      arr_text(&ev[3], x->id);
+      arr_text(&ev[4], x->type);
+      arr_i64(&ev[5], x->schema);
+      arr_bytes(&ev[6], x->data, x->data_len);
+      arr_bytes(&ev[7], x->metadata, x->metadata_len);
+      arr_text(&ev[8], x->recorded_at ? x->recorded_at : now);
+      arr_bytes(&ev[9], r->stream, category_len);
+    }
+    if (r->command_id) {
+      arr_text(&cm[0], r->command_id);
+      arr_text(&cm[1], r->stream);
+      arr_text(&cm[2], r->command_type ? r->command_type : "");
+      arr_i64(&cm[3], r->result.version);
+      arr_i64(&cm[4], r->result.first_position);
+      arr_i64(&cm[5], r->result.position);
+      arr_text(&cm[6], now);
+    }
+  }
+  params pe = {0}, pc = {0}, ph = {0};
+  int rc = 0;
+  for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &ev[i]);
+  for (int i = 0; i < 7 && rc == 0; i++) rc = arr_param(&pc, &cm[i]);
+  p_int(&ph, head);
+  pipe_item items[4];
+  size_t k = 0;
+  if (ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
+  if (cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
+  if (head != start) items[k++] = (pipe_item){.which = S_SET_HEAD, .p = &ph};
+  items[k++] = (pipe_item){.which = -1, .sql = "COMMIT"};
+  if (rc) {
+    rc = ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
+  } else if ((rc = pipeline(s, items, k, err)) == 0) {
+    /* COMMIT of a transaction that failed answers ROLLBACK. */
+    if (strcmp(PQcmdStatus(items[k - 1].res), "COMMIT") != 0)
+      rc = ebb_error_set(err, EBB_ESTORE, "committing: the transaction was rolled back");
+    for (size_t i = 0; i < k; i++) PQclear(items[i].res);
+  }
+  for (int i = 0; i < 10; i++) ebb_buf_free(&ev[i].b);
+  for (int i = 0; i < 7; i++) ebb_buf_free(&cm[i].b);
+  return rc;
+}
+
 /* atomic: a failing request fails them all (see ebb_store_append_atomic). */
 static int pg_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
   pg_store *s = (pg_store *)base;
@@ -665,17 +1037,38 @@ static int pg_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, eb
   ebb_error_init(&txerr);
   size_t failed = 0;
   int any = 0;
-  if (begin(s, &txerr)) goto fail;
-  /* The one lock of every append: held until COMMIT, so positions are handed
-   * out in commit order. */
-  PGresult *res = run(s, S_LOCK_HEAD, NULL, 0, &txerr, "locking the position counter");
-  if (res == NULL) goto fail;
-  int64_t head = PQntuples(res) > 0 ? get_i64(res, 0, 0) : -1, start = head;
-  PQclear(res);
-  if (head < 0) {
-    ebb_error_set(&txerr, EBB_ESTORE, "the position counter (ebb_head) is missing");
+  PGresult *res;
+  batch b = {0};
+  /* BEGIN and the one lock of every append: held until COMMIT, so positions
+   * are handed out in commit order. */
+  if (ensure(s, &txerr) || batch_start(s, reqs, n, &b, &txerr)) {
+    batch_free(&b);
     goto fail;
   }
+  int64_t head = b.head, start = head;
+  if (b.simple) {
+    for (size_t i = 0; i < n; i++) {
+      ebb_append *r = &reqs[i];
+      if (r->err.code == 0 && decide(&b, r, &head) == 0) {
+        any = 1;
+        continue;
+      }
+      memset(&r->result, 0, sizeof r->result);
+      if (atomic) {
+        failed = i;
+        batch_free(&b);
+        goto undo_all;
+      }
+    }
+    batch_free(&b);
+    if (!any) {
+      if (exec(s, "ROLLBACK", &txerr, "rolling back")) goto fail;
+      return 0;
+    }
+    if (batch_write(s, reqs, n, start, head, now, &txerr)) goto fail;
+    return 0;
+  }
+  batch_free(&b);
   for (size_t i = 0; i < n; i++) {
     ebb_append *r = &reqs[i];
     if (r->err.code && atomic) {

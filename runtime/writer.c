@@ -100,8 +100,13 @@ static void reopen(ebb_writer *w) {
   ebb_error err;
   ebb_error_init(&err);
   if (ebb_store_open(&w->store, &w->so, &err) != 0) {
-    set_health(w, EBB_WRITER_STOPPED, "the store cannot be reopened after a failed commit: ",
-               err.message);
+    /* A server that cannot be reached now (PostgreSQL restarting) may be
+     * back for the next batch, which opens the store again first. */
+    if (err.code == EBB_EUNAVAIL)
+      set_health(w, EBB_WRITER_FAILING, "the store is unavailable: ", err.message);
+    else
+      set_health(w, EBB_WRITER_STOPPED, "the store cannot be reopened after a failed commit: ",
+                 err.message);
   }
   ebb_error_clear(&err);
 }
@@ -151,7 +156,8 @@ static void write_batch(ebb_writer *w, ebb_write *first) {
   pthread_mutex_lock(&w->mu);
   int stopped = w->health == EBB_WRITER_STOPPED;
   pthread_mutex_unlock(&w->mu);
-  if (stopped) {
+  if (!stopped && w->store == NULL) reopen(w);
+  if (stopped || w->store == NULL) {
     refuse_batch(w, first);
     return;
   }

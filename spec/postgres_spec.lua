@@ -103,11 +103,165 @@ describe("several daemons on one PostgreSQL store", function()
     assert.same({ 4, 7 }, { answer.version, answer.events[1].data.balance })
   end)
 
+  it("push every daemon's commits to subscribers on every daemon, in order", function()
+    local subs = { ds[1]:subscribe("?after=0"), ds[2]:subscribe("?after=0") }
+    for _, sub in ipairs(subs) do assert.equal(200, sub.status) end
+    -- both daemons and the CLI write; nobody writes after that, so only a push
+    -- (never a timer) can deliver the last events to the other daemon
+    local n = 0
+    for i = 1, 6 do
+      local d = ds[(i - 1) % 2 + 1]
+      assert.equal(200, (d:command("BankAccount", "push-" .. i, "OpenAccount", { owner = "p" })))
+      n = n + 1
+    end
+    local _, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
+      support.root .. "/aggregates", "send", "BankAccount", "push-cli", "OpenAccount", '{"owner":"c"}' }
+    assert.equal(0, code, err)
+    n = n + 1
+    for k, sub in ipairs(subs) do
+      local streams = {}
+      for pos = 1, n do
+        local ev = sub:next(60)
+        assert(ev, "daemon " .. k .. "'s subscriber got no event " .. pos)
+        assert.equal(pos, ev.json.position)
+        streams[#streams + 1] = ev.json.stream
+      end
+      assert.equal("BankAccount-push-cli", streams[n])
+      sub:close()
+    end
+    local status, health = ds[2]:get("/health")
+    assert.equal(200, status)
+    assert.equal("connected", health.connection)
+  end)
+
+  it("elect one leader, and hand the lock over when the leader is killed", function()
+    local function leaders()
+      local list = {}
+      for i, d in ipairs(ds) do
+        if d:alive() then
+          local status, h = d:get("/health")
+          assert.equal(200, status)
+          if h.leader then list[#list + 1] = i end
+        end
+      end
+      return list
+    end
+    local first = support.eventually(function()
+      local l = leaders()
+      return #l == 1 and l[1]
+    end, 60, "one leader")
+    assert.equal(1, #leaders()) -- never two
+    ds[first]:signal("KILL")
+    assert(ds[first]:wait(30))
+    local other = first == 1 and 2 or 1
+    support.eventually(function()
+      local l = leaders()
+      return #l == 1 and l[1] == other
+    end, 60, "the other daemon to take the leader lock")
+    local _, _, metrics = ds[other]:get("/metrics")
+    assert.matches("\nebb_leader 1\n", metrics)
+  end)
+
   it("reports the store and its schema version in ebb check", function()
     local out, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
       support.root .. "/aggregates", "--projections", dirs[1], "check" }
     assert.equal(0, code, err)
     assert.same({ backend = "postgres", schema_version = 1 }, core.json_decode(out).store)
+  end)
+end)
+
+describe("three daemons on one PostgreSQL store", function()
+  it("lose no update with eight writers each, keep 1..head gap-free, and push the same order to all", function()
+    local dir0 = support.tmpdir()
+    local store = support.store_for(dir0)
+    local ds, subs = {}, {}
+    for i = 1, 3 do
+      ds[i] = daemon.start { store = store }
+      assert.is_not_nil(ds[i].url, "daemon " .. i .. " did not start: " .. ds[i]:logs())
+      subs[i] = ds[i]:subscribe("?after=0")
+      assert.equal(200, subs[i].status)
+    end
+    assert.equal(200, (ds[1]:command("BankAccount", "shared", "OpenAccount", { owner = "all" })))
+    local n, rounds = 8 * #ds, 6
+    for i = 1, n do
+      assert.equal(200, (ds[(i - 1) % #ds + 1]:command("BankAccount", "own-" .. i, "OpenAccount",
+        { owner = "w" .. i })))
+    end
+    local sent, statuses = {}, {}
+    daemon.load(ds, n, function(i)
+      sent[i] = (sent[i] or 0) + 1
+      if sent[i] > 2 * rounds then return nil end
+      local id = sent[i] % 2 == 0 and "shared" or ("own-" .. i)
+      return { aggregate = "BankAccount", id = id, type = "Deposit", data = { amount = 1 } }
+    end, function(_, status)
+      statuses[status] = (statuses[status] or 0) + 1
+    end)
+    assert.same({ [200] = 2 * rounds * n }, statuses)
+    local head = 1 + n + 2 * rounds * n
+    -- every subscriber got positions 1..head in order, the same events
+    local seen = {}
+    for k, sub in ipairs(subs) do
+      seen[k] = {}
+      for pos = 1, head do
+        local ev = sub:next(60)
+        assert(ev, "daemon " .. k .. "'s subscriber got no event " .. pos)
+        assert.equal(pos, ev.json.position)
+        seen[k][pos] = ev.json.id
+      end
+      sub:close()
+    end
+    assert.same(seen[1], seen[2])
+    assert.same(seen[1], seen[3])
+    -- no lost update: the shared balance counts 1, 2, 3, ... in position order
+    local rt = assert(core.open { data = dir0, store = store, aggregates = support.root .. "/aggregates" })
+    assert.equal(head, rt:head())
+    local balances, after = {}, 0
+    while true do
+      local page = assert(rt:events { after = after, limit = 1000 })
+      if #page == 0 then break end
+      for _, e in ipairs(page) do
+        assert.equal(after + 1, e.position)
+        after = e.position
+        if e.stream == "BankAccount-shared" and e.type == "MoneyDeposited" then
+          balances[#balances + 1] = e.data.balance
+        end
+      end
+    end
+    rt:close()
+    assert.equal(head, after)
+    assert.equal(rounds * n, #balances)
+    for k, b in ipairs(balances) do assert.equal(k, b) end
+    for _, d in ipairs(ds) do
+      d:stop()
+      support.rmdir(d.data)
+    end
+    support.rmdir(dir0)
+  end)
+end)
+
+describe("export from SQLite, import into PostgreSQL", function()
+  it("keeps the same events, byte for byte", function()
+    local lite, pgdir = support.tmpdir(), support.tmpdir()
+    local function ebb(dir, store, args, opts)
+      local full = { "--data", dir, "--store", store, "--aggregates", support.root .. "/aggregates",
+                     "--durability", "normal" }
+      for _, a in ipairs(args) do full[#full + 1] = a end
+      local out, err, code = support.run(full, opts)
+      assert.equal(0, code, err)
+      return out
+    end
+    ebb(lite, "sqlite", { "send", "BankAccount", "x", "OpenAccount", '{"owner":"\\u00e9 x"}' })
+    ebb(lite, "sqlite", { "send", "BankAccount", "x", "Deposit", '{"amount":9223372036854775807}' })
+    ebb(lite, "sqlite", { "send", "BankAccount", "y", "OpenAccount", '{"owner":"y","z":1,"a":2}' })
+    local exported = ebb(lite, "sqlite", { "export" })
+    assert.equal(3, select(2, exported:gsub("\n", "")))
+    local pg = support.store_for(pgdir)
+    assert.same({ imported = 3, skipped = 0 }, core.json_decode(ebb(pgdir, pg, { "import" }, { stdin = exported })))
+    assert.equal(exported, ebb(pgdir, pg, { "export" }))
+    -- again: nothing new
+    assert.same({ imported = 0, skipped = 3 }, core.json_decode(ebb(pgdir, pg, { "import" }, { stdin = exported })))
+    support.rmdir(lite)
+    support.rmdir(pgdir)
   end)
 end)
 
@@ -129,18 +283,23 @@ describe("the PostgreSQL store", function()
   end)
 end)
 
+-- pg_ctl ACTION (stop, start, restart) on scripts/pg's cluster, with the options it started with.
+local function pg_ctl(action)
+  local bin, data = os.getenv("EBB_TEST_PG_BIN"), os.getenv("EBB_TEST_PG_DATA")
+  assert(bin and data, "run under scripts/pg")
+  -- the server is not ours to instrument: no sanitizer runtimes preloaded into it
+  local as = "env -u LD_PRELOAD " ..
+    (io.popen("id -u"):read("l") == "0" and "runuser -u postgres -- " or "")
+  local log = data:gsub("/[^/]*$", "") .. "/server.log"
+  local ok = os.execute(as .. support.quote(bin .. "/pg_ctl") .. " -D " .. support.quote(data) ..
+    " -l " .. support.quote(log) .. " -w -t 60 -m fast " ..
+    (action == "start" and ("-o " .. support.quote(assert(os.getenv("EBB_TEST_PG_OPTS"))) .. " ") or "") ..
+    action .. " > /dev/null")
+  assert(ok, "pg_ctl " .. action .. " failed: " .. support.read(log))
+end
+
 describe("the PostgreSQL store across a server restart", function()
-  local function restart_server()
-    local bin, data = os.getenv("EBB_TEST_PG_BIN"), os.getenv("EBB_TEST_PG_DATA")
-    assert(bin and data, "run under scripts/pg")
-    -- the server is not ours to instrument: no sanitizer runtimes preloaded into it
-    local as = "env -u LD_PRELOAD " ..
-      (io.popen("id -u"):read("l") == "0" and "runuser -u postgres -- " or "")
-    local log = data:gsub("/[^/]*$", "") .. "/server.log"
-    local ok = os.execute(as .. support.quote(bin .. "/pg_ctl") .. " -D " .. support.quote(data) ..
-      " -l " .. support.quote(log) .. " -w -t 60 -m fast restart > /dev/null")
-    assert(ok, "the PostgreSQL server did not restart: " .. support.read(log))
-  end
+  local function restart_server() pg_ctl("restart") end
 
   it("fails the call in flight as unavailable, never as stored, and reconnects", function()
     local dir = support.tmpdir()
@@ -185,6 +344,55 @@ describe("the PostgreSQL store across a server restart", function()
     assert.equal(1 + ok, #stream.events)
     assert.equal(ok, stream.events[#stream.events].data.balance)
     assert.is_true(ok >= 3)
+    d:stop()
+    support.rmdir(d.data)
+  end)
+
+  it("answers 503 while the server is down, shows it in /health and /metrics, and serves again after", function()
+    local d = daemon.start {}
+    assert.equal(200, (d:command("BankAccount", "down", "OpenAccount", { owner = "d" })))
+    support.eventually(function()
+      local _, h = d:get("/health")
+      return h.connection == "connected" and h.leader == true
+    end, 60, "the daemon to connect and lead")
+    pg_ctl("stop")
+    local ok, stopped = pcall(function()
+      support.eventually(function()
+        local _, health = d:get("/health")
+        return health.connection == "reconnecting" and health.leader == false
+      end, 60, "/health to show the lost connection")
+      local _, health = d:get("/health")
+      assert.is_string(health.connection_error)
+      for i = 1, 3 do
+        local status, answer = d:command("BankAccount", "down", "Deposit", { amount = 1 },
+          { command_id = "down-" .. i })
+        assert.equal(503, status)
+        assert.equal("unavailable", answer.error.code)
+      end
+      local _, _, metrics = d:get("/metrics")
+      assert.matches("\nebb_store_connected 0\n", metrics)
+      assert.matches("\nebb_leader 0\n", metrics)
+    end)
+    pg_ctl("start")
+    assert(ok, stopped)
+    -- back: the writer reconnects on its next batch, the links after their pause
+    local last
+    local back, why = pcall(support.eventually, function()
+      local status, answer = d:command("BankAccount", "down", "Deposit", { amount = 1 }, { command_id = "up" })
+      last = status .. " " .. tostring(answer and answer.error and answer.error.message)
+      return status == 200
+    end, 60, "a command to succeed again")
+    assert(back, tostring(why) .. " (last answer: " .. tostring(last) .. ")")
+    support.eventually(function()
+      local _, health = d:get("/health")
+      return health.connection == "connected" and health.leader == true and health.status == "ok"
+    end, 60, "/health to show the store connected again")
+    local _, _, metrics = d:get("/metrics")
+    assert.matches("\nebb_store_connected 1\n", metrics)
+    assert.matches("\nebb_store_reconnects_total [1-9]", metrics)
+    local status, stream = d:get("/streams/BankAccount-down")
+    assert.equal(200, status)
+    assert.equal(2, #stream.events) -- nothing answered 503 was stored
     d:stop()
     support.rmdir(d.data)
   end)

@@ -28,6 +28,7 @@
 #include "projection.h"
 #include "runtime.h"
 #include "uuid.h"
+#include "version.h"
 
 #define MAX_POSITIONAL 8
 #define MAX_SETTINGS 32
@@ -1222,7 +1223,7 @@ static const command *find_command(const char *name) {
 static void print_overview(FILE *f) {
   fprintf(f,
           "ebb: a Lua-scriptable event-sourcing runtime\n\n"
-          "Usage: ebb COMMAND [ARGS] [OPTIONS]\n\nCommands:\n");
+          "Usage: ebb COMMAND [ARGS] [OPTIONS]\n       ebb --version\n\nCommands:\n");
   for (const command *c = commands; c->name; c++) fprintf(f, "  %s\n", c->usage);
   fprintf(f,
           "\nSettings (flags > EBB_<NAME> environment > --config FILE > defaults):\n");
@@ -1248,6 +1249,11 @@ static int cmd_help(cli *c) {
 }
 
 int ebb_cli_main(int argc, char **argv) {
+  /* Before option parsing: --version is also an option of `ebb state`. */
+  if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+    printf("ebb %s (commit %s)\n", EBB_VERSION, EBB_COMMIT);
+    return 0;
+  }
   cli c = {0};
   int rc = parse_args(&c, argc, argv);
   if (rc) return rc;

@@ -27,6 +27,7 @@
 #include "log.h"
 #include "request.h"
 #include "uuid.h"
+#include "version.h"
 
 #define DEFAULT_LIMIT 1000
 #define MAX_LIMIT 10000
@@ -943,7 +944,8 @@ static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
                                                      : "ok";
   ebb_buf_printf(&b,
                  "{\"status\":\"%s\",\"store\":\"%s\",\"position\":%lld,\"uptime_ms\":%lld,"
-                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu",
+                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu,"
+                 "\"version\":\"" EBB_VERSION "\",\"commit\":\"" EBB_COMMIT "\"",
                  status,
                  store == EBB_WRITER_STOPPED   ? "failed"
                  : store == EBB_WRITER_FAILING ? "failing"

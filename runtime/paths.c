@@ -15,7 +15,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #ifndef EBB_SOURCE_DIR
 #error "EBB_SOURCE_DIR must be defined (CMakeLists.txt)"
@@ -27,13 +26,6 @@
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static char lua_dir[PATH_MAX], cmod_dir[PATH_MAX], skeleton_dir[PATH_MAX];
 static const char *layout = "build";
-
-/* Is path/ebb/<file> a regular file we can read? */
-static int has(const char *dir, const char *file) {
-  char p[PATH_MAX];
-  if (snprintf(p, sizeof p, "%s/ebb/%s", dir, file) >= (int)sizeof p) return 0;
-  return access(p, R_OK) == 0;
-}
 
 /* Writes the real path of the file holding this code into out. */
 static int self_path(char *out) {
@@ -66,10 +58,9 @@ static void resolve(void) {
       int a = snprintf(lua, sizeof lua, "%s/share/ebb/lua", prefix);
       int b = snprintf(cmod, sizeof cmod, "%s/lib/ebb", prefix);
       int k = snprintf(skel, sizeof skel, "%s/share/ebb/skeleton", prefix);
-      /* An installed tree; or, when the build tree is gone too, the place
-       * where the library should have been, so errors name the right path. */
-      if (a < (int)sizeof lua && b < (int)sizeof cmod && k < (int)sizeof skel &&
-          (has(lua, "init.lua") || !has(lua_dir, "init.lua"))) {
+      /* An installed tree, even one missing its library: errors then name
+       * where it should be, and the source tree it came from is never used. */
+      if (a < (int)sizeof lua && b < (int)sizeof cmod && k < (int)sizeof skel) {
         memcpy(lua_dir, lua, sizeof lua);
         memcpy(cmod_dir, cmod, sizeof cmod);
         memcpy(skeleton_dir, skel, sizeof skel);

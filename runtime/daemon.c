@@ -1320,6 +1320,7 @@ static void close_rest(ebb_daemon *d) {
   close_handle((uv_handle_t *)&d->pump_timer);
   close_handle((uv_handle_t *)&d->pump_idle);
   close_handle((uv_handle_t *)&d->shutdown_timer);
+  ebb_notifier_close(&d->notifier);
 }
 
 /* After the last answers are written (the draining server closes each
@@ -1383,6 +1384,7 @@ static void begin_drain(ebb_daemon *d, const char *why) {
   d->draining = 1;
   ebb_log(EBB_LOG_INFO, "draining: no new connections; finishing in-flight commands", "signal",
           why, NULL);
+  ebb_notifier_stopping(&d->notifier);
   ebb_http_server_drain(d->http);
   ebb__sse_close_all(d, "ebb is shutting down");
   uv_timer_start(&d->shutdown_timer, on_shutdown_timeout, (uint64_t)d->cfg->shutdown_timeout_ms, 0);
@@ -1531,6 +1533,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   /* The one line scripts wait for, on stdout: where to connect. */
   printf("ebb listening on %s\n", d->url);
   fflush(stdout);
+  ebb_notifier_ready(&d->notifier, &d->loop, &d->head);
   uv_run(&d->loop, UV_RUN_DEFAULT);
   ebb_log(EBB_LOG_INFO, "stopped", NULL);
 out:

@@ -41,6 +41,29 @@ describe("ebb --version", function()
   end)
 end)
 
+describe("a source tree without git history", function()
+  it("configures with the commit \"unknown\", or the one the packager names", function()
+    local head = git_head()
+    if not head then
+      -- this checkout is itself such a tree: the first spec above checked "unknown"
+      return
+    end
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local q = support.quote
+    -- the tree as a release tarball has it: the committed files, no .git
+    assert(os.execute("git -C " .. q(support.root) .. " archive HEAD | tar -x -C " .. q(dir)))
+    local function configure(build, extra)
+      local ok = os.execute("env -u LD_PRELOAD cmake -S " .. q(dir) .. " -B " .. q(dir .. "/" .. build)
+                            .. " " .. (extra or "") .. " >/dev/null 2>&1")
+      assert.is_true(ok == true or ok == 0, "cmake configure failed")
+      return support.read(dir .. "/" .. build .. "/generated/version.h")
+    end
+    support.contains(configure("b1"), '#define EBB_COMMIT "unknown"')
+    support.contains(configure("b2", "-DEBB_COMMIT=" .. head), '#define EBB_COMMIT "' .. head .. '"')
+  end)
+end)
+
 describe("/health", function()
   it("says which release and commit serve it", function()
     local d = daemon.start()

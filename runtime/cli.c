@@ -25,9 +25,12 @@
 #include "json.h"
 #include "lock.h"
 #include "log.h"
+#include "paths.h"
+#include "project.h"
 #include "projection.h"
 #include "runtime.h"
 #include "uuid.h"
+#include "version.h"
 
 #define MAX_POSITIONAL 8
 #define MAX_SETTINGS 32
@@ -1144,6 +1147,44 @@ static int cmd_import(cli *c) {
   return 0;
 }
 
+/* ---------------------------------------------------------------- projects */
+
+static int cmd_init(cli *c) {
+  const char *dir = c->npos ? c->pos[0] : ".";
+  ebb_buf report = EBB_BUF_INIT;
+  ebb_error err;
+  ebb_error_init(&err);
+  int rc = ebb_project_init(dir, ebb_paths_skeleton_dir(), &report, &err);
+  fputs(ebb_buf_cstr(&report), stdout);
+  ebb_buf_free(&report);
+  if (rc) return fail(&err);
+  printf("next: cd %s && ebb test\n", dir);
+  return 0;
+}
+
+/* `ebb test ARGS...`: every argument is busted's, so this runs before the
+ * option parser; the module directories come from EBB_CONFIG and EBB_<NAME>. */
+static int run_test(int argc, char **argv) {
+  ebb_config cfg;
+  ebb_error err;
+  ebb_error_init(&err);
+  ebb_config_init(&cfg);
+  const char *file = getenv("EBB_CONFIG");
+  int rc = (file && file[0] && ebb_config_load_file(&cfg, file, &err) != 0) ||
+           ebb_config_load_env(&cfg, &err) != 0;
+  if (rc == 0) rc = ebb_project_test(cfg.aggregates, cfg.projections, argc, argv, &err);
+  ebb_config_free(&cfg);
+  if (rc < 0 || err.code) {
+    fail(&err);
+    return EBB_EXIT_FAILURE;
+  }
+  return rc;
+}
+
+static int cmd_test(cli *c) {
+  return run_test(c->npos, (char **)c->pos);
+}
+
 /* ---------------------------------------------------------------- help */
 
 static int cmd_help(cli *c);
@@ -1209,6 +1250,14 @@ static const command commands[] = {
      "Reads NDJSON events (as written by export) from FILE or standard input and appends them,\n"
      "keeping stream, version, id, schema, data, metadata and recorded_at. Idempotent by event\n"
      "id: events already stored at the same place are skipped. Prints {imported, skipped}."},
+    {"init", cmd_init, 0, 1, "", "ebb init [DIR]",
+     "Creates an ebb project in DIR (default: here): an example aggregate in aggregates/, an\n"
+     "example projection in projections/, their specs in spec/, a commented ebb.conf.lua and a\n"
+     "README. Never overwrites a file: those that exist are reported as skipped."},
+    {"test", cmd_test, 0, MAX_POSITIONAL, "", "ebb test [BUSTED ARGS...]",
+     "Runs the project's specs (spec/*_spec.lua) with busted under Lua 5.4, with ebb, ebb.testing,\n"
+     "ebb.core and the aggregates, projections and spec directories on the paths; every argument\n"
+     "goes to busted. Exits as busted does; the last line is \"N passed, N failed\"."},
     {"help", cmd_help, 0, 1, "", "ebb help [COMMAND]", "Shows help for COMMAND."},
     {NULL, NULL, 0, 0, NULL, NULL, NULL},
 };
@@ -1222,7 +1271,7 @@ static const command *find_command(const char *name) {
 static void print_overview(FILE *f) {
   fprintf(f,
           "ebb: a Lua-scriptable event-sourcing runtime\n\n"
-          "Usage: ebb COMMAND [ARGS] [OPTIONS]\n\nCommands:\n");
+          "Usage: ebb COMMAND [ARGS] [OPTIONS]\n       ebb --version\n\nCommands:\n");
   for (const command *c = commands; c->name; c++) fprintf(f, "  %s\n", c->usage);
   fprintf(f,
           "\nSettings (flags > EBB_<NAME> environment > --config FILE > defaults):\n");
@@ -1248,6 +1297,12 @@ static int cmd_help(cli *c) {
 }
 
 int ebb_cli_main(int argc, char **argv) {
+  /* Before option parsing: --version is also an option of `ebb state`. */
+  if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+    printf("ebb %s (commit %s)\n", EBB_VERSION, EBB_COMMIT);
+    return 0;
+  }
+  if (argc >= 2 && strcmp(argv[1], "test") == 0) return run_test(argc - 2, argv + 2);
   cli c = {0};
   int rc = parse_args(&c, argc, argv);
   if (rc) return rc;

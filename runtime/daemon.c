@@ -27,6 +27,7 @@
 #include "log.h"
 #include "request.h"
 #include "uuid.h"
+#include "version.h"
 
 #define DEFAULT_LIMIT 1000
 #define MAX_LIMIT 10000
@@ -1012,7 +1013,8 @@ static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
                                                      : "ok";
   ebb_buf_printf(&b,
                  "{\"status\":\"%s\",\"store\":\"%s\",\"position\":%lld,\"uptime_ms\":%lld,"
-                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu",
+                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu,"
+                 "\"version\":\"" EBB_VERSION "\",\"commit\":\"" EBB_COMMIT "\"",
                  status,
                  store == EBB_WRITER_STOPPED   ? "failed"
                  : store == EBB_WRITER_FAILING ? "failing"
@@ -1433,6 +1435,7 @@ static void close_rest(ebb_daemon *d) {
   close_handle((uv_handle_t *)&d->pump_timer);
   close_handle((uv_handle_t *)&d->pump_idle);
   close_handle((uv_handle_t *)&d->shutdown_timer);
+  ebb_notifier_close(&d->notifier);
 }
 
 /* After the last answers are written (the draining server closes each
@@ -1499,6 +1502,7 @@ static void begin_drain(ebb_daemon *d, const char *why) {
   d->draining = 1;
   ebb_log(EBB_LOG_INFO, "draining: no new connections; finishing in-flight commands", "signal",
           why, NULL);
+  ebb_notifier_stopping(&d->notifier);
   ebb_http_server_drain(d->http);
   ebb__sse_close_all(d, "ebb is shutting down");
   uv_timer_start(&d->shutdown_timer, on_shutdown_timeout, (uint64_t)d->cfg->shutdown_timeout_ms, 0);
@@ -1668,6 +1672,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   /* The one line scripts wait for, on stdout: where to connect. */
   printf("ebb listening on %s\n", d->url);
   fflush(stdout);
+  ebb_notifier_ready(&d->notifier, &d->loop, &d->head);
   uv_run(&d->loop, UV_RUN_DEFAULT);
   ebb_log(EBB_LOG_INFO, "stopped", NULL);
 out:

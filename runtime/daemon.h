@@ -23,6 +23,7 @@
 #include "error.h"
 #include "http.h"
 #include "lock.h"
+#include "notify.h"
 #include "projection.h"
 #include "reactor.h"
 #include "readers.h"
@@ -74,6 +75,7 @@ typedef struct ebb_daemon {
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t heartbeat, pump_timer, shutdown_timer;
   uv_idle_t pump_idle;
+  ebb_notifier notifier;        /* systemd's READY=1, STATUS=, STOPPING=1, WATCHDOG=1 */
   int pump_scheduled;
   ebb_strmap *queues;           /* stream -> struct stream_queue: commands waiting their turn */
   size_t jobs;                  /* commands and appends accepted and not yet answered */

@@ -46,6 +46,7 @@
 #include "follower.h"
 #include "json.h"
 #include "log.h"
+#include "paths.h"
 #include "projection_db.h"
 #include "runtime.h"
 #include "sandbox.h"
@@ -817,7 +818,7 @@ int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_
                           ebb_buf *names) {
   ebb_projections h = {0};
   h.projections_dir = (char *)projections_dir;
-  h.lua_dir = (char *)(lua_dir ? lua_dir : EBB_LUA_DIR);
+  h.lua_dir = (char *)(lua_dir ? lua_dir : ebb_paths_lua_dir());
   int problems = 0;
   DIR *dir = opendir(projections_dir);
   if (dir == NULL) return 0; /* no projections */
@@ -1508,7 +1509,7 @@ int ebb_projections_start(ebb_projections **out, const ebb_projections_options *
   h->store = opt->store ? strdup(opt->store) : NULL;
   h->projections_dir = strdup(opt->projections_dir);
   h->aggregates_dir = strdup(opt->aggregates_dir);
-  h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
+  h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : ebb_paths_lua_dir());
   h->models_dir = dupf("%s/projections", opt->data_dir);
   if (!h->data_dir || (opt->store && !h->store) || !h->projections_dir || !h->aggregates_dir || !h->lua_dir || !h->models_dir) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");

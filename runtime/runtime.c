@@ -19,6 +19,7 @@
 
 #include "clock.h"
 #include "json.h"
+#include "paths.h"
 #include "sandbox.h"
 #include "serialize.h"
 #include "state_cache.h"
@@ -854,7 +855,7 @@ int ebb_runtime_open(ebb_runtime **out, const ebb_runtime_options *opt, ebb_erro
   rt->snapshots_read_only = opt->snapshots_read_only;
   rt->memory_limit = opt->memory_limit;
   rt->instruction_budget = opt->instruction_budget;
-  rt->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
+  rt->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : ebb_paths_lua_dir());
   rt->aggregates_dir = strdup(opt->aggregates_dir ? opt->aggregates_dir : "aggregates");
   rt->cache = ebb_state_cache_new(opt->cache_size < 0   ? 0
                                   : opt->cache_size == 0 ? EBB_DEFAULT_CACHE_SIZE

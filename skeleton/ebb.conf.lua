@@ -1,0 +1,14 @@
+-- ebb.conf.lua: this project's settings, for `ebb serve --config ebb.conf.lua`
+-- (or EBB_CONFIG=ebb.conf.lua). A Lua chunk assigning settings; unknown names
+-- are errors. Environment variables (EBB_<NAME>) and --flags win over this
+-- file. `ebb --help` lists every setting with its default.
+
+-- data = "data"                    -- the data directory (event store, read models)
+-- aggregates = "aggregates"        -- aggregate modules
+-- projections = "projections"      -- projection modules
+-- listen = "127.0.0.1:7070"        -- HOST:PORT of the HTTP API
+-- token = "a long random string"   -- required when listening off loopback
+-- durability = "full"              -- full: fsync every commit; normal: faster, a power cut may lose the last ones
+-- store = "sqlite"                 -- or a PostgreSQL URI: "postgresql://user@host/db"
+-- log_level = "info"               -- debug (one line per request), info, warn, error
+-- log_format = "auto"              -- text, json, or auto (text on a terminal)

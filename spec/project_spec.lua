@@ -1,0 +1,166 @@
+-- `ebb init` (a project from the skeleton, never overwriting) and `ebb test`
+-- (the project's specs under busted, with ebb's library found for the user),
+-- and EBB_LUA_DIR, the override of where the runtime's Lua library is.
+local support = require "support"
+
+local q = support.quote
+
+local function exists(path)
+  local f = io.open(path, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+
+local function last_line(text)
+  return text:match("([^\n]*)\n?$")
+end
+
+-- Runs `ebb ARGS` in dir with extra environment assignments (a string).
+local function ebb_in(dir, args, env)
+  local parts = { q(support.ebb) }
+  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
+  local errfile = os.tmpname()
+  local p = assert(io.popen("cd " .. q(dir) .. " && " .. (env or "") .. " " .. table.concat(parts, " ")
+                            .. " 2> " .. q(errfile)))
+  local out = p:read("a")
+  local _, _, code = p:close()
+  local err = support.read(errfile)
+  os.remove(errfile)
+  return out, err, code
+end
+
+local FILES = { "README.md", "ebb.conf.lua", ".gitignore", "aggregates/task.lua",
+                "projections/open_tasks.lua", "spec/task_spec.lua", "spec/open_tasks_spec.lua" }
+
+describe("ebb init", function()
+  local root
+  before_each(function() root = support.tmpdir() end)
+  after_each(function() support.rmdir(root) end)
+
+  it("1 lays out a project in a new directory and says what it created", function()
+    local dir = root .. "/shop"
+    local out, err, code = support.run({ "init", dir })
+    assert.are.equal(0, code, err)
+    for _, f in ipairs(FILES) do
+      assert.is_true(exists(dir .. "/" .. f), f)
+      support.contains(out, "created " .. dir .. "/" .. f .. "\n")
+      assert.are.equal(support.read(support.root .. "/skeleton/" .. f), support.read(dir .. "/" .. f))
+    end
+    assert.is_nil(out:find("skipped", 1, true))
+  end)
+
+  it("2 defaults to the current directory", function()
+    local out, err, code = ebb_in(root, { "init" })
+    assert.are.equal(0, code, err)
+    assert.is_true(exists(root .. "/aggregates/task.lua"))
+    support.contains(out, "created ./aggregates/task.lua")
+  end)
+
+  it("3 never overwrites a file, and names the ones it skipped", function()
+    assert(os.execute("mkdir -p " .. q(root .. "/aggregates")))
+    support.write(root .. "/README.md", "mine\n")
+    support.write(root .. "/aggregates/task.lua", "return 'my own task'\n")
+    local out, err, code = support.run({ "init", root })
+    assert.are.equal(0, code, err)
+    assert.are.equal("mine\n", support.read(root .. "/README.md"))
+    assert.are.equal("return 'my own task'\n", support.read(root .. "/aggregates/task.lua"))
+    support.contains(out, "skipped " .. root .. "/README.md (it exists)")
+    support.contains(out, "skipped " .. root .. "/aggregates/task.lua (it exists)")
+    support.contains(out, "created " .. root .. "/spec/task_spec.lua")
+    -- a second run creates nothing and skips everything
+    out = support.run({ "init", root })
+    for _, f in ipairs(FILES) do support.contains(out, "skipped " .. root .. "/" .. f .. " (it exists)") end
+    assert.is_nil(out:find("created", 1, true))
+  end)
+
+  it("4 fails clearly when a directory it needs is a file, keeping what it made", function()
+    support.write(root .. "/spec", "not a directory\n")
+    local out, err, code = support.run({ "init", root })
+    assert.are_not.equal(0, code)
+    support.contains(err, root .. "/spec exists and is not a directory")
+    assert.are.equal("not a directory\n", support.read(root .. "/spec"))
+    support.contains(out, "created " .. root .. "/aggregates/task.lua")
+  end)
+end)
+
+describe("ebb test", function()
+  local dir
+  before_each(function()
+    dir = support.tmpdir()
+    local _, err, code = support.run({ "init", dir })
+    assert.are.equal(0, code, err)
+  end)
+  after_each(function() support.rmdir(dir) end)
+
+  it("1 passes right after init, with busted's exit status and a last line of totals", function()
+    local out, err, code = ebb_in(dir, { "test" })
+    assert.are.equal(0, code, out .. err)
+    assert.are.equal("8 passed, 0 failed", last_line(out))
+    support.contains(out, "8 successes / 0 failures / 0 errors")
+  end)
+
+  it("2 fails with a readable diff once a rule of the example aggregate is broken", function()
+    local path = dir .. "/aggregates/task.lua"
+    local text = support.read(path)
+    -- completing a task now leaves it "finished" instead of "done": it completes
+    -- with the wrong state, and can then be completed twice
+    local broken, n = text:gsub('s%.status = "done"', 's.status = "finished"')
+    assert.are.equal(1, n)
+    support.write(path, broken)
+    local out, _, code = ebb_in(dir, { "test" })
+    assert.are_not.equal(0, code)
+    assert.are.equal("6 passed, 2 failed", last_line(out))
+    support.contains(out, "Task completes once it is open")
+    support.contains(out, 'states differ at state.status: expected "done" (string), got "finished" (string)')
+    support.contains(out, 'expected:\n  { status = "done" }\n'
+                          .. 'got:\n  { status = "finished", title = "Water the plants" }')
+  end)
+
+  it("3 hands its arguments to busted", function()
+    local out, err, code = ebb_in(dir, { "test", "--filter", "needs a title" })
+    assert.are.equal(0, code, out .. err)
+    assert.are.equal("1 passed, 0 failed", last_line(out))
+    out, err, code = ebb_in(dir, { "test", "-o", "TAP", "spec/open_tasks_spec.lua" })
+    assert.are.equal(0, code, out .. err)
+    support.contains(out, "ok 1 - open_tasks")
+    assert.are.equal("2 passed, 0 failed", last_line(out))
+  end)
+
+  it("4 takes the module directories from the settings", function()
+    assert(os.execute("mv " .. q(dir .. "/aggregates") .. " " .. q(dir .. "/domain")))
+    local out, _, code = ebb_in(dir, { "test" })
+    assert.are_not.equal(0, code)
+    support.contains(out, "module 'task' not found")
+    out, _, code = ebb_in(dir, { "test" }, "EBB_AGGREGATES=domain")
+    assert.are.equal(0, code, out)
+    assert.are.equal("8 passed, 0 failed", last_line(out))
+    support.write(dir .. "/my.conf.lua", 'aggregates = "domain"\n')
+    out, _, code = ebb_in(dir, { "test" }, "EBB_CONFIG=my.conf.lua")
+    assert.are.equal(0, code, out)
+  end)
+
+  it("5 says what is missing when busted cannot be found", function()
+    local out, err, code = ebb_in(dir, { "test" }, "PATH=/nonexistent")
+    assert.are.equal(1, code)
+    assert.are.equal("", out)
+    support.contains(err, "ebb test needs lua5.4")
+  end)
+end)
+
+describe("EBB_LUA_DIR", function()
+  it("overrides where the runtime's Lua library is loaded from", function()
+    local data = support.tmpdir()
+    local out, err, code = support.run({ "check", "--data", data, "--aggregates",
+                                         support.root .. "/aggregates" })
+    assert.are.equal(0, code, err)
+    assert.truthy(out:find('"ok":true', 1, true))
+    local cmd = "EBB_LUA_DIR=/nonexistent/lua " .. q(support.ebb) .. " check --data " .. q(data)
+        .. " --aggregates " .. q(support.root .. "/aggregates") .. " 2>&1"
+    local p = io.popen(cmd)
+    out = p:read("a")
+    local _, _, status = p:close()
+    assert.are_not.equal(0, status)
+    support.contains(out, "/nonexistent/lua")
+    support.rmdir(data)
+  end)
+end)

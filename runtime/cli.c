@@ -42,7 +42,7 @@ typedef struct cli {
   const char *set_name[MAX_SETTINGS], *set_value[MAX_SETTINGS];
   int nset;
   const char *data, *aggregates, *projections, *durability; /* = cfg's */
-  ebb_url url;
+  ebb_http_target target; /* the daemon, when remote */
   int remote;  /* --url given: go through the daemon */
   int held;    /* a daemon holds the data directory: open it for reading only */
   /* command options */
@@ -238,8 +238,10 @@ static int resolve_settings(cli *c) {
   c->aggregates = c->cfg.aggregates;
   c->projections = c->cfg.projections;
   c->durability = c->cfg.durability;
+  c->target.token = c->cfg.token;
+  c->target.cacert = c->cfg.cacert;
   if (c->cfg.url[0]) {
-    if (ebb_url_parse(c->cfg.url, &c->url, &err) != 0) {
+    if (ebb_url_parse(c->cfg.url, &c->target.url, &err) != 0) {
       fprintf(stderr, "ebb: --url: %s\n", err.message);
       return EBB_EXIT_USAGE;
     }
@@ -299,48 +301,57 @@ static int code_of_name(const char *name, size_t len) {
   return EBB_ESTORE;
 }
 
+static int l_json_text(lua_State *L) {
+  const char *v = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tointeger(L, 2);
+  char msg[160];
+  if (ebb_json_decode(L, v, len, msg, sizeof msg) != 0) return 0;
+  return 1;
+}
+
+/* Decodes the JSON string value v (as ebb_json_member gives it) with ebb's
+ * codec into out: 0, or -1 when it is not a string or does not fit. */
+static int json_text(const char *v, size_t vlen, char *out, size_t outlen) {
+  lua_State *L = luaL_newstate();
+  if (L == NULL) return -1;
+  int rc = -1;
+  lua_pushcfunction(L, l_json_text);
+  lua_pushlightuserdata(L, (void *)v);
+  lua_pushinteger(L, (lua_Integer)vlen);
+  if (lua_pcall(L, 2, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) {
+    size_t n;
+    const char *text = lua_tolstring(L, -1, &n);
+    if (n < outlen) {
+      memcpy(out, text, n + 1);
+      rc = 0;
+    }
+  }
+  lua_close(L);
+  return rc;
+}
+
 /* Turns a daemon's error answer into the same line and exit code as locally. */
 static int remote_fail(const ebb_http_response *res) {
-  const char *e, *v;
-  size_t elen, vlen;
-  ebb_error err;
-  ebb_error_init(&err);
+  const char *e = NULL, *v;
+  size_t elen = 0, vlen;
+  char name[64], msg[4096];
   int code = EBB_ESTORE;
-  if (ebb_json_member(res->body, res->body_len, "error", &e, &elen) == 1 &&
-      ebb_json_member(e, elen, "code", &v, &vlen) == 1 && vlen >= 2) {
-    if (vlen == 14 && memcmp(v, "\"unauthorized\"", 14) == 0) {
+  int has_error = ebb_json_member(res->body, res->body_len, "error", &e, &elen) == 1;
+  if (has_error && ebb_json_member(e, elen, "code", &v, &vlen) == 1 &&
+      json_text(v, vlen, name, sizeof name) == 0) {
+    if (strcmp(name, "unauthorized") == 0) {
       fprintf(stderr, "ebb: unauthorized: the daemon needs a token (--token or EBB_TOKEN)\n");
       return EBB_EXIT_FAILURE;
     }
-    code = code_of_name(v + 1, vlen - 2);
-  }
-  ebb_error_set(&err, code, "%s", "");
-  int rc = 0;
-  switch (code) {
-    case EBB_ENOTFOUND: rc = EBB_EXIT_NOTFOUND; break;
-    case EBB_EVERSION:
-    case EBB_ECONFLICT: rc = EBB_EXIT_CONFLICT; break;
-    case EBB_EREJECTED: rc = EBB_EXIT_REJECTED; break;
-    case EBB_ESCRIPT: rc = EBB_EXIT_SCRIPT; break;
-    case EBB_EBADREQ:
-    case EBB_ETOOLARGE: rc = EBB_EXIT_INVALID; break;
-    case EBB_EBUSY: rc = EBB_EXIT_BUSY; break;
-    case EBB_EDELETED: rc = EBB_EXIT_DELETED; break;
-    default: rc = EBB_EXIT_FAILURE;
+    code = code_of_name(name, strlen(name));
   }
   /* The daemon's message, decoded: "ebb: <code>: <message>" like a local failure. */
-  const char *m = NULL;
-  size_t mlen = 0;
-  lua_State *L = luaL_newstate();
-  char msg[256];
-  if (L && ebb_json_member(e, elen, "message", &m, &mlen) == 1 &&
-      ebb_json_decode(L, m, mlen, msg, sizeof msg) == 0 && lua_type(L, -1) == LUA_TSTRING)
-    fprintf(stderr, "ebb: %s: %s\n", ebb_error_name(code), lua_tostring(L, -1));
+  if (has_error && ebb_json_member(e, elen, "message", &v, &vlen) == 1 &&
+      json_text(v, vlen, msg, sizeof msg) == 0)
+    fprintf(stderr, "ebb: %s: %s\n", ebb_error_name(code), msg);
   else fprintf(stderr, "ebb: HTTP %d: %.*s\n", res->status, (int)res->body_len, res->body);
-  if (L) lua_close(L);
   fprintf(stderr, "ebb: response: %.*s\n", (int)res->body_len, res->body);
-  ebb_error_clear(&err);
-  return rc;
+  return exit_code(code);
 }
 
 /* One request to the daemon. On 200, *res holds the answer (caller frees). */
@@ -349,8 +360,8 @@ static int remote_call(cli *c, const char *method, const char *path, const char 
   ebb_error err;
   ebb_error_init(&err);
   memset(res, 0, sizeof *res);
-  if (ebb_http_request_send(&c->url, method, path, c->cfg.token[0] ? c->cfg.token : NULL, body,
-                            body ? strlen(body) : 0, 60000, res, &err) != 0)
+  if (ebb_http_request_send(&c->target, method, path, body, body ? strlen(body) : 0, 60000, res,
+                            &err) != 0)
     return fail(&err);
   if (res->status == 200) return 0;
   int rc = remote_fail(res);
@@ -557,8 +568,8 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
     char *error_body = NULL;
     ebb_error err;
     ebb_error_init(&err);
-    int rc = ebb_http_sse(&c->url, ebb_buf_cstr(&path), c->cfg.token[0] ? c->cfg.token : NULL,
-                          NULL, on_sse_event, &f, &status, &error_body, &err);
+    int rc = ebb_http_sse(&c->target, ebb_buf_cstr(&path), NULL, on_sse_event, &f, &status,
+                          &error_body, &err);
     ebb_buf_free(&path);
     if (rc < 0) return fail(&err);
     if (status != 200 && status != 0) {
@@ -634,10 +645,10 @@ static int use_holder(cli *c) {
   const char *u;
   size_t ulen;
   if (ebb_lock_probe(c->data, &holder, &err) == 1 && holder &&
-      ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1 && ulen > 2) {
-    char url[300];
-    snprintf(url, sizeof url, "%.*s", (int)(ulen - 2), u + 1);
-    if (ebb_url_parse(url, &c->url, &err) == 0) c->remote = 1;
+      ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1) {
+    char url[1024];
+    if (json_text(u, ulen, url, sizeof url) == 0 && ebb_url_parse(url, &c->target.url, &err) == 0)
+      c->remote = 1;
   }
   free(holder);
   ebb_error_clear(&err);

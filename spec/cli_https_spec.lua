@@ -271,3 +271,104 @@ describe("ebb --url https:// through nginx terminating TLS", function()
     assert.matches("^ebb: ", err)
   end)
 end)
+
+describe("ebb events --follow --url: how a stream ends", function()
+  it("1. exits 1 with the daemon's reason when the daemon ends the subscription", function()
+    local d = daemon.start()
+    finally(function() d:stop() end)
+    assert(d.url, "the daemon did not start: " .. daemon.logs(d))
+    assert.equal(200, (d:command("Order", "f-1", "CreateOrder", { customer_id = "c" })))
+    local h = spawn { "events", "--follow", "--url", d.url }
+    support.eventually(function() return subscribers(d) == 1 end, 60, "the subscription")
+    d:signal("TERM")
+    local out, err, code = finish(h)
+    assert.equal(1, code, err)
+    assert.equal("Order-f-1", json.decode(out).stream)
+    assert.matches("^ebb: subscription ended %(shutdown%): ", err)
+  end)
+end)
+
+describe("ebb events --follow --url against a stand-in server", function()
+  -- Answers one request with the given raw response bytes, then closes.
+  local function serve(response)
+    local script = os.tmpname()
+    local portfile = os.tmpname()
+    support.write(script, ([[
+      local socket = require "socket"
+      local s = assert(socket.bind("127.0.0.1", 0))
+      local _, port = s:getsockname()
+      local f = io.open(%q, "w") f:write(port) f:close()
+      s:settimeout(60)
+      local c = s:accept()
+      if c then
+        c:settimeout(10)
+        repeat local l = c:receive("*l") until not l or l == ""
+        c:send(%q)
+        c:close()
+      end
+    ]]):format(portfile, response))
+    os.remove(portfile)
+    local p = assert(io.popen("lua5.4 " .. q(script) .. " > /dev/null 2>&1 & echo $!"))
+    local pid = p:read("l")
+    p:close()
+    local port = support.eventually(function()
+      local f = io.open(portfile)
+      if not f then return nil end
+      local text = f:read("a")
+      f:close()
+      return text:match("%d+")
+    end, 60, "the stand-in server")
+    return "http://127.0.0.1:" .. port, function()
+      os.execute("kill " .. pid .. " 2>/dev/null")
+      os.remove(script)
+      os.remove(portfile)
+    end
+  end
+
+  local head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+
+  it("1. reads events whatever their line endings, skips comments, drops an unfinished last one",
+    function()
+      local url, stop = serve(head .. "\r\n" ..
+        ":heartbeat\r\nid: 1\r\ndata: {\"a\":1}\r\n\r\n" ..
+        "id: 2\rdata: {\"a\":\r" .. "data: 2}\r\r" ..
+        "event: message\ndata: {\"a\":3}\n\n" ..
+        "data: {\"a\":4}\n")
+      finally(stop)
+      local out, err, code = support.run { "events", "--follow", "--url", url }
+      assert.equal(0, code, err)
+      assert.equal('{"a":1}\n{"a":\n2}\n{"a":3}\n', out)
+    end)
+
+  it("2. a 200 answer that is not an event stream: exit 7", function()
+    local url, stop = serve("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" ..
+                            "Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    finally(stop)
+    local out, err, code = support.run { "events", "--follow", "--url", url }
+    assert.equal("", out)
+    assert.equal(7, code, err)
+    assert.matches("answered with application/json, not an event stream", err)
+  end)
+
+  it("3. a chunked stream cut mid-way: exit 1, after the events that did arrive", function()
+    local chunk = 'data: {"a":1}\n\n'
+    local url, stop = serve(head .. "Transfer-Encoding: chunked\r\n\r\n" ..
+                            ("%x\r\n%s\r\n"):format(#chunk, chunk) .. "40\r\ndata: {\"a\"")
+    finally(stop)
+    local out, err, code = support.run { "events", "--follow", "--url", url }
+    assert.equal('{"a":1}\n', out)
+    assert.equal(1, code, err)
+    assert.matches("^ebb: unavailable: http://127%.0%.0%.1:%d+ closed the event stream mid%-way", err)
+  end)
+
+  it("4. an error answer is printed as the daemon's error", function()
+    local body = '{"error":{"code":"bad_request","message":"after must be \\"a number\\""}}'
+    local url, stop = serve("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n" ..
+                            "Content-Length: " .. #body .. "\r\nConnection: close\r\n\r\n" .. body)
+    finally(stop)
+    local out, err, code = support.run { "events", "--follow", "--url", url }
+    assert.equal("", out)
+    assert.equal(7, code, err)
+    assert.matches('^ebb: bad_request: after must be "a number"\n', err)
+  end)
+end)

@@ -369,6 +369,57 @@ static int remote_call(cli *c, const char *method, const char *path, const char 
   return rc;
 }
 
+/* What one page of a daemon's answer holds, read with ebb's codec. */
+typedef struct page {
+  size_t n;                            /* events */
+  int64_t last_version, last_position; /* of the last event */
+  int has_next;
+  int64_t next;                        /* the answer's "next" position, if any */
+} page;
+
+static int64_t int_field(lua_State *L, int t, const char *key, size_t i) {
+  lua_getfield(L, t, key);
+  if (!lua_isinteger(L, -1))
+    luaL_error(L, "event %d has no integer \"%s\"", (int)i, key);
+  int64_t v = (int64_t)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Decodes the answer (a lightuserdata ebb_http_response) into the page (a
+ * lightuserdata page); raises with what is wrong with it. */
+static int l_read_page(lua_State *L) {
+  const ebb_http_response *res = lua_touserdata(L, 1);
+  page *p = lua_touserdata(L, 2);
+  lua_settop(L, 2);
+  char msg[256];
+  if (ebb_json_decode_document(L, res->body, res->body_len, msg, sizeof msg) != 0)
+    luaL_error(L, "%s", msg);
+  if (!lua_istable(L, 3) || lua_getmetatable(L, 3)) luaL_error(L, "not a JSON object");
+  lua_getfield(L, 3, "events");
+  int array = 0;
+  if (lua_istable(L, 4) && lua_getmetatable(L, 4)) {
+    ebb_json_push_array_mt(L);
+    array = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  if (!array) luaL_error(L, "no \"events\" array");
+  p->n = (size_t)lua_rawlen(L, 4);
+  for (size_t i = 1; i <= p->n; i++) {
+    lua_rawgeti(L, 4, (lua_Integer)i);
+    if (!lua_istable(L, -1)) luaL_error(L, "event %d is not an object", (int)i);
+    p->last_version = int_field(L, -1, "version", i);
+    p->last_position = int_field(L, -1, "position", i);
+    lua_pop(L, 1);
+  }
+  lua_getfield(L, 3, "next");
+  if (lua_isinteger(L, -1)) {
+    p->has_next = 1;
+    p->next = (int64_t)lua_tointeger(L, -1);
+  }
+  return 0;
+}
+
 static int print_item(void *ud, const char *item, size_t len) {
   (void)ud;
   fwrite(item, 1, len, stdout);
@@ -376,72 +427,33 @@ static int print_item(void *ud, const char *item, size_t len) {
   return 0;
 }
 
-/* A JSON integer's text: 0 with *out, or -1. */
-static int json_int(const char *v, size_t len, int64_t *out) {
-  char num[32];
-  if (len == 0 || len >= sizeof num) return -1;
-  memcpy(num, v, len);
-  num[len] = '\0';
-  char *end;
-  errno = 0;
-  long long x = strtoll(num, &end, 10);
-  if (errno || *end != '\0') return -1;
-  *out = x;
-  return 0;
-}
-
-static int member_int(const char *text, size_t len, const char *key, int64_t *out) {
-  const char *v;
-  size_t vlen;
-  if (ebb_json_member(text, len, key, &v, &vlen) != 1) return -1;
-  return json_int(v, vlen, out);
-}
-
-/* The events of one page of a daemon's answer, read by what it says. */
-typedef struct page {
-  size_t n;
-  int64_t last_version, last_position; /* of the last event */
-  int print;                           /* second pass: print them */
-  int bad;
-} page;
-
-static int page_item(void *ud, const char *item, size_t len) {
-  page *p = ud;
-  if (len == 0 || item[0] != '{' || member_int(item, len, "version", &p->last_version) != 0 ||
-      member_int(item, len, "position", &p->last_position) != 0) {
-    p->bad = 1;
-    return 1;
-  }
-  p->n++;
-  if (p->print) {
-    fwrite(item, 1, len, stdout);
-    fputc('\n', stdout);
-  }
-  return 0;
-}
-
 /* Reads the `events` array of a daemon's answer and prints its events, one
- * per line, only once the whole answer is known to be what it should be:
- * 0, or an exit code after saying on stderr why the answer cannot be read. */
+ * per line, as the daemon wrote them, only once the whole answer is known to
+ * be what it should be: 0, or an exit code after saying on stderr why the
+ * answer cannot be read. */
 static int print_page(const ebb_http_response *res, const char *path, page *p) {
-  char msg[256] = "";
-  const char *v = NULL;
-  size_t vlen = 0;
   memset(p, 0, sizeof *p);
-  if (ebb_json_validate_document(res->body, res->body_len, msg, sizeof msg) != 0 ||
-      ebb_json_member(res->body, res->body_len, "events", &v, &vlen) != 1 ||
-      ebb_json_array_items(v, vlen, page_item, p) != 0 || p->bad) {
-    fprintf(stderr, "ebb: the daemon's answer to GET %s cannot be read%s%s: %.200s\n", path,
-            msg[0] ? ": " : " (no \"events\" array of events with versions and positions)",
-            msg, res->body);
+  lua_State *L = luaL_newstate();
+  if (L == NULL) {
+    fprintf(stderr, "ebb: out of memory reading the daemon's answer to GET %s\n", path);
     return EBB_EXIT_FAILURE;
   }
-  memset(p, 0, sizeof *p);
-  p->print = 1;
-  ebb_json_array_items(v, vlen, page_item, p);
+  lua_pushcfunction(L, l_read_page);
+  lua_pushlightuserdata(L, (void *)res);
+  lua_pushlightuserdata(L, p);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    fprintf(stderr, "ebb: the daemon's answer to GET %s cannot be read: %s: %.200s\n", path,
+            lua_tostring(L, -1), res->body);
+    lua_close(L);
+    return EBB_EXIT_FAILURE;
+  }
+  lua_close(L);
+  const char *v;
+  size_t vlen;
+  ebb_json_member(res->body, res->body_len, "events", &v, &vlen);
+  ebb_json_array_items(v, vlen, print_item, NULL);
   return 0;
 }
-
 
 static void path_segment(ebb_buf *b, const char *s) {
   ebb_buf_putc(b, '/');
@@ -600,10 +612,8 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
       return rc;
     }
     page p;
-    int64_t next = 0;
     rc = print_page(&res, ebb_buf_cstr(&path), &p);
-    if (rc == 0 && (member_int(res.body, res.body_len, "next", &next) != 0 ||
-                    (p.n > 0 && next < p.last_position))) {
+    if (rc == 0 && (!p.has_next || (p.n > 0 && p.next < p.last_position))) {
       fprintf(stderr, "ebb: the daemon's answer to GET %s has no usable \"next\" position\n",
               ebb_buf_cstr(&path));
       rc = EBB_EXIT_FAILURE;
@@ -613,7 +623,7 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
       ebb_buf_free(&path);
       return rc;
     }
-    after = next;
+    after = p.next;
     printed += (int64_t)p.n;
     if (p.n == 0 || (int64_t)p.n < want || printed >= limit) break;
   }

@@ -45,7 +45,7 @@ typedef struct cli {
   const char *set_name[MAX_SETTINGS], *set_value[MAX_SETTINGS];
   int nset;
   const char *data, *aggregates, *projections, *durability; /* = cfg's */
-  ebb_url url;
+  ebb_http_target target; /* the daemon, when remote */
   int remote;  /* --url given: go through the daemon */
   int held;    /* a daemon holds the data directory: open it for reading only */
   /* command options */
@@ -241,8 +241,10 @@ static int resolve_settings(cli *c) {
   c->aggregates = c->cfg.aggregates;
   c->projections = c->cfg.projections;
   c->durability = c->cfg.durability;
+  c->target.token = c->cfg.token;
+  c->target.cacert = c->cfg.cacert;
   if (c->cfg.url[0]) {
-    if (ebb_url_parse(c->cfg.url, &c->url, &err) != 0) {
+    if (ebb_url_parse(c->cfg.url, &c->target.url, &err) != 0) {
       fprintf(stderr, "ebb: --url: %s\n", err.message);
       return EBB_EXIT_USAGE;
     }
@@ -302,48 +304,57 @@ static int code_of_name(const char *name, size_t len) {
   return EBB_ESTORE;
 }
 
+static int l_json_text(lua_State *L) {
+  const char *v = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tointeger(L, 2);
+  char msg[160];
+  if (ebb_json_decode(L, v, len, msg, sizeof msg) != 0) return 0;
+  return 1;
+}
+
+/* Decodes the JSON string value v (as ebb_json_member gives it) with ebb's
+ * codec into out: 0, or -1 when it is not a string or does not fit. */
+static int json_text(const char *v, size_t vlen, char *out, size_t outlen) {
+  lua_State *L = luaL_newstate();
+  if (L == NULL) return -1;
+  int rc = -1;
+  lua_pushcfunction(L, l_json_text);
+  lua_pushlightuserdata(L, (void *)v);
+  lua_pushinteger(L, (lua_Integer)vlen);
+  if (lua_pcall(L, 2, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) {
+    size_t n;
+    const char *text = lua_tolstring(L, -1, &n);
+    if (n < outlen) {
+      memcpy(out, text, n + 1);
+      rc = 0;
+    }
+  }
+  lua_close(L);
+  return rc;
+}
+
 /* Turns a daemon's error answer into the same line and exit code as locally. */
 static int remote_fail(const ebb_http_response *res) {
-  const char *e, *v;
-  size_t elen, vlen;
-  ebb_error err;
-  ebb_error_init(&err);
+  const char *e = NULL, *v;
+  size_t elen = 0, vlen;
+  char name[64], msg[4096];
   int code = EBB_ESTORE;
-  if (ebb_json_member(res->body, res->body_len, "error", &e, &elen) == 1 &&
-      ebb_json_member(e, elen, "code", &v, &vlen) == 1 && vlen >= 2) {
-    if (vlen == 14 && memcmp(v, "\"unauthorized\"", 14) == 0) {
+  int has_error = ebb_json_member(res->body, res->body_len, "error", &e, &elen) == 1;
+  if (has_error && ebb_json_member(e, elen, "code", &v, &vlen) == 1 &&
+      json_text(v, vlen, name, sizeof name) == 0) {
+    if (strcmp(name, "unauthorized") == 0) {
       fprintf(stderr, "ebb: unauthorized: the daemon needs a token (--token or EBB_TOKEN)\n");
       return EBB_EXIT_FAILURE;
     }
-    code = code_of_name(v + 1, vlen - 2);
-  }
-  ebb_error_set(&err, code, "%s", "");
-  int rc = 0;
-  switch (code) {
-    case EBB_ENOTFOUND: rc = EBB_EXIT_NOTFOUND; break;
-    case EBB_EVERSION:
-    case EBB_ECONFLICT: rc = EBB_EXIT_CONFLICT; break;
-    case EBB_EREJECTED: rc = EBB_EXIT_REJECTED; break;
-    case EBB_ESCRIPT: rc = EBB_EXIT_SCRIPT; break;
-    case EBB_EBADREQ:
-    case EBB_ETOOLARGE: rc = EBB_EXIT_INVALID; break;
-    case EBB_EBUSY: rc = EBB_EXIT_BUSY; break;
-    case EBB_EDELETED: rc = EBB_EXIT_DELETED; break;
-    default: rc = EBB_EXIT_FAILURE;
+    code = code_of_name(name, strlen(name));
   }
   /* The daemon's message, decoded: "ebb: <code>: <message>" like a local failure. */
-  const char *m = NULL;
-  size_t mlen = 0;
-  lua_State *L = luaL_newstate();
-  char msg[256];
-  if (L && ebb_json_member(e, elen, "message", &m, &mlen) == 1 &&
-      ebb_json_decode(L, m, mlen, msg, sizeof msg) == 0 && lua_type(L, -1) == LUA_TSTRING)
-    fprintf(stderr, "ebb: %s: %s\n", ebb_error_name(code), lua_tostring(L, -1));
+  if (has_error && ebb_json_member(e, elen, "message", &v, &vlen) == 1 &&
+      json_text(v, vlen, msg, sizeof msg) == 0)
+    fprintf(stderr, "ebb: %s: %s\n", ebb_error_name(code), msg);
   else fprintf(stderr, "ebb: HTTP %d: %.*s\n", res->status, (int)res->body_len, res->body);
-  if (L) lua_close(L);
   fprintf(stderr, "ebb: response: %.*s\n", (int)res->body_len, res->body);
-  ebb_error_clear(&err);
-  return rc;
+  return exit_code(code);
 }
 
 /* One request to the daemon. On 200, *res holds the answer (caller frees). */
@@ -352,13 +363,64 @@ static int remote_call(cli *c, const char *method, const char *path, const char 
   ebb_error err;
   ebb_error_init(&err);
   memset(res, 0, sizeof *res);
-  if (ebb_http_request_send(&c->url, method, path, c->cfg.token[0] ? c->cfg.token : NULL, body,
-                            body ? strlen(body) : 0, 60000, res, &err) != 0)
+  if (ebb_http_request_send(&c->target, method, path, body, body ? strlen(body) : 0, 60000, res,
+                            &err) != 0)
     return fail(&err);
   if (res->status == 200) return 0;
   int rc = remote_fail(res);
   ebb_http_response_free(res);
   return rc;
+}
+
+/* What one page of a daemon's answer holds, read with ebb's codec. */
+typedef struct page {
+  size_t n;                            /* events */
+  int64_t last_version, last_position; /* of the last event */
+  int has_next;
+  int64_t next;                        /* the answer's "next" position, if any */
+} page;
+
+static int64_t int_field(lua_State *L, int t, const char *key, size_t i) {
+  lua_getfield(L, t, key);
+  if (!lua_isinteger(L, -1))
+    luaL_error(L, "event %d has no integer \"%s\"", (int)i, key);
+  int64_t v = (int64_t)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Decodes the answer (a lightuserdata ebb_http_response) into the page (a
+ * lightuserdata page); raises with what is wrong with it. */
+static int l_read_page(lua_State *L) {
+  const ebb_http_response *res = lua_touserdata(L, 1);
+  page *p = lua_touserdata(L, 2);
+  lua_settop(L, 2);
+  char msg[256];
+  if (ebb_json_decode_document(L, res->body, res->body_len, msg, sizeof msg) != 0)
+    luaL_error(L, "%s", msg);
+  if (!lua_istable(L, 3) || lua_getmetatable(L, 3)) luaL_error(L, "not a JSON object");
+  lua_getfield(L, 3, "events");
+  int array = 0;
+  if (lua_istable(L, 4) && lua_getmetatable(L, 4)) {
+    ebb_json_push_array_mt(L);
+    array = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  if (!array) luaL_error(L, "no \"events\" array");
+  p->n = (size_t)lua_rawlen(L, 4);
+  for (size_t i = 1; i <= p->n; i++) {
+    lua_rawgeti(L, 4, (lua_Integer)i);
+    if (!lua_istable(L, -1)) luaL_error(L, "event %d is not an object", (int)i);
+    p->last_version = int_field(L, -1, "version", i);
+    p->last_position = int_field(L, -1, "position", i);
+    lua_pop(L, 1);
+  }
+  lua_getfield(L, 3, "next");
+  if (lua_isinteger(L, -1)) {
+    p->has_next = 1;
+    p->next = (int64_t)lua_tointeger(L, -1);
+  }
+  return 0;
 }
 
 static int print_item(void *ud, const char *item, size_t len) {
@@ -368,72 +430,33 @@ static int print_item(void *ud, const char *item, size_t len) {
   return 0;
 }
 
-/* A JSON integer's text: 0 with *out, or -1. */
-static int json_int(const char *v, size_t len, int64_t *out) {
-  char num[32];
-  if (len == 0 || len >= sizeof num) return -1;
-  memcpy(num, v, len);
-  num[len] = '\0';
-  char *end;
-  errno = 0;
-  long long x = strtoll(num, &end, 10);
-  if (errno || *end != '\0') return -1;
-  *out = x;
-  return 0;
-}
-
-static int member_int(const char *text, size_t len, const char *key, int64_t *out) {
-  const char *v;
-  size_t vlen;
-  if (ebb_json_member(text, len, key, &v, &vlen) != 1) return -1;
-  return json_int(v, vlen, out);
-}
-
-/* The events of one page of a daemon's answer, read by what it says. */
-typedef struct page {
-  size_t n;
-  int64_t last_version, last_position; /* of the last event */
-  int print;                           /* second pass: print them */
-  int bad;
-} page;
-
-static int page_item(void *ud, const char *item, size_t len) {
-  page *p = ud;
-  if (len == 0 || item[0] != '{' || member_int(item, len, "version", &p->last_version) != 0 ||
-      member_int(item, len, "position", &p->last_position) != 0) {
-    p->bad = 1;
-    return 1;
-  }
-  p->n++;
-  if (p->print) {
-    fwrite(item, 1, len, stdout);
-    fputc('\n', stdout);
-  }
-  return 0;
-}
-
 /* Reads the `events` array of a daemon's answer and prints its events, one
- * per line, only once the whole answer is known to be what it should be:
- * 0, or an exit code after saying on stderr why the answer cannot be read. */
+ * per line, as the daemon wrote them, only once the whole answer is known to
+ * be what it should be: 0, or an exit code after saying on stderr why the
+ * answer cannot be read. */
 static int print_page(const ebb_http_response *res, const char *path, page *p) {
-  char msg[256] = "";
-  const char *v = NULL;
-  size_t vlen = 0;
   memset(p, 0, sizeof *p);
-  if (ebb_json_validate_document(res->body, res->body_len, msg, sizeof msg) != 0 ||
-      ebb_json_member(res->body, res->body_len, "events", &v, &vlen) != 1 ||
-      ebb_json_array_items(v, vlen, page_item, p) != 0 || p->bad) {
-    fprintf(stderr, "ebb: the daemon's answer to GET %s cannot be read%s%s: %.200s\n", path,
-            msg[0] ? ": " : " (no \"events\" array of events with versions and positions)",
-            msg, res->body);
+  lua_State *L = luaL_newstate();
+  if (L == NULL) {
+    fprintf(stderr, "ebb: out of memory reading the daemon's answer to GET %s\n", path);
     return EBB_EXIT_FAILURE;
   }
-  memset(p, 0, sizeof *p);
-  p->print = 1;
-  ebb_json_array_items(v, vlen, page_item, p);
+  lua_pushcfunction(L, l_read_page);
+  lua_pushlightuserdata(L, (void *)res);
+  lua_pushlightuserdata(L, p);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    fprintf(stderr, "ebb: the daemon's answer to GET %s cannot be read: %s: %.200s\n", path,
+            lua_tostring(L, -1), res->body);
+    lua_close(L);
+    return EBB_EXIT_FAILURE;
+  }
+  lua_close(L);
+  const char *v;
+  size_t vlen;
+  ebb_json_member(res->body, res->body_len, "events", &v, &vlen);
+  ebb_json_array_items(v, vlen, print_item, NULL);
   return 0;
 }
-
 
 static void path_segment(ebb_buf *b, const char *s) {
   ebb_buf_putc(b, '/');
@@ -560,8 +583,8 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
     char *error_body = NULL;
     ebb_error err;
     ebb_error_init(&err);
-    int rc = ebb_http_sse(&c->url, ebb_buf_cstr(&path), c->cfg.token[0] ? c->cfg.token : NULL,
-                          NULL, on_sse_event, &f, &status, &error_body, &err);
+    int rc = ebb_http_sse(&c->target, ebb_buf_cstr(&path), NULL, on_sse_event, &f, &status,
+                          &error_body, &err);
     ebb_buf_free(&path);
     if (rc < 0) return fail(&err);
     if (status != 200 && status != 0) {
@@ -592,10 +615,8 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
       return rc;
     }
     page p;
-    int64_t next = 0;
     rc = print_page(&res, ebb_buf_cstr(&path), &p);
-    if (rc == 0 && (member_int(res.body, res.body_len, "next", &next) != 0 ||
-                    (p.n > 0 && next < p.last_position))) {
+    if (rc == 0 && (!p.has_next || (p.n > 0 && p.next < p.last_position))) {
       fprintf(stderr, "ebb: the daemon's answer to GET %s has no usable \"next\" position\n",
               ebb_buf_cstr(&path));
       rc = EBB_EXIT_FAILURE;
@@ -605,7 +626,7 @@ static int remote_events(cli *c, int64_t after, int64_t limit) {
       ebb_buf_free(&path);
       return rc;
     }
-    after = next;
+    after = p.next;
     printed += (int64_t)p.n;
     if (p.n == 0 || (int64_t)p.n < want || printed >= limit) break;
   }
@@ -637,10 +658,10 @@ static int use_holder(cli *c) {
   const char *u;
   size_t ulen;
   if (ebb_lock_probe(c->data, &holder, &err) == 1 && holder &&
-      ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1 && ulen > 2) {
-    char url[300];
-    snprintf(url, sizeof url, "%.*s", (int)(ulen - 2), u + 1);
-    if (ebb_url_parse(url, &c->url, &err) == 0) c->remote = 1;
+      ebb_json_member(holder, strlen(holder), "url", &u, &ulen) == 1) {
+    char url[1024];
+    if (json_text(u, ulen, url, sizeof url) == 0 && ebb_url_parse(url, &c->target.url, &err) == 0)
+      c->remote = 1;
   }
   free(holder);
   ebb_error_clear(&err);

@@ -40,6 +40,7 @@ static const setting settings[] = {
     TEXT(listen, "127.0.0.1:7070", "serve: HOST:PORT to listen on (port 0 picks one)"),
     TEXT(token, "", "bearer token clients must send (required off loopback)"),
     TEXT(url, "", "go through the daemon at this URL instead of opening the data directory"),
+    TEXT(cacert, "", "with an https --url: trust the CA certificates in this PEM file, not the system's"),
     TEXT(log_level, "info", "serve: debug (one line per request), info, warn or error"),
     TEXT(log_format, "auto", "serve: text, json, or auto (text on a terminal)"),
     TEXT(config, "", "a Lua config file"),

@@ -1,104 +1,123 @@
 /*
- * http_client.c: the CLI's blocking HTTP/1.1 client (see http_client.h).
+ * http_client.c: the CLI's HTTP client over libcurl (see http_client.h).
  *
- * Sockets are non-blocking underneath and every wait goes through poll(),
- * so that one deadline covers connecting, writing and reading however the
- * bytes trickle in, and EINTR only ever means "wait again". llhttp does the
- * framing (Content-Length, chunked, close-delimited); this file only keeps
- * what the caller needs from it: the status, Content-Type and body, or, for
- * an event stream, the events themselves.
+ * libcurl does the transport: resolving, connecting, TLS and certificate
+ * checks, proxies, HTTP/1.1 or HTTP/2 framing. This file owns what ebb
+ * needs around it: URLs checked before anything is sent, requests that can
+ * carry nothing but what the caller meant (no header or line injected
+ * through a token or a path), bounded answers, an event stream handed to
+ * sse_reader.c as it arrives, and curl's failures turned into ebb's error
+ * codes with messages that name the daemon.
  */
 #include "http_client.h"
 
-#include <errno.h>
-#include <llhttp.h>
-#include <netdb.h>
-#include <poll.h>
-#include <stdint.h>
+#include <curl/curl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
-#include "clock.h"
+/* ---------------------------------------------------------------- libcurl */
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_rc = CURLE_FAILED_INIT;
+
+/* curl_global_init is not safe beside other threads' curl calls on every
+ * platform, so it runs once, first. Its resources stay for the process's
+ * life, as curl's documentation allows for a program that uses curl until
+ * it exits. */
+static void curl_init_once(void) {
+  curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+static int curl_ready(ebb_error *err) {
+  pthread_once(&curl_once, curl_init_once);
+  if (curl_init_rc != CURLE_OK)
+    return ebb_error_set(err, EBB_ENOMEM, "cannot start libcurl: %s",
+                         curl_easy_strerror(curl_init_rc));
+  return 0;
+}
 
 /* ---------------------------------------------------------------- URLs */
 
-static int is_host_char(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-         c == '.' || c == '_';
+/* Visible ASCII (and spaces when allowed): nothing that could end a header
+ * line or the request line early. */
+static int is_visible(const char *s, int spaces) {
+  for (; *s; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c < 0x20 || c > 0x7e || (c == ' ' && !spaces)) return 0;
+  }
+  return 1;
 }
 
-static int is_ipv6_char(char c) {
-  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') || c == ':' ||
-         c == '.';
+static int has_part(CURLU *h, CURLUPart part) {
+  char *v = NULL;
+  CURLUcode rc = curl_url_get(h, part, &v, 0);
+  curl_free(v);
+  return rc == CURLUE_OK;
+}
+
+/* The URL's parts after curl has parsed it into h. */
+static int url_from_parts(CURLU *h, const char *text, ebb_url *out, ebb_error *err) {
+  char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL;
+  int rc = 0;
+  if (has_part(h, CURLUPART_USER) || has_part(h, CURLUPART_PASSWORD) ||
+      has_part(h, CURLUPART_OPTIONS))
+    rc = ebb_error_set(err, EBB_EBADREQ,
+                       "invalid URL %.300s: user info is not supported (give a token with "
+                       "--token or EBB_TOKEN)",
+                       text);
+  else if (has_part(h, CURLUPART_QUERY) || has_part(h, CURLUPART_FRAGMENT))
+    rc = ebb_error_set(err, EBB_EBADREQ,
+                       "invalid URL %.300s: a query or fragment is not allowed here", text);
+  else if (curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+           curl_url_get(h, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+           curl_url_get(h, CURLUPART_PATH, &path, 0) != CURLUE_OK)
+    rc = ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: expected http://host:port", text);
+  else if (curl_url_get(h, CURLUPART_PORT, &port, 0) == CURLUE_OK && atoi(port) < 1)
+    rc = ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: bad port (expected 1 to 65535)",
+                       text);
+  if (rc == 0) {
+    size_t plen = strlen(path);
+    while (plen > 0 && path[plen - 1] == '/') plen--;
+    int n = snprintf(out->origin, sizeof out->origin, "%s://%s%s%s", scheme, host,
+                     port ? ":" : "", port ? port : "");
+    int m = n < 0 || (size_t)n >= sizeof out->origin
+                ? -1
+                : snprintf(out->base, sizeof out->base, "%s%.*s", out->origin, (int)plen, path);
+    if (m < 0 || (size_t)m >= sizeof out->base)
+      rc = ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: too long", text);
+  }
+  curl_free(scheme);
+  curl_free(host);
+  curl_free(port);
+  curl_free(path);
+  return rc;
 }
 
 int ebb_url_parse(const char *text, ebb_url *out, ebb_error *err) {
   memset(out, 0, sizeof *out);
-  if (strncasecmp(text, "https://", 8) == 0)
+  /* curl knows many schemes and guesses some; ebb talks HTTP only. */
+  if (strncasecmp(text, "http://", 7) != 0 && strncasecmp(text, "https://", 8) != 0)
     return ebb_error_set(err, EBB_EBADREQ,
-                         "invalid URL %.300s: https is not supported, use http:// (put a TLS "
-                         "proxy in front of the daemon for remote access)",
+                         "invalid URL %.300s: expected http://host:port or https://host[:port]",
                          text);
-  if (strncasecmp(text, "http://", 7) != 0)
-    return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: expected http://host:port", text);
-  const char *p = text + 7;
-  const char *host = p;
-  size_t host_len;
-  if (*p == '[') {
-    host = ++p;
-    while (is_ipv6_char(*p)) p++;
-    host_len = (size_t)(p - host);
-    if (*p != ']' || host_len == 0 || memchr(host, ':', host_len) == NULL)
-      return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: bad IPv6 address", text);
-    p++;
-  } else {
-    while (is_host_char(*p)) p++;
-    host_len = (size_t)(p - host);
-    if (*p == '@')
-      return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: user info is not supported",
-                           text);
-    if (host_len == 0)
-      return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: no host", text);
-  }
-  if (host_len >= sizeof out->host)
-    return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: host name too long", text);
-  memcpy(out->host, host, host_len);
-  out->host[host_len] = '\0';
-
-  out->port = 80;
-  if (*p == ':') {
-    long port = 0;
-    const char *digits = ++p;
-    while (*p >= '0' && *p <= '9' && p - digits < 6) port = port * 10 + (*p++ - '0');
-    if (p == digits || (*p >= '0' && *p <= '9') || port < 1 || port > 65535)
-      return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: bad port (expected 1 to 65535)",
-                           text);
-    out->port = (int)port;
-  }
-
-  if (*p != '\0' && *p != '/')
-    return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: unexpected '%c' after the host",
-                         text, *p);
-  const char *base = p;
-  for (; *p; p++) {
-    if (*p == '?' || *p == '#')
-      return ebb_error_set(err, EBB_EBADREQ,
-                           "invalid URL %.300s: a query or fragment is not allowed here", text);
-    if ((unsigned char)*p <= 0x20 || (unsigned char)*p >= 0x7f)
-      return ebb_error_set(err, EBB_EBADREQ,
-                           "invalid URL %.300s: the path must be percent-encoded", text);
-  }
-  size_t base_len = (size_t)(p - base);
-  while (base_len > 0 && base[base_len - 1] == '/') base_len--;
-  if (base_len >= sizeof out->base_path)
-    return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: path too long", text);
-  memcpy(out->base_path, base, base_len);
-  out->base_path[base_len] = '\0';
-  return 0;
+  if (!is_visible(text, 0))
+    return ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: it must be percent-encoded",
+                         text);
+  int rc = curl_ready(err);
+  if (rc != 0) return rc;
+  CURLU *h = curl_url();
+  if (h == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  CURLUcode uc = curl_url_set(h, CURLUPART_URL, text, 0);
+  if (uc == CURLUE_OUT_OF_MEMORY) rc = ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  else if (uc != CURLUE_OK)
+    rc = ebb_error_set(err, EBB_EBADREQ, "invalid URL %.300s: %s", text, curl_url_strerror(uc));
+  else rc = url_from_parts(h, text, out, err);
+  curl_url_cleanup(h);
+  if (rc != 0) memset(out, 0, sizeof *out);
+  return rc;
 }
 
 int ebb_url_encode(ebb_buf *b, const char *s, size_t n) {
@@ -116,128 +135,23 @@ int ebb_url_encode(ebb_buf *b, const char *s, size_t n) {
   return b->oom ? -1 : 0;
 }
 
-/* "http://host:port", the way messages name the daemon. */
-static void url_origin(const ebb_url *u, char *buf, size_t len) {
-  int v6 = strchr(u->host, ':') != NULL;
-  snprintf(buf, len, "http://%s%s%s:%d", v6 ? "[" : "", u->host, v6 ? "]" : "", u->port);
-}
+/* ---------------------------------------------------------------- one transfer */
 
-/* ---------------------------------------------------------------- sockets */
-
-/* Deadlines are monotonic nanoseconds; 0 means none. */
-static uint64_t deadline_after(int ms) {
-  return ms > 0 ? ebb_clock_mono_ns() + (uint64_t)ms * 1000000u : 0;
-}
-
-/* Waits for events on fd. Returns the revents, 0 on timeout, -1 on error. */
-static int wait_fd(int fd, short events, uint64_t deadline) {
-  for (;;) {
-    int ms = -1;
-    if (deadline) {
-      uint64_t now = ebb_clock_mono_ns();
-      if (now >= deadline) return 0;
-      uint64_t left = (deadline - now + 999999u) / 1000000u;
-      ms = left > INT32_MAX ? INT32_MAX : (int)left;
-    }
-    struct pollfd pfd = {fd, events, 0};
-    int rc = poll(&pfd, 1, ms);
-    if (rc > 0) return pfd.revents;
-    if (rc == 0) {
-      if (deadline) return 0;
-      continue;
-    }
-    if (errno != EINTR) return -1;
-  }
-}
-
-static int connect_one(const struct addrinfo *ai, uint64_t deadline, int *fd_out) {
-  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
-  if (fd < 0) return errno;
-  /* A non-blocking connect interrupted by a signal goes on in the background,
-   * so EINTR is waited for like EINPROGRESS. */
-  if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-    if (errno != EINPROGRESS && errno != EINTR) {
-      int e = errno;
-      close(fd);
-      return e;
-    }
-    int ev = wait_fd(fd, POLLOUT, deadline);
-    int e = 0;
-    socklen_t elen = sizeof e;
-    if (ev == 0) e = ETIMEDOUT;
-    else if (ev < 0) e = errno;
-    else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &elen) != 0) e = errno;
-    if (e != 0) {
-      close(fd);
-      return e;
-    }
-  }
-  *fd_out = fd;
-  return 0;
-}
-
-/* Connects to u, trying each address the name resolves to in turn. */
-static int connect_url(const ebb_url *u, const char *origin, uint64_t deadline, int *fd_out,
-                       ebb_error *err) {
-  struct addrinfo hints, *list = NULL;
-  memset(&hints, 0, sizeof hints);
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV;
-  char port[8];
-  snprintf(port, sizeof port, "%d", u->port);
-  int rc = getaddrinfo(u->host, port, &hints, &list);
-  if (rc != 0)
-    return ebb_error_set(err, EBB_EUNAVAIL, "cannot connect to %s: %s", origin,
-                         rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
-  int e = ECONNREFUSED;
-  for (struct addrinfo *ai = list; ai; ai = ai->ai_next) {
-    e = connect_one(ai, deadline, fd_out);
-    if (e == 0 || e == ETIMEDOUT) break;
-  }
-  freeaddrinfo(list);
-  if (e == 0) return 0;
-  return ebb_error_set(err, EBB_EUNAVAIL, "cannot connect to %s: %s", origin, strerror(e));
-}
-
-enum { IO_DONE = 0, IO_ANSWERED = 1, IO_TIMEOUT = -2, IO_ERROR = -1 };
-
-/* Writes the whole request. IO_ANSWERED: the server answered (or hung up)
- * before taking it all, as a daemon refusing a request may; its answer is
- * then read like any other. IO_ERROR leaves errno set. */
-static int send_all(int fd, const char *p, size_t n, uint64_t deadline) {
-  while (n > 0) {
-    ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-    if (w > 0) {
-      p += w;
-      n -= (size_t)w;
-      continue;
-    }
-    if (errno == EINTR) continue;
-    if (errno == EPIPE || errno == ECONNRESET) return IO_ANSWERED;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return IO_ERROR;
-    int ev = wait_fd(fd, POLLOUT | POLLIN, deadline);
-    if (ev == 0) return IO_TIMEOUT;
-    if (ev < 0) return IO_ERROR;
-    if (ev & (POLLIN | POLLHUP)) return IO_ANSWERED;
-  }
-  return IO_DONE;
-}
-
-/* Bytes read (0 at the end of the stream), IO_TIMEOUT, or IO_ERROR with errno. */
-static ssize_t recv_some(int fd, char *buf, size_t cap, uint64_t deadline) {
-  for (;;) {
-    ssize_t r = recv(fd, buf, cap, 0);
-    if (r >= 0) return r;
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return IO_ERROR;
-    int ev = wait_fd(fd, POLLIN, deadline);
-    if (ev == 0) return IO_TIMEOUT;
-    if (ev < 0) return IO_ERROR;
-  }
-}
-
-/* ---------------------------------------------------------------- requests */
+typedef struct transfer {
+  CURL *h;
+  const ebb_url *url;
+  ebb_error *err;
+  char errbuf[CURL_ERROR_SIZE];
+  struct curl_slist *headers;
+  int timeout_ms;        /* for messages only */
+  int failed;            /* an EBB_E* code set by a callback, with err filled */
+  size_t header_bytes;
+  ebb_buf body;
+  ebb_sse_reader *sse;   /* NULL, or where a 200 body goes instead of body */
+  int checked;           /* sse: the status and type of the answer were looked at */
+  int streaming;         /* sse: reading a 200 event stream */
+  int stopped;           /* sse: on_event's non-zero answer */
+} transfer;
 
 static int is_token(const char *s) {
   if (*s == '\0') return 0;
@@ -248,361 +162,248 @@ static int is_token(const char *s) {
   return 1;
 }
 
-/* Visible ASCII (and spaces when allowed): nothing that could end a header
- * line or the request line early. */
-static int is_visible(const char *s, int spaces) {
-  for (; *s; s++) {
-    unsigned char c = (unsigned char)*s;
-    if (c < 0x20 || c > 0x7e || (c == ' ' && !spaces)) return 0;
-  }
-  return 1;
-}
-
-/* Writes the request head and body into b, or returns EBB_EBADREQ for a
- * part that cannot go into one. */
-static int build_request(ebb_buf *b, const ebb_url *u, const char *method, const char *path,
-                         const char *accept, const char *token, const char *last_event_id,
-                         const char *body, size_t body_len, ebb_error *err) {
-  if (!is_token(method))
-    return ebb_error_set(err, EBB_EBADREQ, "invalid HTTP method %.100s", method);
-  if (path[0] != '/' || !is_visible(path, 0))
-    return ebb_error_set(err, EBB_EBADREQ,
-                         "invalid request path %.300s: it must start with '/' and be "
-                         "percent-encoded",
-                         path);
-  if (token && (token[0] == '\0' || !is_visible(token, 0)))
-    return ebb_error_set(err, EBB_EBADREQ, "invalid token: it must be visible ASCII characters");
-  if (last_event_id && !is_visible(last_event_id, 1))
-    return ebb_error_set(err, EBB_EBADREQ, "invalid last event id %.100s", last_event_id);
-  int v6 = strchr(u->host, ':') != NULL;
-  ebb_buf_printf(b, "%s %s%s HTTP/1.1\r\nHost: %s%s%s", method, u->base_path, path,
-                 v6 ? "[" : "", u->host, v6 ? "]" : "");
-  if (u->port != 80) ebb_buf_printf(b, ":%d", u->port);
-  ebb_buf_printf(b, "\r\nUser-Agent: ebb\r\nAccept: %s\r\nConnection: close\r\n", accept);
-  if (token) ebb_buf_printf(b, "Authorization: Bearer %s\r\n", token);
-  if (last_event_id) ebb_buf_printf(b, "Last-Event-ID: %s\r\n", last_event_id);
-  if (body) {
-    ebb_buf_printf(b, "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", body_len);
-    ebb_buf_append(b, body, body_len);
-  } else {
-    /* Servers may refuse a POST without a length (411). */
-    int has_body = strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
-                   strcmp(method, "PATCH") == 0;
-    ebb_buf_puts(b, has_body ? "Content-Length: 0\r\n\r\n" : "\r\n");
-  }
-  return b->oom ? ebb_error_set(err, EBB_ENOMEM, "out of memory") : 0;
-}
-
-/* ---------------------------------------------------------------- event streams */
-
-/* The SSE line protocol (WHATWG HTML, "server-sent events"): lines end in
- * CRLF, LF or CR; "field: value" lines build an event; a blank line
- * dispatches it. */
-typedef struct sse {
-  ebb_buf line, data, id, event;
-  int has_data, has_id, has_event;
-  int after_cr;  /* the last line ended in CR: a LF that follows is part of it */
-  int (*on_event)(void *ud, const char *id, const char *event, const char *data);
-  void *ud;
-} sse;
-
-static void sse_free(sse *s) {
-  ebb_buf_free(&s->line);
-  ebb_buf_free(&s->data);
-  ebb_buf_free(&s->id);
-  ebb_buf_free(&s->event);
-}
-
-static int field_is(const char *f, size_t n, const char *name) {
-  return n == strlen(name) && memcmp(f, name, n) == 0;
-}
-
-/* 0, 1 when on_event asked to stop, or an EBB_E* code. */
-static int sse_dispatch(sse *s, ebb_error *err) {
-  int rc = 0;
-  if (s->has_data) {
-    const char *data = ebb_buf_cstr(&s->data);
-    const char *id = s->has_id ? ebb_buf_cstr(&s->id) : "";
-    const char *event = s->has_event ? ebb_buf_cstr(&s->event) : "";
-    if (data == NULL || id == NULL || event == NULL)
-      return ebb_error_set(err, EBB_ENOMEM, "out of memory");
-    rc = s->on_event(s->ud, s->has_id ? id : NULL, s->has_event ? event : NULL, data) != 0;
-  }
-  ebb_buf_reset(&s->data);
-  ebb_buf_reset(&s->id);
-  ebb_buf_reset(&s->event);
-  s->has_data = s->has_id = s->has_event = 0;
-  return rc;
-}
-
-static int sse_line(sse *s, ebb_error *err) {
-  const char *line = s->line.data;
-  size_t n = s->line.len;
-  if (n == 0) return sse_dispatch(s, err);
-  if (line[0] == ':') return 0;
-  const char *colon = memchr(line, ':', n);
-  size_t flen = colon ? (size_t)(colon - line) : n;
-  const char *value = colon ? colon + 1 : line + n;
-  if (colon && value < line + n && *value == ' ') value++;
-  size_t vlen = (size_t)(line + n - value);
-  if (field_is(line, flen, "data")) {
-    if (s->has_data) ebb_buf_putc(&s->data, '\n');
-    ebb_buf_append(&s->data, value, vlen);
-    s->has_data = 1;
-    if (s->data.len > EBB_HTTP_MAX_EVENT)
-      return ebb_error_set(err, EBB_ETOOLARGE, "an event in the stream is over %zu bytes",
-                           EBB_HTTP_MAX_EVENT);
-  } else if (field_is(line, flen, "id")) {
-    if (memchr(value, '\0', vlen)) return 0; /* the standard ignores such ids */
-    ebb_buf_reset(&s->id);
-    ebb_buf_append(&s->id, value, vlen);
-    s->has_id = 1;
-  } else if (field_is(line, flen, "event")) {
-    ebb_buf_reset(&s->event);
-    ebb_buf_append(&s->event, value, vlen);
-    s->has_event = 1;
-  }
-  /* "retry" and unknown fields are ignored: reconnecting is the caller's call. */
-  if (s->data.oom || s->id.oom || s->event.oom)
-    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+static size_t on_header(char *p, size_t size, size_t n, void *ud) {
+  transfer *x = ud;
+  x->header_bytes += size * n;
+  if (x->header_bytes <= EBB_HTTP_MAX_HEADERS) return size * n;
+  x->failed = ebb_error_set(x->err, EBB_ETOOLARGE, "the response from %s has over %zu bytes of "
+                            "headers", x->url->origin, EBB_HTTP_MAX_HEADERS);
   return 0;
 }
 
-/* Takes the next bytes of the body. 0, 1 when on_event asked to stop, or an
- * EBB_E* code. */
-static int sse_feed(sse *s, const char *p, size_t n, ebb_error *err) {
-  size_t i = 0;
-  while (i < n) {
-    if (s->after_cr) {
-      s->after_cr = 0;
-      if (p[i] == '\n') {
-        i++;
-        continue;
-      }
-    }
-    size_t j = i;
-    while (j < n && p[j] != '\r' && p[j] != '\n') j++;
-    if (s->line.len + (j - i) > EBB_HTTP_MAX_EVENT)
-      return ebb_error_set(err, EBB_ETOOLARGE, "a line in the event stream is over %zu bytes",
-                           EBB_HTTP_MAX_EVENT);
-    if (ebb_buf_append(&s->line, p + i, j - i) != 0)
-      return ebb_error_set(err, EBB_ENOMEM, "out of memory");
-    if (j == n) break;
-    s->after_cr = p[j] == '\r';
-    i = j + 1;
-    int rc = sse_line(s, err);
-    ebb_buf_reset(&s->line);
-    if (rc != 0) return rc;
-  }
-  return 0;
-}
-
-/* ---------------------------------------------------------------- responses */
-
-typedef struct reader {
-  llhttp_t parser;
-  llhttp_settings_t settings;  /* must outlive parser: kept beside it */
-  const char *origin;
-  int timeout_ms;        /* for messages only */
-  int head;              /* answering a HEAD: no body whatever the headers say */
-  int status;
-  int done;              /* a final response is complete */
-  int stopped;           /* on_event asked to stop */
-  int failed;            /* an EBB_E* code set by a callback, with err filled */
-  ebb_error *err;
-  size_t header_bytes;
-  char field[16];        /* the header name being read, if short enough to matter */
-  size_t field_len;
-  int in_ctype;          /* the current header is Content-Type */
-  int has_ctype;
-  ebb_buf ctype;
-  ebb_buf body;
-  sse *events;           /* NULL, or where a 200 body goes instead of body */
-} reader;
-
-static int fail(reader *r, int code) {
-  r->failed = code;
-  return HPE_USER;
-}
-
-static int count_header(reader *r, size_t n) {
-  r->header_bytes += n;
-  if (r->header_bytes <= EBB_HTTP_MAX_HEADERS) return 0;
-  return fail(r, ebb_error_set(r->err, EBB_ETOOLARGE, "the response from %s has over %zu bytes "
-                               "of headers", r->origin, EBB_HTTP_MAX_HEADERS));
-}
-
-static int on_message_begin(llhttp_t *p) {
-  reader *r = p->data;
-  r->status = 0;
-  r->header_bytes = 0;
-  r->field_len = 0;
-  r->in_ctype = r->has_ctype = 0;
-  ebb_buf_reset(&r->ctype);
-  ebb_buf_reset(&r->body);
-  return 0;
-}
-
-static int on_status(llhttp_t *p, const char *at, size_t n) {
-  return count_header(p->data, n);
-}
-
-static int on_header_field(llhttp_t *p, const char *at, size_t n) {
-  reader *r = p->data;
-  if (count_header(r, n)) return HPE_USER;
-  /* Longer names are kept as too long to match (field_len past the array). */
-  if (r->field_len + n <= sizeof r->field) memcpy(r->field + r->field_len, at, n);
-  r->field_len += n;
-  return 0;
-}
-
-static int on_header_field_complete(llhttp_t *p) {
-  reader *r = p->data;
-  r->in_ctype = r->field_len == 12 && strncasecmp(r->field, "content-type", 12) == 0;
-  r->field_len = 0;
-  if (r->in_ctype) {
-    ebb_buf_reset(&r->ctype);
-    r->has_ctype = 1;
-  }
-  return 0;
-}
-
-static int on_header_value(llhttp_t *p, const char *at, size_t n) {
-  reader *r = p->data;
-  if (count_header(r, n)) return HPE_USER;
-  if (r->in_ctype && ebb_buf_append(&r->ctype, at, n) != 0)
-    return fail(r, ebb_error_set(r->err, EBB_ENOMEM, "out of memory"));
-  return 0;
-}
-
-static int on_header_value_complete(llhttp_t *p) {
-  ((reader *)p->data)->in_ctype = 0;
-  return 0;
-}
-
-static int is_event_stream(reader *r) {
-  const char *ct = r->has_ctype ? ebb_buf_cstr(&r->ctype) : NULL;
+static int is_event_stream(const char *ct) {
   if (ct == NULL || strncasecmp(ct, "text/event-stream", 17) != 0) return 0;
   return ct[17] == '\0' || ct[17] == ';' || ct[17] == ' ' || ct[17] == '\t';
 }
 
-static int on_headers_complete(llhttp_t *p) {
-  reader *r = p->data;
-  r->status = llhttp_get_status_code(p);
-  if (r->events && r->status == 200 && !is_event_stream(r))
-    return fail(r, ebb_error_set(r->err, EBB_EBADREQ,
-                                 "%s answered with %s, not an event stream", r->origin,
-                                 r->has_ctype ? ebb_buf_cstr(&r->ctype) : "no Content-Type"));
-  return r->head ? 1 : 0;
-}
-
-static int on_body(llhttp_t *p, const char *at, size_t n) {
-  reader *r = p->data;
-  if (r->events && r->status == 200) {
-    int rc = sse_feed(r->events, at, n, r->err);
-    if (rc == 1) r->stopped = 1;
-    else if (rc != 0) r->failed = rc;
-    return rc ? HPE_USER : 0;
-  }
-  if (r->body.len + n > EBB_HTTP_MAX_BODY)
-    return fail(r, ebb_error_set(r->err, EBB_ETOOLARGE, "the response from %s is over %zu bytes",
-                                 r->origin, EBB_HTTP_MAX_BODY));
-  if (ebb_buf_append(&r->body, at, n) != 0)
-    return fail(r, ebb_error_set(r->err, EBB_ENOMEM, "out of memory"));
+/* For an event stream: looks at the answer's status and type once its
+ * headers are in. 0, or an error code with err set. */
+static int check_stream(transfer *x) {
+  if (x->checked) return 0;
+  x->checked = 1;
+  long status = 0;
+  char *ct = NULL;
+  curl_easy_getinfo(x->h, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_getinfo(x->h, CURLINFO_CONTENT_TYPE, &ct);
+  if (status != 200) return 0;
+  if (!is_event_stream(ct))
+    return ebb_error_set(x->err, EBB_EBADREQ, "%s answered with %.100s, not an event stream",
+                         x->url->origin, ct ? ct : "no Content-Type");
+  x->streaming = 1;
   return 0;
 }
 
-static int on_message_complete(llhttp_t *p) {
-  reader *r = p->data;
-  /* An informational answer (100 Continue, 103 Early Hints) comes before the
-   * real one on the same connection. */
-  if (r->status >= 100 && r->status < 200 && r->status != 101) return 0;
-  r->done = 1;
-  return HPE_PAUSED;
-}
-
-static void reader_init(reader *r, const char *origin, int head, sse *events, ebb_error *err) {
-  memset(r, 0, sizeof *r);
-  llhttp_settings_init(&r->settings);
-  r->settings.on_message_begin = on_message_begin;
-  r->settings.on_status = on_status;
-  r->settings.on_header_field = on_header_field;
-  r->settings.on_header_field_complete = on_header_field_complete;
-  r->settings.on_header_value = on_header_value;
-  r->settings.on_header_value_complete = on_header_value_complete;
-  r->settings.on_headers_complete = on_headers_complete;
-  r->settings.on_body = on_body;
-  r->settings.on_message_complete = on_message_complete;
-  llhttp_init(&r->parser, HTTP_RESPONSE, &r->settings);
-  r->parser.data = r;
-  r->origin = origin;
-  r->head = head;
-  r->events = events;
-  r->err = err;
-  ebb_buf_init(&r->ctype);
-  ebb_buf_init(&r->body);
-}
-
-static void reader_free(reader *r) {
-  ebb_buf_free(&r->ctype);
-  ebb_buf_free(&r->body);
-}
-
-/* Reads and parses until the response is complete (r->done), the event
- * callback stopped (r->stopped), or an error, which is returned. */
-static int read_response(int fd, reader *r, uint64_t deadline) {
-  char buf[16384];
-  int got_any = 0;
-  for (;;) {
-    ssize_t n = recv_some(fd, buf, sizeof buf, deadline);
-    if (n == IO_TIMEOUT)
-      return ebb_error_set(r->err, EBB_ETIMEOUT, "%s did not answer within %d ms", r->origin,
-                           r->timeout_ms);
-    if (n < 0) {
-      if (!got_any)
-        return ebb_error_set(r->err, EBB_EUNAVAIL,
-                             "%s closed the connection without answering (%s)", r->origin,
-                             strerror(errno));
-      return ebb_error_set(r->err, EBB_EUNAVAIL, "the connection to %s broke: %s", r->origin,
-                           strerror(errno));
+/* Returning less than it was given makes curl abort with CURLE_WRITE_ERROR;
+ * why is in x. */
+static size_t on_body(char *p, size_t size, size_t n, void *ud) {
+  transfer *x = ud;
+  size_t len = size * n;
+  if (x->sse) {
+    int rc = check_stream(x);
+    if (rc != 0) {
+      x->failed = rc;
+      return 0;
     }
-    if (n == 0) {
-      if (!got_any)
-        return ebb_error_set(r->err, EBB_EUNAVAIL, "%s closed the connection without answering",
-                             r->origin);
-      llhttp_finish(&r->parser);
-      if (r->failed) return r->failed;
-      if (r->done || r->stopped) return 0;
-      if (r->events && r->status == 200)
-        return ebb_error_set(r->err, EBB_EUNAVAIL, "%s closed the event stream mid-way", r->origin);
-      return ebb_error_set(r->err, EBB_EBADREQ, "the response from %s was cut short", r->origin);
-    }
-    got_any = 1;
-    llhttp_errno_t e = llhttp_execute(&r->parser, buf, (size_t)n);
-    if (r->failed) return r->failed;
-    if (r->done || r->stopped) return 0;
-    if (e != HPE_OK)
-      return ebb_error_set(r->err, EBB_EBADREQ, "malformed response from %s: %s", r->origin,
-                           llhttp_get_error_reason(&r->parser));
+  }
+  if (x->streaming) {
+    int rc = ebb_sse_reader_feed(x->sse, p, len, x->err);
+    if (rc > 0) x->stopped = rc;
+    else if (rc < 0) x->failed = rc;
+    return rc ? 0 : len;
+  }
+  if (x->body.len + len > EBB_HTTP_MAX_BODY) {
+    x->failed = ebb_error_set(x->err, EBB_ETOOLARGE, "the response from %s is over %zu bytes",
+                              x->url->origin, EBB_HTTP_MAX_BODY);
+    return 0;
+  }
+  if (ebb_buf_append(&x->body, p, len) != 0) {
+    x->failed = ebb_error_set(x->err, EBB_ENOMEM, "out of memory");
+    return 0;
+  }
+  return len;
+}
+
+static int add_header(transfer *x, const char *fmt, const char *value) {
+  char line[1200];
+  int n = snprintf(line, sizeof line, fmt, value);
+  if (n < 0 || (size_t)n >= sizeof line)
+    return ebb_error_set(x->err, EBB_EBADREQ, "a request header is over %zu bytes", sizeof line);
+  struct curl_slist *l = curl_slist_append(x->headers, line);
+  if (l == NULL) return ebb_error_set(x->err, EBB_ENOMEM, "out of memory");
+  x->headers = l;
+  return 0;
+}
+
+#define SET(opt, val)                                                              \
+  do {                                                                             \
+    if (curl_easy_setopt(x->h, opt, val) != CURLE_OK)                              \
+      return ebb_error_set(x->err, EBB_ENOMEM, "cannot set up the request (%s)", #opt); \
+  } while (0)
+
+/* Sets up x->h for one request, or returns EBB_EBADREQ for a part that
+ * cannot go into one. */
+static int prepare(transfer *x, const ebb_http_target *t, const char *method, const char *path,
+                   const char *accept, const char *last_event_id, const char *body,
+                   size_t body_len, int connect_timeout_ms, int timeout_ms) {
+  const char *token = t->token && t->token[0] ? t->token : NULL;
+  if (!is_token(method))
+    return ebb_error_set(x->err, EBB_EBADREQ, "invalid HTTP method %.100s", method);
+  if (path[0] != '/' || !is_visible(path, 0))
+    return ebb_error_set(x->err, EBB_EBADREQ,
+                         "invalid request path %.300s: it must start with '/' and be "
+                         "percent-encoded",
+                         path);
+  if (token && !is_visible(token, 0))
+    return ebb_error_set(x->err, EBB_EBADREQ, "invalid token: it must be visible ASCII characters");
+  if (last_event_id && !is_visible(last_event_id, 1))
+    return ebb_error_set(x->err, EBB_EBADREQ, "invalid last event id %.100s", last_event_id);
+
+  ebb_buf full = EBB_BUF_INIT;
+  ebb_buf_puts(&full, t->url.base);
+  ebb_buf_puts(&full, path);
+  const char *u = ebb_buf_cstr(&full);
+  CURLcode rc = u ? curl_easy_setopt(x->h, CURLOPT_URL, u) : CURLE_OUT_OF_MEMORY;
+  ebb_buf_free(&full); /* curl keeps its own copy of every string option */
+  if (rc != CURLE_OK) return ebb_error_set(x->err, EBB_ENOMEM, "out of memory");
+
+  SET(CURLOPT_ERRORBUFFER, x->errbuf);
+  SET(CURLOPT_NOSIGNAL, 1L);
+  SET(CURLOPT_PROTOCOLS_STR, "http,https");
+  SET(CURLOPT_USERAGENT, "ebb");
+  SET(CURLOPT_HEADERFUNCTION, on_header);
+  SET(CURLOPT_HEADERDATA, x);
+  SET(CURLOPT_WRITEFUNCTION, on_body);
+  SET(CURLOPT_WRITEDATA, x);
+  SET(CURLOPT_TCP_KEEPALIVE, 1L);
+  if (t->cacert && t->cacert[0]) SET(CURLOPT_CAINFO, t->cacert);
+  if (connect_timeout_ms > 0) SET(CURLOPT_CONNECTTIMEOUT_MS, (long)connect_timeout_ms);
+  if (timeout_ms > 0) SET(CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+
+  int err = add_header(x, "Accept: %s", accept);
+  if (err == 0 && token) err = add_header(x, "Authorization: Bearer %s", token);
+  if (err == 0 && last_event_id) err = add_header(x, "Last-Event-ID: %s", last_event_id);
+  /* No "Expect: 100-continue" round trip before a large body. */
+  if (err == 0) err = add_header(x, "%s", "Expect:");
+  int has_body = body != NULL || !strcmp(method, "POST") || !strcmp(method, "PUT") ||
+                 !strcmp(method, "PATCH");
+  /* A body-less POST (Content-Length: 0) goes without the form type curl
+   * would otherwise put on it. */
+  if (err == 0 && has_body)
+    err = add_header(x, "%s", body ? "Content-Type: application/json" : "Content-Type:");
+  if (err != 0) return err;
+  SET(CURLOPT_HTTPHEADER, x->headers);
+
+  if (!strcmp(method, "HEAD")) SET(CURLOPT_NOBODY, 1L);
+  else if (has_body) {
+    SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)(body ? body_len : 0));
+    SET(CURLOPT_POSTFIELDS, body ? body : "");
+  }
+  if (strcmp(method, "GET") && strcmp(method, "POST") && strcmp(method, "HEAD"))
+    SET(CURLOPT_CUSTOMREQUEST, method);
+  return 0;
+}
+
+static int transfer_open(transfer *x, const ebb_url *url, ebb_error *err) {
+  memset(x, 0, sizeof *x);
+  x->url = url;
+  x->err = err;
+  ebb_buf_init(&x->body);
+  int rc = curl_ready(err);
+  if (rc != 0) return rc;
+  x->h = curl_easy_init();
+  if (x->h == NULL) return ebb_error_set(err, EBB_ENOMEM, "cannot start a libcurl transfer");
+  return 0;
+}
+
+static void transfer_close(transfer *x) {
+  if (x->h) curl_easy_cleanup(x->h);
+  x->h = NULL;
+  curl_slist_free_all(x->headers);
+  x->headers = NULL;
+  ebb_buf_free(&x->body);
+}
+
+static int is_tls_failure(CURLcode rc) {
+  switch (rc) {
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_SSL_SHUTDOWN_FAILED:
+    case CURLE_USE_SSL_FAILED:
+    case CURLE_SSL_ENGINE_NOTFOUND:
+    case CURLE_SSL_ENGINE_SETFAILED:
+    case CURLE_SSL_ENGINE_INITFAILED: return 1;
+    default: return 0;
   }
 }
 
-/* Connects, sends the request in b and reads the response into r. */
-static int exchange(const ebb_url *u, const char *origin, ebb_buf *b, reader *r,
-                    uint64_t connect_deadline, uint64_t deadline, ebb_error *err) {
-  int fd = -1;
-  int rc = connect_url(u, origin, connect_deadline, &fd, err);
-  if (rc != 0) return rc;
-  int sent = send_all(fd, b->data, b->len, deadline);
-  if (sent == IO_TIMEOUT)
-    rc = ebb_error_set(err, EBB_ETIMEOUT, "%s did not take the request within %d ms", origin,
-                       r->timeout_ms);
-  else if (sent == IO_ERROR)
-    rc = ebb_error_set(err, EBB_EUNAVAIL, "the connection to %s broke: %s", origin,
-                       strerror(errno));
-  else rc = read_response(fd, r, deadline);
-  close(fd);
-  return rc;
+/* Runs the transfer. 0 once the answer is in (or on_event stopped the
+ * stream), else an EBB_E* code with a message naming the daemon. */
+static int perform(transfer *x) {
+  x->errbuf[0] = '\0';
+  CURLcode rc = curl_easy_perform(x->h);
+  if (rc == CURLE_WRITE_ERROR && x->failed) return x->failed;
+  if (rc == CURLE_WRITE_ERROR && x->stopped) return 0;
+  if (rc == CURLE_OK) {
+    if (x->sse) {
+      int crc = check_stream(x); /* a 200 stream that ended before any byte */
+      if (crc != 0) return crc;
+    }
+    return 0;
+  }
+  const char *why = x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc);
+  const char *o = x->url->origin;
+  long status = 0;
+  curl_off_t connected = 0;
+  curl_easy_getinfo(x->h, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_getinfo(x->h, CURLINFO_CONNECT_TIME_T, &connected);
+  if (is_tls_failure(rc)) {
+    int untrusted = rc == CURLE_PEER_FAILED_VERIFICATION;
+    return ebb_error_set(x->err, EBB_EUNAVAIL, "TLS failure with %s: %s%s", o, why,
+                         untrusted ? " (a private CA's certificate goes in --cacert FILE or "
+                                     "EBB_CACERT)"
+                                   : "");
+  }
+  switch (rc) {
+    case CURLE_OUT_OF_MEMORY: return ebb_error_set(x->err, EBB_ENOMEM, "out of memory");
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_CONNECT:
+      return ebb_error_set(x->err, EBB_EUNAVAIL, "cannot connect to %s: %s", o, why);
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_CRL_BADFILE:
+      return ebb_error_set(x->err, EBB_EBADREQ, "cannot use the CA certificates for %s: %s", o,
+                           why);
+    case CURLE_OPERATION_TIMEDOUT:
+      if (connected == 0)
+        return ebb_error_set(x->err, EBB_EUNAVAIL, "cannot connect to %s: %s", o, why);
+      return ebb_error_set(x->err, EBB_ETIMEOUT, "%s did not answer within %d ms", o,
+                           x->timeout_ms);
+    case CURLE_GOT_NOTHING:
+      return ebb_error_set(x->err, EBB_EUNAVAIL, "%s closed the connection without answering",
+                           o);
+    case CURLE_PARTIAL_FILE:
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_HTTP2_STREAM:
+      if (x->streaming)
+        return ebb_error_set(x->err, EBB_EUNAVAIL, "%s closed the event stream mid-way: %s", o,
+                             why);
+      if (status == 0)
+        return ebb_error_set(x->err, EBB_EUNAVAIL,
+                             "%s closed the connection without answering (%s)", o, why);
+      return ebb_error_set(x->err, EBB_EBADREQ, "the response from %s was cut short: %s", o, why);
+    case CURLE_WEIRD_SERVER_REPLY:
+    case CURLE_UNSUPPORTED_PROTOCOL:
+    case CURLE_BAD_CONTENT_ENCODING:
+    case CURLE_HTTP2:
+      return ebb_error_set(x->err, EBB_EBADREQ, "malformed response from %s: %s", o, why);
+    default: return ebb_error_set(x->err, EBB_EUNAVAIL, "request to %s failed: %s", o, why);
+  }
 }
 
 /* ---------------------------------------------------------------- public */
@@ -614,66 +415,60 @@ void ebb_http_response_free(ebb_http_response *r) {
   memset(r, 0, sizeof *r);
 }
 
-int ebb_http_request_send(const ebb_url *u, const char *method, const char *path,
-                          const char *token, const char *body, size_t body_len, int timeout_ms,
+int ebb_http_request_send(const ebb_http_target *t, const char *method, const char *path,
+                          const char *body, size_t body_len, int timeout_ms,
                           ebb_http_response *res, ebb_error *err) {
   memset(res, 0, sizeof *res);
-  char origin[300];
-  url_origin(u, origin, sizeof origin);
-  ebb_buf b = EBB_BUF_INIT;
-  int rc = build_request(&b, u, method, path, "application/json", token, NULL, body, body_len, err);
-  if (rc != 0) {
-    ebb_buf_free(&b);
-    return rc;
-  }
-  uint64_t deadline = deadline_after(timeout_ms);
-  reader r;
-  reader_init(&r, origin, strcmp(method, "HEAD") == 0, NULL, err);
-  r.timeout_ms = timeout_ms;
-  rc = exchange(u, origin, &b, &r, deadline, deadline, err);
-  ebb_buf_free(&b);
+  transfer x;
+  int rc = transfer_open(&x, &t->url, err);
+  x.timeout_ms = timeout_ms;
+  if (rc == 0)
+    rc = prepare(&x, t, method, path, "application/json", NULL, body, body_len, timeout_ms,
+                 timeout_ms);
+  if (rc == 0) rc = perform(&x);
   if (rc == 0) {
-    res->status = r.status;
-    if (r.has_ctype && (res->content_type = ebb_buf_take(&r.ctype, NULL)) == NULL)
+    long status = 0;
+    char *ct = NULL;
+    curl_easy_getinfo(x.h, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(x.h, CURLINFO_CONTENT_TYPE, &ct);
+    res->status = (int)status;
+    if (ct && (res->content_type = strdup(ct)) == NULL)
       rc = ebb_error_set(err, EBB_ENOMEM, "out of memory");
-    if (rc == 0 && (res->body = ebb_buf_take(&r.body, &res->body_len)) == NULL)
+    if (rc == 0 && (res->body = ebb_buf_take(&x.body, &res->body_len)) == NULL)
       rc = ebb_error_set(err, EBB_ENOMEM, "out of memory");
     if (rc != 0) ebb_http_response_free(res);
   }
-  reader_free(&r);
+  transfer_close(&x);
   return rc;
 }
 
-int ebb_http_sse(const ebb_url *u, const char *path, const char *token, const char *last_event_id,
-                 int (*on_event)(void *ud, const char *id, const char *event, const char *data),
-                 void *ud, int *status, char **error_body, ebb_error *err) {
+int ebb_http_sse(const ebb_http_target *t, const char *path, const char *last_event_id,
+                 ebb_sse_on_event on_event, void *ud, int *status, char **error_body,
+                 ebb_error *err) {
   *status = 0;
   *error_body = NULL;
-  char origin[300];
-  url_origin(u, origin, sizeof origin);
-  ebb_buf b = EBB_BUF_INIT;
-  int rc = build_request(&b, u, "GET", path, "text/event-stream", token, last_event_id, NULL, 0,
-                         err);
-  if (rc != 0) {
-    ebb_buf_free(&b);
-    return rc;
-  }
-  sse events;
-  memset(&events, 0, sizeof events);
-  events.on_event = on_event;
-  events.ud = ud;
-  reader r;
-  reader_init(&r, origin, 0, &events, err);
-  rc = exchange(u, origin, &b, &r, deadline_after(EBB_HTTP_SSE_CONNECT_TIMEOUT_MS), 0, err);
-  ebb_buf_free(&b);
-  if (rc == 0) {
-    *status = r.status;
-    if (r.status != 200 && (*error_body = ebb_buf_take(&r.body, NULL)) == NULL) {
+  ebb_sse_reader events;
+  ebb_sse_reader_init(&events, on_event, ud);
+  transfer x;
+  int rc = transfer_open(&x, &t->url, err);
+  x.sse = &events;
+  if (rc == 0)
+    rc = prepare(&x, t, "GET", path, "text/event-stream", last_event_id, NULL, 0,
+                 EBB_HTTP_SSE_CONNECT_TIMEOUT_MS, 0);
+  if (rc == 0) rc = perform(&x);
+  if (rc == 0 && x.stopped) {
+    *status = 200;
+    rc = x.stopped;
+  } else if (rc == 0) {
+    long code = 0;
+    curl_easy_getinfo(x.h, CURLINFO_RESPONSE_CODE, &code);
+    *status = (int)code;
+    if (code != 200 && (*error_body = ebb_buf_take(&x.body, NULL)) == NULL) {
       *status = 0;
       rc = ebb_error_set(err, EBB_ENOMEM, "out of memory");
     }
   }
-  sse_free(&events);
-  reader_free(&r);
+  transfer_close(&x);
+  ebb_sse_reader_free(&events);
   return rc;
 }

@@ -99,6 +99,8 @@ describe("ebb read/events --url with an answer it cannot read", function()
     { "not JSON", "<html>oops</html>" },
     { "no events array", '{"stream":"Obj-1","version":3}' },
     { "events without versions", '{"events":[{"x":1}],"next":1}' },
+    { "versions as text", '{"events":[{"version":"1","position":1}],"next":1}' },
+    { "events as an object", '{"events":{},"next":1}' },
   } do
     it("fails with a non-zero exit when the answer is " .. case[1], function()
       local url, stop = serve(case[2])

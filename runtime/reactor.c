@@ -23,6 +23,7 @@
  * store answers the repeat.
  */
 #define _GNU_SOURCE /* asprintf */
+#include "paths.h"
 #include "reactor.h"
 
 #include <ctype.h>
@@ -1236,7 +1237,7 @@ int ebb_reactors_check(const char *reactors_dir, const char *lua_dir, ebb_buf *r
     char *msg = NULL;
     ebb_follower f = {0};
     int ref;
-    ebb_sandbox *sb = path ? load_module(reactors_dir, lua_dir ? lua_dir : EBB_LUA_DIR, 0, 0, name,
+    ebb_sandbox *sb = path ? load_module(reactors_dir, lua_dir ? lua_dir : ebb_paths_lua_dir(), 0, 0, name,
                                          path, &f, &ref, &msg)
                            : NULL;
     if (sb == NULL) {
@@ -1277,7 +1278,7 @@ int ebb_reactors_start(ebb_reactors **out, const ebb_reactors_options *opt, ebb_
   h->o = *opt;
   h->active = 1;
   h->reactors_dir = strdup(opt->reactors_dir);
-  h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : EBB_LUA_DIR);
+  h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : ebb_paths_lua_dir());
   char *path = dupf("%s/reactors.db", opt->data_dir);
   char *msg = NULL;
   if (!h->reactors_dir || !h->lua_dir || !path) {

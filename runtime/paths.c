@@ -27,11 +27,17 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static char lua_dir[PATH_MAX], cmod_dir[PATH_MAX], skeleton_dir[PATH_MAX];
 static const char *layout = "build";
 
+/* Does the file name end in ".so" (a shared object, not the executable)? */
+static int is_shared_object(const char *name) {
+  size_t n = strlen(name);
+  return n > 3 && strcmp(name + n - 3, ".so") == 0;
+}
+
 /* Writes the real path of the file holding this code into out. */
 static int self_path(char *out) {
   Dl_info info;
-  if (dladdr((void *)&ebb_paths_lua_dir, &info) && info.dli_fname && strstr(info.dli_fname, ".so") &&
-      realpath(info.dli_fname, out))
+  if (dladdr((void *)&ebb_paths_lua_dir, &info) && info.dli_fname &&
+      is_shared_object(info.dli_fname) && realpath(info.dli_fname, out))
     return 0;
   return realpath("/proc/self/exe", out) ? 0 : -1;
 }

@@ -146,10 +146,12 @@ static int find_on_path(const char *name, char *out, size_t size) {
   return -1;
 }
 
-/* Prepends `ours` to the variable (or sets it to ours;; so that Lua's
- * defaults, where busted itself lives, stay on the path). */
-static int prepend_env(const char *var, const char *ours) {
+/* Sets var (LUA_PATH_5_4) to `ours` followed by what Lua 5.4 would have used
+ * (var, else `plain`, LUA_PATH), or by ";;", Lua's defaults, where busted
+ * itself lives. */
+static int prepend_env(const char *var, const char *plain, const char *ours) {
   const char *theirs = getenv(var);
+  if (theirs == NULL || theirs[0] == '\0') theirs = getenv(plain);
   char *v;
   if (asprintf(&v, "%s;%s", ours, theirs && theirs[0] ? theirs : ";") < 0) return -1;
   int rc = setenv(var, v, 1);
@@ -212,7 +214,8 @@ int ebb_project_test(const char *aggregates, const char *projections, int argc, 
   int bad = asprintf(&lpath, "%s/?.lua;%s/?/init.lua;%s/?.lua;%s/?.lua;spec/?.lua", rt, rt,
                      aggregates, projections) < 0;
   bad = bad || asprintf(&cpath, "%s/?.so", ebb_paths_cmod_dir()) < 0;
-  bad = bad || prepend_env("LUA_PATH_5_4", lpath) != 0 || prepend_env("LUA_CPATH_5_4", cpath) != 0;
+  bad = bad || prepend_env("LUA_PATH_5_4", "LUA_PATH", lpath) != 0 ||
+               prepend_env("LUA_CPATH_5_4", "LUA_CPATH", cpath) != 0;
   free(lpath);
   free(cpath);
   if (bad) {

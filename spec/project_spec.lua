@@ -139,7 +139,22 @@ describe("ebb test", function()
     assert.are.equal(0, code, out)
   end)
 
-  it("5 says what is missing when busted cannot be found", function()
+  it("5 keeps the user's own Lua paths after its own", function()
+    assert(os.execute("mkdir -p " .. q(dir .. "/lib")))
+    support.write(dir .. "/lib/helper.lua", "return { answer = 42 }\n")
+    support.write(dir .. "/spec/helper_spec.lua",
+                  'it("finds helper", function() assert.are.equal(42, require("helper").answer) end)\n')
+    for _, var in ipairs { "LUA_PATH", "LUA_PATH_5_4" } do
+      local out, _, code = ebb_in(dir, { "test" }, var .. "=" .. q(dir .. "/lib/?.lua;;"))
+      assert.are.equal(0, code, out)
+      assert.are.equal("9 passed, 0 failed", last_line(out))
+    end
+    local out, _, code = ebb_in(dir, { "test" })
+    assert.are_not.equal(0, code)
+    support.contains(out, "module 'helper' not found")
+  end)
+
+  it("6 says what is missing when busted cannot be found", function()
     local out, err, code = ebb_in(dir, { "test" }, "PATH=/nonexistent")
     assert.are.equal(1, code)
     assert.are.equal("", out)

@@ -237,7 +237,7 @@ static int add_header(transfer *x, const char *fmt, const char *value) {
 #define SET(opt, val)                                                              \
   do {                                                                             \
     if (curl_easy_setopt(x->h, opt, val) != CURLE_OK)                              \
-      return ebb_error_set(x->err, EBB_ENOMEM, "cannot set up the request (%s)", #opt); \
+      return ebb_error_set(x->err, EBB_ENOMEM, "libcurl refused %s", #opt);     \
   } while (0)
 
 /* Sets up x->h for one request, or returns EBB_EBADREQ for a part that
@@ -302,6 +302,7 @@ static int prepare(transfer *x, const ebb_http_target *t, const char *method, co
     SET(CURLOPT_CUSTOMREQUEST, method);
   return 0;
 }
+#undef SET
 
 static int transfer_open(transfer *x, const ebb_url *url, ebb_error *err) {
   memset(x, 0, sizeof *x);

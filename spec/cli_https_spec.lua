@@ -39,7 +39,7 @@ local function make_server_cert(dir, ca)
 end
 
 -- The README's configuration, with this run's paths and ports.
-local function nginx_conf(dir, port, upstream)
+local function nginx_conf(dir, port, h2port, upstream)
   return ([[
 worker_processes 1;
 pid %s/nginx.pid;
@@ -59,6 +59,7 @@ http {
   }
   server {
     listen 127.0.0.1:%d ssl;
+    listen 127.0.0.1:%d ssl http2;
     server_name localhost;
     ssl_certificate %s/server.pem;
     ssl_certificate_key %s/server.key;
@@ -82,15 +83,15 @@ http {
     }
   }
 }
-]]):format(dir, dir, dir, dir, dir, dir, dir, dir, upstream, port, dir, dir)
+]]):format(dir, dir, dir, dir, dir, dir, dir, dir, upstream, port, h2port, dir, dir)
 end
 
 -- Starts nginx in front of the daemon at `upstream` (host:port). A port
 -- taken between choosing it and nginx binding it means another try.
 local function start_nginx(dir, upstream)
   for _ = 1, 5 do
-    local port = free_port()
-    support.write(dir .. "/nginx.conf", nginx_conf(dir, port, upstream))
+    local port, h2port = free_port(), free_port()
+    support.write(dir .. "/nginx.conf", nginx_conf(dir, port, h2port, upstream))
     os.remove(dir .. "/error.log")
     local p = assert(io.popen(("nginx -p %s -c %s -e %s -g 'daemon off;' > %s 2>&1 & echo $!")
       :format(q(dir), q(dir .. "/nginx.conf"), q(dir .. "/error.log"), q(dir .. "/nginx.out"))))
@@ -104,7 +105,7 @@ local function start_nginx(dir, upstream)
       end
       if not daemon.alive({ pid = pid }) then return "dead" end
     end, 60, "nginx to listen")
-    if state == "up" then return { pid = pid, port = port } end
+    if state == "up" then return { pid = pid, port = port, h2port = h2port } end
     local log = support.read(dir .. "/error.log") .. support.read(dir .. "/nginx.out")
     assert(log:find("Address already in use", 1, true), "nginx did not start: " .. log)
   end
@@ -263,7 +264,27 @@ describe("ebb --url https:// through nginx terminating TLS", function()
     assert.matches("^ebb: bad_request: cannot use the CA certificates for ", err)
   end)
 
-  it("8. a plain http:// URL to the TLS port fails plainly", function()
+  it("8. HTTP/2 to the proxy (curl negotiates it): a read and a live follow", function()
+    local h2 = "https://127.0.0.1:" .. proxy.h2port
+    local out, err, code = support.run { "read", "Order-tls-1", "--url", h2, "--cacert", cacert }
+    assert.equal(0, code, err)
+    assert.equal(support.run { "read", "Order-tls-1", "--url", d.url }, out)
+    local _, _, head = d:get("/events?after=0&limit=1000")
+    local after = math.tointeger(assert(json.decode(head).next))
+    local h = spawn { "events", "--follow", "--after", tostring(after), "--limit", "1",
+                      "--url", h2, "--cacert", cacert }
+    support.eventually(function() return subscribers(d) == 1 end, 60, "the subscription")
+    assert.equal(200, (d:command("Order", "tls-h2", "CreateOrder", { customer_id = "h2" })))
+    out, err, code = finish(h)
+    assert.equal(0, code, err)
+    assert.equal("Order-tls-h2", json.decode(out).stream)
+    -- it was HTTP/2 between the CLI and nginx (logged once nginx sees the stream closed)
+    support.eventually(function()
+      return support.read(dir .. "/access.log"):find('"GET /subscribe?after=' .. after .. ' HTTP/2.0"', 1, true)
+    end, 60, "nginx to log the HTTP/2 subscription")
+  end)
+
+  it("9. a plain http:// URL to the TLS port fails plainly", function()
     local out, err, code = support.run { "read", "Order-tls-1", "--url",
                                          "http://127.0.0.1:" .. proxy.port }
     assert.equal("", out)

@@ -92,7 +92,7 @@ end
 
 local function connect(d, timeout)
   local c = assert(socket.tcp())
-  c:settimeout(timeout or 10)
+  c:settimeout(timeout or 60)
   assert(c:connect(d.host, d.port))
   return c
 end
@@ -109,7 +109,7 @@ function M.read_response(c)
 end
 
 -- One request on a new connection. opts: body (string or table -> JSON), headers, token,
--- timeout (seconds to wait for the answer: 10 unless given).
+-- timeout (seconds to wait for the answer: 60 unless given; a loaded machine is slow).
 function M.request(d, method, path, opts)
   opts = opts or {}
   local body = opts.body

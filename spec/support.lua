@@ -142,12 +142,13 @@ function support.contains(text, part)
   assert(text:find(part, 1, true), "expected to find\n  " .. part .. "\nin\n  " .. text)
 end
 
--- Calls fn until it returns a true value, and returns that. Waits at least a
--- minute (seconds raises it): a loaded machine is slow, and waiting longer only
--- delays a failure, never causes one.
+-- Calls fn until it returns a true value, and returns that. Waits at least
+-- three minutes (seconds raises it): a loaded machine is slow (a 2-core box at
+-- a load average of 10 took over a minute to catch a projection up), and
+-- waiting longer only delays a failure, never causes one.
 function support.eventually(fn, seconds, what)
   local socket = require "socket"
-  local deadline = os.time() + math.max(seconds or 60, 60)
+  local deadline = os.time() + math.max(seconds or 180, 180)
   while true do
     local v = fn()
     if v then return v end

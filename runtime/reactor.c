@@ -1111,10 +1111,29 @@ static void load_reactor(ebb_reactors *h, reactor *r) {
     ebb_log(EBB_LOG_INFO, "reactor reloaded", "reactor", r->name, NULL);
   } else {
     read_checkpoint(r);
+    int64_t head = 0;
+    ebb_error err;
+    ebb_error_init(&err);
+    if (ebb_store_head(ebb_runtime_store(h->o.rt), &head, &err) == 0 && r->f.position > head) {
+      /* The store lost its last events (restored, or commits lost in an OS
+       * crash at durability normal): what it holds up to its head was
+       * handled, and what comes at the reused positions is new. */
+      char a[32], b[32];
+      snprintf(a, sizeof a, "%lld", (long long)r->f.position);
+      snprintf(b, sizeof b, "%lld", (long long)head);
+      ebb_log(EBB_LOG_WARN, "reactor checkpoint is past the store's head: resuming at the head",
+              "reactor", r->name, "#checkpoint", a, "#head", b, NULL);
+      r->f.position = head;
+      r->f.mark_position = 0;
+      r->f.mark_id[0] = '\0';
+      if (write_checkpoint(r) == 0) r->written = head;
+    }
+    ebb_error_clear(&err);
     char *why = ebb_follower_ahead(&r->f, ebb_runtime_store(h->o.rt), "the reactor");
     if (why) {
-      /* Reacting again from 0 would issue commands for events long handled:
-       * an operator decides. */
+      /* Other events hold the positions it saw: which of them it handled is
+       * unknown, and reacting again from 0 would issue commands for events
+       * long handled. An operator decides (skip moves past the event). */
       set_fault(r, r->f.position, why);
     }
   }

@@ -186,6 +186,52 @@ describe("the example reactor order_payment", function()
     end
   end)
 
+  it("7. a crash before each fsync of a reaction, in turn (store and reactors.db): each command once", function()
+    if support.store_kind ~= "sqlite" then return end
+    local empty = support.tmpdir()
+    local base = daemon.start({ args = { "--reactors", empty }, durability = "full" })
+    for i = 1, 3 do
+      command(base, "bank_account", "b" .. i, "OpenAccount", { owner = "B", initial_deposit = 1000 })
+      order(base, "bo" .. i, "b" .. i, 10 * i)
+      command(base, "order", "bo" .. i, "ConfirmOrder", {})
+    end
+    base:stop()
+    local env = "EBB_REACTOR_ORDER_PAYMENT_TIMEOUT_SECONDS=3600"
+    local cuts = 0
+    for n = 1, 60 do
+      local data = support.tmpdir()
+      assert(os.execute("cp -a '" .. base.data .. "'/. '" .. data .. "'/"))
+      -- Dies at the cut (before its nth fsync, losing what was not synced), or
+      -- finishes when the reaction needs fewer.
+      local faulty = daemon.start({ data = data, durability = "full", args = { "--reactors", examples },
+                                    env = env .. " EBB_TEST_FAULTS=cut_after_syncs=" .. n })
+      local finished = false
+      eventually(function()
+        if not faulty:alive() then return true end
+        local ok, s = pcall(status, faulty, "order_payment") -- it may die while answering
+        s = ok and faulty.url and s
+        finished = s and s.state == "live" and s.in_flight == 0 and s.position == s.head
+        return finished
+      end, 30, "the faulty daemon to die or finish")
+      faulty:stop()
+      if not finished then cuts = cuts + 1 end
+      d = daemon.start({ data = data, durability = "full", args = { "--reactors", examples }, env = env })
+      settled(d, "order_payment")
+      for i = 1, 3 do
+        local w = of_type(events_of(d, "BankAccount-b" .. i), "MoneyWithdrawn")
+        assert.are.equal(1, #w, ("cut before fsync %d: account b%d"):format(n, i))
+        assert.are.equal(1000 - 10 * i, state(d, "bank_account", "b" .. i).balance)
+      end
+      d:stop()
+      d = nil
+      support.rmdir(data)
+      if finished then break end
+    end
+    assert.is_true(cuts >= 3, "the reaction should have been cut several times, was " .. cuts)
+    support.rmdir(empty)
+    support.rmdir(base.data)
+  end)
+
   it("6. a store restored behind the reactor's checkpoint: resumes at the head and reacts to new events", function()
     if support.store_kind ~= "sqlite" then return end
     d = start()

@@ -530,9 +530,10 @@ static void arm_schedules(ebb_reactors *h) {
 static void load_reactor(ebb_reactors *h, reactor *r) {
   char *msg = NULL;
   ebb_follower nf = {0};
-  int ref = LUA_NOREF;
+  int ref = LUA_NOREF, start_now = 0;
   ebb_sandbox *sb = ebb__reactor_load_module(h->reactors_dir, h->lua_dir, h->o.memory_limit,
-                                h->o.instruction_budget, r->name, r->path, &nf, &ref, &msg);
+                                h->o.instruction_budget, r->name, r->path, &nf, &ref,
+                                             &start_now, &msg);
   if (sb == NULL) {
     ebb_follower_clear(&nf);
     r->load_failures++;
@@ -559,11 +560,16 @@ static void load_reactor(ebb_reactors *h, reactor *r) {
     r->reloads++;
     ebb_log(EBB_LOG_INFO, "reactor reloaded", "reactor", r->name, NULL);
   } else {
-    ebb__rdb_read_checkpoint(r);
+    int known = ebb__rdb_read_checkpoint(r);
     int64_t head = 0;
     ebb_error err;
     ebb_error_init(&err);
-    if (ebb_store_head(ebb_runtime_store(h->o.rt), &head, &err) == 0 && r->f.position > head) {
+    int have_head = ebb_store_head(ebb_runtime_store(h->o.rt), &head, &err) == 0;
+    if (!known && start_now && have_head) {
+      /* start = "now": the history before its first run is not its to react to. */
+      r->f.position = head;
+      if (ebb__rdb_write_checkpoint(r) == 0) r->written = head;
+    } else if (have_head && r->f.position > head) {
       /* The store lost its last events (restored, or commits lost in an OS
        * crash at durability normal): what it holds up to its head was
        * handled, and what comes at the reused positions is new. */

@@ -72,15 +72,16 @@ int ebb__rdb_write_checkpoint(reactor *r) {
                  "tiitt", r->name, r->f.position, r->f.mark_position, r->f.mark_id, now);
 }
 
-/* The checkpoint and skipped positions (none: from 0). */
-void ebb__rdb_read_checkpoint(reactor *r) {
+int ebb__rdb_read_checkpoint(reactor *r) {
   sqlite3_stmt *st;
+  int found = 0;
   r->f.position = r->f.mark_position = 0;
   r->f.mark_id[0] = '\0';
   if (sqlite3_prepare_v2(r->h->db, "SELECT position, event_position, event_id FROM "
                          "reactor_checkpoint WHERE name = ?", -1, &st, NULL) == SQLITE_OK) {
     sqlite3_bind_text(st, 1, r->name, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW) {
+      found = 1;
       r->f.position = sqlite3_column_int64(st, 0);
       r->f.mark_position = sqlite3_column_int64(st, 1);
       const char *id = (const char *)sqlite3_column_text(st, 2);
@@ -104,6 +105,7 @@ void ebb__rdb_read_checkpoint(reactor *r) {
     sqlite3_finalize(st);
   }
   ebb_follower_set_skipped(&r->f, skipped, n);
+  return found;
 }
 
 int64_t ebb__rdb_count_schedules(sqlite3 *db, const char *name) {

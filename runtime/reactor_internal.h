@@ -125,10 +125,12 @@ void ebb__work_clear(work *w);
 /* The message of the sandbox's failed call (popped); malloc'd. */
 char *ebb__reactor_call_error(ebb_sandbox *sb);
 /* A new sandbox with the module file loaded and validated (its `from` into
- * f, its table referenced by *module_ref), or NULL with *msg. */
+ * f, its table referenced by *module_ref, start = "now" into *start_now),
+ * or NULL with *msg. */
 ebb_sandbox *ebb__reactor_load_module(const char *dir, const char *lua_dir, size_t memory_limit,
                                       int64_t budget, const char *name, const char *path,
-                                      ebb_follower *f, int *module_ref, char **msg);
+                                      ebb_follower *f, int *module_ref, int *start_now,
+                                      char **msg);
 /* lua_CFunctions for ebb_sandbox_call: on[e.type](e, ctx) with argument the
  * work; rejected[type](cmd, err, e, ctx) with arguments the work, the
  * command and the ebb_error, returning whether there is such a handler. */
@@ -141,7 +143,9 @@ int ebb__rdb_exec(sqlite3 *db, const char *sql, char **msg);
 /* One statement with arguments by `types`: 't' text, 'i' int64, 'n' NULL. 0 or -1. */
 int ebb__rdb_run(sqlite3 *db, const char *sql, const char *types, ...);
 int ebb__rdb_write_checkpoint(reactor *r);
-void ebb__rdb_read_checkpoint(reactor *r);
+/* Reads the checkpoint and skipped positions: 1 if it has a checkpoint, 0 if
+ * not (from 0). */
+int ebb__rdb_read_checkpoint(reactor *r);
 int64_t ebb__rdb_count_schedules(sqlite3 *db, const char *name);
 void ebb__rdb_schedules_json(sqlite3 *db, const char *name, ebb_buf *out);
 

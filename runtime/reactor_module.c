@@ -271,6 +271,7 @@ char *ebb__reactor_call_error(ebb_sandbox *sb) {
 static int l_validate(lua_State *L) {
   ebb_follower *f = lua_touserdata(L, 2);
   const char *expected = lua_tostring(L, 3);
+  int *start_now = lua_touserdata(L, 4);
   if (!lua_istable(L, 1)) luaL_error(L, "the module must return a table, not a %s", luaL_typename(L, 1));
   if (lua_getfield(L, 1, "name") != LUA_TSTRING) luaL_error(L, "missing field: name (a string)");
   if (strcmp(lua_tostring(L, -1), expected) != 0)
@@ -285,6 +286,16 @@ static int l_validate(lua_State *L) {
     if (ebb_follower_add_from(f, lua_tostring(L, -1)) != 0) luaL_error(L, "out of memory");
     lua_pop(L, 1);
   }
+  /* start: where a reactor without a checkpoint begins. "beginning" (the
+   * default, as projections) reacts to the whole history; "now" only to
+   * events committed after it first runs (a new reactor on a store with
+   * history it must not act on again). */
+  int ty = lua_getfield(L, 1, "start");
+  if (ty != LUA_TNIL && (ty != LUA_TSTRING || (strcmp(lua_tostring(L, -1), "beginning") != 0 &&
+                                               strcmp(lua_tostring(L, -1), "now") != 0)))
+    luaL_error(L, "start must be \"beginning\" or \"now\"");
+  *start_now = ty == LUA_TSTRING && strcmp(lua_tostring(L, -1), "now") == 0;
+  lua_pop(L, 1);
   /* settings: defaults in the module, each overridden by the environment
    * variable EBB_REACTOR_<NAME>_<KEY> (upper case, other characters '_'). */
   int st = lua_getfield(L, 1, "settings");
@@ -340,7 +351,8 @@ static int l_validate(lua_State *L) {
 /* A new sandbox with the module loaded and validated; from goes into f. */
 ebb_sandbox *ebb__reactor_load_module(const char *dir, const char *lua_dir, size_t memory_limit,
                                       int64_t budget, const char *name, const char *path,
-                                      ebb_follower *f, int *module_ref, char **msg) {
+                                      ebb_follower *f, int *module_ref, int *start_now,
+                                      char **msg) {
   const char *dirs[1] = {dir};
   ebb_sandbox_options so = {.module_dirs = dirs, .n_module_dirs = 1, .runtime_dir = lua_dir,
                             .memory_limit = memory_limit, .instruction_budget = budget};
@@ -369,7 +381,8 @@ ebb_sandbox *ebb__reactor_load_module(const char *dir, const char *lua_dir, size
   lua_insert(L, -2);
   lua_pushlightuserdata(L, f);
   lua_pushstring(L, name);
-  if (ebb_sandbox_call(sb, 3, 0) != LUA_OK) {
+  lua_pushlightuserdata(L, start_now);
+  if (ebb_sandbox_call(sb, 4, 0) != LUA_OK) {
     char *m = ebb__reactor_call_error(sb);
     *msg = dupf("%s.lua: %s", name, m ? m : "invalid");
     free(m);
@@ -395,10 +408,12 @@ int ebb_reactors_check(const char *reactors_dir, const char *lua_dir, ebb_buf *r
     char *path = dupf("%s/%s", reactors_dir, de->d_name);
     char *msg = NULL;
     ebb_follower f = {0};
-    int ref;
+    int ref, start_now;
     const char *ld = lua_dir ? lua_dir : EBB_LUA_DIR;
     ebb_sandbox *sb =
-        path ? ebb__reactor_load_module(reactors_dir, ld, 0, 0, name, path, &f, &ref, &msg) : NULL;
+        path ? ebb__reactor_load_module(reactors_dir, ld, 0, 0, name, path, &f, &ref,
+                                        &start_now, &msg)
+             : NULL;
     if (sb == NULL) {
       ebb_buf_printf(report, "%s\n", msg ? msg : "out of memory");
       problems++;

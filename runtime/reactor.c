@@ -146,6 +146,7 @@ fail:
 /* All commands answered? Then the event is done. */
 static void maybe_done(reactor *r) {
   if (!r->busy) return; /* finished already (an answer that came at once) */
+  r->rearm = 1;
   for (size_t i = 0; i < r->w.n_cmds; i++)
     if (r->w.cmds[i]->state != C_DONE) return;
   r->busy = 0;
@@ -332,7 +333,12 @@ static void advance(reactor *r, int *budget) {
     if (!r->have_batch) {
       if (r->f.position >= h->head) {
         lazy_checkpoint(r, 1);
-        r->state = ST_LIVE;
+        if (r->state != ST_LIVE || r->rearm) {
+          /* Caught up: its due schedules may fire now. */
+          r->state = ST_LIVE;
+          r->rearm = 0;
+          arm_schedules(h);
+        }
         return;
       }
       ebb_error err;
@@ -455,6 +461,16 @@ static int in_flight(ebb_reactors *h, const char *name, const char *key) {
   return 0;
 }
 
+/* A schedule fires only while its reactor is caught up and idle: an event it
+ * has still to handle (committed while the daemon was down, say) may cancel
+ * it. A removed reactor's schedules wait for it to come back. */
+static int may_fire(ebb_reactors *h, const char *name, const char *key) {
+  if (in_flight(h, name, key)) return 0;
+  reactor *r = h->list;
+  while (r && strcmp(r->name, name) != 0) r = r->link;
+  return r && r->state == ST_LIVE && !r->busy;
+}
+
 static void on_sched_timer(uv_timer_t *t) {
   ebb_reactors *h = t->data;
   if (h->stopping || !h->active) return;
@@ -468,7 +484,7 @@ static void on_sched_timer(uv_timer_t *t) {
   while (sqlite3_step(st) == SQLITE_ROW) {
     const char *name = (const char *)sqlite3_column_text(st, 0);
     const char *key = (const char *)sqlite3_column_text(st, 1);
-    if (in_flight(h, name, key)) continue;
+    if (!may_fire(h, name, key)) continue;
     firing *fi = calloc(1, sizeof *fi);
     if (fi == NULL) break;
     fi->h = h;
@@ -514,7 +530,7 @@ static void arm_schedules(ebb_reactors *h) {
     return;
   int64_t next = -1;
   while (sqlite3_step(st) == SQLITE_ROW) {
-    if (in_flight(h, (const char *)sqlite3_column_text(st, 0),
+    if (!may_fire(h, (const char *)sqlite3_column_text(st, 0),
                   (const char *)sqlite3_column_text(st, 1)))
       continue;
     next = sqlite3_column_int64(st, 2);

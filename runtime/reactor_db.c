@@ -34,6 +34,7 @@ static const char *schema_sql =
     "fire_at_ms INTEGER NOT NULL, aggregate TEXT NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, "
     "data TEXT NOT NULL, command_id TEXT NOT NULL, event_id TEXT, created_at TEXT NOT NULL, "
     "PRIMARY KEY (name, key));"
+    "CREATE INDEX IF NOT EXISTS reactor_schedules_at ON reactor_schedules (fire_at_ms);"
     "CREATE TABLE IF NOT EXISTS reactor_rejections (name TEXT NOT NULL, position INTEGER, "
     "command_id TEXT NOT NULL, aggregate TEXT, id TEXT, type TEXT, error TEXT, at TEXT NOT NULL);";
 

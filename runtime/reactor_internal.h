@@ -90,6 +90,7 @@ struct reactor {
   int seen, removed;
   int tainted;                /* its Lua state was killed: load the code again before it runs */
   int64_t written_ms;         /* when the checkpoint was last written */
+  int rearm;                  /* idle again: arm the schedule timer once caught up */
   struct reactor *link;
 };
 

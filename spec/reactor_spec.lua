@@ -355,6 +355,44 @@ describe("the reactor runner", function()
     assert.are.equal(0, never.version)
   end)
 
+  it("5. a due schedule waits for its reactor to catch up: a cancel committed meanwhile wins", function()
+    write_reactor(dir, "reminder", nil, [[
+local r = { name = "reminder", from = { "Order" } }
+r.on = {
+  OrderCreated = function(e, ctx)
+    ctx.schedule(1, { aggregate = "bank_account", id = "rem-" .. e.aggregate_id, type = "OpenAccount",
+                      data = { owner = "late" } }, "remind:" .. e.aggregate_id)
+    return {}
+  end,
+  OrderConfirmed = function(e, ctx) ctx.cancel("remind:" .. e.aggregate_id) return {} end,
+}
+return r
+]])
+    d = start({ reactors = dir })
+    local data = d.data
+    command(d, "order", "x", "CreateOrder", { customer_id = "c" })
+    command(d, "order", "x", "AddItem", { sku = "A", qty = 1, price = 1 })
+    eventually(function()
+      local _, l = d:get("/reactors/reminder/schedules")
+      return l and #l == 1
+    end, 10, "the schedule")
+    d:stop()
+    -- Without the reactor (an empty directory), the order is confirmed and the schedule falls due.
+    local empty = support.tmpdir()
+    d = start({ data = data, reactors = empty })
+    command(d, "order", "x", "ConfirmOrder", {})
+    require("socket").sleep(1.5)
+    d:stop()
+    d = start({ data = data, reactors = dir })
+    settled(d, "reminder")
+    require("socket").sleep(1)
+    local _, l = d:get("/reactors/reminder/schedules")
+    assert.are.same({}, l)
+    local _, never = d:get("/aggregates/bank_account/rem-x")
+    assert.are.equal(0, never.version)
+    support.rmdir(empty)
+  end)
+
   it("3. ebb check validates reactor modules", function()
     write_reactor(dir, "opener")
     local data = support.tmpdir()

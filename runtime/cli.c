@@ -28,6 +28,7 @@
 #include "paths.h"
 #include "project.h"
 #include "projection.h"
+#include "reactor.h"
 #include "runtime.h"
 #include "uuid.h"
 #include "version.h"
@@ -689,6 +690,41 @@ static int l_args_query(lua_State *L) {
   return 0;
 }
 
+static int cmd_reactors(cli *c) {
+  if (!c->remote && !use_holder(c))
+    return usage_error("%s", "reactors live in the daemon: start 'ebb serve' or give --url");
+  const char *action = c->npos > 0 ? c->pos[0] : "list";
+  ebb_buf path = EBB_BUF_INIT;
+  const char *method = "GET";
+  int list = 0;
+  ebb_buf_puts(&path, "/reactors");
+  if (!strcmp(action, "list") && c->npos <= 1) {
+    list = 1;
+  } else if (!strcmp(action, "status") && c->npos == 2) {
+    path_segment(&path, c->pos[1]);
+  } else if (!strcmp(action, "schedules") && c->npos == 2) {
+    path_segment(&path, c->pos[1]);
+    path_segment(&path, "schedules");
+    list = 1;
+  } else if ((!strcmp(action, "retry") || !strcmp(action, "skip")) && c->npos == 2) {
+    method = "POST";
+    path_segment(&path, c->pos[1]);
+    path_segment(&path, action);
+  } else {
+    ebb_buf_free(&path);
+    return usage_error("%s", "usage: ebb reactors [list | status NAME | schedules NAME | retry NAME "
+                             "| skip NAME]");
+  }
+  ebb_http_response res;
+  int rc = remote_call(c, method, ebb_buf_cstr(&path), NULL, &res);
+  ebb_buf_free(&path);
+  if (rc) return rc;
+  if (list) ebb_json_array_items(res.body, res.body_len, print_item, NULL);
+  else printf("%.*s\n", (int)res.body_len, res.body);
+  ebb_http_response_free(&res);
+  return 0;
+}
+
 static int cmd_projections(cli *c) {
   if (!c->remote && !use_holder(c))
     return usage_error("%s", "projections live in the daemon: start 'ebb serve' or give --url");
@@ -992,7 +1028,9 @@ static int cmd_check(cli *c) {
   }
   ebb_runtime_close(rt);
   int pproblems = ebb_projections_check(c->projections, NULL, &b, &names);
-  if (problems || pproblems) {
+  ebb_buf rnames = EBB_BUF_INIT;
+  int rproblems = ebb_reactors_check(c->cfg.reactors, NULL, &b, &rnames);
+  if (problems || pproblems || rproblems) {
     fprintf(stderr, "%s", b.data);
     if (problems)
       fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", problems, problems == 1 ? "" : "s",
@@ -1000,8 +1038,12 @@ static int cmd_check(cli *c) {
     if (pproblems)
       fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", pproblems,
               pproblems == 1 ? "" : "s", c->projections);
+    if (rproblems)
+      fprintf(stderr, "ebb: script_error: %d problem%s in %s\n", rproblems,
+              rproblems == 1 ? "" : "s", c->cfg.reactors);
     ebb_buf_free(&b);
     ebb_buf_free(&names);
+    ebb_buf_free(&rnames);
     return EBB_EXIT_SCRIPT;
   }
   ebb_buf_free(&b);
@@ -1012,6 +1054,10 @@ static int cmd_check(cli *c) {
   ebb_buf_append(&b, names.data ? names.data : "", names.len);
   ebb_buf_putc(&b, ']');
   ebb_buf_free(&names);
+  ebb_buf_puts(&b, ",\"reactors\":[");
+  ebb_buf_append(&b, rnames.data ? rnames.data : "", rnames.len);
+  ebb_buf_putc(&b, ']');
+  ebb_buf_free(&rnames);
   ebb_buf_puts(&b, ",\"config\":");
   ebb_config_dump(&c->cfg, &b);
   ebb_buf_puts(&b, "}\n");
@@ -1259,9 +1305,14 @@ static const command commands[] = {
      "by other code, which are never loaded. 'delete' removes them (of STREAM only if given; only\n"
      "the stale ones with --stale) and prints {deleted}. Snapshots are taken again as needed."},
     {"check", cmd_check, 0, 0, "", "ebb check",
-     "Loads and validates every module in the aggregates and projections directories (running\n"
-     "each projection's setup on a scratch database) and the settings; prints each problem with\n"
-     "its file and line and exits 6 if there is any, else {ok, aggregates, projections, config}."},
+     "Loads and validates every module in the aggregates, projections and reactors directories\n"
+     "(running each projection's setup on a scratch database) and the settings; prints each\n"
+     "problem with its file and line and exits 6 if there is any, else {ok, aggregates,\n"
+     "projections, reactors, config}."},
+    {"reactors", cmd_reactors, 0, 2, "", "ebb reactors [list | status NAME | schedules NAME | retry NAME | skip NAME]",
+     "Talks to the daemon about its reactors: list prints one status per line; status NAME its\n"
+     "status; schedules NAME its pending schedules; retry NAME resumes a faulted reactor at the\n"
+     "event it faulted on, skip NAME records that event as skipped and goes on."},
     {"export", cmd_export, 0, 0, "after before raw",
      "ebb export [--after POS] [--before POS] [--raw]",
      "Writes events in global order as NDJSON (one event per line) to standard output: those\n"

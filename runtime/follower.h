@@ -83,8 +83,8 @@ void ebb_follower_batch_free(ebb_follower_batch *b);
 
 /* Has the consumer seen events the store does not hold (its checkpoint past
  * the store's head, or its fingerprint event gone or replaced)? A malloc'd
- * reason naming the consumer as `who` ("the read model"), or NULL (also when the store cannot tell: reading fails soon
- * enough). */
+ * reason naming the consumer as `who` ("the read model"), or NULL (also
+ * when the store cannot tell: reading fails soon enough). */
 char *ebb_follower_ahead(const ebb_follower *f, ebb_store *store, const char *who);
 
 #endif

@@ -1,5 +1,7 @@
 /*
- * reactor.c: the reactor host (see reactor.h).
+ * reactor.c: the reactor host (see reactor.h): following, issuing, firing
+ * schedules, the life cycle and the status. The Lua side is in
+ * reactor_module.c, the durable state in reactor_db.c.
  *
  * Everything runs on the daemon's loop. A reactor works one event at a time:
  * its follower reads a batch after the checkpoint; for each event the
@@ -9,7 +11,8 @@
  * answered (committed, or rejected and compensated or recorded) the
  * checkpoint moves to the event, with its schedule changes, in one
  * transaction of reactors.db. Events whose handler did nothing move the
- * checkpoint in memory; it is written once per batch.
+ * checkpoint in memory; it is written at most once a second and when the
+ * reactor has caught up.
  *
  * Failures: a rejection goes to rejected[type], whose commands are issued in
  * turn, or is recorded; a script_error, storage failure or shutdown answer is
@@ -23,129 +26,23 @@
  * store answers the repeat.
  */
 #define _GNU_SOURCE /* asprintf */
+#include "reactor_internal.h"
 #include "paths.h"
-#include "reactor.h"
 
-#include <ctype.h>
 #include <dirent.h>
 #include <lauxlib.h>
-#include <lua.h>
-#include <sqlite3.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "clock.h"
-#include "follower.h"
-#include "json.h"
 #include "log.h"
-#include "sandbox.h"
 
 #define BATCH 100               /* events read at once */
 #define EVENTS_PER_TURN 200     /* handler calls per loop turn, so requests interleave */
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 30000
-#define MAX_KEY 200
-
-enum { ST_CATCHING_UP = EBB_FOLLOW_CATCHING_UP, ST_LIVE = EBB_FOLLOW_LIVE,
-       ST_FAULTED = EBB_FOLLOW_FAULTED, ST_STOPPED = EBB_FOLLOW_STOPPED };
-
-/* ---------------------------------------------------------------- types */
-
-typedef struct reactor reactor;
-
-/* A command to issue, and where it stands. */
-typedef struct rcommand {
-  reactor *r;
-  char *aggregate, *id, *type, *data; /* data: JSON object text */
-  char *command_id;
-  int state;                  /* C_PENDING, C_FLIGHT, C_DONE */
-  int index;                  /* in the event's list (compensations: their parent's) */
-  int attempts;
-} rcommand;
-enum { C_PENDING, C_FLIGHT, C_DONE };
-
-typedef struct schedop {
-  char *key;
-  int64_t at_ms;              /* < 0: a cancel */
-  rcommand cmd;
-} schedop;
-
-typedef struct rejection {
-  char *command_id, *aggregate, *id, *type, *error;
-} rejection;
-
-/* What one event's handlers asked for. */
-typedef struct work {
-  reactor *r;
-  const ebb_event *e;
-  rcommand **cmds;
-  size_t n_cmds;
-  schedop *ops;
-  size_t n_ops;
-  rejection *rej;
-  size_t n_rej;
-  int n_made;                 /* commands made so far (their indexes) */
-  const char *parent_id;      /* a compensation's: the rejected command's id */
-  char *correlation_id;       /* the event's, or NULL: it starts a chain */
-} work;
-
-struct reactor {
-  struct ebb_reactors *h;
-  char *name, *path;
-  uint64_t code_hash;
-  ebb_sandbox *sb;
-  int module_ref;
-  ebb_follower f;
-  int64_t written;            /* the checkpoint last written */
-  int state;
-  char *fault;
-  int64_t fault_position;
-  char *load_error;
-  uint64_t load_failures, reloads;
-  int loaded_once;
-  ebb_follower_batch batch;
-  int have_batch;
-  size_t at;                  /* the event of the batch in progress */
-  work w;                     /* its commands (while busy) */
-  int busy;                   /* commands in flight or waiting to retry */
-  uv_timer_t retry;
-  int64_t backoff_ms;
-  char *retry_error;
-  uint64_t issued, rejected, events_total, retries;
-  char *last_rejection;
-  int seen, removed;
-  int tainted;                /* its Lua state was killed: load the code again before it runs */
-  int64_t written_ms;         /* when the checkpoint was last written */
-  struct reactor *link;
-};
-
-/* A fired schedule in flight. */
-typedef struct firing {
-  struct ebb_reactors *h;
-  char *name, *key;
-  rcommand cmd;
-  struct firing *link;
-} firing;
-
-struct ebb_reactors {
-  ebb_reactors_options o;
-  char *reactors_dir, *lua_dir;
-  sqlite3 *db;
-  reactor *list;
-  int64_t head;
-  int active, stopping;
-  size_t in_flight;           /* commands issued and not answered (all reactors) */
-  uv_idle_t pump;
-  int pumping;
-  uv_timer_t sched_timer, rescan_timer;
-  uv_fs_event_t watch;
-  int watching;
-  int handles;                /* uv handles still open */
-  firing *firings;
-  uint64_t fired;
-};
 
 static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static char *dupf(const char *fmt, ...) {
@@ -160,337 +57,6 @@ static char *dupf(const char *fmt, ...) {
 static void schedule_pump(ebb_reactors *h);
 static void arm_schedules(ebb_reactors *h);
 static void maybe_free(ebb_reactors *h);
-
-/* ---------------------------------------------------------------- reactors.db */
-
-static const char *schema_sql =
-    "CREATE TABLE IF NOT EXISTS reactor_checkpoint (name TEXT PRIMARY KEY, position INTEGER NOT "
-    "NULL, event_position INTEGER, event_id TEXT, updated_at TEXT NOT NULL);"
-    "CREATE TABLE IF NOT EXISTS reactor_skipped (name TEXT NOT NULL, position INTEGER NOT NULL, "
-    "error TEXT, skipped_at TEXT NOT NULL, PRIMARY KEY (name, position));"
-    "CREATE TABLE IF NOT EXISTS reactor_schedules (name TEXT NOT NULL, key TEXT NOT NULL, "
-    "fire_at_ms INTEGER NOT NULL, aggregate TEXT NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, "
-    "data TEXT NOT NULL, command_id TEXT NOT NULL, event_id TEXT, created_at TEXT NOT NULL, "
-    "PRIMARY KEY (name, key));"
-    "CREATE TABLE IF NOT EXISTS reactor_rejections (name TEXT NOT NULL, position INTEGER, "
-    "command_id TEXT NOT NULL, aggregate TEXT, id TEXT, type TEXT, error TEXT, at TEXT NOT NULL);";
-
-static int exec_sql(sqlite3 *db, const char *sql, char **msg) {
-  char *e = NULL;
-  int rc = sqlite3_exec(db, sql, NULL, NULL, &e);
-  if (rc != SQLITE_OK && msg) *msg = dupf("%s", e ? e : sqlite3_errstr(rc));
-  sqlite3_free(e);
-  return rc == SQLITE_OK ? 0 : -1;
-}
-
-/* Runs one statement with text/int64 arguments: "t" text, "i" int64, "n" NULL. */
-static int run_sql(sqlite3 *db, const char *sql, const char *types, ...) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-  va_list ap;
-  va_start(ap, types);
-  for (int i = 0; types[i]; i++) {
-    if (types[i] == 't') sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
-    else if (types[i] == 'i') sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
-    else sqlite3_bind_null(st, i + 1);
-  }
-  va_end(ap);
-  int rc = sqlite3_step(st);
-  sqlite3_finalize(st);
-  return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
-}
-
-static int write_checkpoint(reactor *r) {
-  char now[EBB_TIME_LEN + 1];
-  ebb_clock_format(ebb_clock_now_ms(), now);
-  return run_sql(r->h->db,
-                 "INSERT INTO reactor_checkpoint (name, position, event_position, event_id, "
-                 "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET position = "
-                 "excluded.position, event_position = excluded.event_position, event_id = "
-                 "excluded.event_id, updated_at = excluded.updated_at",
-                 "tiitt", r->name, r->f.position, r->f.mark_position, r->f.mark_id, now);
-}
-
-/* Reads the reactor's checkpoint and skipped positions (none: from 0). */
-static void read_checkpoint(reactor *r) {
-  sqlite3_stmt *st;
-  r->f.position = r->f.mark_position = 0;
-  r->f.mark_id[0] = '\0';
-  if (sqlite3_prepare_v2(r->h->db, "SELECT position, event_position, event_id FROM "
-                         "reactor_checkpoint WHERE name = ?", -1, &st, NULL) == SQLITE_OK) {
-    sqlite3_bind_text(st, 1, r->name, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) {
-      r->f.position = sqlite3_column_int64(st, 0);
-      r->f.mark_position = sqlite3_column_int64(st, 1);
-      const char *id = (const char *)sqlite3_column_text(st, 2);
-      snprintf(r->f.mark_id, sizeof r->f.mark_id, "%s", id ? id : "");
-      if (r->f.mark_id[0] == '\0') r->f.mark_position = 0;
-    }
-    sqlite3_finalize(st);
-  }
-  r->written = r->f.position;
-  int64_t *skipped = NULL;
-  size_t n = 0;
-  if (sqlite3_prepare_v2(r->h->db, "SELECT position FROM reactor_skipped WHERE name = ?", -1, &st,
-                         NULL) == SQLITE_OK) {
-    sqlite3_bind_text(st, 1, r->name, -1, SQLITE_STATIC);
-    while (sqlite3_step(st) == SQLITE_ROW) {
-      int64_t *p = realloc(skipped, (n + 1) * sizeof *p);
-      if (p == NULL) break;
-      skipped = p;
-      skipped[n++] = sqlite3_column_int64(st, 0);
-    }
-    sqlite3_finalize(st);
-  }
-  ebb_follower_set_skipped(&r->f, skipped, n);
-}
-
-static int64_t count_schedules(ebb_reactors *h, const char *name) {
-  sqlite3_stmt *st;
-  int64_t n = 0;
-  if (sqlite3_prepare_v2(h->db, "SELECT count(*) FROM reactor_schedules WHERE name = ?", -1, &st,
-                         NULL) != SQLITE_OK)
-    return 0;
-  sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-  if (sqlite3_step(st) == SQLITE_ROW) n = sqlite3_column_int64(st, 0);
-  sqlite3_finalize(st);
-  return n;
-}
-
-/* ---------------------------------------------------------------- commands */
-
-static void rcmd_clear(rcommand *c) {
-  free(c->aggregate);
-  free(c->id);
-  free(c->type);
-  free(c->data);
-  free(c->command_id);
-  memset(c, 0, sizeof *c);
-}
-
-static void work_clear(work *w) {
-  for (size_t i = 0; i < w->n_cmds; i++) {
-    rcmd_clear(w->cmds[i]);
-    free(w->cmds[i]);
-  }
-  free(w->cmds);
-  for (size_t i = 0; i < w->n_ops; i++) {
-    free(w->ops[i].key);
-    rcmd_clear(&w->ops[i].cmd);
-  }
-  free(w->ops);
-  for (size_t i = 0; i < w->n_rej; i++) {
-    free(w->rej[i].command_id);
-    free(w->rej[i].aggregate);
-    free(w->rej[i].id);
-    free(w->rej[i].type);
-    free(w->rej[i].error);
-  }
-  free(w->rej);
-  free(w->correlation_id);
-  reactor *r = w->r;
-  memset(w, 0, sizeof *w);
-  w->r = r;
-}
-
-/* Reads the command table at idx into c (raises on a malformed one). */
-static void take_command(lua_State *L, int idx, rcommand *c, const char *what) {
-  idx = lua_absindex(L, idx);
-  if (!lua_istable(L, idx)) luaL_error(L, "%s must be a table { aggregate, id, type, data }", what);
-  static const char *const fields[3] = {"aggregate", "id", "type"};
-  char **dst[3] = {&c->aggregate, &c->id, &c->type};
-  for (int k = 0; k < 3; k++) {
-    if (lua_getfield(L, idx, fields[k]) != LUA_TSTRING || lua_rawlen(L, -1) == 0)
-      luaL_error(L, "%s needs %s (a non-empty string)", what, fields[k]);
-    if ((*dst[k] = strdup(lua_tostring(L, -1))) == NULL) luaL_error(L, "out of memory");
-    lua_pop(L, 1);
-  }
-  int t = lua_getfield(L, idx, "data");
-  if (t == LUA_TNIL) {
-    c->data = strdup("{}");
-  } else {
-    if (t != LUA_TTABLE) luaL_error(L, "%s: data must be a table", what);
-    ebb_buf b = EBB_BUF_INIT;
-    char msg[256];
-    if (ebb_json_encode(L, -1, &b, msg, sizeof msg) != 0 || b.len == 0 || b.data[0] != '{') {
-      ebb_buf_free(&b);
-      luaL_error(L, "%s: data must be a JSON object (%s)", what, msg);
-    }
-    c->data = ebb_buf_take(&b, NULL);
-  }
-  lua_pop(L, 1);
-  if (c->data == NULL) luaL_error(L, "out of memory");
-}
-
-/* Appends the commands of the list at idx (nil or {}: none). */
-static void take_commands(lua_State *L, int idx, work *w, const char *handler) {
-  idx = lua_absindex(L, idx);
-  if (lua_isnil(L, idx)) return;
-  if (!lua_istable(L, idx))
-    luaL_error(L, "%s must return a list of commands ({} for none), not a %s", handler,
-               luaL_typename(L, idx));
-  lua_Integer n = luaL_len(L, idx);
-  for (lua_Integer i = 1; i <= n; i++) {
-    rcommand **p = realloc(w->cmds, (w->n_cmds + 1) * sizeof *p);
-    if (p == NULL) luaL_error(L, "out of memory");
-    w->cmds = p;
-    rcommand *c = calloc(1, sizeof *c);
-    if (c == NULL) luaL_error(L, "out of memory");
-    w->cmds[w->n_cmds++] = c;
-    c->r = w->r;
-    char what[200];
-    snprintf(what, sizeof what, "%.100s: command %d", handler, (int)i);
-    lua_rawgeti(L, idx, i);
-    take_command(L, -1, c, what);
-    lua_pop(L, 1);
-    c->index = w->n_made++;
-    /* Deterministic: the same event and code give the same ids after a crash. */
-    c->command_id = w->parent_id
-                        ? dupf("%s/r%d", w->parent_id, (int)(i - 1))
-                        : dupf("%s:%s:%d", w->r->name, w->e->id, c->index);
-    if (c->command_id == NULL) luaL_error(L, "out of memory");
-  }
-}
-
-/* ctx.schedule(at_or_delay, command, key?) */
-static int l_schedule(lua_State *L) {
-  work *w = lua_touserdata(L, lua_upvalueindex(1));
-  int64_t at;
-  if (lua_type(L, 1) == LUA_TNUMBER) {
-    /* A delay counts from the event's recorded time, so that a redelivery
-     * sets the same time. */
-    int64_t rec = 0;
-    ebb_clock_parse(w->e->recorded_at, &rec);
-    at = rec + (int64_t)(lua_tonumber(L, 1) * 1000.0);
-  } else if (lua_type(L, 1) == LUA_TSTRING) {
-    if (ebb_clock_parse(lua_tostring(L, 1), &at) != 0)
-      luaL_error(L, "ctx.schedule: %s is not an RFC 3339 time", lua_tostring(L, 1));
-  } else {
-    return luaL_error(L, "ctx.schedule(at_or_delay, command, key?): at_or_delay must be seconds "
-                         "(a number) or an RFC 3339 time (a string)");
-  }
-  const char *key = luaL_optstring(L, 3, NULL);
-  char fallback[EBB_MAX_NAME + 16];
-  if (key == NULL) {
-    snprintf(fallback, sizeof fallback, "%s:%d", w->e->id, (int)w->n_ops);
-    key = fallback;
-  }
-  if (strlen(key) == 0 || strlen(key) > MAX_KEY)
-    luaL_error(L, "ctx.schedule: the key must be 1 to %d bytes", MAX_KEY);
-  schedop *p = realloc(w->ops, (w->n_ops + 1) * sizeof *p);
-  if (p == NULL) luaL_error(L, "out of memory");
-  w->ops = p;
-  schedop *op = &w->ops[w->n_ops++];
-  memset(op, 0, sizeof *op);
-  op->at_ms = at < 0 ? 0 : at;
-  if ((op->key = strdup(key)) == NULL) luaL_error(L, "out of memory");
-  take_command(L, 2, &op->cmd, "ctx.schedule's command");
-  op->cmd.command_id = dupf("%s:%s:schedule:%s", w->r->name, w->e->id, key);
-  if (op->cmd.command_id == NULL) luaL_error(L, "out of memory");
-  return 0;
-}
-
-/* ctx.cancel(key) */
-static int l_cancel(lua_State *L) {
-  work *w = lua_touserdata(L, lua_upvalueindex(1));
-  const char *key = luaL_checkstring(L, 1);
-  schedop *p = realloc(w->ops, (w->n_ops + 1) * sizeof *p);
-  if (p == NULL) luaL_error(L, "out of memory");
-  w->ops = p;
-  schedop *op = &w->ops[w->n_ops++];
-  memset(op, 0, sizeof *op);
-  op->at_ms = -1;
-  if ((op->key = strdup(key)) == NULL) luaL_error(L, "out of memory");
-  return 0;
-}
-
-static void push_ctx(lua_State *L, work *w) {
-  lua_createtable(L, 0, 3);
-  lua_pushlightuserdata(L, w);
-  lua_pushcclosure(L, l_schedule, 1);
-  lua_setfield(L, -2, "schedule");
-  lua_pushlightuserdata(L, w);
-  lua_pushcclosure(L, l_cancel, 1);
-  lua_setfield(L, -2, "cancel");
-  lua_pushstring(L, w->r->name);
-  lua_setfield(L, -2, "reactor");
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->r->module_ref);
-  lua_getfield(L, -1, "settings");
-  lua_setfield(L, -3, "settings");
-  lua_pop(L, 1);
-}
-
-/* Runs on[e.type](e, ctx). Argument: the work. */
-static int l_on(lua_State *L) {
-  work *w = lua_touserdata(L, 1);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->r->module_ref);
-  lua_getfield(L, -1, "on");
-  if (lua_getfield(L, -1, w->e->type) != LUA_TFUNCTION) return 0;
-  ebb_event_push(L, w->e, 1);
-  if (lua_getfield(L, -1, "metadata") == LUA_TTABLE &&
-      lua_getfield(L, -1, "correlation_id") == LUA_TSTRING &&
-      (w->correlation_id = strdup(lua_tostring(L, -1))) == NULL)
-    luaL_error(L, "out of memory");
-  lua_settop(L, 5); /* work, module, on, handler, event */
-  push_ctx(L, w);
-  lua_call(L, 2, 1);
-  char handler[EBB_MAX_NAME + 8];
-  snprintf(handler, sizeof handler, "on.%s", w->e->type);
-  take_commands(L, -1, w, handler);
-  return 0;
-}
-
-/* Runs rejected[cmd.type](cmd, err, e, ctx). Arguments: the work, the
- * rejected command, the error. Pushes true when there is such a handler. */
-static int l_rejected(lua_State *L) {
-  work *w = lua_touserdata(L, 1);
-  rcommand *c = lua_touserdata(L, 2);
-  const ebb_error *err = lua_touserdata(L, 3);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->r->module_ref);
-  if (lua_getfield(L, -1, "rejected") != LUA_TTABLE || lua_getfield(L, -1, c->type) != LUA_TFUNCTION) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  char msg[256];
-  lua_createtable(L, 0, 5);
-  lua_pushstring(L, c->aggregate);
-  lua_setfield(L, -2, "aggregate");
-  lua_pushstring(L, c->id);
-  lua_setfield(L, -2, "id");
-  lua_pushstring(L, c->type);
-  lua_setfield(L, -2, "type");
-  lua_pushstring(L, c->command_id);
-  lua_setfield(L, -2, "command_id");
-  if (ebb_json_decode(L, c->data, strlen(c->data), msg, sizeof msg) != 0) lua_newtable(L);
-  lua_setfield(L, -2, "data");
-  lua_createtable(L, 0, 3);
-  lua_pushstring(L, ebb_error_name(err->code));
-  lua_setfield(L, -2, "code");
-  lua_pushstring(L, err->message);
-  lua_setfield(L, -2, "message");
-  if (err->details && ebb_json_decode(L, err->details, strlen(err->details), msg, sizeof msg) == 0)
-    lua_setfield(L, -2, "details");
-  if (w->e) ebb_event_push(L, w->e, 1);
-  else lua_pushnil(L);
-  push_ctx(L, w);
-  lua_call(L, 4, 1);
-  char handler[EBB_MAX_NAME + 16];
-  snprintf(handler, sizeof handler, "rejected.%s", c->type);
-  w->parent_id = c->command_id;
-  take_commands(L, -1, w, handler);
-  w->parent_id = NULL;
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-static char *call_error(ebb_sandbox *sb) {
-  lua_State *L = ebb_sandbox_state(sb);
-  const char *killed = ebb_sandbox_killed(sb);
-  char *m = dupf("%s", killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
-                                                                         : "a non-string error");
-  lua_pop(L, 1);
-  return m;
-}
 
 /* ---------------------------------------------------------------- faults */
 
@@ -539,13 +105,13 @@ static int commit_event(reactor *r) {
   int64_t saved_pos = r->f.position, saved_mark = r->f.mark_position;
   char saved_id[sizeof r->f.mark_id];
   memcpy(saved_id, r->f.mark_id, sizeof saved_id);
-  if (exec_sql(h->db, "BEGIN IMMEDIATE", &msg) != 0) goto fail;
+  if (ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", &msg) != 0) goto fail;
   for (size_t i = 0; i < w->n_ops; i++) {
     schedop *op = &w->ops[i];
     int rc = op->at_ms < 0
-                 ? run_sql(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?", "tt",
+                 ? ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?", "tt",
                            r->name, op->key)
-                 : run_sql(h->db,
+                 : ebb__rdb_run(h->db,
                            "INSERT OR REPLACE INTO reactor_schedules (name, key, fire_at_ms, "
                            "aggregate, id, type, data, command_id, event_id, created_at) VALUES "
                            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -555,7 +121,7 @@ static int commit_event(reactor *r) {
     if (rc != 0) goto fail;
   }
   for (size_t i = 0; i < w->n_rej; i++)
-    if (run_sql(h->db,
+    if (ebb__rdb_run(h->db,
                 "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, type, "
                 "error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 "titttttt", r->name, w->e->position, w->rej[i].command_id, w->rej[i].aggregate,
@@ -563,13 +129,13 @@ static int commit_event(reactor *r) {
       goto fail;
   r->f.position = w->e->position;
   ebb_follower_mark(&r->f, w->e);
-  if (write_checkpoint(r) != 0 || exec_sql(h->db, "COMMIT", &msg) != 0) goto fail;
+  if (ebb__rdb_write_checkpoint(r) != 0 || ebb__rdb_exec(h->db, "COMMIT", &msg) != 0) goto fail;
   r->written = r->f.position;
   if (w->n_ops) arm_schedules(h);
   return 0;
 fail:
   if (msg == NULL) msg = dupf("reactors.db: %s", sqlite3_errmsg(h->db));
-  exec_sql(h->db, "ROLLBACK", NULL);
+  ebb__rdb_exec(h->db, "ROLLBACK", NULL);
   r->f.position = saved_pos;
   r->f.mark_position = saved_mark;
   memcpy(r->f.mark_id, saved_id, sizeof saved_id);
@@ -581,6 +147,7 @@ fail:
 /* All commands answered? Then the event is done. */
 static void maybe_done(reactor *r) {
   if (!r->busy) return; /* finished already (an answer that came at once) */
+  r->rearm = 1;
   for (size_t i = 0; i < r->w.n_cmds; i++)
     if (r->w.cmds[i]->state != C_DONE) return;
   r->busy = 0;
@@ -588,14 +155,14 @@ static void maybe_done(reactor *r) {
   free(r->retry_error);
   r->retry_error = NULL;
   if (r->removed || r->h->stopping) {
-    work_clear(&r->w);
+    ebb__work_clear(&r->w);
     return;
   }
   if (r->state != ST_FAULTED && commit_event(r) == 0) {
     r->events_total++;
     r->at++;
   }
-  work_clear(&r->w);
+  ebb__work_clear(&r->w);
   schedule_pump(r->h);
 }
 
@@ -626,14 +193,14 @@ static void on_issued(void *ud, const ebb_error *err) {
                              err->message);
     /* rejected[type] compensates with commands of its own; else recorded. */
     lua_State *L = ebb_sandbox_state(r->sb);
-    lua_pushcfunction(L, l_rejected);
+    lua_pushcfunction(L, ebb__reactor_l_rejected);
     lua_pushlightuserdata(L, &r->w);
     lua_pushlightuserdata(L, c);
     lua_pushlightuserdata(L, (void *)err);
     size_t before = r->w.n_cmds;
     if (ebb_sandbox_call(r->sb, 3, 1) != LUA_OK) {
       r->tainted = ebb_sandbox_killed(r->sb) != NULL;
-      char *m = call_error(r->sb);
+      char *m = ebb__reactor_call_error(r->sb);
       set_fault(r, r->w.e->position, dupf("event %lld (%s in %s): rejected.%s: %s",
                                          (long long)r->w.e->position, r->w.e->type,
                                          r->w.e->stream, c->type, m ? m : "error"));
@@ -705,19 +272,19 @@ static void issue(reactor *r, rcommand *c) {
  * (wait), 0: done with it, -1: faulted. */
 static int handle_event(reactor *r) {
   const ebb_event *e = &r->batch.events.items[r->at];
-  work_clear(&r->w);
+  ebb__work_clear(&r->w);
   r->w.r = r;
   r->w.e = e;
   lua_State *L = ebb_sandbox_state(r->sb);
-  lua_pushcfunction(L, l_on);
+  lua_pushcfunction(L, ebb__reactor_l_on);
   lua_pushlightuserdata(L, &r->w);
   if (ebb_sandbox_call(r->sb, 1, 0) != LUA_OK) {
     r->tainted = ebb_sandbox_killed(r->sb) != NULL;
-    char *m = call_error(r->sb);
+    char *m = ebb__reactor_call_error(r->sb);
     set_fault(r, e->position, dupf("event %lld (%s in %s): %s", (long long)e->position, e->type,
                                    e->stream, m ? m : "error"));
     free(m);
-    work_clear(&r->w);
+    ebb__work_clear(&r->w);
     return -1;
   }
   if (r->w.n_cmds == 0) {
@@ -727,7 +294,7 @@ static int handle_event(reactor *r) {
       ebb_follower_mark(&r->f, e);
       r->events_total++;
       r->at++;
-      work_clear(&r->w);
+      ebb__work_clear(&r->w);
       return 0;
     }
     int rc = commit_event(r);
@@ -735,7 +302,7 @@ static int handle_event(reactor *r) {
       r->events_total++;
       r->at++;
     }
-    work_clear(&r->w);
+    ebb__work_clear(&r->w);
     return rc;
   }
   /* An answer may come at once (a rejection, a command id the store
@@ -754,7 +321,7 @@ static int handle_event(reactor *r) {
 static void lazy_checkpoint(reactor *r, int caught_up) {
   int64_t now = ebb_clock_now_ms();
   if (r->written == r->f.position || (!caught_up && now - r->written_ms < 1000)) return;
-  if (write_checkpoint(r) == 0) {
+  if (ebb__rdb_write_checkpoint(r) == 0) {
     r->written = r->f.position;
     r->written_ms = now;
   }
@@ -767,7 +334,12 @@ static void advance(reactor *r, int *budget) {
     if (!r->have_batch) {
       if (r->f.position >= h->head) {
         lazy_checkpoint(r, 1);
-        r->state = ST_LIVE;
+        if (r->state != ST_LIVE || r->rearm) {
+          /* Caught up: its due schedules may fire now. */
+          r->state = ST_LIVE;
+          r->rearm = 0;
+          arm_schedules(h);
+        }
         return;
       }
       ebb_error err;
@@ -803,7 +375,7 @@ static void advance(reactor *r, int *budget) {
                        bad->stream, bad->upcast_error);
       r->f.position = r->batch.checkpoint;
       drop_batch(r);
-      if (write_checkpoint(r) == 0) r->written = r->f.position;
+      if (ebb__rdb_write_checkpoint(r) == 0) r->written = r->f.position;
       set_fault(r, r->f.position + 1, why);
       return;
     }
@@ -851,21 +423,21 @@ static void on_fired(void *ud, const ebb_error *err) {
                               err->message);
       }
       /* The row stays: the timer fires it again after a pause. */
-      run_sql(h->db, "UPDATE reactor_schedules SET fire_at_ms = ? WHERE name = ? AND key = ?",
+      ebb__rdb_run(h->db, "UPDATE reactor_schedules SET fire_at_ms = ? WHERE name = ? AND key = ?",
               "itt", ebb_clock_now_ms() + 1000, fi->name, fi->key);
     } else {
       char now[EBB_TIME_LEN + 1];
       ebb_clock_format(ebb_clock_now_ms(), now);
-      exec_sql(h->db, "BEGIN IMMEDIATE", NULL);
+      ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", NULL);
       if (err->code != 0)
-        run_sql(h->db,
+        ebb__rdb_run(h->db,
                 "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, "
                 "type, error, at) VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
                 "ttttttt", fi->name, fi->cmd.command_id, fi->cmd.aggregate, fi->cmd.id,
                 fi->cmd.type, err->message, now);
-      run_sql(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ? AND command_id = ?",
+      ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ? AND command_id = ?",
               "ttt", fi->name, fi->key, fi->cmd.command_id);
-      exec_sql(h->db, "COMMIT", NULL);
+      ebb__rdb_exec(h->db, "COMMIT", NULL);
       if (r && err->code == 0) r->issued++;
       if (r && err->code != 0) {
         r->rejected++;
@@ -879,7 +451,7 @@ static void on_fired(void *ud, const ebb_error *err) {
   }
   free(fi->name);
   free(fi->key);
-  rcmd_clear(&fi->cmd);
+  ebb__rcommand_clear(&fi->cmd);
   free(fi);
   maybe_free(h);
 }
@@ -888,6 +460,16 @@ static int in_flight(ebb_reactors *h, const char *name, const char *key) {
   for (firing *fi = h->firings; fi; fi = fi->link)
     if (strcmp(fi->name, name) == 0 && strcmp(fi->key, key) == 0) return 1;
   return 0;
+}
+
+/* A schedule fires only while its reactor is caught up and idle: an event it
+ * has still to handle (committed while the daemon was down, say) may cancel
+ * it. A removed reactor's schedules wait for it to come back. */
+static int may_fire(ebb_reactors *h, const char *name, const char *key) {
+  if (in_flight(h, name, key)) return 0;
+  reactor *r = h->list;
+  while (r && strcmp(r->name, name) != 0) r = r->link;
+  return r && r->state == ST_LIVE && !r->busy;
 }
 
 static void on_sched_timer(uv_timer_t *t) {
@@ -903,7 +485,7 @@ static void on_sched_timer(uv_timer_t *t) {
   while (sqlite3_step(st) == SQLITE_ROW) {
     const char *name = (const char *)sqlite3_column_text(st, 0);
     const char *key = (const char *)sqlite3_column_text(st, 1);
-    if (in_flight(h, name, key)) continue;
+    if (!may_fire(h, name, key)) continue;
     firing *fi = calloc(1, sizeof *fi);
     if (fi == NULL) break;
     fi->h = h;
@@ -949,7 +531,7 @@ static void arm_schedules(ebb_reactors *h) {
     return;
   int64_t next = -1;
   while (sqlite3_step(st) == SQLITE_ROW) {
-    if (in_flight(h, (const char *)sqlite3_column_text(st, 0),
+    if (!may_fire(h, (const char *)sqlite3_column_text(st, 0),
                   (const char *)sqlite3_column_text(st, 1)))
       continue;
     next = sqlite3_column_int64(st, 2);
@@ -962,129 +544,13 @@ static void arm_schedules(ebb_reactors *h) {
   uv_timer_start(&h->sched_timer, on_sched_timer, wait > 0 ? (uint64_t)wait : 0, 0);
 }
 
-/* ---------------------------------------------------------------- modules */
-
-/* Validates the module (argument 1) named after its file (argument 3) and
- * fills the follower's from (argument 2). */
-static int l_validate(lua_State *L) {
-  ebb_follower *f = lua_touserdata(L, 2);
-  const char *expected = lua_tostring(L, 3);
-  if (!lua_istable(L, 1)) luaL_error(L, "the module must return a table, not a %s", luaL_typename(L, 1));
-  if (lua_getfield(L, 1, "name") != LUA_TSTRING) luaL_error(L, "missing field: name (a string)");
-  if (strcmp(lua_tostring(L, -1), expected) != 0)
-    luaL_error(L, "name is \"%s\", but the file is %s.lua: they must match", lua_tostring(L, -1),
-               expected);
-  if (lua_getfield(L, 1, "from") != LUA_TTABLE)
-    luaL_error(L, "missing field: from (a list of categories or event types)");
-  lua_Integer n = luaL_len(L, -1);
-  if (n < 1 || n > 256) luaL_error(L, "from must list 1 to 256 categories or event types");
-  for (lua_Integer i = 1; i <= n; i++) {
-    if (lua_rawgeti(L, -1, i) != LUA_TSTRING) luaL_error(L, "from[%d] must be a string", (int)i);
-    if (ebb_follower_add_from(f, lua_tostring(L, -1)) != 0) luaL_error(L, "out of memory");
-    lua_pop(L, 1);
-  }
-  /* settings: defaults in the module, each overridden by the environment
-   * variable EBB_REACTOR_<NAME>_<KEY> (upper case, other characters '_'). */
-  int st = lua_getfield(L, 1, "settings");
-  if (st != LUA_TNIL && st != LUA_TTABLE) luaL_error(L, "settings must be a table of defaults");
-  if (st == LUA_TTABLE) {
-    int t = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, t)) {
-      int vt = lua_type(L, -1);
-      if (lua_type(L, -2) != LUA_TSTRING ||
-          (vt != LUA_TNUMBER && vt != LUA_TSTRING && vt != LUA_TBOOLEAN))
-        luaL_error(L, "settings.%s must be a number, string or boolean default",
-                   lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?");
-      char var[300];
-      int k = snprintf(var, sizeof var, "EBB_REACTOR_%s_%s", expected, lua_tostring(L, -2));
-      for (int i = 12; i < k && i < (int)sizeof var; i++)
-        var[i] = isalnum((unsigned char)var[i]) ? (char)toupper((unsigned char)var[i]) : '_';
-      const char *v = getenv(var);
-      if (v) {
-        lua_pushvalue(L, -2);
-        if (vt == LUA_TSTRING) {
-          lua_pushstring(L, v);
-        } else if (vt == LUA_TBOOLEAN) {
-          if (strcmp(v, "true") && strcmp(v, "false") && strcmp(v, "1") && strcmp(v, "0"))
-            luaL_error(L, "%s must be true or false, not %s", var, v);
-          lua_pushboolean(L, strcmp(v, "true") == 0 || strcmp(v, "1") == 0);
-        } else if (lua_stringtonumber(L, v) == 0) {
-          luaL_error(L, "%s must be a number, not %s", var, v);
-        }
-        lua_rawset(L, t);
-      }
-      lua_pop(L, 1);
-    }
-  }
-  static const char *const tables[2] = {"on", "rejected"};
-  for (int k = 0; k < 2; k++) {
-    int t = lua_getfield(L, 1, tables[k]);
-    if (t == LUA_TNIL && k == 1) continue;
-    if (t != LUA_TTABLE)
-      luaL_error(L, k == 0 ? "missing field: on (a table of event handlers)"
-                           : "rejected must be a table of functions by command type");
-    lua_pushnil(L);
-    while (lua_next(L, -2)) {
-      if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TFUNCTION)
-        luaL_error(L, "%s.%s must be a function", tables[k],
-                   lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?");
-      lua_pop(L, 1);
-    }
-  }
-  return 0;
-}
-
-/* A new sandbox with the module loaded and validated; from goes into f. */
-static ebb_sandbox *load_module(const char *dir, const char *lua_dir, size_t memory_limit,
-                                int64_t budget, const char *name, const char *path,
-                                ebb_follower *f, int *module_ref, char **msg) {
-  const char *dirs[1] = {dir};
-  ebb_sandbox_options so = {.module_dirs = dirs, .n_module_dirs = 1, .runtime_dir = lua_dir,
-                            .memory_limit = memory_limit, .instruction_budget = budget};
-  ebb_error err;
-  ebb_error_init(&err);
-  ebb_sandbox *sb = NULL;
-  if (ebb_sandbox_new(&sb, &so, &err) != 0) {
-    *msg = dupf("%s", err.message);
-    return NULL;
-  }
-  lua_State *L = ebb_sandbox_state(sb);
-  lua_pushcfunction(L, ebb__lua_prepare);
-  if (ebb_sandbox_call(sb, 0, 0) != LUA_OK) {
-    *msg = call_error(sb);
-    goto fail;
-  }
-  char chunk[300];
-  snprintf(chunk, sizeof chunk, "%s.lua", name);
-  if (ebb_sandbox_load_file(sb, path, chunk, &err) != 0) {
-    *msg = dupf("%s", err.message);
-    goto fail;
-  }
-  lua_pushvalue(L, -1);
-  *module_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushcfunction(L, l_validate);
-  lua_insert(L, -2);
-  lua_pushlightuserdata(L, f);
-  lua_pushstring(L, name);
-  if (ebb_sandbox_call(sb, 3, 0) != LUA_OK) {
-    char *m = call_error(sb);
-    *msg = dupf("%s.lua: %s", name, m ? m : "invalid");
-    free(m);
-    goto fail;
-  }
-  return sb;
-fail:
-  ebb_sandbox_free(sb);
-  return NULL;
-}
-
 static void load_reactor(ebb_reactors *h, reactor *r) {
   char *msg = NULL;
   ebb_follower nf = {0};
-  int ref = LUA_NOREF;
-  ebb_sandbox *sb = load_module(h->reactors_dir, h->lua_dir, h->o.memory_limit,
-                                h->o.instruction_budget, r->name, r->path, &nf, &ref, &msg);
+  int ref = LUA_NOREF, start_now = 0;
+  ebb_sandbox *sb = ebb__reactor_load_module(h->reactors_dir, h->lua_dir, h->o.memory_limit,
+                                h->o.instruction_budget, r->name, r->path, &nf, &ref,
+                                             &start_now, &msg);
   if (sb == NULL) {
     ebb_follower_clear(&nf);
     r->load_failures++;
@@ -1111,11 +577,35 @@ static void load_reactor(ebb_reactors *h, reactor *r) {
     r->reloads++;
     ebb_log(EBB_LOG_INFO, "reactor reloaded", "reactor", r->name, NULL);
   } else {
-    read_checkpoint(r);
+    int known = ebb__rdb_read_checkpoint(r);
+    int64_t head = 0;
+    ebb_error err;
+    ebb_error_init(&err);
+    int have_head = ebb_store_head(ebb_runtime_store(h->o.rt), &head, &err) == 0;
+    if (!known && start_now && have_head) {
+      /* start = "now": the history before its first run is not its to react to. */
+      r->f.position = head;
+      if (ebb__rdb_write_checkpoint(r) == 0) r->written = head;
+    } else if (have_head && r->f.position > head) {
+      /* The store lost its last events (restored, or commits lost in an OS
+       * crash at durability normal): what it holds up to its head was
+       * handled, and what comes at the reused positions is new. */
+      char a[32], b[32];
+      snprintf(a, sizeof a, "%lld", (long long)r->f.position);
+      snprintf(b, sizeof b, "%lld", (long long)head);
+      ebb_log(EBB_LOG_WARN, "reactor checkpoint is past the store's head: resuming at the head",
+              "reactor", r->name, "#checkpoint", a, "#head", b, NULL);
+      r->f.position = head;
+      r->f.mark_position = 0;
+      r->f.mark_id[0] = '\0';
+      if (ebb__rdb_write_checkpoint(r) == 0) r->written = head;
+    }
+    ebb_error_clear(&err);
     char *why = ebb_follower_ahead(&r->f, ebb_runtime_store(h->o.rt), "the reactor");
     if (why) {
-      /* Reacting again from 0 would issue commands for events long handled:
-       * an operator decides. */
+      /* Other events hold the positions it saw: which of them it handled is
+       * unknown, and reacting again from 0 would issue commands for events
+       * long handled. An operator decides (skip moves past the event). */
       set_fault(r, r->f.position, why);
     }
   }
@@ -1129,7 +619,7 @@ static void close_free(uv_handle_t *handle) {
 
 static void free_reactor(reactor *r) {
   drop_batch(r);
-  work_clear(&r->w);
+  ebb__work_clear(&r->w);
   ebb_sandbox_free(r->sb);
   ebb_follower_clear(&r->f);
   free(r->name);
@@ -1222,40 +712,6 @@ static void scan(ebb_reactors *h) {
   schedule_pump(h);
 }
 
-int ebb_reactors_check(const char *reactors_dir, const char *lua_dir, ebb_buf *report,
-                       ebb_buf *names) {
-  int problems = 0;
-  DIR *dir = opendir(reactors_dir);
-  if (dir == NULL) return 0;
-  struct dirent *de;
-  while ((de = readdir(dir)) != NULL) {
-    size_t n = strlen(de->d_name);
-    if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-    char name[256];
-    snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
-    char *path = dupf("%s/%s", reactors_dir, de->d_name);
-    char *msg = NULL;
-    ebb_follower f = {0};
-    int ref;
-    ebb_sandbox *sb = path ? load_module(reactors_dir, lua_dir ? lua_dir : ebb_paths_lua_dir(), 0, 0, name,
-                                         path, &f, &ref, &msg)
-                           : NULL;
-    if (sb == NULL) {
-      ebb_buf_printf(report, "%s\n", msg ? msg : "out of memory");
-      problems++;
-    } else if (names) {
-      if (names->len) ebb_buf_putc(names, ',');
-      ebb_buf_json_string(names, name, strlen(name));
-    }
-    free(msg);
-    ebb_sandbox_free(sb);
-    ebb_follower_clear(&f);
-    free(path);
-  }
-  closedir(dir);
-  return problems;
-}
-
 /* ---------------------------------------------------------------- life cycle */
 
 static void on_rescan_timer(uv_timer_t *t) {
@@ -1279,30 +735,11 @@ int ebb_reactors_start(ebb_reactors **out, const ebb_reactors_options *opt, ebb_
   h->active = 1;
   h->reactors_dir = strdup(opt->reactors_dir);
   h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : ebb_paths_lua_dir());
-  char *path = dupf("%s/reactors.db", opt->data_dir);
-  char *msg = NULL;
-  if (!h->reactors_dir || !h->lua_dir || !path) {
+  if (!h->reactors_dir || !h->lua_dir) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto fail;
   }
-  if (sqlite3_open_v2(path, &h->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) != SQLITE_OK) {
-    ebb_error_set(err, EBB_ESTORE, "cannot open %s: %s", path,
-                  h->db ? sqlite3_errmsg(h->db) : "out of memory");
-    goto fail;
-  }
-  sqlite3_busy_timeout(h->db, 5000);
-  /* As durable as the store: what it records decides whether a command is
-   * issued again (harmless: the store answers) or a schedule is lost (not). */
-  if (exec_sql(h->db, opt->durability == EBB_DURABILITY_FULL
-                          ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
-                          : "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-               &msg) != 0 ||
-      exec_sql(h->db, schema_sql, &msg) != 0) {
-    ebb_error_set(err, EBB_ESTORE, "%s: %s", path, msg ? msg : "cannot set up");
-    goto fail;
-  }
-  free(path);
-  path = NULL;
+  if (ebb__rdb_open(&h->db, opt->data_dir, opt->durability, err) != 0) goto fail;
   if (ebb_store_head(ebb_runtime_store(opt->rt), &h->head, err) != 0) goto fail;
   uv_idle_init(opt->loop, &h->pump);
   uv_timer_init(opt->loop, &h->sched_timer);
@@ -1322,8 +759,6 @@ int ebb_reactors_start(ebb_reactors **out, const ebb_reactors_options *opt, ebb_
   *out = h;
   return 0;
 fail:
-  free(msg);
-  free(path);
   if (h->db) sqlite3_close(h->db);
   free(h->reactors_dir);
   free(h->lua_dir);
@@ -1413,7 +848,7 @@ static void status_json(ebb_reactors *h, reactor *r, ebb_buf *b) {
                  state, (long long)r->f.position, (long long)h->head, (long long)lag,
                  (unsigned long long)r->events_total, (unsigned long long)r->issued,
                  (unsigned long long)r->rejected, (unsigned long long)r->retries,
-                 (long long)count_schedules(h, r->name), r->busy);
+                 (long long)ebb__rdb_count_schedules(h->db, r->name), r->busy);
   for (size_t i = 0; i < r->f.n_from; i++) {
     if (i) ebb_buf_putc(b, ',');
     ebb_buf_json_string(b, r->f.from[i], strlen(r->f.from[i]));
@@ -1457,39 +892,7 @@ int ebb_reactors_status(ebb_reactors *h, const char *name, ebb_buf *out) {
 
 int ebb_reactors_schedules(ebb_reactors *h, const char *name, ebb_buf *out) {
   if (find(h, name) == NULL) return 0;
-  sqlite3_stmt *st;
-  ebb_buf_putc(out, '[');
-  if (sqlite3_prepare_v2(h->db, "SELECT key, fire_at_ms, aggregate, id, type, data, command_id, "
-                         "event_id, created_at FROM reactor_schedules WHERE name = ? ORDER BY "
-                         "fire_at_ms, key", -1, &st, NULL) == SQLITE_OK) {
-    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-    int first = 1;
-    while (sqlite3_step(st) == SQLITE_ROW) {
-      char at[EBB_TIME_LEN + 1];
-      ebb_clock_format(sqlite3_column_int64(st, 1), at);
-      if (!first) ebb_buf_putc(out, ',');
-      first = 0;
-      ebb_buf_puts(out, "{\"key\":");
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 0));
-      ebb_buf_printf(out, ",\"at\":\"%s\",\"command\":{\"aggregate\":", at);
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 2));
-      ebb_buf_puts(out, ",\"id\":");
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 3));
-      ebb_buf_puts(out, ",\"type\":");
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 4));
-      ebb_buf_puts(out, ",\"data\":");
-      ebb_buf_puts(out, (const char *)sqlite3_column_text(st, 5)); /* JSON we encoded */
-      ebb_buf_puts(out, "},\"command_id\":");
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 6));
-      ebb_buf_puts(out, ",\"event_id\":");
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 7));
-      ebb_buf_puts(out, ",\"created_at\":");
-      json_str_or_null(out, (const char *)sqlite3_column_text(st, 8));
-      ebb_buf_putc(out, '}');
-    }
-    sqlite3_finalize(st);
-  }
-  ebb_buf_putc(out, ']');
+  ebb__rdb_schedules_json(h->db, name, out);
   return 1;
 }
 
@@ -1518,7 +921,7 @@ int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, 
   if (skip) {
     char now[EBB_TIME_LEN + 1];
     ebb_clock_format(ebb_clock_now_ms(), now);
-    if (run_sql(h->db, "INSERT OR IGNORE INTO reactor_skipped (name, position, error, skipped_at) "
+    if (ebb__rdb_run(h->db, "INSERT OR IGNORE INTO reactor_skipped (name, position, error, skipped_at) "
                        "VALUES (?, ?, ?, ?)",
                 "titt", r->name, r->fault_position, r->fault ? r->fault : "", now) != 0)
       return error_body(out, 500, "storage_error", sqlite3_errmsg(h->db));
@@ -1565,7 +968,7 @@ void ebb_reactors_metrics(ebb_reactors *h, ebb_buf *out) {
   family(out, "ebb_reactor_schedules_pending", "gauge", "Schedules stored and not yet fired.");
   for (reactor *r = h->list; r; r = r->link)
     ebb_buf_printf(out, "ebb_reactor_schedules_pending{reactor=\"%s\"} %lld\n", r->name,
-                   (long long)count_schedules(h, r->name));
+                   (long long)ebb__rdb_count_schedules(h->db, r->name));
   family(out, "ebb_reactor_state", "gauge", "1 for the reactor's state.");
   for (reactor *r = h->list; r; r = r->link)
     for (int st = 0; st < EBB_FOLLOW_N_STATES; st++)

@@ -856,6 +856,244 @@ function Projection:close()
   for _, suffix in ipairs { "", "-wal", "-shm", "-journal" } do os.remove(self.path .. suffix) end
 end
 
+-- Reactors ---------------------------------------------------------------------
+
+--[[
+t.reactor(module): a reactor's handlers on given events, for specs, without a
+daemon:
+
+    t.reactor(require "order_payment")
+      :given { { stream = "Order-o-1", type = "OrderConfirmed",
+                 data = { total = 100, account_id = "a-1" } } }
+      :expect_commands { { aggregate = "bank_account", id = "a-1", type = "Withdraw",
+                           data = { amount = 100 } } }
+      :when_rejected("Withdraw", "insufficient funds")
+      :expect_commands { { aggregate = "order", id = "o-1", type = "CancelOrder",
+                           data = { reason = "payment refused: insufficient funds" } } }
+
+Given events get what the daemon gives (position, version, id "event-<position>",
+aggregate_id, schema 1, recorded_at testing.NOW unless given), filtered by
+`from`. Commands carry the command_id the daemon would give them
+("<reactor>:<event id>:<index>", compensations "<that id>/r<k>"). Schedules set
+with ctx.schedule and removed with ctx.cancel are kept across :given calls, as
+the daemon keeps them; :expect_schedules compares the pending ones, by time.
+]]
+local Reactor = {}
+Reactor.__index = Reactor
+
+local function days_from_civil(y, m, d)
+  y = m <= 2 and y - 1 or y
+  local era = (y >= 0 and y or y - 399) // 400
+  local yoe = y - era * 400
+  local doy = (153 * (m + (m > 2 and -3 or 9)) + 2) // 5 + d - 1
+  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+  return era * 146097 + doe - 719468
+end
+
+local function time_ms(text)
+  local y, mo, d, h, mi, sec, frac =
+    tostring(text):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)%.?(%d*)Z$")
+  if not y then return nil end
+  local ms = tonumber(((frac or "") .. "000"):sub(1, 3))
+  return ((days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 24 + tonumber(h)) * 60
+          + tonumber(mi)) * 60000 + tonumber(sec) * 1000 + ms
+end
+
+local function time_text(ms)
+  return os.date("!%Y-%m-%dT%H:%M:%S", ms // 1000) .. (".%03dZ"):format(ms % 1000)
+end
+
+function testing.reactor(module)
+  if type(module) ~= "table" or type(module.name) ~= "string" or type(module.on) ~= "table" then
+    misuse("t.reactor: not a reactor module (name, from, on)")
+  end
+  return setmetatable({ module = module, position = 0, versions = {}, schedules = {},
+                        issued = nil, step = "no :given yet" }, Reactor)
+end
+
+local function reactor_fail(self, message) error(self.module.name .. ", " .. self.step .. ": " .. message, 3) end
+
+function Reactor:matches(e)
+  for _, f in ipairs(self.module.from or {}) do
+    if f == e.type or f == category(e.stream) then return true end
+  end
+  return false
+end
+
+local function take_commands(self, list, e, handler, make_id)
+  if list == nil then return {} end
+  if type(list) ~= "table" then
+    reactor_fail(self, handler .. " must return a list of commands ({} for none), not a " .. type(list))
+  end
+  local out = {}
+  for i, c in ipairs(list) do
+    if type(c) ~= "table" or type(c.aggregate) ~= "string" or type(c.id) ~= "string"
+        or type(c.type) ~= "string" then
+      reactor_fail(self, ("%s: command %d must be a table { aggregate, id, type, data }"):format(handler, i))
+    end
+    out[#out + 1] = { aggregate = c.aggregate, id = c.id, type = c.type, data = c.data or {},
+                      command_id = make_id(i), event = e }
+  end
+  return out
+end
+
+function Reactor:ctx(e, ops)
+  local name = self.module.name
+  return {
+    reactor = name,
+    settings = self.module.settings,
+    schedule = function(at, command, key)
+      local when
+      if type(at) == "number" then when = time_ms(e.recorded_at) + math.floor(at * 1000)
+      elseif type(at) == "string" then
+        when = time_ms(at) or error("ctx.schedule: " .. at .. " is not an RFC 3339 time", 2)
+      else error("ctx.schedule(at_or_delay, command, key?): at_or_delay must be seconds or an RFC 3339 time", 2) end
+      key = key or (e.id .. ":" .. #ops)
+      ops[#ops + 1] = { key = key, at = when, command = { aggregate = command.aggregate, id = command.id,
+                        type = command.type, data = command.data or {} },
+                        command_id = name .. ":" .. e.id .. ":schedule:" .. key }
+    end,
+    cancel = function(key) ops[#ops + 1] = { key = key, cancel = true } end,
+  }
+end
+
+-- Runs the handlers of these events in order; the commands they issue are
+-- what :expect_commands checks next.
+function Reactor:given(events)
+  if not is_list(events) then misuse(":given expects a list of events") end
+  self.issued = {}
+  self.step = "given " .. #events .. " event" .. (#events == 1 and "" or "s")
+  for i, g in ipairs(events) do
+    if type(g) ~= "table" or type(g.stream) ~= "string" or type(g.type) ~= "string" then
+      misuse(":given: event %d needs a stream and a type", i)
+    end
+    self.position = g.position or (self.position + 1)
+    self.versions[g.stream] = g.version or ((self.versions[g.stream] or 0) + 1)
+    local e = {
+      position = self.position, stream = g.stream, version = self.versions[g.stream],
+      id = g.id or ("event-" .. self.position), type = g.type, schema = g.schema or 1,
+      data = g.data or {}, metadata = g.metadata or {}, recorded_at = g.recorded_at or testing.NOW,
+      aggregate_id = g.stream:match("^[^-]*%-(.*)$"),
+    }
+    local handler = self.module.on[e.type]
+    if handler and self:matches(e) then
+      local ops = {}
+      local ok, result = pcall(handler, e, self:ctx(e, ops))
+      if not ok then
+        reactor_fail(self, ("on.%s failed on event %d (%s in %s): %s"):format(e.type, i, e.type,
+                                                                           e.stream, tostring(result)))
+      end
+      local name = self.module.name
+      for _, c in ipairs(take_commands(self, result, e, "on." .. e.type,
+                                       function(k) return ("%s:%s:%d"):format(name, e.id, k - 1) end)) do
+        self.issued[#self.issued + 1] = c
+      end
+      for _, op in ipairs(ops) do
+        if op.cancel then self.schedules[op.key] = nil else self.schedules[op.key] = op end
+      end
+    end
+  end
+  return self
+end
+
+-- The command issued last of `command_type` was rejected with this message
+-- (and details): runs rejected[command_type]; its commands are what
+-- :expect_commands checks next.
+function Reactor:when_rejected(command_type, message, details)
+  if type(command_type) ~= "string" or type(message) ~= "string" then
+    misuse(":when_rejected expects a command type and a message")
+  end
+  local rejected
+  for i = #(self.issued or {}), 1, -1 do
+    if self.issued[i].type == command_type then rejected = self.issued[i] break end
+  end
+  if not rejected then
+    reactor_fail(self, "no " .. command_type .. " command was issued to be rejected; issued: "
+                 .. render(self:brief(self.issued or {}), "  "))
+  end
+  self.step = "when " .. command_type .. " was rejected"
+  local handler = self.module.rejected and self.module.rejected[command_type]
+  self.issued = {}
+  if not handler then return self end -- recorded by the daemon, nothing issued
+  local e = rejected.event
+  local ops = {}
+  local cmd = { aggregate = rejected.aggregate, id = rejected.id, type = rejected.type,
+                data = rejected.data, command_id = rejected.command_id }
+  local ok, result = pcall(handler, cmd, { code = "rejected", message = message, details = details },
+                           e, self:ctx(e, ops))
+  if not ok then reactor_fail(self, "rejected." .. command_type .. " failed: " .. tostring(result)) end
+  self.issued = take_commands(self, result, e, "rejected." .. command_type,
+                              function(k) return ("%s/r%d"):format(rejected.command_id, k - 1) end)
+  for _, op in ipairs(ops) do
+    if op.cancel then self.schedules[op.key] = nil else self.schedules[op.key] = op end
+  end
+  return self
+end
+
+function Reactor.brief(_, list)
+  local out = {}
+  for i, c in ipairs(list) do
+    out[i] = { aggregate = c.aggregate, id = c.id, type = c.type, data = c.data }
+  end
+  return out
+end
+
+-- Expects exactly these commands, in order: aggregate, id, type and data
+-- equal; command_id compared where an expected command gives it.
+function Reactor:expect_commands(expected)
+  if not is_list(expected) then misuse(":expect_commands expects a list of commands") end
+  if self.issued == nil then misuse_in(":expect_commands needs a :given first") end
+  local got = self.issued
+  local problem
+  for i = 1, math.max(#expected, #got) do
+    local want, c = expected[i], got[i]
+    local at = "[" .. i .. "]"
+    if want == nil then
+      problem = at .. ": unexpected command " .. c.type .. " on " .. c.aggregate .. " " .. c.id
+    elseif c == nil then
+      problem = at .. ": missing command " .. tostring(want.type)
+    else
+      local shown = { aggregate = c.aggregate, id = c.id, type = c.type, data = c.data,
+                      command_id = want.command_id and c.command_id or nil }
+      local w = { aggregate = want.aggregate, id = want.id, type = want.type, data = want.data or {},
+                  command_id = want.command_id }
+      problem = diff(w, shown, at)
+      problem = problem and problem:gsub("^at ", "", 1)
+    end
+    if problem then break end
+  end
+  if problem then
+    reactor_fail(self, "commands differ at " .. problem .. versus(expected, self:brief(got)))
+  end
+  return self
+end
+
+-- Expects exactly these pending schedules, ordered by time then key: key, at
+-- (RFC 3339, as the daemon lists them) and command, where an expected one
+-- gives them.
+function Reactor:expect_schedules(expected)
+  if not is_list(expected) then misuse(":expect_schedules expects a list of schedules") end
+  local pending = {}
+  for _, op in pairs(self.schedules) do pending[#pending + 1] = op end
+  table.sort(pending, function(a, b) return a.at < b.at or (a.at == b.at and a.key < b.key) end)
+  local got = {}
+  for i, op in ipairs(pending) do got[i] = { key = op.key, at = time_text(op.at), command = op.command } end
+  local problem
+  for i = 1, math.max(#expected, #got) do
+    local want, g = expected[i], got[i]
+    local at = "[" .. i .. "]"
+    if want == nil then problem = at .. ": unexpected schedule " .. g.key
+    elseif g == nil then problem = at .. ": missing schedule " .. tostring(want.key)
+    else
+      problem = diff(want, g, at, true)
+      problem = problem and problem:gsub("^at ", "", 1)
+    end
+    if problem then break end
+  end
+  if problem then reactor_fail(self, "schedules differ at " .. problem .. versus(expected, got)) end
+  return self
+end
+
 -- Utilities for specs that check values of their own.
 testing.diff = diff
 testing.render = render

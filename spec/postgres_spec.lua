@@ -162,6 +162,15 @@ describe("several daemons on one PostgreSQL store", function()
     assert.matches("\nebb_leader 1\n", metrics)
   end)
 
+  it("stop on SIGTERM with their store links open", function()
+    for _, d in ipairs(ds) do
+      support.eventually(function() return d:get("/health") == 200 end, 60, "the daemon to answer")
+      d:signal("TERM")
+    end
+    -- a link's handles left open kept the loop, and the daemon, running for ever
+    for i, d in ipairs(ds) do assert(d:wait(60), "daemon " .. i .. " did not stop") end
+  end)
+
   it("reports the store and its schema version in ebb check", function()
     local out, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
       support.root .. "/aggregates", "--projections", dirs[1], "check" }

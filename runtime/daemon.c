@@ -1426,6 +1426,8 @@ static void close_handle(uv_handle_t *h) {
 static void close_rest(ebb_daemon *d) {
   ebb_http_server_close(d->http);
   d->http = NULL;
+  ebb_live_stop(d->live); /* its handles would keep the loop running */
+  d->live = NULL;
   if (d->watching) close_handle((uv_handle_t *)&d->watch);
   close_handle((uv_handle_t *)&d->rescan_timer);
   close_handle((uv_handle_t *)&d->sigterm);

@@ -1,9 +1,9 @@
 /*
  * store_live.c: the store's links on the daemon's loop (see store_live.h).
  *
- * Each link has a uv_poll_t on its socket, remade whenever the socket changes
- * (libpq may open a new one while connecting, and always does after a
- * reconnect), and a timer for the pause before the next connection attempt:
+ * Each link has a uv_poll_t on its socket, remade whenever the socket may
+ * have changed (at each step of connecting, libpq may open a new one, and
+ * always does after a reconnect), and a timer for the pause before the next connection attempt:
  * 100 ms, doubling up to 5 s, back to 100 ms once a link is up again, so a
  * server that is down costs one connection attempt every few seconds, never
  * a busy loop. Nothing here reads the events: the watch link only learns the
@@ -113,6 +113,7 @@ static void step(side *s) {
   ebb_store_link_news news;
   ebb_error err;
   ebb_error_init(&err);
+  int connecting = !ebb_store_link_up(s->link);
   if (ebb_store_link_step(s->link, &news, &err) != 0) {
     broke(s, &err);
     ebb_error_clear(&err);
@@ -128,6 +129,10 @@ static void step(side *s) {
       l->error[0] = '\0';
     }
   }
+  /* While connecting, libpq may close its socket and open another (the next
+   * address of a host name) that gets the same number: a fresh handle
+   * registers whatever the number now names. */
+  if (connecting) close_poll(s);
   sync_poll(s);
   if (news.head >= 0) {
     l->wakeups++;

@@ -6,7 +6,7 @@
  * underneath, so this program measures the same event rows three ways, in one
  * run, and prints each result next to the one it should be judged against:
  * (a) raw SQLite inserts through a plain prepared-statement loop, with
- * store_sqlite.c's `events` DDL and PRAGMAs, as the ceiling; (b) the core
+ * store/sqlite.c's `events` DDL and PRAGMAs, as the ceiling; (b) the core
  * store's ebb_store_append (what the `ebb.core` binding's rt:append wraps),
  * one event per call and in batches; (c) full command dispatch through
  * ebb_runtime_send (Lua fold + decide + append) on the order aggregate, on
@@ -222,7 +222,7 @@ static void step_done(sqlite3 *db, sqlite3_stmt *st, const char *doing) {
 }
 
 /* Inserts rows in transactions of per_tx rows for `seconds`; returns rows inserted.
- * Opened as store_sqlite.c opens its file (flags, busy timeout, PRAGMAs), and
+ * Opened as store/sqlite.c opens its file (flags, busy timeout, PRAGMAs), and
  * with BEGIN IMMEDIATE / COMMIT as prepared statements, as the store runs them. */
 static int64_t run_raw(int durability, int per_tx, double seconds, double *secs) {
   char dir[4200], path[4300];

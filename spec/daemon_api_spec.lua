@@ -1105,6 +1105,8 @@ describe("ebb serve", function()
       assert.same({ "ok", d.pid, 0, 0 }, { h.status, h.pid, h.subscribers, h.in_flight })
       assert.is_number(h.uptime_ms)
       assert.is_number(h.position)
+      -- one daemon on its own SQLite store is always the leader, with no store link to show
+      assert.same({ true, nil }, { h.leader, h.connection })
       local _, r = d:command("Order", "h1", "CreateOrder", { customer_id = "c" })
       assert.equal(h.position + 1, r.position)
       d:command("Order", "h1", "AddItem", { sku = "A", qty = 1, price = 1 })

@@ -162,6 +162,15 @@ describe("several daemons on one PostgreSQL store", function()
     assert.matches("\nebb_leader 1\n", metrics)
   end)
 
+  it("stop on SIGTERM with their store links open", function()
+    for _, d in ipairs(ds) do
+      support.eventually(function() return d:get("/health") == 200 end, 60, "the daemon to answer")
+      d:signal("TERM")
+    end
+    -- a link's handles left open kept the loop, and the daemon, running for ever
+    for i, d in ipairs(ds) do assert(d:wait(60), "daemon " .. i .. " did not stop") end
+  end)
+
   it("reports the store and its schema version in ebb check", function()
     local out, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
       support.root .. "/aggregates", "--projections", dirs[1], "check" }
@@ -235,6 +244,33 @@ describe("three daemons on one PostgreSQL store", function()
       d:stop()
       support.rmdir(d.data)
     end
+    support.rmdir(dir0)
+  end)
+end)
+
+describe("projections on two daemons sharing a PostgreSQL store", function()
+  it("follow the other daemon's commits, pushed", function()
+    local dir0 = support.tmpdir()
+    local store = support.store_for(dir0)
+    local args = { "--projections", support.root .. "/projections" }
+    local a = daemon.start { store = store, args = args }
+    local b = daemon.start { store = store, args = args }
+    assert.is_not_nil(a.url, a:logs())
+    assert.is_not_nil(b.url, b:logs())
+    assert.equal(200, (a:command("order", "x", "CreateOrder", { customer_id = "c-9" })))
+    local status, answer = a:command("order", "x", "AddItem", { sku = "BOOK", qty = 1, price = 700 })
+    assert.equal(200, status)
+    local url = ("/projections/order_summary/get?id=x&after=%d"):format(answer.position)
+    -- nothing is written on b: only the push moves its projection
+    local order = support.eventually(function()
+      local st, body = b:get(url)
+      return st == 200 and body
+    end, 60, "b's order_summary to show a's order")
+    assert.same({ "x", "c-9", 700 }, { order.id, order.customer_id, order.total })
+    a:stop()
+    b:stop()
+    support.rmdir(a.data)
+    support.rmdir(b.data)
     support.rmdir(dir0)
   end)
 end)

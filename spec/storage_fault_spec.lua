@@ -1,5 +1,5 @@
 -- Storage faults under ebb serve, injected by the test-only fault VFS
--- (runtime/fault_vfs.c, EBB_TEST_FAULTS): a failed fsync stops the writer
+-- (runtime/store/fault_vfs.c, EBB_TEST_FAULTS): a failed fsync stops the writer
 -- for good (it is never retried and trusted), a full disk fails the batch
 -- and writes resume once there is space; no command is ever answered 200
 -- without its events on disk, and nothing acknowledged is lost.

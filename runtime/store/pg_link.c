@@ -1,5 +1,5 @@
 /*
- * store_pg_link.c: links to a PostgreSQL store (see "links" in store.h), the
+ * pg_link.c: links to a PostgreSQL store (see "links" in store.h), the
  * connections a daemon keeps beside its store handles to learn of other
  * daemons' commits and to hold the leader lock. Everything here is libpq's
  * asynchronous API (PQconnectStartParams, PQconnectPoll, PQsendQuery,

@@ -1,6 +1,7 @@
 /*
- * store_backend.h: what the store's backends give store.c and each other,
- * never seen by the store's callers. store.c opens a backend by name through
+ * store_backend.h: what the store's backends (sqlite.c, postgres.c and its
+ * pg_link.c, in this folder) give store.c and each other, never seen by the
+ * store's callers. store.c opens a backend by name through
  * a table of these constructors; each backend implements ebb_store_vtable
  * (store.h) and uses store.h's argument checks, never the reverse.
  */
@@ -15,7 +16,7 @@ int ebb__store_postgres_open(ebb_store **out, const ebb_store_options *opt, ebb_
 /* The channel every PostgreSQL append notifies on commit (its payload: the
  * store's schema, so stores in other schemas of one database ignore it). */
 #define EBB__PG_CHANNEL "ebb_events"
-/* The link constructor of a shared backend (store_pg_link.c; see ebb_store_link_new). */
+/* The link constructor of a shared backend (pg_link.c; see ebb_store_link_new). */
 int ebb__store_postgres_link_new(ebb_store_link **out, const char *uri, int kind, ebb_error *err);
 /* Every link starts with this: the backend's operations on it. */
 typedef struct ebb_store_link_vtable {

@@ -1,5 +1,5 @@
 /*
- * store_postgres.c: the event store on PostgreSQL through libpq. Implements
+ * postgres.c: the event store on PostgreSQL through libpq. Implements
  * ebb_store_vtable (store.h) with the same semantics as the SQLite backend,
  * so several `ebb serve` processes can share one event store.
  *
@@ -119,7 +119,7 @@ enum {
 
 static const char *const statements[S_COUNT] = {
     [S_LOCK_HEAD] = "SELECT position FROM ebb_head WHERE id = 1 FOR UPDATE",
-    /* The new head, and the wake-up of every daemon's watch link (store_pg_link.c),
+    /* The new head, and the wake-up of every daemon's watch link (pg_link.c),
      * sent by the server on COMMIT only: in the same round trip. */
     [S_SET_HEAD] = "WITH u AS (UPDATE ebb_head SET position = $1::bigint WHERE id = 1) "
                    "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",

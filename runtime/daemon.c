@@ -563,9 +563,14 @@ static void on_store_head(void *ud, int64_t head) {
   head_advanced(ud, head);
 }
 
+/* Singleton work runs on the holder of the store's leader lock only. A
+ * reactor's state lives in the daemon's own data directory, so one that
+ * takes over reads the history from its own checkpoint: the commands it
+ * issues again carry the command ids the first leader's did, and the store
+ * answers them without applying them twice. */
 static void on_leader(void *ud, int leader) {
-  (void)ud;
-  (void)leader; /* singleton work (reactors, NATS) starts and stops here */
+  ebb_daemon *d = ud;
+  if (d->reactors) ebb_reactors_set_active(d->reactors, leader);
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -1644,10 +1649,9 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
                               .issue = issue_command,
                               .issue_ud = d};
   if (ebb_reactors_start(&d->reactors, &rdo, err)) goto out;
-  /* Leader hook: one daemon on a store (SQLite) always runs the reactors.
-   * With several daemons on one PostgreSQL store, the holder of the store's
-   * leader lock calls ebb_reactors_set_active(d->reactors, 1), the others 0. */
-  ebb_reactors_set_active(d->reactors, 1);
+  /* One daemon on a store (SQLite) always leads; on a shared store the
+   * leader lock may have been granted before the reactors existed. */
+  ebb_reactors_set_active(d->reactors, ebb_live_leader(d->live));
   uv_signal_init(&d->loop, &d->sigterm);
   uv_signal_init(&d->loop, &d->sigint);
   uv_signal_init(&d->loop, &d->sighup);

@@ -151,13 +151,23 @@ describe("several daemons on one PostgreSQL store", function()
       return #l == 1 and l[1]
     end, 60, "one leader")
     assert.equal(1, #leaders()) -- never two
+    -- Reactors run on the leader only: the other's wait.
+    local function reactor_state(d)
+      local status, r = d:get("/reactors/order_payment")
+      assert.equal(200, status)
+      return r.state
+    end
+    local other = first == 1 and 2 or 1
+    assert.are_not.equal("standby", reactor_state(ds[first]))
+    assert.equal("standby", reactor_state(ds[other]))
     ds[first]:signal("KILL")
     assert(ds[first]:wait(30))
-    local other = first == 1 and 2 or 1
     support.eventually(function()
       local l = leaders()
       return #l == 1 and l[1] == other
     end, 60, "the other daemon to take the leader lock")
+    support.eventually(function() return reactor_state(ds[other]) ~= "standby" end, 60,
+                       "the new leader's reactors to run")
     local _, _, metrics = ds[other]:get("/metrics")
     assert.matches("\nebb_leader 1\n", metrics)
   end)

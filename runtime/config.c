@@ -43,6 +43,10 @@ static const setting settings[] = {
     TEXT(log_level, "info", "serve: debug (one line per request), info, warn or error"),
     TEXT(log_format, "auto", "serve: text, json, or auto (text on a terminal)"),
     TEXT(config, "", "a Lua config file"),
+    TEXT(nats, "", "serve: publish every event to NATS JetStream at these server URLs (comma-separated)"),
+    TEXT(nats_stream, "EBB", "serve: the JetStream stream events are published to"),
+    TEXT(nats_subject_prefix, "ebb", "serve: subjects are PREFIX.<category>.<type>"),
+    TEXT(nats_from, "", "serve: publish only these categories or event types (comma-separated; all if empty)"),
     NUM(max_body, "1048576", 1024, GIB, "serve: largest request body in bytes (413 above)"),
     NUM(max_connections, "1024", 1, 1000000, "serve: open connections at most (503 above)"),
     NUM(idle_timeout_ms, "60000", 100, 86400000, "serve: close keep-alive connections idle this long"),
@@ -257,6 +261,18 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
     return ebb_error_set(err, EBB_EBADREQ, "log_format must be auto, text or json, not \"%s\"",
                          c->log_format);
   if (ebb_config_listen(c, host, sizeof host, &port, err) != 0) return err->code;
+  if (c->nats[0] && (c->nats_stream[0] == '\0' || strpbrk(c->nats_stream, ".*> \t\r\n/\\")))
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "nats_stream must be a JetStream stream name (no '.', '*', '>', '/', "
+                         "'\\' or whitespace), not \"%s\"", c->nats_stream);
+  if (c->nats[0] && (c->nats_subject_prefix[0] == '\0' ||
+                     strpbrk(c->nats_subject_prefix, "*> \t\r\n") ||
+                     c->nats_subject_prefix[0] == '.' ||
+                     c->nats_subject_prefix[strlen(c->nats_subject_prefix) - 1] == '.' ||
+                     strstr(c->nats_subject_prefix, "..")))
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "nats_subject_prefix must be NATS subject tokens joined by '.' (no '*', "
+                         "'>', whitespace or empty token), not \"%s\"", c->nats_subject_prefix);
   if (!ebb_config_is_loopback(host) && c->token[0] == '\0')
     return ebb_error_set(err, EBB_EBADREQ,
                          "refusing to listen on %s without a token: anyone who can reach it could "

@@ -546,6 +546,7 @@ static void on_reported(void *ud) {
   schedule_pump(d);
   if (d->projections) ebb_projections_notify(d->projections, d->head);
   if (d->reactors) ebb_reactors_notify(d->reactors, d->head);
+  if (d->publisher) ebb_publisher_notify(d->publisher, d->head);
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -1004,6 +1005,10 @@ static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
     ebb_buf_puts(&b, ",\"reason\":");
     ebb_buf_json_string(&b, reason, strlen(reason));
   }
+  if (d->publisher) {
+    ebb_buf_puts(&b, ",\"nats\":");
+    ebb_publisher_status(d->publisher, &b);
+  }
   ebb_buf_puts(&b, "}");
   answer(d, c, ri, d->draining || store == EBB_WRITER_STOPPED ? 503 : 200, b.data, b.len);
   ebb_buf_free(&b);
@@ -1439,6 +1444,9 @@ static void stop(ebb_daemon *d) {
   /* The writer reported every command, reactors' included: none is in flight. */
   ebb_reactors_stop(d->reactors);
   d->reactors = NULL;
+  /* Every commit is reported: wait (bounded) for the acks of what is in flight. */
+  ebb_publisher_stop(d->publisher, d->cfg->shutdown_timeout_ms < 5000 ? d->cfg->shutdown_timeout_ms : 5000);
+  d->publisher = NULL;
   d->final_deadline_ms = ebb_clock_now_ms() + 2000;
   uv_timer_stop(&d->shutdown_timer);
   uv_timer_start(&d->shutdown_timer, on_final_check, 0, 10);
@@ -1607,6 +1615,20 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
    * With several daemons on one PostgreSQL store, the holder of the store's
    * leader lock calls ebb_reactors_set_active(d->reactors, 1), the others 0. */
   ebb_reactors_set_active(d->reactors, 1);
+  if (cfg->nats[0]) {
+    ebb_publisher_options pbo = {.loop = &d->loop,
+                                 .rt = d->rt,
+                                 .data_dir = cfg->data,
+                                 .urls = cfg->nats,
+                                 .stream = cfg->nats_stream,
+                                 .prefix = cfg->nats_subject_prefix,
+                                 .from = cfg->nats_from};
+    if (ebb_publisher_start(&d->publisher, &pbo, err)) goto out;
+    /* Leader hook, as for the reactors: with several daemons on one
+     * PostgreSQL store, only the holder of the store's leader lock publishes
+     * (ebb_publisher_set_active); one daemon on a store always does. */
+    ebb_publisher_set_active(d->publisher, 1);
+  }
   uv_signal_init(&d->loop, &d->sigterm);
   uv_signal_init(&d->loop, &d->sigint);
   uv_signal_init(&d->loop, &d->sighup);
@@ -1640,6 +1662,7 @@ out:
   if (d->projections) ebb_projections_stop(d->projections);
   if (d->writer) ebb_writer_stop(d->writer);
   ebb_reactors_stop(d->reactors); /* after the writer: it answers their commands */
+  ebb_publisher_stop(d->publisher, 0);
   if (d->http) ebb_http_server_close(d->http);
   if (loop_open) {
     uv_run(&d->loop, UV_RUN_DEFAULT); /* the close callbacks */

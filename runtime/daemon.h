@@ -24,6 +24,7 @@
 #include "http.h"
 #include "lock.h"
 #include "projection.h"
+#include "publisher.h"
 #include "reactor.h"
 #include "readers.h"
 #include "runtime.h"
@@ -64,6 +65,7 @@ typedef struct ebb_daemon {
   ebb_writer *writer;
   ebb_projections *projections;
   ebb_reactors *reactors;
+  ebb_publisher *publisher;     /* NULL without the nats setting */
   uv_fs_event_t watch;          /* the projections directory */
   int watching;
   uv_timer_t rescan_timer;      /* debounces a burst of file events into one rescan */

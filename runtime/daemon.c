@@ -1581,6 +1581,21 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
     goto out;
   port = ebb_http_server_port(d->http);
   snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
+  /* Before the handles the failure path below does not close. */
+  if (cfg->nats[0]) {
+    ebb_publisher_options pbo = {.loop = &d->loop,
+                                 .rt = d->rt,
+                                 .data_dir = cfg->data,
+                                 .urls = cfg->nats,
+                                 .stream = cfg->nats_stream,
+                                 .prefix = cfg->nats_subject_prefix,
+                                 .from = cfg->nats_from};
+    if (ebb_publisher_start(&d->publisher, &pbo, err)) goto out;
+    /* Leader hook, as for the reactors: with several daemons on one
+     * PostgreSQL store, only the holder of the store's leader lock publishes
+     * (ebb_publisher_set_active); one daemon on a store always does. */
+    ebb_publisher_set_active(d->publisher, 1);
+  }
   uv_timer_init(&d->loop, &d->rescan_timer);
   d->rescan_timer.data = d;
   ebb_projections_options po = {.loop = &d->loop,
@@ -1615,20 +1630,6 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
    * With several daemons on one PostgreSQL store, the holder of the store's
    * leader lock calls ebb_reactors_set_active(d->reactors, 1), the others 0. */
   ebb_reactors_set_active(d->reactors, 1);
-  if (cfg->nats[0]) {
-    ebb_publisher_options pbo = {.loop = &d->loop,
-                                 .rt = d->rt,
-                                 .data_dir = cfg->data,
-                                 .urls = cfg->nats,
-                                 .stream = cfg->nats_stream,
-                                 .prefix = cfg->nats_subject_prefix,
-                                 .from = cfg->nats_from};
-    if (ebb_publisher_start(&d->publisher, &pbo, err)) goto out;
-    /* Leader hook, as for the reactors: with several daemons on one
-     * PostgreSQL store, only the holder of the store's leader lock publishes
-     * (ebb_publisher_set_active); one daemon on a store always does. */
-    ebb_publisher_set_active(d->publisher, 1);
-  }
   uv_signal_init(&d->loop, &d->sigterm);
   uv_signal_init(&d->loop, &d->sigint);
   uv_signal_init(&d->loop, &d->sighup);

@@ -53,6 +53,7 @@ typedef struct conn {
   natsConnection *nc;
   jsCtx *js;
   int ok, refused;
+  int published;          /* js_PublishAsyncGetPendingList crashes on a context that never published */
   char err[768];
   uint64_t last_seq;      /* the stream's last sequence */
   int64_t last_position;  /* Ebb-Position of its last message under PREFIX.> (0: none) */
@@ -65,6 +66,33 @@ typedef struct ack {
   int ok, dup;
   char err[200];
 } ack;
+
+/* What libnats's threads share with the loop: the ack queue, whose acks
+ * count, and the loop's wake-up. Its own allocation, counted: the publisher
+ * holds one reference and every connection that connected another, dropped
+ * by its closed callback (libnats calls back after natsConnection_Close has
+ * returned, and the publisher may be gone by then). */
+typedef struct hub {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  ack *q;
+  size_t qn, qcap;
+  jsCtx *live_js; /* whose acks count */
+  natsConnection *live_nc;
+  uv_async_t *async; /* NULL once the publisher stops */
+  int refs;
+} hub;
+
+static void hub_release(hub *h) {
+  pthread_mutex_lock(&h->mu);
+  int last = --h->refs == 0;
+  pthread_mutex_unlock(&h->mu);
+  if (!last) return;
+  pthread_mutex_destroy(&h->mu);
+  pthread_cond_destroy(&h->cv);
+  free(h->q);
+  free(h);
+}
 
 typedef struct flight {
   int64_t position;
@@ -93,13 +121,7 @@ struct ebb_publisher {
   size_t at;
   int64_t backoff_ms;
   char last_error[1536];
-  /* acks from libnats's threads */
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  ack *q;
-  size_t qn, qcap;
-  jsCtx *live_js;      /* under mu: whose acks count */
-  natsConnection *live_nc;
+  hub *h;              /* acks from libnats's threads */
   /* loop handles */
   uv_async_t async;
   uv_timer_t tick, retry;
@@ -213,24 +235,24 @@ static const char *nats_why(natsStatus s) {
 }
 
 /* libnats's threads: queue and wake the loop. */
-static void push_ack(ebb_publisher *p, const ack *a) {
-  pthread_mutex_lock(&p->mu);
-  if ((a->js && a->js == p->live_js) || (a->nc && a->nc == p->live_nc)) {
-    if (p->qn == p->qcap) {
-      size_t cap = p->qcap ? p->qcap * 2 : 1024;
-      ack *q = realloc(p->q, cap * sizeof *q);
-      if (q) p->q = q, p->qcap = cap;
+static void push_ack(hub *h, const ack *a) {
+  pthread_mutex_lock(&h->mu);
+  if ((a->js && a->js == h->live_js) || (a->nc && a->nc == h->live_nc)) {
+    if (h->qn == h->qcap) {
+      size_t cap = h->qcap ? h->qcap * 2 : 1024;
+      ack *q = realloc(h->q, cap * sizeof *q);
+      if (q) h->q = q, h->qcap = cap;
     }
-    if (p->qn < p->qcap) p->q[p->qn++] = *a;
+    if (h->qn < h->qcap) h->q[h->qn++] = *a;
     /* else out of memory: the ack is lost, and the timeout drops the connection */
-    pthread_cond_signal(&p->cv);
+    pthread_cond_signal(&h->cv);
+    if (h->async) uv_async_send(h->async);
   }
-  pthread_mutex_unlock(&p->mu);
-  uv_async_send(&p->async);
+  pthread_mutex_unlock(&h->mu);
 }
 
 static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure) {
-  ebb_publisher *p = closure;
+  hub *h = closure;
   ack a = {.js = js, .position = -1};
   const char *v = NULL;
   if (natsMsgHeader_Get(msg, "Ebb-Position", &v) == NATS_OK && v) a.position = strtoll(v, NULL, 10);
@@ -242,7 +264,7 @@ static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void
              pae && pae->ErrText ? pae->ErrText : pae ? natsStatus_GetText(pae->Err) : "no ack");
   }
   natsMsg_Destroy(msg);
-  push_ack(p, &a);
+  push_ack(h, &a);
 }
 
 static void on_disconnected(natsConnection *nc, void *closure) {
@@ -251,14 +273,19 @@ static void on_disconnected(natsConnection *nc, void *closure) {
   push_ack(closure, &a);
 }
 
+/* The connection's last callback. */
+static void on_nc_closed(natsConnection *nc, void *closure) {
+  hub_release(closure);
+}
+
 static void conn_close(conn *c) {
   if (c == NULL) return;
   if (c->nc) natsConnection_Close(c->nc);
-  if (c->js) {
+  if (c->js && c->published) {
     natsMsgList pending = {0};
     if (js_PublishAsyncGetPendingList(&pending, c->js) == NATS_OK) natsMsgList_Destroy(&pending);
-    jsCtx_Destroy(c->js);
   }
+  if (c->js) jsCtx_Destroy(c->js);
   if (c->nc) natsConnection_Destroy(c->nc);
   if (c->opts) natsOptions_Destroy(c->opts);
   free(c);
@@ -271,16 +298,22 @@ static void conn_open(conn *c, ebb_publisher *p) {
   if (s == NATS_OK) s = natsOptions_SetTimeout(c->opts, CONNECT_TIMEOUT_MS);
   /* ebb reconnects itself, and resynchronises after every reconnection. */
   if (s == NATS_OK) s = natsOptions_SetAllowReconnect(c->opts, false);
-  if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(c->opts, on_disconnected, p);
+  if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(c->opts, on_disconnected, p->h);
+  if (s == NATS_OK) s = natsOptions_SetClosedCB(c->opts, on_nc_closed, p->h);
   if (s != NATS_OK) return set_err(c, "NATS options: %s", nats_why(s));
-  if ((s = natsConnection_Connect(&c->nc, c->opts)) != NATS_OK)
+  pthread_mutex_lock(&p->h->mu);
+  p->h->refs++; /* dropped by on_nc_closed */
+  pthread_mutex_unlock(&p->h->mu);
+  if ((s = natsConnection_Connect(&c->nc, c->opts)) != NATS_OK) {
+    hub_release(p->h); /* no connection, no callback */
     return set_err(c, "cannot connect to NATS at %s: %s", p->urls, nats_why(s));
+  }
   jsOptions jo;
   jsOptions_Init(&jo);
   jo.Wait = 5000;
   jo.PublishAsync.MaxPending = WINDOW + 16; /* the window is ours: never stalls */
   jo.PublishAsync.AckHandler = on_ack;
-  jo.PublishAsync.AckHandlerClosure = p;
+  jo.PublishAsync.AckHandlerClosure = p->h;
   if ((s = natsConnection_JetStream(&c->js, c->nc, &jo)) != NATS_OK)
     return set_err(c, "NATS JetStream context: %s", nats_why(s));
   jsStreamInfo *si = NULL;
@@ -360,10 +393,8 @@ static void publisher_free(ebb_publisher *p) {
   free(p->checkpoint_path);
   free(p->urls);
   free(p->ring);
-  free(p->q);
   free(p->lag_us);
-  pthread_mutex_destroy(&p->mu);
-  pthread_cond_destroy(&p->cv);
+  if (p->h) hub_release(p->h);
   free(p);
 }
 
@@ -378,11 +409,11 @@ static void on_closed(uv_handle_t *h) {
 }
 
 static void set_live(ebb_publisher *p, conn *c) {
-  pthread_mutex_lock(&p->mu);
-  p->live_js = c ? c->js : NULL;
-  p->live_nc = c ? c->nc : NULL;
-  p->qn = 0;
-  pthread_mutex_unlock(&p->mu);
+  pthread_mutex_lock(&p->h->mu);
+  p->h->live_js = c ? c->js : NULL;
+  p->h->live_nc = c ? c->nc : NULL;
+  p->h->qn = 0;
+  pthread_mutex_unlock(&p->h->mu);
 }
 
 static void drop_flights(ebb_publisher *p) {
@@ -525,6 +556,7 @@ static int publish(ebb_publisher *p, const ebb_event *e) {
   /* In order or not at all: a message whose predecessor did not land is refused. */
   if (s == NATS_OK && p->expect_seq > 0) s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", seq);
   if (s == NATS_OK) s = js_PublishMsgAsync(p->cur->js, &m, NULL);
+  p->cur->published = 1;
   natsMsg_Destroy(m); /* NULL when the library took it */
   ebb_buf_free(&subject);
   ebb_buf_free(&body);
@@ -612,16 +644,17 @@ static void add_lag(ebb_publisher *p, uint64_t committed_ns) {
 
 /* Takes the queued acks in order. Returns how many moved the checkpoint. */
 static size_t take_acks(ebb_publisher *p) {
-  pthread_mutex_lock(&p->mu);
-  size_t n = p->qn;
+  hub *h = p->h;
+  pthread_mutex_lock(&h->mu);
+  size_t n = h->qn;
   ack *q = NULL;
   if (n) {
     q = malloc(n * sizeof *q);
-    if (q) memcpy(q, p->q, n * sizeof *q);
+    if (q) memcpy(q, h->q, n * sizeof *q);
     else n = 0;
-    p->qn = 0;
+    h->qn = 0;
   }
-  pthread_mutex_unlock(&p->mu);
+  pthread_mutex_unlock(&h->mu);
   size_t moved = 0;
   for (size_t i = 0; i < n && p->state == P_PUBLISHING; i++) {
     const ack *a = &q[i];
@@ -686,8 +719,13 @@ int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *o, ebb
   p->rt = o->rt;
   p->active = 1;
   p->backoff_ms = BACKOFF_MIN_MS;
-  pthread_mutex_init(&p->mu, NULL);
-  pthread_cond_init(&p->cv, NULL);
+  if ((p->h = calloc(1, sizeof *p->h)) == NULL) {
+    free(p);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  pthread_mutex_init(&p->h->mu, NULL);
+  pthread_cond_init(&p->h->cv, NULL);
+  p->h->refs = 1;
   p->stream = dup_or_null(o->stream, &oom);
   p->prefix = dup_or_null(o->prefix, &oom);
   p->urls = dup_or_null(o->urls, &oom);
@@ -747,6 +785,7 @@ int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *o, ebb
     return err->code;
   }
   uv_async_init(p->loop, &p->async, on_async);
+  p->h->async = &p->async;
   uv_timer_init(p->loop, &p->tick);
   uv_timer_init(p->loop, &p->retry);
   uv_idle_init(p->loop, &p->pump);
@@ -797,15 +836,15 @@ void ebb_publisher_stop(ebb_publisher *p, int64_t wait_ms) {
   /* The acks of what is in flight, for at most wait_ms. */
   int64_t deadline = ebb_clock_now_ms() + wait_ms;
   while (p->state == P_PUBLISHING && p->ring_n && ebb_clock_now_ms() < deadline) {
-    pthread_mutex_lock(&p->mu);
-    if (p->qn == 0) {
+    pthread_mutex_lock(&p->h->mu);
+    if (p->h->qn == 0) {
       struct timespec ts;
       clock_gettime(CLOCK_REALTIME, &ts);
       ts.tv_nsec += 20 * 1000000L;
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
-      pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+      pthread_cond_timedwait(&p->h->cv, &p->h->mu, &ts);
     }
-    pthread_mutex_unlock(&p->mu);
+    pthread_mutex_unlock(&p->h->mu);
     take_acks(p);
   }
   if (p->ring_n) {
@@ -817,6 +856,9 @@ void ebb_publisher_stop(ebb_publisher *p, int64_t wait_ms) {
   p->stopping = 1;
   if (p->acked != p->written) write_checkpoint(p);
   set_live(p, NULL);
+  pthread_mutex_lock(&p->h->mu);
+  p->h->async = NULL; /* closed below: libnats's threads must not wake it */
+  pthread_mutex_unlock(&p->h->mu);
   conn_close(p->cur);
   conn_close(p->dead);
   p->cur = p->dead = NULL;

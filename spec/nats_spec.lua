@@ -36,9 +36,9 @@ local function nats_start(n)
   support.eventually(function() return not port_free(n.port) end, 60, "nats-server to listen")
   -- JetStream answers (here: that there is no such stream) once it has read its store
   support.eventually(function()
-    local p = assert(io.popen("env -u LD_PRELOAD " .. q(reader) .. " " .. q(n.url) .. " NOSUCH --info 2>&1"))
-    local text = p:read("a")
-    p:close()
+    local r = assert(io.popen("env -u LD_PRELOAD " .. q(reader) .. " " .. q(n.url) .. " NOSUCH --info 2>&1"))
+    local text = r:read("a")
+    r:close()
     return text:find("10059", 1, true)
   end, 60, "JetStream to answer")
   return n

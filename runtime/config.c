@@ -281,24 +281,38 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
   return 0;
 }
 
-/* A store URI as shown: a password in it (user:secret@ or password=) masked. */
-static void put_store(ebb_buf *out, const char *v) {
-  ebb_buf shown = EBB_BUF_INIT;
-  const char *scheme = strstr(v, "://");
+/* One URI as shown: a password in it (user:secret@ or password=) masked. */
+static void mask_uri(ebb_buf *shown, const char *v, size_t len) {
+  char *item = strndup(v, len);
+  if (item == NULL) return;
+  const char *scheme = strstr(item, "://");
   const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
   const char *colon = scheme ? strchr(scheme + 3, ':') : NULL;
-  const char *kw = strstr(v, "password=");
+  const char *kw = strstr(item, "password=");
   if (at && colon && colon < at) {
-    ebb_buf_append(&shown, v, (size_t)(colon + 1 - v));
-    ebb_buf_puts(&shown, "(set)");
-    ebb_buf_puts(&shown, at);
+    ebb_buf_append(shown, item, (size_t)(colon + 1 - item));
+    ebb_buf_puts(shown, "(set)");
+    ebb_buf_puts(shown, at);
   } else if (kw) {
-    ebb_buf_append(&shown, v, (size_t)(kw + 9 - v));
-    ebb_buf_puts(&shown, "(set)");
+    ebb_buf_append(shown, item, (size_t)(kw + 9 - item));
+    ebb_buf_puts(shown, "(set)");
     const char *end = kw + 9 + strcspn(kw + 9, " &");
-    ebb_buf_puts(&shown, end);
+    ebb_buf_puts(shown, end);
   } else {
-    ebb_buf_puts(&shown, v);
+    ebb_buf_puts(shown, item);
+  }
+  free(item);
+}
+
+/* A store URI, or the comma-separated NATS URLs, as shown: passwords masked. */
+static void put_store(ebb_buf *out, const char *v) {
+  ebb_buf shown = EBB_BUF_INIT;
+  for (;;) {
+    size_t n = strcspn(v, ",");
+    mask_uri(&shown, v, n);
+    if (v[n] == '\0') break;
+    ebb_buf_putc(&shown, ',');
+    v += n + 1;
   }
   ebb_buf_json_string(out, shown.data ? shown.data : "", shown.len);
   ebb_buf_free(&shown);
@@ -314,7 +328,7 @@ void ebb_config_dump(const ebb_config *c, ebb_buf *out) {
     if (s->is_text) {
       const char *v = *(char *const *)((const char *)c + s->offset);
       if (strcmp(s->name, "token") == 0 && v[0]) v = "(set)";
-      if (strcmp(s->name, "store") == 0) put_store(out, v);
+      if (strcmp(s->name, "store") == 0 || strcmp(s->name, "nats") == 0) put_store(out, v);
       else ebb_buf_json_string(out, v, strlen(v));
     } else {
       ebb_buf_printf(out, "%lld", (long long)*(const int64_t *)((const char *)c + s->offset));

@@ -306,7 +306,7 @@ static void conn_open(conn *c, ebb_publisher *p) {
   pthread_mutex_unlock(&p->h->mu);
   if ((s = natsConnection_Connect(&c->nc, c->opts)) != NATS_OK) {
     hub_release(p->h); /* no connection, no callback */
-    return set_err(c, "cannot connect to NATS at %s: %s", p->urls, nats_why(s));
+    return set_err(c, "cannot connect to NATS: %s", nats_why(s)); /* the URLs may hold passwords */
   }
   jsOptions jo;
   jsOptions_Init(&jo);

@@ -140,6 +140,62 @@ local function assert_stream_is_store(d, n, stream)
   return msgs
 end
 
+-- `ebb args...` with a time limit and VAR=value assignments: stdout, stderr, exit code.
+local function run(args, env)
+  local parts = { "timeout", "20", q(support.ebb) }
+  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
+  local errfile = os.tmpname()
+  local p = assert(io.popen((env or "") .. " " .. table.concat(parts, " ") .. " 2> " .. q(errfile) .. " < /dev/null"))
+  local out = p:read("a")
+  local _, _, code = p:close()
+  local err = support.read(errfile)
+  os.remove(errfile)
+  return out, err, code
+end
+
+describe("the nats settings", function()
+  it("come from flags, the environment and the config file, with passwords masked", function()
+    local dir = support.tmpdir()
+    local function check(args, env)
+      local all = { "check", "--data", dir .. "/data", "--aggregates", support.root .. "/aggregates" }
+      for _, a in ipairs(args) do all[#all + 1] = a end
+      local out, err, code = run(all, env)
+      assert.are.equal(0, code, err)
+      return json.decode(out).config
+    end
+    local c = check {}
+    assert.are.same({ value = "", source = "default" }, c.nats)
+    assert.are.same({ value = "EBB", source = "default" }, c.nats_stream)
+    assert.are.same({ value = "ebb", source = "default" }, c.nats_subject_prefix)
+    assert.are.same({ value = "", source = "default" }, c.nats_from)
+    c = check({ "--nats", "nats://u:secret@127.0.0.1:4222,nats://v:other@127.0.0.1:4223" })
+    assert.are.same({ value = "nats://u:(set)@127.0.0.1:4222,nats://v:(set)@127.0.0.1:4223", source = "flag" }, c.nats)
+    c = check({}, "EBB_NATS_STREAM=ORDERS EBB_NATS_FROM=Order,AccountOpened")
+    assert.are.same({ value = "ORDERS", source = "env" }, c.nats_stream)
+    assert.are.same({ value = "Order,AccountOpened", source = "env" }, c.nats_from)
+    support.write(dir .. "/c.lua", "nats_subject_prefix = 'app.events'\n")
+    c = check { "--config", dir .. "/c.lua" }
+    assert.are.same({ value = "app.events", source = "file" }, c.nats_subject_prefix)
+    support.rmdir(dir)
+  end)
+
+  it("refuses a stream name or a prefix NATS cannot take", function()
+    local data = support.tmpdir()
+    for _, case in ipairs {
+      { { "--nats-stream", "a.b" }, "nats_stream must be a JetStream stream name" },
+      { { "--nats-subject-prefix", "ebb.*" }, "nats_subject_prefix must be NATS subject tokens" },
+      { { "--nats-subject-prefix", "ebb." }, "nats_subject_prefix must be NATS subject tokens" },
+    } do
+      local args = { "serve", "--data", data, "--listen", "127.0.0.1:0", "--nats", "nats://127.0.0.1:1" }
+      for _, a in ipairs(case[1]) do args[#args + 1] = a end
+      local _, err, code = run(args)
+      assert.are_not.equal(0, code)
+      support.contains(err, case[2])
+    end
+    support.rmdir(data)
+  end)
+end)
+
 describe("publishing to NATS JetStream", function()
   local n, d, data
 

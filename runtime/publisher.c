@@ -122,6 +122,9 @@ struct ebb_publisher {
   int64_t backoff_ms;
   char last_error[1536];
   hub *h;              /* acks from libnats's threads */
+  ack *taken;          /* the queue's other array: the two are swapped, not copied */
+  size_t taken_cap;
+  ebb_buf subject, body; /* of the message being built, kept for the next */
   /* loop handles */
   uv_async_t async;
   uv_timer_t tick, retry;
@@ -394,6 +397,9 @@ static void publisher_free(ebb_publisher *p) {
   free(p->urls);
   free(p->ring);
   free(p->lag_us);
+  free(p->taken);
+  ebb_buf_free(&p->subject);
+  ebb_buf_free(&p->body);
   if (p->h) hub_release(p->h);
   free(p);
 }
@@ -531,16 +537,18 @@ static uint64_t commit_time(ebb_publisher *p, int64_t position) {
 
 /* Publishes one event. 0, or -1 after fail(). */
 static int publish(ebb_publisher *p, const ebb_event *e) {
-  ebb_buf subject = EBB_BUF_INIT, body = EBB_BUF_INIT;
-  ebb_buf_puts(&subject, p->prefix);
-  ebb_buf_putc(&subject, '.');
-  ebb_nats_token(&subject, e->stream, ebb_stream_category_len(e->stream));
-  ebb_buf_putc(&subject, '.');
-  ebb_nats_token(&subject, e->type, strlen(e->type));
-  ebb_event_to_json(e, &body);
+  ebb_buf *subject = &p->subject, *body = &p->body;
+  ebb_buf_reset(subject);
+  ebb_buf_reset(body);
+  ebb_buf_puts(subject, p->prefix);
+  ebb_buf_putc(subject, '.');
+  ebb_nats_token(subject, e->stream, ebb_stream_category_len(e->stream));
+  ebb_buf_putc(subject, '.');
+  ebb_nats_token(subject, e->type, strlen(e->type));
+  ebb_event_to_json(e, body);
   natsMsg *m = NULL;
-  natsStatus s = subject.oom || body.oom ? NATS_NO_MEMORY
-                 : natsMsg_Create(&m, ebb_buf_cstr(&subject), NULL, body.data, (int)body.len);
+  natsStatus s = subject->oom || body->oom ? NATS_NO_MEMORY
+                 : natsMsg_Create(&m, ebb_buf_cstr(subject), NULL, body->data, (int)body->len);
   char pos[24], ver[24], sch[24], seq[24];
   snprintf(pos, sizeof pos, "%lld", (long long)e->position);
   snprintf(ver, sizeof ver, "%lld", (long long)e->version);
@@ -558,8 +566,7 @@ static int publish(ebb_publisher *p, const ebb_event *e) {
   if (s == NATS_OK) s = js_PublishMsgAsync(p->cur->js, &m, NULL);
   p->cur->published = 1;
   natsMsg_Destroy(m); /* NULL when the library took it */
-  ebb_buf_free(&subject);
-  ebb_buf_free(&body);
+  if (subject->oom || body->oom) ebb_buf_free(subject), ebb_buf_free(body);
   if (s != NATS_OK) {
     char why[512];
     snprintf(why, sizeof why, "cannot publish event %lld: %s", (long long)e->position, nats_why(s));
@@ -647,14 +654,14 @@ static size_t take_acks(ebb_publisher *p) {
   hub *h = p->h;
   pthread_mutex_lock(&h->mu);
   size_t n = h->qn;
-  ack *q = NULL;
-  if (n) {
-    q = malloc(n * sizeof *q);
-    if (q) memcpy(q, h->q, n * sizeof *q);
-    else n = 0;
-    h->qn = 0;
-  }
+  ack *q = h->q;
+  size_t cap = h->qcap;
+  h->q = p->taken;
+  h->qcap = p->taken_cap;
+  h->qn = 0;
   pthread_mutex_unlock(&h->mu);
+  p->taken = q;
+  p->taken_cap = cap;
   size_t moved = 0;
   for (size_t i = 0; i < n && p->state == P_PUBLISHING; i++) {
     const ack *a = &q[i];
@@ -681,7 +688,6 @@ static size_t take_acks(ebb_publisher *p) {
     add_lag(p, fl->committed_ns);
     moved++;
   }
-  free(q);
   return moved;
 }
 

@@ -112,6 +112,8 @@ struct ebb_publisher {
   conn *cur;           /* the live connection (P_PUBLISHING) */
   conn *dead;          /* a dropped connection, closed by the next job */
   int64_t acked;       /* the checkpoint */
+  int64_t acked_msg;   /* the position of the last message acknowledged (acked moves on
+                          past events nats_from leaves out; this one does not) */
   int64_t written, written_ms;
   uint64_t expect_seq; /* the stream sequence of the last message published */
   flight *ring;
@@ -182,21 +184,25 @@ static int covers(const char *s, const char *prefix) {
 
 /* ---------------------------------------------------------------- the checkpoint file */
 
-static int64_t read_checkpoint(const char *path) {
-  FILE *fp = fopen(path, "r");
-  long long v = 0;
-  if (fp == NULL) return 0;
-  if (fscanf(fp, "%lld", &v) != 1 || v < 0) v = 0;
+/* "CHECKPOINT LAST_MESSAGE_POSITION\n" */
+static void read_checkpoint(ebb_publisher *p) {
+  FILE *fp = fopen(p->checkpoint_path, "r");
+  long long v = 0, m = 0;
+  if (fp == NULL) return;
+  int n = fscanf(fp, "%lld %lld", &v, &m);
   fclose(fp);
-  return v;
+  if (n < 1 || v < 0) v = 0;
+  if (n < 2 || m < 0 || m > v) m = v;
+  p->acked = p->written = v;
+  p->acked_msg = m;
 }
 
 /* Written beside, synced, renamed over, and the directory synced: a crash
  * leaves the old checkpoint or the new one. */
 static int write_checkpoint(ebb_publisher *p) {
-  char tmp[4200], text[32];
+  char tmp[4200], text[48];
   snprintf(tmp, sizeof tmp, "%s.tmp", p->checkpoint_path);
-  int n = snprintf(text, sizeof text, "%lld\n", (long long)p->acked);
+  int n = snprintf(text, sizeof text, "%lld %lld\n", (long long)p->acked, (long long)p->acked_msg);
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) goto fail;
   if (write(fd, text, (size_t)n) != n || fsync(fd) != 0) {
@@ -487,18 +493,18 @@ static void after_connect(uv_work_t *w, int status) {
     uv_timer_start(&p->retry, on_retry, REFUSED_RETRY_MS, 0);
     return;
   }
-  if (resume < p->acked) {
+  if (resume < p->acked_msg) {
     char a[32], b[32];
     snprintf(a, sizeof a, "%lld", (long long)resume);
-    snprintf(b, sizeof b, "%lld", (long long)p->acked);
+    snprintf(b, sizeof b, "%lld", (long long)p->acked_msg);
     ebb_log(EBB_LOG_WARN,
             "nats: the stream lost acknowledged messages; publishing them again", "stream",
-            p->stream, "#stream_position", a, "#checkpoint", b, NULL);
-    if (p->acked > p->republish_to) p->republish_to = p->acked;
+            p->stream, "#stream_position", a, "#acknowledged", b, NULL);
+    if (p->acked_msg > p->republish_to) p->republish_to = p->acked_msg;
   }
   p->cur = c;
   set_live(p, c);
-  p->acked = p->f.position = resume;
+  p->acked = p->acked_msg = p->f.position = resume;
   p->expect_seq = c->last_seq;
   if (p->acked != p->written) write_checkpoint(p);
   p->state = P_PUBLISHING;
@@ -682,7 +688,7 @@ static size_t take_acks(ebb_publisher *p) {
     }
     p->ring_at = (p->ring_at + 1) % WINDOW;
     p->ring_n--;
-    p->acked = a->position;
+    p->acked = p->acked_msg = a->position;
     if (!a->dup) p->published++;
     if (a->position <= p->republish_to) p->republished++;
     add_lag(p, fl->committed_ns);
@@ -770,7 +776,7 @@ int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *o, ebb
     publisher_free(p);
     return ebb_error_set(err, EBB_EBADREQ, "nats: no server URL in \"%s\"", o->urls);
   }
-  p->acked = p->written = read_checkpoint(p->checkpoint_path);
+  read_checkpoint(p);
   p->f.position = p->acked;
   if (ebb_store_head(ebb_runtime_store(p->rt), &p->head, err) != 0) {
     publisher_free(p);

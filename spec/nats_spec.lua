@@ -326,6 +326,24 @@ describe("publishing to NATS JetStream", function()
     assert.is_truthy(metric(d, "ebb_nats_errors_total") >= 1)
   end)
 
+  it("SIGTERM with acks outstanding stops within its bound, and a restart publishes the rest once", function()
+    start()
+    for i = 1, 5 do open(d, i) end
+    caught_up(d)
+    os.execute("kill -STOP " .. n.pid) -- NATS takes messages into its socket, and acks none
+    local evs = {}
+    for k = 1, 200 do evs[k] = { type = "Noted", data = { k = k } } end
+    assert.are.equal(200, (d:post("/streams/note-1", { events = evs })))
+    d:signal("TERM")
+    assert.is_truthy(d:wait(60), "the daemon did not stop")
+    os.execute("kill -CONT " .. n.pid)
+    start()
+    local s = caught_up(d)
+    assert.are.equal(205, s.position)
+    local msgs = assert_stream_is_store(d, n)
+    for i, m in ipairs(msgs) do assert.are.equal(i, m.seq) end
+  end)
+
   it("publishes again what NATS lost: its store's message blocks cut short", function()
     start()
     for i = 1, 200 do open(d, i) end

@@ -44,6 +44,10 @@ static const setting settings[] = {
     TEXT(log_level, "info", "serve: debug (one line per request), info, warn or error"),
     TEXT(log_format, "auto", "serve: text, json, or auto (text on a terminal)"),
     TEXT(config, "", "a Lua config file"),
+    TEXT(nats, "", "serve: publish every event to NATS JetStream at these server URLs (comma-separated)"),
+    TEXT(nats_stream, "EBB", "serve: the JetStream stream events are published to"),
+    TEXT(nats_subject_prefix, "ebb", "serve: subjects are PREFIX.<category>.<type>"),
+    TEXT(nats_from, "", "serve: publish only these categories or event types (comma-separated; all if empty)"),
     NUM(max_body, "1048576", 1024, GIB, "serve: largest request body in bytes (413 above)"),
     NUM(max_connections, "1024", 1, 1000000, "serve: open connections at most (503 above)"),
     NUM(idle_timeout_ms, "60000", 100, 86400000, "serve: close keep-alive connections idle this long"),
@@ -258,6 +262,18 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
     return ebb_error_set(err, EBB_EBADREQ, "log_format must be auto, text or json, not \"%s\"",
                          c->log_format);
   if (ebb_config_listen(c, host, sizeof host, &port, err) != 0) return err->code;
+  if (c->nats[0] && (c->nats_stream[0] == '\0' || strpbrk(c->nats_stream, ".*> \t\r\n/\\")))
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "nats_stream must be a JetStream stream name (no '.', '*', '>', '/', "
+                         "'\\' or whitespace), not \"%s\"", c->nats_stream);
+  if (c->nats[0] && (c->nats_subject_prefix[0] == '\0' ||
+                     strpbrk(c->nats_subject_prefix, "*> \t\r\n") ||
+                     c->nats_subject_prefix[0] == '.' ||
+                     c->nats_subject_prefix[strlen(c->nats_subject_prefix) - 1] == '.' ||
+                     strstr(c->nats_subject_prefix, "..")))
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "nats_subject_prefix must be NATS subject tokens joined by '.' (no '*', "
+                         "'>', whitespace or empty token), not \"%s\"", c->nats_subject_prefix);
   if (!ebb_config_is_loopback(host) && c->token[0] == '\0')
     return ebb_error_set(err, EBB_EBADREQ,
                          "refusing to listen on %s without a token: anyone who can reach it could "
@@ -266,24 +282,38 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
   return 0;
 }
 
-/* A store URI as shown: a password in it (user:secret@ or password=) masked. */
-static void put_store(ebb_buf *out, const char *v) {
-  ebb_buf shown = EBB_BUF_INIT;
-  const char *scheme = strstr(v, "://");
+/* One URI as shown: a password in it (user:secret@ or password=) masked. */
+static void mask_uri(ebb_buf *shown, const char *v, size_t len) {
+  char *item = strndup(v, len);
+  if (item == NULL) return;
+  const char *scheme = strstr(item, "://");
   const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
   const char *colon = scheme ? strchr(scheme + 3, ':') : NULL;
-  const char *kw = strstr(v, "password=");
+  const char *kw = strstr(item, "password=");
   if (at && colon && colon < at) {
-    ebb_buf_append(&shown, v, (size_t)(colon + 1 - v));
-    ebb_buf_puts(&shown, "(set)");
-    ebb_buf_puts(&shown, at);
+    ebb_buf_append(shown, item, (size_t)(colon + 1 - item));
+    ebb_buf_puts(shown, "(set)");
+    ebb_buf_puts(shown, at);
   } else if (kw) {
-    ebb_buf_append(&shown, v, (size_t)(kw + 9 - v));
-    ebb_buf_puts(&shown, "(set)");
+    ebb_buf_append(shown, item, (size_t)(kw + 9 - item));
+    ebb_buf_puts(shown, "(set)");
     const char *end = kw + 9 + strcspn(kw + 9, " &");
-    ebb_buf_puts(&shown, end);
+    ebb_buf_puts(shown, end);
   } else {
-    ebb_buf_puts(&shown, v);
+    ebb_buf_puts(shown, item);
+  }
+  free(item);
+}
+
+/* A store URI, or the comma-separated NATS URLs, as shown: passwords masked. */
+static void put_store(ebb_buf *out, const char *v) {
+  ebb_buf shown = EBB_BUF_INIT;
+  for (;;) {
+    size_t n = strcspn(v, ",");
+    mask_uri(&shown, v, n);
+    if (v[n] == '\0') break;
+    ebb_buf_putc(&shown, ',');
+    v += n + 1;
   }
   ebb_buf_json_string(out, shown.data ? shown.data : "", shown.len);
   ebb_buf_free(&shown);
@@ -299,7 +329,7 @@ void ebb_config_dump(const ebb_config *c, ebb_buf *out) {
     if (s->is_text) {
       const char *v = *(char *const *)((const char *)c + s->offset);
       if (strcmp(s->name, "token") == 0 && v[0]) v = "(set)";
-      if (strcmp(s->name, "store") == 0) put_store(out, v);
+      if (strcmp(s->name, "store") == 0 || strcmp(s->name, "nats") == 0) put_store(out, v);
       else ebb_buf_json_string(out, v, strlen(v));
     } else {
       ebb_buf_printf(out, "%lld", (long long)*(const int64_t *)((const char *)c + s->offset));

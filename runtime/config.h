@@ -21,7 +21,8 @@
 typedef struct ebb_config {
   /* text settings: malloc'd, never NULL after ebb_config_init */
   char *data, *store, *aggregates, *projections, *reactors, *durability, *listen, *token, *url,
-      *cacert, *log_level, *log_format, *config;
+      *cacert, *log_level, *log_format, *config, *nats, *nats_stream, *nats_subject_prefix,
+      *nats_from;
   /* numbers */
   int64_t max_body, max_connections, idle_timeout_ms, request_timeout_ms, shutdown_timeout_ms,
       cache_size, subscriber_buffer, heartbeat_ms, memory_limit, instruction_budget,

@@ -548,6 +548,7 @@ static void head_advanced(ebb_daemon *d, int64_t head) {
   schedule_pump(d);
   if (d->projections) ebb_projections_notify(d->projections, d->head);
   if (d->reactors) ebb_reactors_notify(d->reactors, d->head);
+  if (d->publisher) ebb_publisher_notify(d->publisher, d->head);
 }
 
 /* Once per wake-up of the loop by the writer, however many appends it
@@ -567,10 +568,12 @@ static void on_store_head(void *ud, int64_t head) {
  * reactor's state lives in the daemon's own data directory, so one that
  * takes over reads the history from its own checkpoint: the commands it
  * issues again carry the command ids the first leader's did, and the store
- * answers them without applying them twice. */
+ * answers them without applying them twice. The NATS publisher resumes after
+ * the stream's last Ebb-Position, whoever published it. */
 static void on_leader(void *ud, int leader) {
   ebb_daemon *d = ud;
   if (d->reactors) ebb_reactors_set_active(d->reactors, leader);
+  if (d->publisher) ebb_publisher_set_active(d->publisher, leader);
 }
 
 /* Puts the job in its stream's queue, and starts it if it is first. */
@@ -1040,6 +1043,10 @@ static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
       ebb_buf_json_string(&b, ls.error, strlen(ls.error));
     }
   }
+  if (d->publisher) {
+    ebb_buf_puts(&b, ",\"nats\":");
+    ebb_publisher_status(d->publisher, &b);
+  }
   ebb_buf_puts(&b, "}");
   answer(d, c, ri, d->draining || store == EBB_WRITER_STOPPED ? 503 : 200, b.data, b.len);
   ebb_buf_free(&b);
@@ -1478,6 +1485,9 @@ static void stop(ebb_daemon *d) {
   /* The writer reported every command, reactors' included: none is in flight. */
   ebb_reactors_stop(d->reactors);
   d->reactors = NULL;
+  /* Every commit is reported: wait (bounded) for the acks of what is in flight. */
+  ebb_publisher_stop(d->publisher, d->cfg->shutdown_timeout_ms < 5000 ? d->cfg->shutdown_timeout_ms : 5000);
+  d->publisher = NULL;
   d->final_deadline_ms = ebb_clock_now_ms() + 2000;
   uv_timer_stop(&d->shutdown_timer);
   uv_timer_start(&d->shutdown_timer, on_final_check, 0, 10);
@@ -1613,6 +1623,17 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
     goto out;
   port = ebb_http_server_port(d->http);
   snprintf(d->url, sizeof d->url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port);
+  /* Before the handles the failure path below does not close. */
+  if (cfg->nats[0]) {
+    ebb_publisher_options pbo = {.loop = &d->loop,
+                                 .rt = d->rt,
+                                 .data_dir = cfg->data,
+                                 .urls = cfg->nats,
+                                 .stream = cfg->nats_stream,
+                                 .prefix = cfg->nats_subject_prefix,
+                                 .from = cfg->nats_from};
+    if (ebb_publisher_start(&d->publisher, &pbo, err)) goto out;
+  }
   uv_timer_init(&d->loop, &d->rescan_timer);
   d->rescan_timer.data = d;
   ebb_projections_options po = {.loop = &d->loop,
@@ -1652,6 +1673,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   /* One daemon on a store (SQLite) always leads; on a shared store the
    * leader lock may have been granted before the reactors existed. */
   ebb_reactors_set_active(d->reactors, ebb_live_leader(d->live));
+  if (d->publisher) ebb_publisher_set_active(d->publisher, ebb_live_leader(d->live));
   uv_signal_init(&d->loop, &d->sigterm);
   uv_signal_init(&d->loop, &d->sigint);
   uv_signal_init(&d->loop, &d->sighup);
@@ -1688,6 +1710,7 @@ out:
   if (d->projections) ebb_projections_stop(d->projections);
   if (d->writer) ebb_writer_stop(d->writer);
   ebb_reactors_stop(d->reactors); /* after the writer: it answers their commands */
+  ebb_publisher_stop(d->publisher, 0);
   if (d->http) ebb_http_server_close(d->http);
   if (loop_open) {
     uv_run(&d->loop, UV_RUN_DEFAULT); /* the close callbacks */

@@ -25,6 +25,7 @@
 #include "lock.h"
 #include "notify.h"
 #include "projection.h"
+#include "publisher.h"
 #include "reactor.h"
 #include "readers.h"
 #include "runtime.h"
@@ -67,6 +68,7 @@ typedef struct ebb_daemon {
   ebb_projections *projections;
   ebb_reactors *reactors;
   ebb_live *live;               /* a shared store's watch and leader links; NULL: not shared */
+  ebb_publisher *publisher;     /* NULL without the nats setting */
   uv_fs_event_t watch;          /* the projections directory */
   int watching;
   uv_timer_t rescan_timer;      /* debounces a burst of file events into one rescan */

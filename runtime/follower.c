@@ -54,6 +54,7 @@ void ebb_follower_take(ebb_follower *f, ebb_follower *src) {
 }
 
 int ebb_follower_matches(const ebb_follower *f, const ebb_event *e) {
+  if (f->n_from == 0) return 1; /* no from: every event (a publisher without nats_from) */
   size_t cat = ebb_stream_category_len(e->stream);
   for (size_t i = 0; i < f->n_from; i++) {
     const char *s = f->from[i];
@@ -104,7 +105,7 @@ int ebb_follower_read(ebb_follower *f, ebb_runtime *rt, int64_t head, int64_t li
   size_t n = 0;
   while (n < l->n && l->items[n].upcast_error == NULL) n++;
   b->n = n;
-  b->checkpoint = last;
+  b->checkpoint = b->read_to = last;
   if (n < l->n) {
     b->bad = &l->items[n];
     b->checkpoint = b->bad->position - 1;

@@ -53,7 +53,7 @@ void ebb_follower_set_skipped(ebb_follower *f, int64_t *positions, size_t n);
 /* Moves from and skipped of src into f (a reload of the same consumer). */
 void ebb_follower_take(ebb_follower *f, ebb_follower *src);
 
-/* Does `from` name the event's category or type? */
+/* Does `from` name the event's category or type? (An empty `from` names every event.) */
 int ebb_follower_matches(const ebb_follower *f, const ebb_event *e);
 int ebb_follower_is_skipped(const ebb_follower *f, int64_t position);
 
@@ -63,6 +63,9 @@ typedef struct ebb_follower_batch {
                             upcast and those after it */
   int64_t checkpoint;    /* the checkpoint once those n ran */
   const ebb_event *bad;  /* events.items[n] when it cannot be upcast (a fault), or NULL */
+  int64_t read_to;       /* the checkpoint once every event read ran, the bad one included
+                            (a consumer that passes such an event on as stored, with its
+                            upcast_error, as GET /events does) */
 } ebb_follower_batch;
 
 /* Reads the next batch after the checkpoint, up to `limit` events read from

@@ -141,5 +141,6 @@ void ebb__metrics_render(ebb_daemon *d, ebb_buf *b) {
                  (unsigned long long)m->reload_failures);
   if (d->projections) ebb_projections_metrics(d->projections, b);
   if (d->reactors) ebb_reactors_metrics(d->reactors, b);
+  if (d->publisher) ebb_publisher_metrics(d->publisher, b);
   memory(b);
 }

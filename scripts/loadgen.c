@@ -48,6 +48,7 @@ typedef struct conn {
   uint64_t t0;
   int64_t key; /* the account or stream of the request in flight, -1: none */
   uint64_t n;  /* requests sent */
+  int waiting; /* --rate: its next request waits for its turn */
 } conn;
 
 static struct {
@@ -56,7 +57,17 @@ static struct {
   double seconds;
   long accounts;
   char run[32];
-} opt = {"127.0.0.1", 0, 64, M_HEALTH, 0, 10, 10000, ""};
+  double rate; /* requests per second at most (0: as fast as answers come) */
+} opt = {"127.0.0.1", 0, 64, M_HEALTH, 0, 10, 10000, "", 0};
+
+/* --rate: may one more request go now? (an open-loop pace over the timed part) */
+static uint64_t paced_start, paced_sent;
+static int may_send(uint64_t t) {
+  if (opt.rate <= 0) return 1;
+  if ((double)paced_sent >= (double)(t - paced_start) * opt.rate / 1e9) return 0;
+  paced_sent++;
+  return 1;
+}
 
 static int64_t *versions; /* per account or stream: its version as this client knows it */
 static uint32_t *lat;     /* latencies of the timed part, microseconds */
@@ -288,10 +299,26 @@ static uint64_t drive(conn *cs, int preload, uint64_t until, int timed) {
     active++;
   }
   struct epoll_event evs[256];
+  paced_start = now_ns();
+  paced_sent = 0;
   while (active > 0) {
-    int n = epoll_wait(ep, evs, 256, 100);
+    int n = epoll_wait(ep, evs, 256, opt.rate > 0 && !preload ? 1 : 100);
     uint64_t t = now_ns();
     if (!preload && t >= until) break;
+    for (int i = 0; i < opt.conns && opt.rate > 0 && !preload; i++) {
+      conn *c = &cs[i];
+      if (c->fd < 0 || !c->waiting || !may_send(t)) continue;
+      c->waiting = 0;
+      next_request(c, preload);
+      c->t0 = t;
+      if (send_some(c) != 0) {
+        errors++;
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+        active--;
+      }
+    }
     for (int e = 0; e < n; e++) {
       conn *c = evs[e].data.ptr;
       if (c->fd < 0) continue;
@@ -326,6 +353,10 @@ static uint64_t drive(conn *cs, int preload, uint64_t until, int timed) {
           break;
         }
         if (!preload && t >= until) break;
+        if (!preload && !may_send(t)) {
+          c->waiting = 1;
+          break;
+        }
         next_request(c, preload);
         c->t0 = t;
         if (send_some(c) != 0) goto broken;
@@ -347,6 +378,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: ebb-loadgen --port P [--host 127.0.0.1] [--mode health|open|deposit|append|orders]\n"
           "         [--connections 64] [--seconds 10] [--accounts 10000] [--run TAG] [--pid DAEMON_PID]\n"
+          "         [--rate REQUESTS_PER_S]\n"
           "prints: RESULT requests rps p50_ms p99_ms non200 errors cpu_s cpu_pct\n"
           "        [write_bytes bytes_per_event batch events daemon_cpu_pct daemon_us_per_req]\n"
           "        (with --pid; daemon CPU from /proc/PID/stat, all threads)\n");
@@ -367,6 +399,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--accounts")) opt.accounts = atol(v);
     else if (!strcmp(a, "--run")) snprintf(opt.run, sizeof opt.run, "%s", v);
     else if (!strcmp(a, "--pid")) opt.pid = atoi(v);
+    else if (!strcmp(a, "--rate")) opt.rate = atof(v);
     else if (!strcmp(a, "--mode")) {
       opt.mode = -1;
       for (int m = 0; m < 5; m++)

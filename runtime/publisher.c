@@ -1,0 +1,940 @@
+/*
+ * publisher.c: the NATS JetStream publisher (see publisher.h). It owns the
+ * connection (one per attempt: any failure drops it whole, so acks of an
+ * abandoned connection can never be mistaken for the current one's), the
+ * window of messages in flight, the queue that carries acks from libnats's
+ * threads to the loop, the checkpoint file, and the publisher's figures.
+ *
+ * Threads: everything but the ack and disconnection callbacks (libnats's
+ * threads: they only queue and wake the loop) and the blocking NATS calls
+ * of connecting, checking the stream and closing (a thread of libuv's pool,
+ * one job at a time) runs on the daemon's loop.
+ */
+#define _GNU_SOURCE /* asprintf */
+#include "publisher.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <nats/nats.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "follower.h"
+#include "log.h"
+#include "store.h"
+
+#define WINDOW 8192               /* messages in flight at most */
+#define BATCH 1000                /* events read from the store at once */
+#define EVENTS_PER_TURN 2000      /* published per loop turn: HTTP is served between turns */
+#define ACK_TIMEOUT_MS 5000       /* an ack later than this drops the connection */
+#define CONNECT_TIMEOUT_MS 2000
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 5000
+#define REFUSED_RETRY_MS 30000    /* a refused stream is checked again this often */
+#define DUPLICATE_WINDOW_NS ((int64_t)120 * 1000 * 1000 * 1000)
+#define LAG_SAMPLES 65536         /* commit -> ack latencies kept for the status */
+#define NOTES 4096                /* commit times of recent heads */
+
+enum { P_CONNECTING, P_PUBLISHING, P_DISCONNECTED, P_REFUSED, P_FAULTED, P_INACTIVE, P_STOPPED };
+static const char *const state_names[] = {"connecting", "live",     "disconnected", "refused",
+                                          "faulted",    "inactive", "stopped"};
+
+/* One connection attempt and, if it succeeds, the connection. */
+typedef struct conn {
+  natsOptions *opts;
+  natsConnection *nc;
+  jsCtx *js;
+  int ok, refused;
+  int published;          /* js_PublishAsyncGetPendingList crashes on a context that never published */
+  char err[768];
+  uint64_t last_seq;      /* the stream's last sequence */
+  int64_t last_position;  /* Ebb-Position of its last message under PREFIX.> (0: none) */
+} conn;
+
+typedef struct ack {
+  jsCtx *js;         /* whose ack (NULL: nc's connection was lost) */
+  natsConnection *nc;
+  int64_t position;
+  int ok, dup;
+  char err[200];
+} ack;
+
+/* What libnats's threads share with the loop: the ack queue, whose acks
+ * count, and the loop's wake-up. Its own allocation, counted: the publisher
+ * holds one reference and every connection that connected another, dropped
+ * by its closed callback (libnats calls back after natsConnection_Close has
+ * returned, and the publisher may be gone by then). */
+typedef struct hub {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  ack *q;
+  size_t qn, qcap;
+  jsCtx *live_js; /* whose acks count */
+  natsConnection *live_nc;
+  uv_async_t *async; /* NULL once the publisher stops */
+  int refs;
+} hub;
+
+static void hub_release(hub *h) {
+  pthread_mutex_lock(&h->mu);
+  int last = --h->refs == 0;
+  pthread_mutex_unlock(&h->mu);
+  if (!last) return;
+  pthread_mutex_destroy(&h->mu);
+  pthread_cond_destroy(&h->cv);
+  free(h->q);
+  free(h);
+}
+
+typedef struct flight {
+  int64_t position;
+  uint64_t committed_ns; /* when the loop learned of its commit (0: before the publisher started) */
+  int64_t sent_ms;
+} flight;
+
+struct ebb_publisher {
+  uv_loop_t *loop;
+  ebb_runtime *rt;
+  char *stream, *prefix, *all_subjects, *checkpoint_path, *urls;
+  char **servers;
+  int n_servers;
+  ebb_follower f; /* f.position: the last event read and published (or skipped) */
+  int64_t head;
+  int state, active, stopping;
+  conn *cur;           /* the live connection (P_PUBLISHING) */
+  conn *dead;          /* a dropped connection, closed by the next job */
+  int64_t acked;       /* the checkpoint */
+  int64_t acked_msg;   /* the position of the last message acknowledged (acked moves on
+                          past events nats_from leaves out; this one does not) */
+  int64_t written, written_ms;
+  uint64_t expect_seq; /* the stream sequence of the last message published */
+  flight *ring;
+  size_t ring_at, ring_n;
+  ebb_follower_batch batch;
+  int have_batch;
+  size_t at;
+  int64_t backoff_ms;
+  char last_error[1536];
+  hub *h;              /* acks from libnats's threads */
+  ack *taken;          /* the queue's other array: the two are swapped, not copied */
+  size_t taken_cap;
+  ebb_buf subject, body; /* of the message being built, kept for the next */
+  /* loop handles */
+  uv_async_t async;
+  uv_timer_t tick, retry;
+  uv_idle_t pump;
+  int pumping, handles_open, working;
+  uv_work_t work;
+  conn *job_conn, *job_dead;
+  /* figures */
+  uint64_t published, republished, errors;
+  int64_t republish_to; /* positions up to it are published again */
+  struct { int64_t head; uint64_t t; } notes[NOTES];
+  size_t note_at, note_n;
+  uint32_t *lag_us;
+  size_t lag_n, lag_i;
+};
+
+static void schedule_pump(ebb_publisher *p);
+static void start_connect(ebb_publisher *p);
+static void on_retry(uv_timer_t *t) { start_connect(t->data); }
+
+/* ---------------------------------------------------------------- subjects */
+
+void ebb_nats_token(ebb_buf *out, const char *s, size_t n) {
+  static const char hex[] = "0123456789ABCDEF";
+  if (n == 0) {
+    ebb_buf_putc(out, '%');
+    return;
+  }
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch == '%' || ch == '.' || ch == '*' || ch == '>' || ch <= ' ' || ch == 0x7f) {
+      char e[3] = {'%', hex[ch >> 4], hex[ch & 15]};
+      ebb_buf_append(out, e, 3);
+    } else {
+      ebb_buf_putc(out, (char)ch);
+    }
+  }
+}
+
+/* Does the stream subject pattern s match every subject under prefix.> ? */
+static int covers(const char *s, const char *prefix) {
+  const char *a = s, *b = prefix;
+  for (;;) {
+    size_t la = strcspn(a, "."), lb = strcspn(b, ".");
+    if (la == 1 && a[0] == '>') return 1;
+    if (*b == '\0') return 0; /* the prefix is used up: only '>' covers what follows */
+    if (!(la == 1 && a[0] == '*') && (la != lb || strncmp(a, b, la) != 0)) return 0;
+    a += la;
+    b += lb;
+    if (*a == '\0') return 0; /* s ends where subjects go on */
+    a++;
+    if (*b) b++;
+  }
+}
+
+/* ---------------------------------------------------------------- the checkpoint file */
+
+/* "CHECKPOINT LAST_MESSAGE_POSITION\n" */
+static void read_checkpoint(ebb_publisher *p) {
+  FILE *fp = fopen(p->checkpoint_path, "r");
+  long long v = 0, m = 0;
+  if (fp == NULL) return;
+  int n = fscanf(fp, "%lld %lld", &v, &m);
+  fclose(fp);
+  if (n < 1 || v < 0) v = 0;
+  if (n < 2 || m < 0 || m > v) m = v;
+  p->acked = p->written = v;
+  p->acked_msg = m;
+}
+
+/* Written beside, synced, renamed over, and the directory synced: a crash
+ * leaves the old checkpoint or the new one. */
+static int write_checkpoint(ebb_publisher *p) {
+  char tmp[4200], text[48];
+  snprintf(tmp, sizeof tmp, "%s.tmp", p->checkpoint_path);
+  int n = snprintf(text, sizeof text, "%lld %lld\n", (long long)p->acked, (long long)p->acked_msg);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) goto fail;
+  if (write(fd, text, (size_t)n) != n || fsync(fd) != 0) {
+    close(fd);
+    goto fail;
+  }
+  close(fd);
+  if (rename(tmp, p->checkpoint_path) != 0) goto fail;
+  char dir[4200];
+  snprintf(dir, sizeof dir, "%s", p->checkpoint_path);
+  char *slash = strrchr(dir, '/');
+  if (slash) *slash = '\0';
+  int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    fsync(dfd);
+    close(dfd);
+  }
+  p->written = p->acked;
+  p->written_ms = ebb_clock_now_ms();
+  return 0;
+fail:
+  ebb_log(EBB_LOG_WARN, "nats: cannot write the checkpoint", "path", p->checkpoint_path, "error",
+          strerror(errno), NULL);
+  return -1;
+}
+
+/* ---------------------------------------------------------------- connections (pool thread) */
+
+static void set_err(conn *c, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->err, sizeof c->err, fmt, ap);
+  va_end(ap);
+}
+
+static const char *nats_why(natsStatus s) {
+  const char *t = nats_GetLastError(NULL);
+  return t && *t ? t : natsStatus_GetText(s);
+}
+
+/* libnats's threads: queue and wake the loop. */
+static void push_ack(hub *h, const ack *a) {
+  pthread_mutex_lock(&h->mu);
+  if ((a->js && a->js == h->live_js) || (a->nc && a->nc == h->live_nc)) {
+    if (h->qn == h->qcap) {
+      size_t cap = h->qcap ? h->qcap * 2 : 1024;
+      ack *q = realloc(h->q, cap * sizeof *q);
+      if (q) h->q = q, h->qcap = cap;
+    }
+    if (h->qn < h->qcap) h->q[h->qn++] = *a;
+    /* else out of memory: the ack is lost, and the timeout drops the connection */
+    pthread_cond_signal(&h->cv);
+    if (h->async) uv_async_send(h->async);
+  }
+  pthread_mutex_unlock(&h->mu);
+}
+
+static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure) {
+  hub *h = closure;
+  ack a = {.js = js, .position = -1};
+  const char *v = NULL;
+  if (natsMsgHeader_Get(msg, "Ebb-Position", &v) == NATS_OK && v) a.position = strtoll(v, NULL, 10);
+  if (pa) {
+    a.ok = 1;
+    a.dup = pa->Duplicate;
+  } else {
+    snprintf(a.err, sizeof a.err, "%s",
+             pae && pae->ErrText ? pae->ErrText : pae ? natsStatus_GetText(pae->Err) : "no ack");
+  }
+  natsMsg_Destroy(msg);
+  push_ack(h, &a);
+}
+
+static void on_disconnected(natsConnection *nc, void *closure) {
+  ack a = {.nc = nc, .position = -1};
+  snprintf(a.err, sizeof a.err, "the connection to NATS was lost");
+  push_ack(closure, &a);
+}
+
+/* The connection's last callback. */
+static void on_nc_closed(natsConnection *nc, void *closure) {
+  hub_release(closure);
+}
+
+static void conn_close(conn *c) {
+  if (c == NULL) return;
+  if (c->nc) natsConnection_Close(c->nc);
+  if (c->js && c->published) {
+    natsMsgList pending = {0};
+    if (js_PublishAsyncGetPendingList(&pending, c->js) == NATS_OK) natsMsgList_Destroy(&pending);
+  }
+  if (c->js) jsCtx_Destroy(c->js);
+  if (c->nc) natsConnection_Destroy(c->nc);
+  if (c->opts) natsOptions_Destroy(c->opts);
+  free(c);
+}
+
+/* Connects, creates or checks the stream, and reads where it ends. */
+static void conn_open(conn *c, ebb_publisher *p) {
+  natsStatus s = natsOptions_Create(&c->opts);
+  if (s == NATS_OK) s = natsOptions_SetServers(c->opts, (const char **)p->servers, p->n_servers);
+  if (s == NATS_OK) s = natsOptions_SetTimeout(c->opts, CONNECT_TIMEOUT_MS);
+  /* ebb reconnects itself, and resynchronises after every reconnection. */
+  if (s == NATS_OK) s = natsOptions_SetAllowReconnect(c->opts, false);
+  if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(c->opts, on_disconnected, p->h);
+  if (s == NATS_OK) s = natsOptions_SetClosedCB(c->opts, on_nc_closed, p->h);
+  if (s != NATS_OK) return set_err(c, "NATS options: %s", nats_why(s));
+  pthread_mutex_lock(&p->h->mu);
+  p->h->refs++; /* dropped by on_nc_closed */
+  pthread_mutex_unlock(&p->h->mu);
+  if ((s = natsConnection_Connect(&c->nc, c->opts)) != NATS_OK) {
+    hub_release(p->h); /* no connection, no callback */
+    return set_err(c, "cannot connect to NATS: %s", nats_why(s)); /* the URLs may hold passwords */
+  }
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jo.Wait = 5000;
+  jo.PublishAsync.MaxPending = WINDOW + 16; /* the window is ours: never stalls */
+  jo.PublishAsync.AckHandler = on_ack;
+  jo.PublishAsync.AckHandlerClosure = p->h;
+  if ((s = natsConnection_JetStream(&c->js, c->nc, &jo)) != NATS_OK)
+    return set_err(c, "NATS JetStream context: %s", nats_why(s));
+  jsStreamInfo *si = NULL;
+  jsErrCode je = 0;
+  s = js_GetStreamInfo(&si, c->js, p->stream, NULL, &je);
+  if (s == NATS_NOT_FOUND || je == JSStreamNotFoundErr) {
+    jsStreamConfig sc;
+    jsStreamConfig_Init(&sc);
+    const char *subjects[1] = {p->all_subjects};
+    sc.Name = p->stream;
+    sc.Subjects = subjects;
+    sc.SubjectsLen = 1;
+    sc.Storage = js_FileStorage;
+    sc.Duplicates = DUPLICATE_WINDOW_NS;
+    je = 0;
+    if ((s = js_AddStream(&si, c->js, &sc, NULL, &je)) != NATS_OK)
+      return set_err(c, "cannot create the JetStream stream %s (subjects %s): %s (%d)", p->stream,
+                     p->all_subjects, nats_why(s), (int)je);
+    ebb_log(EBB_LOG_INFO, "nats: created the JetStream stream", "stream", p->stream, "subjects",
+            p->all_subjects, NULL);
+  } else if (s != NATS_OK) {
+    return set_err(c, "cannot read the JetStream stream %s: %s (%d)", p->stream, nats_why(s),
+                   (int)je);
+  } else {
+    int ok = 0;
+    ebb_buf list = EBB_BUF_INIT;
+    for (int i = 0; si->Config && i < si->Config->SubjectsLen; i++) {
+      ok |= covers(si->Config->Subjects[i], p->prefix);
+      ebb_buf_printf(&list, "%s%s", i ? ", " : "", si->Config->Subjects[i]);
+    }
+    if (!ok) {
+      c->refused = 1;
+      set_err(c,
+              "the JetStream stream %s exists with subjects [%s], which do not cover %s: ebb "
+              "would publish to subjects it does not store. Add %s to its subjects, or set "
+              "nats_stream or nats_subject_prefix",
+              p->stream, ebb_buf_cstr(&list), p->all_subjects, p->all_subjects);
+      ebb_buf_free(&list);
+      jsStreamInfo_Destroy(si);
+      return;
+    }
+    ebb_buf_free(&list);
+  }
+  c->last_seq = si->State.LastSeq;
+  jsStreamInfo_Destroy(si);
+  natsMsg *m = NULL;
+  je = 0;
+  s = js_GetLastMsg(&m, c->js, p->stream, p->all_subjects, NULL, &je);
+  if (s == NATS_OK) {
+    const char *v = NULL;
+    if (natsMsgHeader_Get(m, "Ebb-Position", &v) == NATS_OK && v) c->last_position = strtoll(v, NULL, 10);
+    natsMsg_Destroy(m);
+  } else if (s != NATS_NOT_FOUND && je != JSNoMessageFoundErr) {
+    return set_err(c, "cannot read the last message of the JetStream stream %s: %s (%d)",
+                   p->stream, nats_why(s), (int)je);
+  }
+  c->ok = 1;
+}
+
+static void work_connect(uv_work_t *w) {
+  ebb_publisher *p = w->data;
+  conn_close(p->job_dead);
+  p->job_dead = NULL;
+  if (p->job_conn) conn_open(p->job_conn, p);
+}
+
+/* ---------------------------------------------------------------- the loop */
+
+static void publisher_free(ebb_publisher *p) {
+  ebb_follower_batch_free(&p->batch);
+  ebb_follower_clear(&p->f);
+  for (int i = 0; i < p->n_servers; i++) free(p->servers[i]);
+  free(p->servers);
+  free(p->stream);
+  free(p->prefix);
+  free(p->all_subjects);
+  free(p->checkpoint_path);
+  free(p->urls);
+  free(p->ring);
+  free(p->lag_us);
+  free(p->taken);
+  ebb_buf_free(&p->subject);
+  ebb_buf_free(&p->body);
+  if (p->h) hub_release(p->h);
+  free(p);
+}
+
+static void maybe_free(ebb_publisher *p) {
+  if (p->stopping && p->handles_open == 0 && !p->working) publisher_free(p);
+}
+
+static void on_closed(uv_handle_t *h) {
+  ebb_publisher *p = h->data;
+  p->handles_open--;
+  maybe_free(p);
+}
+
+static void set_live(ebb_publisher *p, conn *c) {
+  pthread_mutex_lock(&p->h->mu);
+  p->h->live_js = c ? c->js : NULL;
+  p->h->live_nc = c ? c->nc : NULL;
+  p->h->qn = 0;
+  pthread_mutex_unlock(&p->h->mu);
+}
+
+static void drop_flights(ebb_publisher *p) {
+  p->ring_at = p->ring_n = 0;
+  if (p->have_batch) ebb_follower_batch_free(&p->batch);
+  p->have_batch = 0;
+  p->f.position = p->acked; /* rewind to the first unacknowledged event */
+}
+
+/* Drops the connection (closed by the next job) and tries again later. */
+static void fail(ebb_publisher *p, const char *why) {
+  if (p->state != P_PUBLISHING) return;
+  p->errors++;
+  snprintf(p->last_error, sizeof p->last_error, "%s", why);
+  char pos[32];
+  snprintf(pos, sizeof pos, "%lld", (long long)p->acked);
+  ebb_log(EBB_LOG_WARN, "nats: publishing stopped; reconnecting", "error", why, "#position", pos,
+          NULL);
+  set_live(p, NULL);
+  if (p->dead) conn_close(p->dead); /* not expected: the last job took it */
+  p->dead = p->cur;
+  p->cur = NULL;
+  drop_flights(p);
+  p->state = P_DISCONNECTED;
+  if (p->stopping) return;
+  uv_timer_start(&p->retry, on_retry, (uint64_t)p->backoff_ms, 0);
+  p->backoff_ms = p->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : p->backoff_ms * 2;
+}
+
+static void after_connect(uv_work_t *w, int status) {
+  ebb_publisher *p = w->data;
+  conn *c = p->job_conn;
+  p->job_conn = NULL;
+  p->working = 0;
+  if (p->stopping || !p->active) {
+    conn_close(c); /* blocks briefly: only at stop or when the leadership is lost */
+    if (p->stopping) maybe_free(p);
+    else p->state = P_INACTIVE;
+    return;
+  }
+  if (!c->ok) {
+    p->errors++;
+    snprintf(p->last_error, sizeof p->last_error, "%s", c->err);
+    ebb_log(EBB_LOG_WARN, c->refused ? "nats: refused" : "nats: cannot connect", "error", c->err,
+            NULL);
+    p->state = c->refused ? P_REFUSED : P_DISCONNECTED;
+    p->dead = c;
+    int64_t wait = c->refused ? REFUSED_RETRY_MS : p->backoff_ms;
+    if (!c->refused)
+      p->backoff_ms = p->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : p->backoff_ms * 2;
+    uv_timer_start(&p->retry, on_retry, (uint64_t)wait, 0);
+    return;
+  }
+  int64_t resume = c->last_position;
+  if (resume > p->head) {
+    snprintf(p->last_error, sizeof p->last_error,
+             "the JetStream stream %s holds events up to position %lld, beyond this store's head "
+             "(%lld): another store publishes to it, or this store was restored. Publishing "
+             "waits (for the store to catch up, or another nats_stream)",
+             p->stream, (long long)resume, (long long)p->head);
+    ebb_log(EBB_LOG_ERROR, "nats: refused", "error", p->last_error, NULL);
+    p->errors++;
+    p->state = P_REFUSED;
+    p->dead = c;
+    uv_timer_start(&p->retry, on_retry, REFUSED_RETRY_MS, 0);
+    return;
+  }
+  if (resume < p->acked_msg) {
+    char a[32], b[32];
+    snprintf(a, sizeof a, "%lld", (long long)resume);
+    snprintf(b, sizeof b, "%lld", (long long)p->acked_msg);
+    ebb_log(EBB_LOG_WARN,
+            "nats: the stream lost acknowledged messages; publishing them again", "stream",
+            p->stream, "#stream_position", a, "#acknowledged", b, NULL);
+    if (p->acked_msg > p->republish_to) p->republish_to = p->acked_msg;
+  }
+  p->cur = c;
+  set_live(p, c);
+  p->acked = p->acked_msg = p->f.position = resume;
+  p->expect_seq = c->last_seq;
+  if (p->acked != p->written) write_checkpoint(p);
+  p->state = P_PUBLISHING;
+  p->backoff_ms = BACKOFF_MIN_MS;
+  p->last_error[0] = '\0';
+  char pos[32];
+  snprintf(pos, sizeof pos, "%lld", (long long)resume);
+  ebb_log(EBB_LOG_INFO, "nats: connected; publishing", "stream", p->stream, "#after", pos, NULL);
+  schedule_pump(p);
+}
+
+static void start_connect(ebb_publisher *p) {
+  if (p->working || p->stopping || !p->active || p->state == P_PUBLISHING) return;
+  conn *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    uv_timer_start(&p->retry, on_retry, BACKOFF_MAX_MS, 0);
+    return;
+  }
+  p->state = P_CONNECTING;
+  p->job_conn = c;
+  p->job_dead = p->dead;
+  p->dead = NULL;
+  p->working = 1;
+  p->work.data = p;
+  uv_queue_work(p->loop, &p->work, work_connect, after_connect);
+}
+
+static uint64_t commit_time(ebb_publisher *p, int64_t position) {
+  /* The notes are in head order: drop those before the position. */
+  while (p->note_n && p->notes[p->note_at].head < position) {
+    p->note_at = (p->note_at + 1) % NOTES;
+    p->note_n--;
+  }
+  return p->note_n ? p->notes[p->note_at].t : 0;
+}
+
+/* Publishes one event. 0, or -1 after fail(). */
+static int publish(ebb_publisher *p, const ebb_event *e) {
+  ebb_buf *subject = &p->subject, *body = &p->body;
+  ebb_buf_reset(subject);
+  ebb_buf_reset(body);
+  ebb_buf_puts(subject, p->prefix);
+  ebb_buf_putc(subject, '.');
+  ebb_nats_token(subject, e->stream, ebb_stream_category_len(e->stream));
+  ebb_buf_putc(subject, '.');
+  ebb_nats_token(subject, e->type, strlen(e->type));
+  ebb_event_to_json(e, body);
+  natsMsg *m = NULL;
+  natsStatus s = subject->oom || body->oom ? NATS_NO_MEMORY
+                 : natsMsg_Create(&m, ebb_buf_cstr(subject), NULL, body->data, (int)body->len);
+  char pos[24], ver[24], sch[24], seq[24];
+  snprintf(pos, sizeof pos, "%lld", (long long)e->position);
+  snprintf(ver, sizeof ver, "%lld", (long long)e->version);
+  snprintf(sch, sizeof sch, "%lld", (long long)e->schema);
+  snprintf(seq, sizeof seq, "%" PRIu64, p->expect_seq);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Nats-Msg-Id", e->id);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Position", pos);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Stream", e->stream);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Version", ver);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Type", e->type);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Schema", sch);
+  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Content-Type", "application/json");
+  /* In order or not at all: a message whose predecessor did not land is refused. */
+  if (s == NATS_OK && p->expect_seq > 0) s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", seq);
+  if (s == NATS_OK) s = js_PublishMsgAsync(p->cur->js, &m, NULL);
+  p->cur->published = 1;
+  natsMsg_Destroy(m); /* NULL when the library took it */
+  if (subject->oom || body->oom) ebb_buf_free(subject), ebb_buf_free(body);
+  if (s != NATS_OK) {
+    char why[512];
+    snprintf(why, sizeof why, "cannot publish event %lld: %s", (long long)e->position, nats_why(s));
+    fail(p, why);
+    return -1;
+  }
+  p->expect_seq++;
+  flight *fl = &p->ring[(p->ring_at + p->ring_n) % WINDOW];
+  fl->position = e->position;
+  fl->committed_ns = commit_time(p, e->position);
+  fl->sent_ms = ebb_clock_now_ms();
+  p->ring_n++;
+  return 0;
+}
+
+static void advance(ebb_publisher *p, int *budget) {
+  while (*budget > 0 && p->state == P_PUBLISHING && p->ring_n < WINDOW) {
+    if (!p->have_batch) {
+      if (p->f.position >= p->head) {
+        /* Nothing in flight and nothing to publish: the checkpoint follows
+         * the follower past events nats_from does not name. */
+        if (p->ring_n == 0) p->acked = p->f.position;
+        return;
+      }
+      ebb_error err;
+      ebb_error_init(&err);
+      int rc = ebb_follower_read(&p->f, p->rt, p->head, BATCH, &p->batch, &err);
+      if (rc < 0) {
+        char why[1200];
+        snprintf(why, sizeof why, "cannot read the events after position %lld: %s",
+                 (long long)p->f.position, err.message);
+        ebb_error_clear(&err);
+        ebb_follower_batch_free(&p->batch);
+        /* Retried with the connection: the store or the modules may recover. */
+        fail(p, why);
+        return;
+      }
+      if (rc == 0) {
+        ebb_follower_batch_free(&p->batch);
+        continue;
+      }
+      p->have_batch = 1;
+      p->at = 0;
+    }
+    /* Every event read, one that cannot be upcast included: it goes out as
+     * stored with its upcast_error, as GET /events shows it. */
+    if (p->at < p->batch.events.n) {
+      (*budget)--;
+      if (publish(p, &p->batch.events.items[p->at]) != 0) return;
+      p->at++;
+      continue;
+    }
+    p->f.position = p->batch.read_to;
+    ebb_follower_batch_free(&p->batch);
+    p->have_batch = 0;
+  }
+}
+
+static void on_pump(uv_idle_t *idle) {
+  ebb_publisher *p = idle->data;
+  uv_idle_stop(idle);
+  p->pumping = 0;
+  if (p->stopping || !p->active) return;
+  int budget = EVENTS_PER_TURN;
+  advance(p, &budget);
+  if (budget <= 0 && p->ring_n < WINDOW) schedule_pump(p);
+}
+
+static void schedule_pump(ebb_publisher *p) {
+  if (p->pumping || p->stopping || !p->active || p->state != P_PUBLISHING) return;
+  p->pumping = 1;
+  uv_idle_start(&p->pump, on_pump);
+}
+
+static void add_lag(ebb_publisher *p, uint64_t committed_ns) {
+  if (committed_ns == 0 || p->lag_us == NULL) return;
+  uint64_t us = (uv_hrtime() - committed_ns) / 1000;
+  p->lag_us[p->lag_i] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+  p->lag_i = (p->lag_i + 1) % LAG_SAMPLES;
+  if (p->lag_n < LAG_SAMPLES) p->lag_n++;
+}
+
+/* Takes the queued acks in order. Returns how many moved the checkpoint. */
+static size_t take_acks(ebb_publisher *p) {
+  hub *h = p->h;
+  pthread_mutex_lock(&h->mu);
+  size_t n = h->qn;
+  ack *q = h->q;
+  size_t cap = h->qcap;
+  h->q = p->taken;
+  h->qcap = p->taken_cap;
+  h->qn = 0;
+  pthread_mutex_unlock(&h->mu);
+  p->taken = q;
+  p->taken_cap = cap;
+  size_t moved = 0;
+  for (size_t i = 0; i < n && p->state == P_PUBLISHING; i++) {
+    const ack *a = &q[i];
+    if (a->js == NULL || !a->ok) {
+      char why[300];
+      if (a->js) snprintf(why, sizeof why, "JetStream refused event %lld: %s", (long long)a->position, a->err);
+      else snprintf(why, sizeof why, "%s", a->err);
+      fail(p, why);
+      break;
+    }
+    flight *fl = &p->ring[p->ring_at];
+    if (p->ring_n == 0 || fl->position != a->position) {
+      char why[200];
+      snprintf(why, sizeof why, "an ack for event %lld came out of order (expected %lld)",
+               (long long)a->position, p->ring_n ? (long long)fl->position : -1LL);
+      fail(p, why);
+      break;
+    }
+    p->ring_at = (p->ring_at + 1) % WINDOW;
+    p->ring_n--;
+    p->acked = p->acked_msg = a->position;
+    if (!a->dup) p->published++;
+    if (a->position <= p->republish_to) p->republished++;
+    add_lag(p, fl->committed_ns);
+    moved++;
+  }
+  return moved;
+}
+
+static void on_async(uv_async_t *h) {
+  ebb_publisher *p = h->data;
+  if (take_acks(p)) schedule_pump(p);
+}
+
+static void on_tick(uv_timer_t *t) {
+  ebb_publisher *p = t->data;
+  if (p->state == P_PUBLISHING && p->ring_n &&
+      ebb_clock_now_ms() - p->ring[p->ring_at].sent_ms > ACK_TIMEOUT_MS) {
+    char why[200];
+    snprintf(why, sizeof why, "no ack from JetStream for event %lld within %d ms",
+             (long long)p->ring[p->ring_at].position, ACK_TIMEOUT_MS);
+    fail(p, why);
+  }
+  if (p->acked != p->written && ebb_clock_now_ms() - p->written_ms >= 1000) write_checkpoint(p);
+}
+
+/* ---------------------------------------------------------------- public */
+
+static char *dup_or_null(const char *s, int *oom) {
+  char *d = strdup(s ? s : "");
+  if (d == NULL) *oom = 1;
+  return d;
+}
+
+int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *o, ebb_error *err) {
+  *out = NULL;
+  ebb_publisher *p = calloc(1, sizeof *p);
+  if (p == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  int oom = 0;
+  p->loop = o->loop;
+  p->rt = o->rt;
+  p->active = 1;
+  p->backoff_ms = BACKOFF_MIN_MS;
+  if ((p->h = calloc(1, sizeof *p->h)) == NULL) {
+    free(p);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  pthread_mutex_init(&p->h->mu, NULL);
+  pthread_cond_init(&p->h->cv, NULL);
+  p->h->refs = 1;
+  p->stream = dup_or_null(o->stream, &oom);
+  p->prefix = dup_or_null(o->prefix, &oom);
+  p->urls = dup_or_null(o->urls, &oom);
+  if (asprintf(&p->all_subjects, "%s.>", o->prefix) < 0) p->all_subjects = NULL, oom = 1;
+  if (asprintf(&p->checkpoint_path, "%s/nats.checkpoint", o->data_dir) < 0)
+    p->checkpoint_path = NULL, oom = 1;
+  p->ring = calloc(WINDOW, sizeof *p->ring);
+  p->lag_us = calloc(LAG_SAMPLES, sizeof *p->lag_us);
+  if (p->ring == NULL || p->lag_us == NULL) oom = 1;
+  /* servers and from: comma-separated, blanks around items ignored */
+  for (int pass = 0; pass < 2 && !oom; pass++) {
+    const char *s = pass ? o->from : o->urls;
+    while (s && *s) {
+      s += strspn(s, " \t,");
+      size_t n = strcspn(s, ",");
+      size_t m = n;
+      while (m && (s[m - 1] == ' ' || s[m - 1] == '\t')) m--;
+      if (m) {
+        char *item = strndup(s, m);
+        if (item == NULL) oom = 1;
+        else if (pass == 1) oom |= ebb_follower_add_from(&p->f, item) != 0, free(item);
+        else {
+          char **v = realloc(p->servers, (size_t)(p->n_servers + 1) * sizeof *v);
+          if (v == NULL) oom = 1, free(item);
+          else p->servers = v, p->servers[p->n_servers++] = item;
+        }
+      }
+      s += n;
+    }
+  }
+  if (oom) {
+    publisher_free(p);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  if (p->n_servers == 0) {
+    publisher_free(p);
+    return ebb_error_set(err, EBB_EBADREQ, "nats: no server URL in \"%s\"", o->urls);
+  }
+  read_checkpoint(p);
+  p->f.position = p->acked;
+  if (ebb_store_head(ebb_runtime_store(p->rt), &p->head, err) != 0) {
+    publisher_free(p);
+    return err->code;
+  }
+  /* One attempt now, so that a stream that cannot take ebb's subjects stops
+   * the start with its reason; an unreachable NATS is tried again later. */
+  conn *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    publisher_free(p);
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  }
+  conn_open(c, p);
+  if (c->refused) {
+    ebb_error_set(err, EBB_EBADREQ, "nats: %s", c->err);
+    conn_close(c);
+    publisher_free(p);
+    return err->code;
+  }
+  uv_async_init(p->loop, &p->async, on_async);
+  p->h->async = &p->async;
+  uv_timer_init(p->loop, &p->tick);
+  uv_timer_init(p->loop, &p->retry);
+  uv_idle_init(p->loop, &p->pump);
+  p->async.data = p->tick.data = p->retry.data = p->pump.data = p;
+  p->handles_open = 4;
+  uv_timer_start(&p->tick, on_tick, 250, 250);
+  p->state = P_CONNECTING;
+  p->job_conn = c;
+  p->working = 1;
+  p->work.data = p;
+  after_connect(&p->work, 0);
+  *out = p;
+  return 0;
+}
+
+void ebb_publisher_set_active(ebb_publisher *p, int active) {
+  if (p == NULL || p->stopping || p->active == !!active) return;
+  p->active = !!active;
+  if (active) {
+    p->state = P_DISCONNECTED;
+    start_connect(p);
+    return;
+  }
+  uv_timer_stop(&p->retry);
+  if (p->state == P_PUBLISHING) {
+    set_live(p, NULL);
+    p->dead = p->cur;
+    p->cur = NULL;
+    drop_flights(p);
+  }
+  if (!p->working) p->state = P_INACTIVE;
+}
+
+void ebb_publisher_notify(ebb_publisher *p, int64_t head) {
+  if (p == NULL || head <= p->head) return;
+  p->head = head;
+  /* The commit time of every position up to head, for the ack lag. */
+  size_t i = (p->note_at + p->note_n) % NOTES;
+  if (p->note_n == NOTES) p->note_at = (p->note_at + 1) % NOTES, p->note_n--;
+  p->notes[i].head = head;
+  p->notes[i].t = uv_hrtime();
+  p->note_n++;
+  schedule_pump(p);
+}
+
+void ebb_publisher_stop(ebb_publisher *p, int64_t wait_ms) {
+  if (p == NULL || p->stopping) return;
+  /* The acks of what is in flight, for at most wait_ms. */
+  int64_t deadline = ebb_clock_now_ms() + wait_ms;
+  while (p->state == P_PUBLISHING && p->ring_n && ebb_clock_now_ms() < deadline) {
+    pthread_mutex_lock(&p->h->mu);
+    if (p->h->qn == 0) {
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 20 * 1000000L;
+      if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+      pthread_cond_timedwait(&p->h->cv, &p->h->mu, &ts);
+    }
+    pthread_mutex_unlock(&p->h->mu);
+    take_acks(p);
+  }
+  if (p->ring_n) {
+    char n[32];
+    snprintf(n, sizeof n, "%zu", p->ring_n);
+    ebb_log(EBB_LOG_WARN, "nats: stopping with messages unacknowledged (published again at start)",
+            "#in_flight", n, NULL);
+  }
+  p->stopping = 1;
+  if (p->acked != p->written) write_checkpoint(p);
+  set_live(p, NULL);
+  pthread_mutex_lock(&p->h->mu);
+  p->h->async = NULL; /* closed below: libnats's threads must not wake it */
+  pthread_mutex_unlock(&p->h->mu);
+  conn_close(p->cur);
+  conn_close(p->dead);
+  p->cur = p->dead = NULL;
+  p->state = P_STOPPED;
+  uv_close((uv_handle_t *)&p->async, on_closed);
+  uv_close((uv_handle_t *)&p->tick, on_closed);
+  uv_close((uv_handle_t *)&p->retry, on_closed);
+  uv_close((uv_handle_t *)&p->pump, on_closed);
+}
+
+static int cmp_u32(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+void ebb_publisher_status(ebb_publisher *p, ebb_buf *out) {
+  int64_t lag = p->head > p->acked ? p->head - p->acked : 0;
+  const char *state = state_names[p->state];
+  if (p->state == P_PUBLISHING && p->head - p->f.position > BATCH) state = "catching_up";
+  ebb_buf_puts(out, "{\"state\":");
+  ebb_buf_json_string(out, state, strlen(state));
+  ebb_buf_puts(out, ",\"stream\":");
+  ebb_buf_json_string(out, p->stream, strlen(p->stream));
+  ebb_buf_printf(out,
+                 ",\"connected\":%s,\"position\":%lld,\"head\":%lld,\"lag_events\":%lld,"
+                 "\"in_flight\":%zu,\"published\":%" PRIu64 ",\"republished\":%" PRIu64
+                 ",\"errors\":%" PRIu64,
+                 p->state == P_PUBLISHING ? "true" : "false", (long long)p->acked,
+                 (long long)p->head, (long long)lag, p->ring_n, p->published, p->republished,
+                 p->errors);
+  if (p->lag_n) {
+    uint32_t *s = malloc(p->lag_n * sizeof *s);
+    if (s) {
+      memcpy(s, p->lag_us, p->lag_n * sizeof *s);
+      qsort(s, p->lag_n, sizeof *s, cmp_u32);
+      size_t n = p->lag_n;
+      ebb_buf_printf(out,
+                     ",\"ack_lag_ms\":{\"samples\":%zu,\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f}", n,
+                     s[n / 2] / 1000.0, s[(n * 99) / 100 < n ? (n * 99) / 100 : n - 1] / 1000.0,
+                     s[n - 1] / 1000.0);
+      free(s);
+    }
+  }
+  if (p->last_error[0]) {
+    ebb_buf_puts(out, ",\"error\":");
+    ebb_buf_json_string(out, p->last_error, strlen(p->last_error));
+  }
+  ebb_buf_putc(out, '}');
+}
+
+void ebb_publisher_metrics(ebb_publisher *p, ebb_buf *out) {
+  ebb_buf_printf(out,
+                 "# HELP ebb_nats_published_total Events JetStream acknowledged as new messages.\n"
+                 "# TYPE ebb_nats_published_total counter\nebb_nats_published_total %" PRIu64 "\n"
+                 "# HELP ebb_nats_republished_total Events published again because the stream "
+                 "lost them.\n# TYPE ebb_nats_republished_total counter\n"
+                 "ebb_nats_republished_total %" PRIu64 "\n"
+                 "# HELP ebb_nats_lag_events Committed events JetStream has not acknowledged.\n"
+                 "# TYPE ebb_nats_lag_events gauge\nebb_nats_lag_events %lld\n"
+                 "# HELP ebb_nats_connected 1 while publishing to NATS.\n"
+                 "# TYPE ebb_nats_connected gauge\nebb_nats_connected %d\n"
+                 "# HELP ebb_nats_errors_total Failed connections, refusals and ack timeouts.\n"
+                 "# TYPE ebb_nats_errors_total counter\nebb_nats_errors_total %" PRIu64 "\n",
+                 p->published, p->republished,
+                 (long long)(p->head > p->acked ? p->head - p->acked : 0),
+                 p->state == P_PUBLISHING, p->errors);
+}

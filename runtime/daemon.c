@@ -670,6 +670,7 @@ typedef struct readjob {
   int64_t from, limit, version;
   int backward;
   int link;                  /* READ_LINKED: EBB_LINK_* */
+  int raw;                   /* READ_STREAM: events as stored, not upcast */
   int status;                /* out */
   ebb_buf body;              /* out */
   char error[sizeof ((ebb_error *)0)->message];
@@ -681,9 +682,9 @@ static void readjob_on_close(ebb_http_conn *c, void *data) {
 }
 
 /* Appends events as a JSON array, upcast to their current schemas (one that
- * cannot be is sent as stored, with its upcast_error). */
-static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
-  if (ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
+ * cannot be is sent as stored, with its upcast_error); raw: all as stored. */
+static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, int raw, ebb_error *err) {
+  if (!raw && ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
   ebb_buf_putc(b, '[');
   for (size_t i = 0; i < l->n; i++) {
     if (i) ebb_buf_putc(b, ',');
@@ -711,7 +712,7 @@ static int read_stream(ebb_runtime *rt, readjob *j, ebb_error *err) {
   ebb_buf_json_string(b, j->a, strlen(j->a));
   ebb_buf_printf(b, ",\"version\":%lld,\"deleted\":%s,\"events\":", (long long)version,
                  deleted ? "true" : "false");
-  if (events_json(rt, &l, b, err)) goto done;
+  if (events_json(rt, &l, b, j->raw, err)) goto done;
   ebb_buf_putc(b, '}');
 done:
   ebb_event_list_free(&l);
@@ -728,7 +729,7 @@ static int read_events(ebb_runtime *rt, readjob *j, ebb_error *err) {
   if (ebb_store_head(s, &head, err) || ebb_store_read_all(s, &ra, &l, err)) goto done;
   int64_t next = l.n ? l.items[l.n - 1].position : ra.after;
   ebb_buf_puts(b, "{\"events\":");
-  if (events_json(rt, &l, b, err)) goto done;
+  if (events_json(rt, &l, b, 0, err)) goto done;
   ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
 done:
   ebb_event_list_free(&l);
@@ -748,7 +749,7 @@ static int read_linked(ebb_runtime *rt, readjob *j, ebb_error *err) {
     goto done;
   int64_t next = l.n ? l.items[l.n - 1].position : j->from;
   ebb_buf_puts(b, "{\"events\":");
-  if (events_json(rt, &l, b, err)) goto done;
+  if (events_json(rt, &l, b, 0, err)) goto done;
   ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
 done:
   ebb_event_list_free(&l);
@@ -871,7 +872,8 @@ static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
   ebb_error_init(&err);
   int oom = 0;
   readjob *j = readjob_new(READ_STREAM, &err);
-  if (j && !ebb__parse_query(req->query, "from limit backward", &q, &err) &&
+  if (j && !ebb__parse_query(req->query, "from limit backward raw", &q, &err) &&
+      !ebb__param_bool(&q, "raw", &j->raw, &err) &&
       !ebb__param_int(&q, "from", 0, INT64_MAX, &j->from, &err) &&
       !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
       !ebb__param_bool(&q, "backward", &j->backward, &err) &&
@@ -1621,7 +1623,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   ebb_log(EBB_LOG_INFO, "listening", "url", d->url, "data", cfg->data, "aggregates",
           cfg->aggregates, "durability", cfg->durability, "#position", pos, NULL);
   /* The one line scripts wait for, on stdout: where to connect. */
-  printf("ebb listening on %s\n", d->url);
+  printf("ebb listening on %s\nthe console: %s/console/\n", d->url, d->url);
   fflush(stdout);
   uv_run(&d->loop, UV_RUN_DEFAULT);
   ebb_log(EBB_LOG_INFO, "stopped", NULL);

@@ -181,6 +181,20 @@ describe("console routes", function()
     end
   end)
 
+  describe("GET /streams/{stream}?raw=true", function()
+    it("gives the events as stored, where the default read upcasts them", function()
+      local status = d:post("/streams/Order-raw", { events = {
+        { type = "OrderCreated", schema = 1, data = { customer_id = "c" } } } })
+      assert.equal(200, status)
+      local _, up = d:get("/streams/Order-raw")
+      assert.equal(2, up.events[1].schema)
+      local _, raw = d:get("/streams/Order-raw?raw=true")
+      assert.equal(1, raw.events[1].schema)
+      assert.same({ customer_id = "c" }, raw.events[1].data)
+      assert.equal(400, (d:get("/streams/Order-raw?raw=maybe")))
+    end)
+  end)
+
   describe("GET /modules", function()
     it("lists the aggregates' commands and events with schemas, and the projections' queries", function()
       local status, r = d:get("/modules")

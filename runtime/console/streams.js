@@ -56,15 +56,17 @@ function one(main, hash) {
   let from = Number(params(hash).get('from') || 1);
   const agg = aggregateOf(name);
   const info = el('p.muted');
-  const events = el('div', { 'aria-live': 'polite' });
+  const events = el('div', { 'aria-live': 'polite', id: 'st-events' });
+  const raw = el('input', { type: 'checkbox', id: 'st-raw', name: 'raw' });
   const prev = el('button.secondary', { type: 'button' }, 'Earlier');
   const next = el('button.secondary', { type: 'button' }, 'Later');
   main.append(el('h1', 'Stream ', name), info,
     agg ? el('p', el('a', { href: `#/aggregate?type=${encodeURIComponent(agg.type)}&id=${encodeURIComponent(agg.id)}` }, 'State and time travel')) : null,
-    el('p.muted', 'Events are shown upcast to their current schemas, as every reader sees them; one that cannot be upcast is shown as stored, with the reason.'),
+    el('label.inline', { for: 'st-raw' }, raw, 'Show events as stored (raw), not upcast to their current schemas'),
     events, el('div.bar', prev, next));
+  raw.addEventListener('change', load);
   async function load() {
-    const r = await api(`/streams/${encodeURIComponent(name)}?from=${from}&limit=${PAGE}`);
+    const r = await api(`/streams/${encodeURIComponent(name)}?from=${from}&limit=${PAGE}${raw.checked ? '&raw=true' : ''}`);
     if (!r.ok) { events.replaceChildren(el('p.error', errorText(r))); return; }
     info.textContent = `version ${r.data.version}${r.data.deleted ? ', deleted' : ''}; events ${from} to ${Math.min(r.data.version, from + PAGE - 1)}`;
     events.replaceChildren(...r.data.events.map((e) => eventCard(e)));

@@ -123,6 +123,7 @@ async function main() {
       assert(r.status === 200, 'seed: ' + JSON.stringify(r));
     }
     await call(d, 'POST', '/commands', { aggregate: 'Order', id: 'o-1', type: 'CreateOrder', data: { customer_id: 'alice' } });
+    await call(d, 'POST', '/streams/Order-old', { events: [{ type: 'OrderCreated', schema: 1, data: { customer_id: 'old' } }] });
 
     await test('asks for the token once, keeps it for the tab, and loads every page', async () => {
       main = await openPage(context, d, '');
@@ -139,6 +140,12 @@ async function main() {
       await main.locator('main td a', { hasText: 'BankAccount-alice' }).waitFor();
       await main.locator('main td a', { hasText: 'BankAccount-alice' }).click();
       await main.locator('main .event .type', { hasText: 'AccountOpened' }).waitFor();
+      // upcast by default, as stored with the toggle
+      await goto(main, '#/stream/Order-old');
+      await main.locator('#st-events .event', { hasText: 'schema 2' }).waitFor();
+      await main.locator('#st-raw').check();
+      await main.locator('#st-events .event', { hasText: 'schema 2' }).waitFor({ state: 'detached' });
+      await main.locator('#st-events .event .type', { hasText: 'OrderCreated' }).waitFor();
       assert(pageErrors.length === 0, 'page errors: ' + pageErrors.join('; '));
     });
 

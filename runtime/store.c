@@ -370,7 +370,12 @@ int ebb_store_list_streams(ebb_store *s, const ebb_list_streams *q, ebb_stream_f
   if (q->category && ebb_validate_name("category", q->category, err)) return err->code;
   if (q->prefix && q->prefix[0] && ebb_validate_name("prefix", q->prefix, err)) return err->code;
   if (q->after && q->after[0] && ebb_validate_name("after", q->after, err)) return err->code;
-  return s->vt->list_streams(s, q, fn, ud, err);
+  /* A category's streams all start with its name (the category is the name
+   * up to the first '-'): that prefix makes the listing a range of the index
+   * instead of a walk past every other category's streams. */
+  ebb_list_streams ranged = *q;
+  if (q->category && (q->prefix == NULL || q->prefix[0] == '\0')) ranged.prefix = q->category;
+  return s->vt->list_streams(s, &ranged, fn, ud, err);
 }
 
 int ebb_store_read_linked(ebb_store *s, int link, const char *value, int64_t after,

@@ -102,6 +102,16 @@ describe("console routes", function()
       assert.same({ "BankAccount-a9" }, names(r.streams))
       _, r = d:get("/streams?category=Nothing")
       assert.same({}, r.streams)
+      -- names around the category's range: only its own streams, and the one named as it
+      for _, name in ipairs { "Order", "Order!x", "Orders-1", "Order-o-9" } do
+        assert.equal(200, (d:post("/streams/" .. name, { events = { { type = "Noted", data = {} } } })))
+      end
+      _, r = d:get("/streams?category=Order")
+      assert.same({ "Order", "Order-o-1", "Order-o-2", "Order-o-9" }, names(r.streams))
+      _, r = d:get("/streams?category=Order&limit=2&after=Order-o-1")
+      assert.same({ "Order-o-2", "Order-o-9" }, names(r.streams))
+      _, r = d:get("/streams?category=Order&prefix=Order-o-")
+      assert.same({ "Order-o-1", "Order-o-2", "Order-o-9" }, names(r.streams))
     end)
 
     it("refuses bad parameters with 400 and says which", function()

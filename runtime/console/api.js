@@ -22,6 +22,8 @@ function askToken(why) {
       resolve();
     }, { once: true });
   });
+  // Escape would close the dialog with no token and leave every call waiting.
+  dialog.addEventListener('cancel', (e) => e.preventDefault());
   if (!dialog.open) dialog.showModal();
   input.focus();
   return asking;

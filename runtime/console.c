@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "daemon.h"
 
@@ -18,7 +19,7 @@
 #define EBB_CONSOLE_DIR "runtime/console"
 #endif
 
-#define MAX_FILE (1 << 20)
+#define MAX_FILE (1 << 20) /* the console's files are a few KB; a bigger one is refused */
 
 /* Strict: only the page's own scripts and styles, no inline code, no other
  * origin, not framed. Charts are SVG drawn by the page's own modules. */
@@ -82,9 +83,15 @@ int ebb__console_serve(ebb_http_conn *c, const ebb_http_request *req) {
   snprintf(file, sizeof file, "%s/%s", console_dir(), name);
   FILE *f = fopen(file, "rb");
   if (f == NULL) return not_found(c, name);
-  char *data = malloc(MAX_FILE);
-  size_t n = data ? fread(data, 1, MAX_FILE, f) : 0;
-  int failed = data == NULL || ferror(f);
+  struct stat st;
+  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+    fclose(f);
+    return not_found(c, name);
+  }
+  size_t size = st.st_size > MAX_FILE ? MAX_FILE : (size_t)st.st_size;
+  char *data = malloc(size ? size : 1);
+  size_t n = data ? fread(data, 1, size, f) : 0;
+  int failed = data == NULL || ferror(f) || (off_t)n != st.st_size;
   fclose(f);
   if (failed) {
     free(data);

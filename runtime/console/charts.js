@@ -36,6 +36,13 @@ export class Chart {
     const max = Math.max(1e-9, ...all.map((p) => p.v));
     const t0 = t - this.window * 1000;
     this.svg.replaceChildren();
+    // the baseline, and the scale: the top of the chart is the window's maximum
+    const base = document.createElementNS(NS, 'line');
+    for (const [k, v] of Object.entries({ x1: 0, x2: 300, y1: 115.5, y2: 115.5, stroke: '#d6dbe0' })) base.setAttribute(k, v);
+    const top = document.createElementNS(NS, 'text');
+    for (const [k, v] of Object.entries({ x: 2, y: 9, 'font-size': 9, fill: '#5c6670' })) top.setAttribute(k, v);
+    top.textContent = all.length ? `max ${Number(max).toFixed(this.digits)}${this.unit}, last ${Math.round(this.window / 60)} min` : '';
+    this.svg.append(base, top);
     const names = [...this.series.keys()];
     names.forEach((name, i) => {
       const pts = this.series.get(name)

@@ -253,7 +253,14 @@ async function main() {
         '#/aggregate?type=BankAccount&id=web-1', '#/send', '#/projections']) {
         const page = hash === '#/tail' ? tail : main;
         if (page === main) await goto(main, hash);
-        await page.waitForTimeout(hash === '#/overview' ? 4500 : 800); // charts need two polls to draw
+        if (hash === '#/overview') {
+          // some traffic for the charts to show (they start when the page opens)
+          for (let i = 0; i < 40; i++) {
+            await call(d, 'POST', '/commands', { aggregate: 'BankAccount', id: 'alice', type: i % 5 ? 'Deposit' : 'Withdraw', data: { amount: i % 5 ? 10 : 100000 } });
+            await new Promise((r) => setTimeout(r, 150));
+          }
+        }
+        await page.waitForTimeout(hash === '#/overview' ? 2500 : 800); // charts need two polls to draw
         const name = hash.slice(2).split(/[/?]/)[0];
         await page.screenshot({ path: path.join(shots, `${name}.png`) });
       }

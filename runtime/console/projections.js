@@ -41,6 +41,7 @@ export function render(main) {
   const note = el('p', { 'aria-live': 'polite' });
   const body = el('tbody', { id: 'p-rows' });
   const reactors = el('section', { hidden: true });
+  const publisher = el('section', { hidden: true, id: 'p-publisher' });
   const qProj = el('select', { id: 'q-projection', name: 'projection' });
   const qName = el('select', { id: 'q-query', name: 'query' });
   const qArgs = el('input', { id: 'q-args', name: 'args', placeholder: 'id=a-1&limit=10' });
@@ -49,7 +50,7 @@ export function render(main) {
     el('label', { for: 'q-args' }, 'Arguments (name=value&...)', qArgs), el('button', { type: 'submit' }, 'Run'));
   const head = () => el('thead', el('tr', el('th', 'Name'), el('th', 'State'), el('th', 'Position / head'), el('th.wide', 'From'), el('th', 'Fault'), el('th', 'Actions')));
   main.append(el('h1', 'Projections'), note, el('div.table-wrap', el('table', head(), body)),
-    el('h2', 'Run a query'), qForm, qOut, reactors);
+    el('h2', 'Run a query'), qForm, qOut, reactors, publisher);
   let statuses = [];
   const fillQueries = () => {
     const s = statuses.find((x) => x.name === qProj.value);
@@ -73,6 +74,16 @@ export function render(main) {
     const keep = qProj.value;
     qProj.replaceChildren(...statuses.map((s) => el('option', { value: s.name, selected: s.name === keep }, s.name)));
     fillQueries();
+    // The NATS publisher, where the daemon has one: its status is part of /health.
+    const h = await api('/health');
+    const pub = h.data && (h.data.nats || h.data.publisher);
+    publisher.hidden = !pub;
+    if (pub) {
+      publisher.replaceChildren(el('h2', 'NATS publisher'), el('p',
+        el('span', { class: 'state-' + (pub.state === 'live' ? 'live' : 'faulted') }, pub.state),
+        ` position ${pub.position ?? '-'} / ${pub.head ?? '-'}, ${pub.lag_events ?? 0} behind`,
+        pub.last_error ? el('div.error', typeof pub.last_error === 'string' ? pub.last_error : JSON.stringify(pub.last_error)) : null));
+    }
     if (hasReactors) {
       const rr = await api('/reactors');
       if (rr.status === 404) { hasReactors = false; return; }

@@ -35,7 +35,7 @@
 const char *const ebb__route_names[N_ROUTES] = {
     "commands", "append",  "stream",      "events",     "subscribe",          "aggregate",
     "health",   "metrics", "projections", "projection_query", "projection_control", "reactors",
-    "other"};
+    "streams_list", "modules", "console", "other"};
 
 /* ---------------------------------------------------------------- errors */
 
@@ -735,7 +735,7 @@ static void route_append(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
 /* A read route's work: parsed on the loop, run on libuv's thread pool with a
  * runtime of the reader pool (the disk, folding and upcasting never hold up
  * the loop), answered back on the loop. */
-enum { READ_STREAM, READ_EVENTS, READ_AGGREGATE };
+enum { READ_STREAM, READ_EVENTS, READ_AGGREGATE, READ_STREAMS, READ_LINKED };
 
 typedef struct readjob {
   uv_work_t work;
@@ -746,6 +746,8 @@ typedef struct readjob {
   char *a, *b, *at;          /* stream | category, type | aggregate type, id; at */
   int64_t from, limit, version;
   int backward;
+  int link;                  /* READ_LINKED: EBB_LINK_* */
+  int raw;                   /* READ_STREAM: events as stored, not upcast */
   int status;                /* out */
   ebb_buf body;              /* out */
   char error[sizeof ((ebb_error *)0)->message];
@@ -757,9 +759,9 @@ static void readjob_on_close(ebb_http_conn *c, void *data) {
 }
 
 /* Appends events as a JSON array, upcast to their current schemas (one that
- * cannot be is sent as stored, with its upcast_error). */
-static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, ebb_error *err) {
-  if (ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
+ * cannot be is sent as stored, with its upcast_error); raw: all as stored. */
+static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, int raw, ebb_error *err) {
+  if (!raw && ebb_runtime_upcast_each(rt, l, err) != 0) return err->code;
   ebb_buf_putc(b, '[');
   for (size_t i = 0; i < l->n; i++) {
     if (i) ebb_buf_putc(b, ',');
@@ -787,7 +789,7 @@ static int read_stream(ebb_runtime *rt, readjob *j, ebb_error *err) {
   ebb_buf_json_string(b, j->a, strlen(j->a));
   ebb_buf_printf(b, ",\"version\":%lld,\"deleted\":%s,\"events\":", (long long)version,
                  deleted ? "true" : "false");
-  if (events_json(rt, &l, b, err)) goto done;
+  if (events_json(rt, &l, b, j->raw, err)) goto done;
   ebb_buf_putc(b, '}');
 done:
   ebb_event_list_free(&l);
@@ -804,11 +806,36 @@ static int read_events(ebb_runtime *rt, readjob *j, ebb_error *err) {
   if (ebb_store_head(s, &head, err) || ebb_store_read_all(s, &ra, &l, err)) goto done;
   int64_t next = l.n ? l.items[l.n - 1].position : ra.after;
   ebb_buf_puts(b, "{\"events\":");
-  if (events_json(rt, &l, b, err)) goto done;
+  if (events_json(rt, &l, b, 0, err)) goto done;
   ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
 done:
   ebb_event_list_free(&l);
   return err->code;
+}
+
+/* GET /events?correlation_id= (or causation_id=): the same answer as a page
+ * of /events, from the store's index. */
+static int read_linked(ebb_runtime *rt, readjob *j, ebb_error *err) {
+  ebb_store *s = ebb_runtime_store(rt);
+  ebb_event_list l;
+  ebb_event_list_init(&l);
+  int64_t head = 0;
+  ebb_buf *b = &j->body;
+  if (ebb_store_head(s, &head, err) ||
+      ebb_store_read_linked(s, j->link, j->a, j->from, j->limit, &l, err))
+    goto done;
+  int64_t next = l.n ? l.items[l.n - 1].position : j->from;
+  ebb_buf_puts(b, "{\"events\":");
+  if (events_json(rt, &l, b, 0, err)) goto done;
+  ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
+done:
+  ebb_event_list_free(&l);
+  return err->code;
+}
+
+static int read_streams(ebb_runtime *rt, readjob *j, ebb_error *err) {
+  ebb_list_streams q = {.category = j->a, .prefix = j->b, .after = j->at, .limit = j->limit};
+  return ebb__streams_json(ebb_runtime_store(rt), &q, &j->body, err);
 }
 
 static int read_aggregate(ebb_runtime *rt, readjob *j, ebb_error *err) {
@@ -827,6 +854,8 @@ static void read_work(uv_work_t *w) {
   if (rt) {
     if (j->kind == READ_STREAM) read_stream(rt, j, &err);
     else if (j->kind == READ_EVENTS) read_events(rt, j, &err);
+    else if (j->kind == READ_LINKED) read_linked(rt, j, &err);
+    else if (j->kind == READ_STREAMS) read_streams(rt, j, &err);
     else read_aggregate(rt, j, &err);
     ebb_readers_give(j->d->readers, rt);
   }
@@ -920,7 +949,8 @@ static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
   ebb_error_init(&err);
   int oom = 0;
   readjob *j = readjob_new(READ_STREAM, &err);
-  if (j && !ebb__parse_query(req->query, "from limit backward", &q, &err) &&
+  if (j && !ebb__parse_query(req->query, "from limit backward raw", &q, &err) &&
+      !ebb__param_bool(&q, "raw", &j->raw, &err) &&
       !ebb__param_int(&q, "from", 0, INT64_MAX, &j->from, &err) &&
       !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
       !ebb__param_bool(&q, "backward", &j->backward, &err) &&
@@ -930,6 +960,25 @@ static void route_stream(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
   ebb__params_free(&q);
 }
 
+/* correlation_id= or causation_id= makes a /events request an index lookup:
+ * one of them, and with no category or type to filter on. */
+static int linked_query(ebb_params *q, readjob *j, ebb_error *err, int *oom) {
+  const char *corr = ebb__param(q, "correlation_id"), *caus = ebb__param(q, "causation_id");
+  if (!corr && !caus) return 0;
+  if (corr && caus)
+    return ebb_error_set(err, EBB_EBADREQ, "give correlation_id or causation_id, not both");
+  if (ebb__param(q, "category") || ebb__param(q, "type"))
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "%s does not combine with category or type",
+                         corr ? "correlation_id" : "causation_id");
+  if (ebb_validate_name(corr ? "correlation_id" : "causation_id", corr ? corr : caus, err))
+    return err->code;
+  j->kind = READ_LINKED;
+  j->link = corr ? EBB_LINK_CORRELATION : EBB_LINK_CAUSATION;
+  j->at = dup_or_null(corr ? corr : caus, oom); /* moved to a below, once the rest is parsed */
+  return 0;
+}
+
 static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri) {
   ebb_params q = {0};
@@ -937,16 +986,54 @@ static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
   ebb_error_init(&err);
   int oom = 0;
   readjob *j = readjob_new(READ_EVENTS, &err);
-  if (j && !ebb__parse_query(req->query, "after limit category type", &q, &err) &&
+  if (j && !ebb__parse_query(req->query, "after limit category type correlation_id causation_id",
+                             &q, &err) &&
+      !linked_query(&q, j, &err, &oom) &&
       !ebb__param_int(&q, "after", 0, INT64_MAX, &j->from, &err) &&
       !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
       !(ebb__param(&q, "category") && ebb_validate_name("category", ebb__param(&q, "category"), &err)) &&
       !(ebb__param(&q, "type") && ebb_validate_name("event type", ebb__param(&q, "type"), &err))) {
-    j->a = dup_or_null(ebb__param(&q, "category"), &oom);
-    j->b = dup_or_null(ebb__param(&q, "type"), &oom);
+    if (j->kind == READ_LINKED) {
+      j->a = j->at;
+      j->at = NULL;
+    } else {
+      j->a = dup_or_null(ebb__param(&q, "category"), &oom);
+      j->b = dup_or_null(ebb__param(&q, "type"), &oom);
+    }
   }
   start_read(d, c, ri, j, &err, oom);
   ebb__params_free(&q);
+}
+
+static void route_streams(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                          const reqinfo *ri) {
+  ebb_params q = {0};
+  ebb_error err;
+  ebb_error_init(&err);
+  int oom = 0;
+  readjob *j = readjob_new(READ_STREAMS, &err);
+  if (j) j->limit = 100;
+  if (j && !ebb__parse_query(req->query, "category prefix after limit", &q, &err) &&
+      !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
+      !(ebb__param(&q, "category") && ebb_validate_name("category", ebb__param(&q, "category"), &err)) &&
+      !(ebb__param(&q, "prefix") && ebb_validate_name("prefix", ebb__param(&q, "prefix"), &err)) &&
+      !(ebb__param(&q, "after") && ebb_validate_name("after", ebb__param(&q, "after"), &err))) {
+    j->a = dup_or_null(ebb__param(&q, "category"), &oom);
+    j->b = dup_or_null(ebb__param(&q, "prefix"), &oom);
+    j->at = dup_or_null(ebb__param(&q, "after"), &oom);
+  }
+  start_read(d, c, ri, j, &err, oom);
+  ebb__params_free(&q);
+}
+
+static void route_modules(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
+                          const reqinfo *ri) {
+  if (no_query(d, c, req, ri)) return;
+  ebb_buf b = EBB_BUF_INIT;
+  ebb__modules_json(d, &b);
+  if (b.oom) answer_fail(d, c, ri, EBB_ENOMEM, "%s", "out of memory");
+  else answer(d, c, ri, 200, b.data, b.len);
+  ebb_buf_free(&b);
 }
 
 static void route_aggregate(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
@@ -1021,14 +1108,16 @@ static void route_health(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {
                                                      : "ok";
   ebb_buf_printf(&b,
                  "{\"status\":\"%s\",\"store\":\"%s\",\"position\":%lld,\"uptime_ms\":%lld,"
-                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu,"
+                 "\"pid\":%ld,\"subscribers\":%zu,\"in_flight\":%zu,\"token_required\":%s,"
                  "\"version\":\"" EBB_VERSION "\",\"commit\":\"" EBB_COMMIT "\"",
                  status,
                  store == EBB_WRITER_STOPPED   ? "failed"
                  : store == EBB_WRITER_FAILING ? "failing"
                                                : "ok",
                  (long long)d->head, (long long)(ebb_clock_now_ms() - d->started_ms),
-                 (long)getpid(), d->n_subscribers, d->jobs);
+                 (long)getpid(), d->n_subscribers, d->jobs,
+                 /* the console asks for a token before its first data call, never after a 401 */
+                 d->cfg->token[0] ? "true" : "false");
   if (store != EBB_WRITER_OK) {
     ebb_buf_puts(&b, ",\"reason\":");
     ebb_buf_json_string(&b, reason, strlen(reason));
@@ -1375,6 +1464,10 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
     route_health(d, c, &ri);
     goto done;
   }
+  if (ri.route == ROUTE_CONSOLE) { /* the page's files: public, the data it reads is not */
+    log_request(d, &ri, ebb__console_serve(c, req), NULL);
+    goto done;
+  }
   if (!authorized(d, c)) {
     ebb_http_respond(c, 401, "application/json", "WWW-Authenticate: Bearer\r\n",
                      "{\"error\":{\"code\":\"unauthorized\",\"message\":\"this daemon needs "
@@ -1396,6 +1489,8 @@ static void on_request(void *ud, ebb_http_conn *c, const ebb_http_request *req) 
     case ROUTE_SUBSCRIBE: route_subscribe(d, c, req, &ri); break;
     case ROUTE_AGGREGATE: route_aggregate(d, c, req, &ri, pp->seg[1], pp->seg[2]); break;
     case ROUTE_METRICS: route_metrics(d, c, &ri); break;
+    case ROUTE_STREAMS: route_streams(d, c, req, &ri); break;
+    case ROUTE_MODULES: route_modules(d, c, req, &ri); break;
     case ROUTE_PROJECTIONS: route_projections(d, c, req, &ri, n == 2 ? pp->seg[1] : NULL); break;
     case ROUTE_QUERY: route_query(d, c, req, &ri, pp->seg[1], pp->seg[2]); break;
     case ROUTE_REACTORS: route_reactors(d, c, req, &ri, pp); break;
@@ -1698,7 +1793,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   ebb_log(EBB_LOG_INFO, "listening", "url", d->url, "data", cfg->data, "aggregates",
           cfg->aggregates, "durability", cfg->durability, "#position", pos, NULL);
   /* The one line scripts wait for, on stdout: where to connect. */
-  printf("ebb listening on %s\n", d->url);
+  printf("ebb listening on %s\nthe console: %s/console/\n", d->url, d->url);
   fflush(stdout);
   ebb_notifier_ready(&d->notifier, &d->loop, &d->head);
   uv_run(&d->loop, UV_RUN_DEFAULT);

@@ -41,7 +41,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err);
 
 enum { ROUTE_COMMANDS, ROUTE_APPEND, ROUTE_STREAM, ROUTE_EVENTS, ROUTE_SUBSCRIBE, ROUTE_AGGREGATE,
        ROUTE_HEALTH, ROUTE_METRICS, ROUTE_PROJECTIONS, ROUTE_QUERY, ROUTE_PROJECTION_CONTROL,
-       ROUTE_REACTORS, ROUTE_OTHER, N_ROUTES };
+       ROUTE_REACTORS, ROUTE_STREAMS, ROUTE_MODULES, ROUTE_CONSOLE, ROUTE_OTHER, N_ROUTES };
 extern const char *const ebb__route_names[N_ROUTES];
 
 #define N_STATUS_SLOTS 24
@@ -105,6 +105,12 @@ void ebb__sse_start(ebb_daemon *d, ebb_http_conn *c, const char *query, int64_t 
 void ebb__sse_pump(ebb_daemon *d);          /* delivers what was committed since */
 void ebb__sse_heartbeat(ebb_daemon *d);
 void ebb__sse_close_all(ebb_daemon *d, const char *why);
+
+/* console.c: GET / (a redirect) and GET /console/... (the page's files). Returns the status answered. */
+int ebb__console_serve(ebb_http_conn *c, const ebb_http_request *req);
+/* browse.c: the body of GET /streams; of GET /modules. */
+int ebb__streams_json(ebb_store *s, const ebb_list_streams *q, ebb_buf *out, ebb_error *err);
+void ebb__modules_json(ebb_daemon *d, ebb_buf *out);
 
 /* metrics.c */
 void ebb__metrics_count_request(ebb_metrics *m, int route, int status);

@@ -24,7 +24,7 @@
 #endif
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
-static char lua_dir[PATH_MAX], cmod_dir[PATH_MAX], skeleton_dir[PATH_MAX];
+static char lua_dir[PATH_MAX], cmod_dir[PATH_MAX], skeleton_dir[PATH_MAX], console_dir[PATH_MAX];
 static const char *layout = "build";
 
 /* Does the file name end in ".so" (a shared object, not the executable)? */
@@ -55,27 +55,32 @@ static void resolve(void) {
   snprintf(lua_dir, sizeof lua_dir, "%s/runtime/lua", EBB_SOURCE_DIR);
   snprintf(cmod_dir, sizeof cmod_dir, "%s", EBB_BUILD_CMOD_DIR);
   snprintf(skeleton_dir, sizeof skeleton_dir, "%s/skeleton", EBB_SOURCE_DIR);
+  snprintf(console_dir, sizeof console_dir, "%s/runtime/console", EBB_SOURCE_DIR);
   if (self_path(self) == 0) {
     char *slash = strrchr(self, '/');
     if (slash) *slash = '\0';
     snprintf(prefix, sizeof prefix, "%s", self);
     if (strip(prefix, "/bin") || strip(prefix, "/lib/ebb/ebb")) {
-      char lua[PATH_MAX], cmod[PATH_MAX], skel[PATH_MAX];
+      char lua[PATH_MAX], cmod[PATH_MAX], skel[PATH_MAX], con[PATH_MAX];
       int a = snprintf(lua, sizeof lua, "%s/share/ebb/lua", prefix);
       int b = snprintf(cmod, sizeof cmod, "%s/lib/ebb", prefix);
       int k = snprintf(skel, sizeof skel, "%s/share/ebb/skeleton", prefix);
+      int c = snprintf(con, sizeof con, "%s/share/ebb/console", prefix);
       /* An installed tree, even one missing its library: errors then name
        * where it should be, and the source tree it came from is never used. */
-      if (a < (int)sizeof lua && b < (int)sizeof cmod && k < (int)sizeof skel) {
+      if (a < (int)sizeof lua && b < (int)sizeof cmod && k < (int)sizeof skel && c < (int)sizeof con) {
         memcpy(lua_dir, lua, sizeof lua);
         memcpy(cmod_dir, cmod, sizeof cmod);
         memcpy(skeleton_dir, skel, sizeof skel);
+        memcpy(console_dir, con, sizeof con);
         layout = "installed";
       }
     }
   }
   const char *env = getenv("EBB_LUA_DIR");
   if (env && env[0]) snprintf(lua_dir, sizeof lua_dir, "%s", env);
+  env = getenv("EBB_CONSOLE_DIR");
+  if (env && env[0]) snprintf(console_dir, sizeof console_dir, "%s", env);
 }
 
 const char *ebb_paths_lua_dir(void) {
@@ -91,6 +96,11 @@ const char *ebb_paths_cmod_dir(void) {
 const char *ebb_paths_skeleton_dir(void) {
   pthread_once(&once, resolve);
   return skeleton_dir;
+}
+
+const char *ebb_paths_console_dir(void) {
+  pthread_once(&once, resolve);
+  return console_dir;
 }
 
 const char *ebb_paths_layout(void) {

@@ -71,6 +71,8 @@ typedef struct instance {
   ebb_follower f;             /* the checkpoint, its fingerprint, from and skipped */
   int fresh;                  /* never caught up: a rebuild in progress */
   int tainted;                /* its Lua state was killed: reload before running it again */
+  char **queries;             /* the names of its queries, sorted (GET /modules shows them) */
+  size_t n_queries;
   sqlite3_stmt *stmt[4];      /* the runner's own statements on db, prepared once (TX_*) */
   int64_t sql_left;           /* SQLite VM steps left to the batch or query in progress */
   int sql_exhausted;          /* ... and they ran out: the interrupt was ours */
@@ -261,8 +263,14 @@ static void instance_free(instance *in, int remove_file, const char *dir) {
     free(p);
   }
   ebb_follower_clear(&in->f);
+  for (size_t i = 0; i < in->n_queries; i++) free(in->queries[i]);
+  free(in->queries);
   free(in->db_file);
   free(in);
+}
+
+static int cmp_names(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
 /* Validates the module on top (argument 1) and copies `from` into the
@@ -302,7 +310,13 @@ static int l_validate(lua_State *L) {
         luaL_error(L, "queries.%s must be a function",
                    lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?");
       lua_pop(L, 1);
+      char **q = realloc(in->queries, (in->n_queries + 1) * sizeof *q);
+      if (q == NULL) luaL_error(L, "out of memory");
+      in->queries = q;
+      if ((q[in->n_queries] = strdup(lua_tostring(L, -1))) == NULL) luaL_error(L, "out of memory");
+      in->n_queries++;
     }
+    qsort(in->queries, in->n_queries, sizeof *in->queries, cmp_names);
   }
   int st = lua_getfield(L, 1, "setup");
   if (st != LUA_TNIL && st != LUA_TFUNCTION) luaL_error(L, "setup must be a function");
@@ -1286,6 +1300,11 @@ static void status_json(ebb_projections *h, projection *p, int64_t head, ebb_buf
   for (size_t i = 0; any && i < any->f.n_from; i++) {
     if (i) ebb_buf_putc(b, ',');
     ebb_buf_json_string(b, any->f.from[i], strlen(any->f.from[i]));
+  }
+  ebb_buf_puts(b, "],\"queries\":[");
+  for (size_t i = 0; any && i < any->n_queries; i++) {
+    if (i) ebb_buf_putc(b, ',');
+    ebb_buf_json_string(b, any->queries[i], strlen(any->queries[i]));
   }
   ebb_buf_puts(b, "],\"rebuilding\":");
   if (p->next) ebb_buf_printf(b, "{\"version\":%lld,\"position\":%lld}", (long long)p->next->version,

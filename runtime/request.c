@@ -78,6 +78,10 @@ int ebb__route_of(const ebb_path_parts *pp, int post, const char **allow) {
   *allow = NULL;
   if (n == 1 && !strcmp(s0, "commands")) route = ROUTE_COMMANDS, *allow = "POST";
   else if (n == 2 && !strcmp(s0, "streams")) route = post ? ROUTE_APPEND : ROUTE_STREAM, *allow = "GET, POST";
+  else if (n == 1 && !strcmp(s0, "streams")) route = ROUTE_STREAMS, *allow = "GET";
+  else if (n == 1 && !strcmp(s0, "modules")) route = ROUTE_MODULES, *allow = "GET";
+  else if (n == 0 || ((n == 1 || n == 2) && !strcmp(s0, "console")))
+    route = ROUTE_CONSOLE, *allow = "GET";
   else if (n == 1 && !strcmp(s0, "events")) route = ROUTE_EVENTS, *allow = "GET";
   else if (n == 1 && !strcmp(s0, "subscribe")) route = ROUTE_SUBSCRIBE, *allow = "GET";
   else if (n == 3 && !strcmp(s0, "aggregates")) route = ROUTE_AGGREGATE, *allow = "GET";

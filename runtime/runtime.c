@@ -575,6 +575,131 @@ static int needs_upcast(const ebb_runtime *rt, const char *type, int64_t schema)
   return 0;
 }
 
+/* ---------------------------------------------------------------- describing the modules */
+
+static int cmp_cstr(const void *a, const void *b) {
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Sorted, comma-separated JSON strings of the keys of the tables at the given
+ * stack indexes (0: none), each once. Key strings stay alive in those tables;
+ * the array is a userdata, so a raise frees it. */
+static void sorted_keys(lua_State *L, int t1, int t2, const ebb_runtime *rt, int with_schema,
+                        ebb_buf *b) {
+  size_t n = 0;
+  for (int k = 0; k < 2; k++) {
+    int t = k ? t2 : t1;
+    if (!t) continue;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      lua_pop(L, 1);
+      n++;
+    }
+  }
+  const char **keys = lua_newuserdatauv(L, (n ? n : 1) * sizeof *keys, 0);
+  size_t m = 0;
+  for (int k = 0; k < 2; k++) {
+    int t = k ? t2 : t1;
+    if (!t) continue;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      lua_pop(L, 1);
+      if (lua_type(L, -1) == LUA_TSTRING) keys[m++] = lua_tostring(L, -1);
+    }
+  }
+  qsort(keys, m, sizeof *keys, cmp_cstr);
+  for (size_t i = 0, out = 0; i < m; i++) {
+    if (i && strcmp(keys[i], keys[i - 1]) == 0) continue;
+    if (out++) ebb_buf_putc(b, ',');
+    if (with_schema) ebb_buf_puts(b, "{\"type\":");
+    ebb_buf_json_string(b, keys[i], strlen(keys[i]));
+    if (with_schema)
+      ebb_buf_printf(b, ",\"schema\":%lld}", (long long)ebb_runtime_schema_of(rt, keys[i]));
+  }
+  lua_pop(L, 1);
+}
+
+/* Arguments: the runtime, the buffer. Appends the modules' JSON. */
+static int l_modules(lua_State *L) {
+  ebb_runtime *rt = lua_touserdata(L, 1);
+  ebb_buf *b = lua_touserdata(L, 2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, rt->modules_ref);
+  int modules = lua_gettop(L);
+  /* The registry holds each module under its file name and its type: the
+   * types, sorted, name each aggregate once. */
+  lua_newtable(L);
+  int types = lua_gettop(L);
+  for (size_t i = 0; i < rt->n_module_names; i++) {
+    size_t len = strlen(rt->module_names[i]);
+    if (len < 4) continue;
+    int top = lua_gettop(L);
+    lua_pushlstring(L, rt->module_names[i], len - 4);
+    if (lua_rawget(L, modules) == LUA_TTABLE && lua_getfield(L, -1, "type") == LUA_TSTRING) {
+      lua_pushstring(L, rt->module_names[i]);
+      lua_rawset(L, types); /* type -> file */
+    }
+    lua_settop(L, top);
+  }
+  ebb_buf_putc(b, '[');
+  int first = 1;
+  /* sorted_keys orders the commands and events; the types are ordered the
+   * same way, through a sorted copy of their names. */
+  size_t n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, types)) {
+    lua_pop(L, 1);
+    n++;
+  }
+  const char **names = lua_newuserdatauv(L, (n ? n : 1) * sizeof *names, 0);
+  size_t m = 0;
+  lua_pushnil(L);
+  while (lua_next(L, types)) {
+    lua_pop(L, 1);
+    names[m++] = lua_tostring(L, -1);
+  }
+  qsort(names, m, sizeof *names, cmp_cstr);
+  for (size_t i = 0; i < m; i++) {
+    int top = lua_gettop(L);
+    lua_getfield(L, types, names[i]);
+    const char *file = lua_tostring(L, -1);
+    lua_pushstring(L, names[i]);
+    lua_rawget(L, modules);
+    int mod = lua_gettop(L);
+    if (!first) ebb_buf_putc(b, ',');
+    first = 0;
+    ebb_buf_puts(b, "{\"type\":");
+    ebb_buf_json_string(b, names[i], strlen(names[i]));
+    ebb_buf_puts(b, ",\"file\":");
+    ebb_buf_json_string(b, file, strlen(file));
+    ebb_buf_puts(b, ",\"commands\":[");
+    int handle = lua_getfield(L, mod, "handle") == LUA_TTABLE ? lua_gettop(L) : 0;
+    sorted_keys(L, handle, 0, rt, 0, b);
+    ebb_buf_puts(b, "],\"events\":[");
+    int apply = lua_getfield(L, mod, "apply") == LUA_TTABLE ? lua_gettop(L) : 0;
+    int schemas = lua_getfield(L, mod, "schemas") == LUA_TTABLE ? lua_gettop(L) : 0;
+    sorted_keys(L, apply, schemas, rt, 1, b);
+    ebb_buf_puts(b, "]}");
+    lua_settop(L, top);
+  }
+  ebb_buf_putc(b, ']');
+  return 0;
+}
+
+int ebb_runtime_modules(ebb_runtime *rt, ebb_buf *out, ebb_error *err) {
+  lua_State *L = ebb_sandbox_state(rt->sb);
+  lua_pushcfunction(L, l_modules);
+  lua_pushlightuserdata(L, rt);
+  lua_pushlightuserdata(L, out);
+  if (ebb_sandbox_call(rt->sb, 2, 0) != LUA_OK) {
+    ebb_error_set(err, EBB_ESCRIPT, "describing the modules: %s",
+                  lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "failed");
+    lua_pop(L, 1);
+    return err->code;
+  }
+  if (out->oom) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+  return 0;
+}
+
 int64_t ebb_runtime_schema_of(const ebb_runtime *rt, const char *type) {
   for (size_t i = 0; i < rt->n_schemas; i++)
     if (strcmp(rt->schemas[i].type, type) == 0) return rt->schemas[i].schema;

@@ -162,6 +162,11 @@ int ebb_runtime_upcast_each(ebb_runtime *rt, ebb_event_list *events, ebb_error *
 int ebb_runtime_check_schema(const ebb_runtime *rt, const char *type, int64_t schema,
                              ebb_error *err);
 
+/* Appends the loaded aggregates as a JSON array, in type order: each
+ * {"type", "file", "commands": [names], "events": [{"type", "schema"}]}
+ * (events: those it applies or declares a schema for). GET /modules. */
+int ebb_runtime_modules(ebb_runtime *rt, ebb_buf *out, ebb_error *err);
+
 /* The schema version the modules declare for an event type (1 when none
  * does): what a raw append writes when the writer names none. */
 int64_t ebb_runtime_schema_of(const ebb_runtime *rt, const char *type);

@@ -113,6 +113,10 @@ describe("an installed ebb", function()
       return status == 200 and list
     end, nil, "the projection's answer")
     assert.are.equal("Water the plants", list[1].title, text)
+    -- the console's files come from the moved tree's share/ebb/console
+    local cst, _, page = d:get("/console/")
+    assert.are.equal(200, cst)
+    support.contains(page, "<title>")
   end)
 
   it("6 has a man page", function()

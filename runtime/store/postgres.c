@@ -43,8 +43,9 @@
 #include "clock.h"
 #include "strmap.h"
 
-/* 1: events, commands, snapshots, the position counter. */
-#define SCHEMA_VERSION 1
+/* 1: events, commands, snapshots, the position counter. 2: the correlation
+ * and causation indexes (GET /events?correlation_id=). */
+#define SCHEMA_VERSION 2
 /* pg_advisory_xact_lock key for migrations: "ebb-schm" in ASCII. */
 #define MIGRATION_LOCK "7306920406391828845"
 
@@ -85,6 +86,13 @@ static const char *const schema_v1 =
     "  created_at text COLLATE \"C\" NOT NULL,"
     "  PRIMARY KEY (stream, fingerprint, version));";
 
+/* The lookups' expressions must be these, word for word, to use them. */
+static const char *const schema_v2 =
+    "CREATE INDEX IF NOT EXISTS events_by_correlation ON events "
+    "  (((metadata::jsonb) ->> 'correlation_id'), position);"
+    "CREATE INDEX IF NOT EXISTS events_by_causation ON events "
+    "  (((metadata::jsonb) ->> 'causation_id'), position);";
+
 #define EVENT_COLUMNS "position, stream, version, id, type, schema, data, metadata, recorded_at"
 
 enum {
@@ -114,6 +122,9 @@ enum {
   S_FIND_COMMANDS,
   S_INSERT_MANY,
   S_INSERT_COMMANDS,
+  S_LIST_STREAMS,
+  S_READ_CORRELATION,
+  S_READ_CAUSATION,
   S_COUNT
 };
 
@@ -179,6 +190,19 @@ static const char *const statements[S_COUNT] = {
                           "last_position, recorded_at) SELECT * FROM unnest($1::text[], "
                           "$2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
                           "$7::text[])",
+    [S_LIST_STREAMS] = "SELECT p.stream, p.v, p.fp, p.lp, e.recorded_at, e.type FROM "
+                       "(SELECT stream, max(version) AS v, min(position) AS fp, "
+                       "max(position) AS lp FROM events WHERE stream > $1::text AND stream >= $2::text "
+                       "AND ($2::text = '' OR left(stream, length($2::text)) = $2::text) "
+                       "AND ($3::text IS NULL OR category = $3::text) "
+                       "GROUP BY stream ORDER BY stream LIMIT $4::bigint) AS p "
+                       "JOIN events AS e ON e.position = p.lp ORDER BY p.stream",
+    [S_READ_CORRELATION] = "SELECT " EVENT_COLUMNS " FROM events WHERE "
+                           "((metadata::jsonb) ->> 'correlation_id') = $1::text "
+                           "AND position > $2::bigint ORDER BY position LIMIT $3::bigint",
+    [S_READ_CAUSATION] = "SELECT " EVENT_COLUMNS " FROM events WHERE "
+                         "((metadata::jsonb) ->> 'causation_id') = $1::text "
+                         "AND position > $2::bigint ORDER BY position LIMIT $3::bigint",
 };
 
 typedef struct pg_store {
@@ -410,6 +434,10 @@ static int migrate(pg_store *s, ebb_error *err) {
   }
   if (version < 1 && (exec(s, schema_v1, err, "creating the schema") ||
                       exec(s, "INSERT INTO ebb_schema (version) VALUES (1)", err,
+                           "recording the schema version")))
+    goto fail;
+  if (version < 2 && (exec(s, schema_v2, err, "adding the correlation and causation indexes") ||
+                      exec(s, "INSERT INTO ebb_schema (version) VALUES (2)", err,
                            "recording the schema version")))
     goto fail;
   if (exec(s, "COMMIT", err, "committing the schema")) goto fail;
@@ -1192,6 +1220,43 @@ static int pg_read_all(ebb_store *base, const ebb_read_all *q, ebb_event_list *o
   return collect((pg_store *)base, which, &p, out, err);
 }
 
+static int pg_read_linked(ebb_store *base, int link, const char *value, int64_t after,
+                          int64_t limit, ebb_event_list *out, ebb_error *err) {
+  params p = {0};
+  p_text(&p, value);
+  p_int(&p, after);
+  p_int(&p, limit);
+  return collect((pg_store *)base,
+                 link == EBB_LINK_CORRELATION ? S_READ_CORRELATION : S_READ_CAUSATION, &p, out,
+                 err);
+}
+
+static int pg_list_streams(ebb_store *base, const ebb_list_streams *q, ebb_stream_fn fn,
+                           void *ud, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  params p = {0};
+  p_text(&p, q->after ? q->after : "");
+  p_text(&p, q->prefix ? q->prefix : "");
+  p_text(&p, q->category);
+  p_int(&p, q->limit);
+  PGresult *res = run_alone(s, S_LIST_STREAMS, &p, 0, err, "listing streams");
+  if (res == NULL) return err->code;
+  int rows = PQntuples(res);
+  for (int i = 0; i < rows; i++) {
+    ebb_stream_info info = {
+        .stream = PQgetvalue(res, i, 0),
+        .version = get_i64(res, i, 1),
+        .first_position = get_i64(res, i, 2),
+        .last_position = get_i64(res, i, 3),
+        .recorded_at = PQgetvalue(res, i, 4),
+        .deleted = strcmp(PQgetvalue(res, i, 5), EBB_TOMBSTONE) == 0,
+    };
+    if (fn(ud, &info) != 0) break;
+  }
+  PQclear(res);
+  return 0;
+}
+
 static int pg_read_range(ebb_store *base, int64_t first, int64_t last, ebb_event_list *out,
                          ebb_error *err) {
   params p = {0};
@@ -1338,5 +1403,7 @@ static const ebb_store_vtable pg_vtable = {
     .snapshot_list = pg_snapshot_list,
     .snapshot_delete = pg_snapshot_delete,
     .schema_version = pg_schema_version,
+    .list_streams = pg_list_streams,
+    .read_linked = pg_read_linked,
     .close = pg_close,
 };

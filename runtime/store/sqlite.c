@@ -23,9 +23,10 @@
 
 #include "clock.h"
 
-/* 1: events, commands. 2: snapshots. Every statement of the schema is
+/* 1: events, commands. 2: snapshots. 3: the correlation and causation
+ * indexes (GET /events?correlation_id=). Every statement of the schema is
  * IF NOT EXISTS, so running it again upgrades an older store. */
-#define SCHEMA_VERSION 2
+#define SCHEMA_VERSION 3
 
 const char *const ebb__sqlite_schema_sql =
     "CREATE TABLE IF NOT EXISTS events ("
@@ -42,6 +43,10 @@ const char *const ebb__sqlite_schema_sql =
     "  UNIQUE (stream, version));"
     "CREATE INDEX IF NOT EXISTS events_by_category ON events (category, position);"
     "CREATE INDEX IF NOT EXISTS events_by_type ON events (type, position);"
+    "CREATE INDEX IF NOT EXISTS events_by_correlation ON events "
+    "  (json_extract(metadata, '$.correlation_id'), position);"
+    "CREATE INDEX IF NOT EXISTS events_by_causation ON events "
+    "  (json_extract(metadata, '$.causation_id'), position);"
     "CREATE TABLE IF NOT EXISTS commands ("
     "  command_id TEXT PRIMARY KEY,"
     "  stream TEXT NOT NULL,"
@@ -87,6 +92,9 @@ enum {
   S_SNAP_LOAD,
   S_SNAP_LIST,
   S_SNAP_DELETE,
+  S_LIST_STREAMS,
+  S_READ_CORRELATION,
+  S_READ_CAUSATION,
   S_COUNT
 };
 
@@ -131,6 +139,22 @@ static const char *const statements[S_COUNT] = {
                     "created_at FROM snapshots ORDER BY stream, version",
     [S_SNAP_DELETE] = "DELETE FROM snapshots WHERE (?1 IS NULL OR stream = ?1) AND "
                       "(?2 IS NULL OR fingerprint = ?2) AND (?3 < 0 OR version = ?3)",
+    /* A page of streams from the (stream, version) index, then each one's
+     * last event for its time and tombstone. */
+    [S_LIST_STREAMS] = "SELECT p.stream, p.v, p.fp, p.lp, e.recorded_at, e.type FROM "
+                       "(SELECT stream, max(version) AS v, min(position) AS fp, "
+                       "max(position) AS lp FROM events WHERE stream > ?1 AND stream >= ?2 "
+                       "AND (?3 IS NULL OR stream < ?3) AND (?4 IS NULL OR category = ?4) "
+                       "GROUP BY stream ORDER BY stream LIMIT ?5) AS p "
+                       "JOIN events AS e ON e.position = p.lp ORDER BY p.stream",
+    /* The expressions are the indexes' own, word for word: SQLite uses an
+     * expression index only for the same expression. */
+    [S_READ_CORRELATION] = "SELECT " EVENT_COLUMNS " FROM events WHERE "
+                           "json_extract(metadata, '$.correlation_id') = ?1 AND position > ?2 "
+                           "ORDER BY position LIMIT ?3",
+    [S_READ_CAUSATION] = "SELECT " EVENT_COLUMNS " FROM events WHERE "
+                         "json_extract(metadata, '$.causation_id') = ?1 AND position > ?2 "
+                         "ORDER BY position LIMIT ?3",
 };
 
 typedef struct sqlite_store {
@@ -620,6 +644,58 @@ static int sqlite_read_all(ebb_store *base, const ebb_read_all *q, ebb_event_lis
   return collect(s, st, q->max_bytes, out, err);
 }
 
+static int sqlite_read_linked(ebb_store *base, int link, const char *value, int64_t after,
+                              int64_t limit, ebb_event_list *out, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[link == EBB_LINK_CORRELATION ? S_READ_CORRELATION : S_READ_CAUSATION];
+  bind_text(st, 1, value);
+  sqlite3_bind_int64(st, 2, after);
+  sqlite3_bind_int64(st, 3, limit);
+  return collect(s, st, 0, out, err);
+}
+
+static int sqlite_list_streams(ebb_store *base, const ebb_list_streams *q, ebb_stream_fn fn,
+                               void *ud, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_LIST_STREAMS];
+  /* Names starting with the prefix are those in [prefix, prefix with its
+   * last byte raised): a range of the index. Valid UTF-8 never holds 0xFF. */
+  char end[EBB_MAX_NAME + 1];
+  size_t n = q->prefix ? strlen(q->prefix) : 0;
+  if (n) {
+    memcpy(end, q->prefix, n + 1);
+    end[n - 1] = (char)((unsigned char)end[n - 1] + 1);
+  }
+  bind_text(st, 1, q->after ? q->after : "");
+  bind_text(st, 2, q->prefix ? q->prefix : "");
+  bind_text(st, 3, n ? end : NULL);
+  bind_text(st, 4, q->category);
+  sqlite3_bind_int64(st, 5, q->limit);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    const char *type = (const char *)sqlite3_column_text(st, 5);
+    ebb_stream_info info = {
+        .stream = (const char *)sqlite3_column_text(st, 0),
+        .version = sqlite3_column_int64(st, 1),
+        .first_position = sqlite3_column_int64(st, 2),
+        .last_position = sqlite3_column_int64(st, 3),
+        .recorded_at = (const char *)sqlite3_column_text(st, 4),
+        .deleted = type && strcmp(type, EBB_TOMBSTONE) == 0,
+    };
+    if (!info.stream || !info.recorded_at || !type) {
+      rc = SQLITE_NOMEM;
+      break;
+    }
+    if (fn(ud, &info) != 0) {
+      rc = SQLITE_DONE;
+      break;
+    }
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(s, err, "listing streams");
+  return 0;
+}
+
 static int sqlite_read_range(ebb_store *base, int64_t first, int64_t last, ebb_event_list *out,
                              ebb_error *err) {
   sqlite_store *s = (sqlite_store *)base;
@@ -758,6 +834,8 @@ static const ebb_store_vtable sqlite_vtable = {
     .snapshot_list = sqlite_snapshot_list,
     .snapshot_delete = sqlite_snapshot_delete,
     .schema_version = sqlite_schema_version,
+    .list_streams = sqlite_list_streams,
+    .read_linked = sqlite_read_linked,
     .close = sqlite_close,
     .wal_pages = sqlite_wal_pages,
     .checkpoint = sqlite_checkpoint,

@@ -404,6 +404,31 @@ int ebb_store_snapshot_delete(ebb_store *s, const char *stream, const char *fing
   return s->vt->snapshot_delete(s, stream, fingerprint, version, deleted, err);
 }
 
+int ebb_store_list_streams(ebb_store *s, const ebb_list_streams *q, ebb_stream_fn fn, void *ud,
+                           ebb_error *err) {
+  if (q->limit < 1) return ebb_error_set(err, EBB_EBADREQ, "limit must be at least 1");
+  if (q->category && ebb_validate_name("category", q->category, err)) return err->code;
+  if (q->prefix && q->prefix[0] && ebb_validate_name("prefix", q->prefix, err)) return err->code;
+  if (q->after && q->after[0] && ebb_validate_name("after", q->after, err)) return err->code;
+  /* A category's streams all start with its name (the category is the name
+   * up to the first '-'): that prefix makes the listing a range of the index
+   * instead of a walk past every other category's streams. */
+  ebb_list_streams ranged = *q;
+  if (q->category && (q->prefix == NULL || q->prefix[0] == '\0')) ranged.prefix = q->category;
+  return s->vt->list_streams(s, &ranged, fn, ud, err);
+}
+
+int ebb_store_read_linked(ebb_store *s, int link, const char *value, int64_t after,
+                          int64_t limit, ebb_event_list *out, ebb_error *err) {
+  if (limit < 1) return ebb_error_set(err, EBB_EBADREQ, "limit must be at least 1");
+  if (link != EBB_LINK_CORRELATION && link != EBB_LINK_CAUSATION)
+    return ebb_error_set(err, EBB_EBADREQ, "unknown link %d", link);
+  if (ebb_validate_name(link == EBB_LINK_CORRELATION ? "correlation_id" : "causation_id", value,
+                        err))
+    return err->code;
+  return s->vt->read_linked(s, link, value, after, limit, out, err);
+}
+
 int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err) {
   return s->vt->head(s, position, err);
 }

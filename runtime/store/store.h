@@ -131,6 +131,30 @@ typedef struct ebb_snapshot {
   const char *created_at;     /* list only */
 } ebb_snapshot;
 
+/* One stream as listed by ebb_store_list_streams. Strings are borrowed for the
+ * duration of the callback. */
+typedef struct ebb_stream_info {
+  const char *stream;
+  int64_t version;                  /* its last version */
+  int64_t first_position, last_position;
+  const char *recorded_at;          /* of its last event */
+  int deleted;                      /* it ends with a tombstone */
+} ebb_stream_info;
+
+/* Which streams ebb_store_list_streams lists: in name order, after `after`. */
+typedef struct ebb_list_streams {
+  const char *after;      /* NULL or "": from the first */
+  const char *prefix;     /* NULL: any; else names starting with it */
+  const char *category;   /* NULL: any */
+  int64_t limit;          /* > 0 */
+} ebb_list_streams;
+
+/* Called once per stream; a non-zero return stops the listing. */
+typedef int (*ebb_stream_fn)(void *ud, const ebb_stream_info *info);
+
+/* The metadata field an indexed lookup of related events reads. */
+enum ebb_link { EBB_LINK_CORRELATION, EBB_LINK_CAUSATION };
+
 /* Called once per snapshot by ebb_store_snapshot_list (state is NULL there);
  * a non-zero return stops the listing. */
 typedef int (*ebb_snapshot_fn)(void *ud, const ebb_snapshot *snap);
@@ -156,6 +180,10 @@ typedef struct ebb_store_vtable {
   int (*snapshot_delete)(ebb_store *, const char *stream, const char *fingerprint, int64_t version,
                          int64_t *deleted, ebb_error *err);
   int (*schema_version)(ebb_store *, int *version, ebb_error *err);
+  int (*list_streams)(ebb_store *, const ebb_list_streams *q, ebb_stream_fn fn, void *ud,
+                      ebb_error *err);
+  int (*read_linked)(ebb_store *, int link, const char *value, int64_t after, int64_t limit,
+                     ebb_event_list *out, ebb_error *err);
   void (*close)(ebb_store *);
   int64_t (*wal_pages)(ebb_store *);             /* NULL: no WAL to checkpoint */
   int (*checkpoint)(ebb_store *, ebb_error *err); /* NULL: likewise */
@@ -207,6 +235,16 @@ int ebb_store_append_atomic(ebb_store *s, ebb_append *reqs, size_t n, ebb_error 
 int ebb_store_read_stream(ebb_store *s, const char *stream, int64_t from, int64_t limit,
                           int backward, ebb_event_list *out, ebb_error *err);
 int ebb_store_read_all(ebb_store *s, const ebb_read_all *q, ebb_event_list *out, ebb_error *err);
+/* The streams q selects, in name order, each given to fn (see ebb_stream_fn).
+ * Walks the (stream, version) index: it costs the events of the streams
+ * listed, not the store. */
+int ebb_store_list_streams(ebb_store *s, const ebb_list_streams *q, ebb_stream_fn fn, void *ud,
+                           ebb_error *err);
+/* Events whose metadata's correlation_id (link EBB_LINK_CORRELATION) or
+ * causation_id (EBB_LINK_CAUSATION) is `value`, position > after, in
+ * position order, at most limit: an index lookup, never a scan. */
+int ebb_store_read_linked(ebb_store *s, int link, const char *value, int64_t after,
+                          int64_t limit, ebb_event_list *out, ebb_error *err);
 /* Events with first <= position <= last, in order. */
 int ebb_store_read_range(ebb_store *s, int64_t first, int64_t last, ebb_event_list *out,
                          ebb_error *err);

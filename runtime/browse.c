@@ -61,5 +61,8 @@ void ebb__modules_json(ebb_daemon *d, ebb_buf *out) {
   ebb_buf_puts(out, ",\"projections\":");
   if (d->projections == NULL) ebb_buf_puts(out, "[]");
   else ebb_projections_status(d->projections, NULL, out);
+  ebb_buf_puts(out, ",\"reactors\":");
+  if (d->reactors == NULL) ebb_buf_puts(out, "[]");
+  else ebb_reactors_status(d->reactors, NULL, out);
   ebb_buf_putc(out, '}');
 }

@@ -37,10 +37,22 @@ function row(kind, s, after) {
     el('td', controls(kind, s, after)));
 }
 
+// Puts `fresh` rows in `parent`, keeping each row that looks the same: a
+// refresh every 2 s must not replace a button under the user's pointer.
+function sync(parent, fresh) {
+  const old = [...parent.children];
+  fresh.forEach((row, i) => {
+    if (!old[i]) parent.append(row);
+    else if (old[i].outerHTML !== row.outerHTML) old[i].replaceWith(row);
+  });
+  old.slice(fresh.length).forEach((n) => n.remove());
+}
+
 export function render(main) {
   const note = el('p', { 'aria-live': 'polite' });
   const body = el('tbody', { id: 'p-rows' });
   const reactors = el('section', { hidden: true });
+  const reactorRows = el('tbody');
   const publisher = el('section', { hidden: true, id: 'p-publisher' });
   const qProj = el('select', { id: 'q-projection', name: 'projection' });
   const qName = el('select', { id: 'q-query', name: 'query' });
@@ -70,7 +82,7 @@ export function render(main) {
     const r = await api('/projections');
     if (!r.ok) { note.textContent = errorText(r); return; }
     statuses = r.data;
-    body.replaceChildren(...statuses.map((s) => row('projections', s, after)));
+    sync(body, statuses.map((s) => row('projections', s, after)));
     const keep = qProj.value;
     qProj.replaceChildren(...statuses.map((s) => el('option', { value: s.name, selected: s.name === keep }, s.name)));
     fillQueries();
@@ -88,8 +100,11 @@ export function render(main) {
       const rr = await api('/reactors');
       if (rr.status === 404) { hasReactors = false; return; }
       const list = Array.isArray(rr.data) ? rr.data : (rr.data && rr.data.reactors) || [];
-      reactors.hidden = false;
-      reactors.replaceChildren(el('h2', 'Reactors'), el('div.table-wrap', el('table', head(), el('tbody', list.map((s) => row('reactors', s, after))))));
+      if (reactors.hidden) {
+        reactors.replaceChildren(el('h2', 'Reactors'), el('div.table-wrap', el('table', head(), reactorRows)));
+        reactors.hidden = false;
+      }
+      sync(reactorRows, list.map((s) => row('reactors', s, after)));
     }
   }
   return every(2000, refresh);

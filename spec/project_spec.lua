@@ -30,7 +30,8 @@ local function ebb_in(dir, args, env)
 end
 
 local FILES = { "README.md", "ebb.conf.lua", ".gitignore", "aggregates/task.lua",
-                "projections/open_tasks.lua", "spec/task_spec.lua", "spec/open_tasks_spec.lua" }
+                "projections/open_tasks.lua", "reactors/overdue_tasks.lua", "spec/task_spec.lua",
+                "spec/open_tasks_spec.lua", "spec/overdue_tasks_spec.lua" }
 
 describe("ebb init", function()
   local root
@@ -95,8 +96,8 @@ describe("ebb test", function()
   it("1 passes right after init, with busted's exit status and a last line of totals", function()
     local out, err, code = ebb_in(dir, { "test" })
     assert.are.equal(0, code, out .. err)
-    assert.are.equal("8 passed, 0 failed", last_line(out))
-    support.contains(out, "8 successes / 0 failures / 0 errors")
+    assert.are.equal("12 passed, 0 failed", last_line(out))
+    support.contains(out, "12 successes / 0 failures / 0 errors")
   end)
 
   it("2 fails with a readable diff once a rule of the example aggregate is broken", function()
@@ -109,7 +110,7 @@ describe("ebb test", function()
     support.write(path, broken)
     local out, _, code = ebb_in(dir, { "test" })
     assert.are_not.equal(0, code)
-    assert.are.equal("6 passed, 2 failed", last_line(out))
+    assert.are.equal("8 passed, 4 failed", last_line(out))
     support.contains(out, "Task completes once it is open")
     support.contains(out, 'states differ at state.status: expected "done" (string), got "finished" (string)')
     support.contains(out, 'expected:\n  { status = "done" }\n'
@@ -133,7 +134,7 @@ describe("ebb test", function()
     support.contains(out, "module 'task' not found")
     out, _, code = ebb_in(dir, { "test" }, "EBB_AGGREGATES=domain")
     assert.are.equal(0, code, out)
-    assert.are.equal("8 passed, 0 failed", last_line(out))
+    assert.are.equal("12 passed, 0 failed", last_line(out))
     support.write(dir .. "/my.conf.lua", 'aggregates = "domain"\n')
     out, _, code = ebb_in(dir, { "test" }, "EBB_CONFIG=my.conf.lua")
     assert.are.equal(0, code, out)
@@ -147,7 +148,7 @@ describe("ebb test", function()
     for _, var in ipairs { "LUA_PATH", "LUA_PATH_5_4" } do
       local out, _, code = ebb_in(dir, { "test" }, var .. "=" .. q(dir .. "/lib/?.lua;;"))
       assert.are.equal(0, code, out)
-      assert.are.equal("9 passed, 0 failed", last_line(out))
+      assert.are.equal("13 passed, 0 failed", last_line(out))
     end
     local out, _, code = ebb_in(dir, { "test" })
     assert.are_not.equal(0, code)

@@ -163,6 +163,70 @@ describe("ebb test", function()
   end)
 end)
 
+describe("a new project, served", function()
+  local daemon = require "daemon_support"
+  local dir, d
+  before_each(function()
+    dir = support.tmpdir()
+    local _, err, code = support.run({ "init", dir })
+    assert.are.equal(0, code, err)
+  end)
+  after_each(function()
+    if d then d:stop() end
+    d = nil
+    support.rmdir(dir)
+  end)
+
+  local function serve(overdue_seconds)
+    d = daemon.start({ aggregates = dir .. "/aggregates",
+                       args = { "--projections", dir .. "/projections", "--reactors", dir .. "/reactors" },
+                       env = "EBB_REACTOR_OVERDUE_TASKS_OVERDUE_SECONDS=" .. overdue_seconds })
+    assert.truthy(d.url, "the daemon did not start: " .. d:logs())
+  end
+
+  local function command(id, type_, data)
+    local st, answer = d:command("Task", id, type_, data)
+    assert.are.equal(200, st, type_ .. " " .. id .. ": " .. require("cjson").encode(answer or {}))
+    return answer
+  end
+
+  it("1 is checked with its reactor listed", function()
+    local out, err, code = ebb_in(dir, { "check", "--data", dir .. "/data" })
+    assert.are.equal(0, code, err)
+    support.contains(out, '"reactors":["overdue_tasks"]')
+  end)
+
+  it("2 schedules a reminder per open task, and drops it once the task is done", function()
+    serve(86400)
+    local opened = command("t-1", "OpenTask", { title = "Water the plants" })
+    command("t-2", "OpenTask", { title = "Buy bread" })
+    command("t-2", "CompleteTask")
+    local pending = support.eventually(function()
+      local st, body = d:get("/reactors/overdue_tasks")
+      if st ~= 200 or body.state ~= "live" or body.position ~= body.head then return nil end
+      local _, l = d:get("/reactors/overdue_tasks/schedules")
+      return l
+    end, 20, "the reactor to catch up")
+    assert.are.equal(1, #pending, require("cjson").encode(pending))
+    assert.are.equal("overdue:t-1", pending[1].key)
+    assert.are.same({ aggregate = "Task", id = "t-1", type = "MarkOverdue", data = {} }, pending[1].command)
+    assert.are.equal("overdue_tasks:" .. opened.events[1].id .. ":schedule:overdue:t-1", pending[1].command_id)
+  end)
+
+  it("3 marks a task still open when the reminder falls due overdue", function()
+    serve(1)
+    command("t-1", "OpenTask", { title = "Water the plants" })
+    support.eventually(function()
+      local _, body = d:get("/aggregates/Task/t-1")
+      return body and body.state and body.state.status == "overdue"
+    end, 20, "the task to become overdue")
+    -- still on the to-do list, and it can still be done
+    local _, list = d:get("/projections/open_tasks/list")
+    assert.are.equal("t-1", list[1].id)
+    command("t-1", "CompleteTask")
+  end)
+end)
+
 describe("EBB_LUA_DIR", function()
   it("overrides where the runtime's Lua library is loaded from", function()
     local data = support.tmpdir()

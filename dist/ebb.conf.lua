@@ -7,10 +7,11 @@
 -- systemd creates it for the ebb user (StateDirectory=ebb).
 data = "/var/lib/ebb"
 
--- Your domain: aggregate and projection modules (readable by the ebb user).
--- Copy them here from your project (ebb init), then `systemctl reload ebb`.
+-- Your domain: aggregate, projection and reactor modules (readable by the ebb
+-- user). Copy them here from your project (ebb init), then `systemctl reload ebb`.
 aggregates = "/etc/ebb/aggregates"
 projections = "/etc/ebb/projections"
+reactors = "/etc/ebb/reactors"
 
 -- HOST:PORT to listen on. Off loopback a token is required; put a TLS
 -- terminating proxy (nginx) in front of it for remote clients.

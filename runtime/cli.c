@@ -1239,7 +1239,7 @@ static int run_test(int argc, char **argv) {
   const char *file = getenv("EBB_CONFIG");
   int rc = (file && file[0] && ebb_config_load_file(&cfg, file, &err) != 0) ||
            ebb_config_load_env(&cfg, &err) != 0;
-  if (rc == 0) rc = ebb_project_test(cfg.aggregates, cfg.projections, argc, argv, &err);
+  if (rc == 0) rc = ebb_project_test(cfg.aggregates, cfg.projections, cfg.reactors, argc, argv, &err);
   ebb_config_free(&cfg);
   if (rc < 0 || err.code) {
     fail(&err);

@@ -2,8 +2,9 @@
  * project.c: `ebb init` and `ebb test`, the two commands that make a
  * directory of Lua modules an ebb project.
  *
- * init copies the skeleton (an example aggregate, projection, their specs,
- * a commented config and a README; see skeleton/ in the source tree) and
+ * init copies the skeleton (an example aggregate, projection and reactor,
+ * their specs, a commented config and a README; see skeleton/ in the source
+ * tree) and
  * never overwrites: a file that exists is reported as skipped, and the copy
  * opens with O_EXCL so even a file appearing meanwhile is left alone.
  *
@@ -198,8 +199,8 @@ static void read_line(const char *line, counts *c) {
   }
 }
 
-int ebb_project_test(const char *aggregates, const char *projections, int argc, char **argv,
-                     ebb_error *err) {
+int ebb_project_test(const char *aggregates, const char *projections, const char *reactors,
+                     int argc, char **argv, ebb_error *err) {
   char lua[PATH_MAX], busted[PATH_MAX];
   if (find_on_path("lua5.4", lua, sizeof lua) != 0) {
     ebb_error_set(err, EBB_ENOTFOUND, "ebb test needs lua5.4 (Debian: apt-get install lua5.4)");
@@ -211,8 +212,8 @@ int ebb_project_test(const char *aggregates, const char *projections, int argc, 
   }
   const char *rt = ebb_paths_lua_dir();
   char *lpath = NULL, *cpath = NULL;
-  int bad = asprintf(&lpath, "%s/?.lua;%s/?/init.lua;%s/?.lua;%s/?.lua;spec/?.lua", rt, rt,
-                     aggregates, projections) < 0;
+  int bad = asprintf(&lpath, "%s/?.lua;%s/?/init.lua;%s/?.lua;%s/?.lua;%s/?.lua;spec/?.lua", rt,
+                     rt, aggregates, projections, reactors) < 0;
   bad = bad || asprintf(&cpath, "%s/?.so", ebb_paths_cmod_dir()) < 0;
   bad = bad || prepend_env("LUA_PATH_5_4", "LUA_PATH", lpath) != 0 ||
                prepend_env("LUA_CPATH_5_4", "LUA_CPATH", cpath) != 0;

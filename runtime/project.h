@@ -16,10 +16,10 @@ int ebb_project_init(const char *dir, const char *skeleton_dir, ebb_buf *report,
 
 /* Runs `lua5.4 busted ARGS...` in the current directory with the runtime's
  * Lua library, ebb.core and the module directories (aggregates, projections,
- * spec) on the paths. busted's output is passed through, then one last line
+ * reactors, spec) on the paths. busted's output is passed through, then one last line
  * "N passed, N failed". Returns busted's exit status (128 + N for signal N);
  * -1 with err set when busted cannot be started. */
-int ebb_project_test(const char *aggregates, const char *projections, int argc, char **argv,
-                     ebb_error *err);
+int ebb_project_test(const char *aggregates, const char *projections, const char *reactors,
+                     int argc, char **argv, ebb_error *err);
 
 #endif

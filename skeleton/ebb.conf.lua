@@ -6,6 +6,7 @@
 -- data = "data"                    -- the data directory (event store, read models)
 -- aggregates = "aggregates"        -- aggregate modules
 -- projections = "projections"      -- projection modules
+-- reactors = "reactors"            -- reactor modules (events in, commands out)
 -- listen = "127.0.0.1:7070"        -- HOST:PORT of the HTTP API
 -- token = "a long random string"   -- required when listening off loopback
 -- durability = "full"              -- full: fsync every commit; normal: faster, a power cut may lose the last ones

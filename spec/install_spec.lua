@@ -69,7 +69,7 @@ describe("an installed ebb", function()
     support.contains(out, "created " .. project .. "/aggregates/task.lua")
     out, code = sh("cd " .. q(project) .. " && " .. q(prefix .. "/bin/ebb") .. " test")
     assert.are.equal(0, code, out)
-    assert.are.equal("8 passed, 0 failed", last_line(out))
+    assert.are.equal("12 passed, 0 failed", last_line(out))
   end)
 
   it("4 finds its Lua library under its prefix, not the source tree", function()

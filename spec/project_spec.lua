@@ -30,7 +30,8 @@ local function ebb_in(dir, args, env)
 end
 
 local FILES = { "README.md", "ebb.conf.lua", ".gitignore", "aggregates/task.lua",
-                "projections/open_tasks.lua", "spec/task_spec.lua", "spec/open_tasks_spec.lua" }
+                "projections/open_tasks.lua", "reactors/overdue_tasks.lua", "spec/task_spec.lua",
+                "spec/open_tasks_spec.lua", "spec/overdue_tasks_spec.lua" }
 
 describe("ebb init", function()
   local root
@@ -95,8 +96,8 @@ describe("ebb test", function()
   it("1 passes right after init, with busted's exit status and a last line of totals", function()
     local out, err, code = ebb_in(dir, { "test" })
     assert.are.equal(0, code, out .. err)
-    assert.are.equal("8 passed, 0 failed", last_line(out))
-    support.contains(out, "8 successes / 0 failures / 0 errors")
+    assert.are.equal("12 passed, 0 failed", last_line(out))
+    support.contains(out, "12 successes / 0 failures / 0 errors")
   end)
 
   it("2 fails with a readable diff once a rule of the example aggregate is broken", function()
@@ -109,7 +110,7 @@ describe("ebb test", function()
     support.write(path, broken)
     local out, _, code = ebb_in(dir, { "test" })
     assert.are_not.equal(0, code)
-    assert.are.equal("6 passed, 2 failed", last_line(out))
+    assert.are.equal("8 passed, 4 failed", last_line(out))
     support.contains(out, "Task completes once it is open")
     support.contains(out, 'states differ at state.status: expected "done" (string), got "finished" (string)')
     support.contains(out, 'expected:\n  { status = "done" }\n'
@@ -133,7 +134,7 @@ describe("ebb test", function()
     support.contains(out, "module 'task' not found")
     out, _, code = ebb_in(dir, { "test" }, "EBB_AGGREGATES=domain")
     assert.are.equal(0, code, out)
-    assert.are.equal("8 passed, 0 failed", last_line(out))
+    assert.are.equal("12 passed, 0 failed", last_line(out))
     support.write(dir .. "/my.conf.lua", 'aggregates = "domain"\n')
     out, _, code = ebb_in(dir, { "test" }, "EBB_CONFIG=my.conf.lua")
     assert.are.equal(0, code, out)
@@ -147,7 +148,7 @@ describe("ebb test", function()
     for _, var in ipairs { "LUA_PATH", "LUA_PATH_5_4" } do
       local out, _, code = ebb_in(dir, { "test" }, var .. "=" .. q(dir .. "/lib/?.lua;;"))
       assert.are.equal(0, code, out)
-      assert.are.equal("9 passed, 0 failed", last_line(out))
+      assert.are.equal("13 passed, 0 failed", last_line(out))
     end
     local out, _, code = ebb_in(dir, { "test" })
     assert.are_not.equal(0, code)
@@ -159,6 +160,70 @@ describe("ebb test", function()
     assert.are.equal(1, code)
     assert.are.equal("", out)
     support.contains(err, "ebb test needs lua5.4")
+  end)
+end)
+
+describe("a new project, served", function()
+  local daemon = require "daemon_support"
+  local dir, d
+  before_each(function()
+    dir = support.tmpdir()
+    local _, err, code = support.run({ "init", dir })
+    assert.are.equal(0, code, err)
+  end)
+  after_each(function()
+    if d then d:stop() end
+    d = nil
+    support.rmdir(dir)
+  end)
+
+  local function serve(overdue_seconds)
+    d = daemon.start({ aggregates = dir .. "/aggregates",
+                       args = { "--projections", dir .. "/projections", "--reactors", dir .. "/reactors" },
+                       env = "EBB_REACTOR_OVERDUE_TASKS_OVERDUE_SECONDS=" .. overdue_seconds })
+    assert.truthy(d.url, "the daemon did not start: " .. d:logs())
+  end
+
+  local function command(id, type_, data)
+    local st, answer = d:command("Task", id, type_, data)
+    assert.are.equal(200, st, type_ .. " " .. id .. ": " .. require("cjson").encode(answer or {}))
+    return answer
+  end
+
+  it("1 is checked with its reactor listed", function()
+    local out, err, code = ebb_in(dir, { "check", "--data", dir .. "/data" })
+    assert.are.equal(0, code, err)
+    support.contains(out, '"reactors":["overdue_tasks"]')
+  end)
+
+  it("2 schedules a reminder per open task, and drops it once the task is done", function()
+    serve(86400)
+    local opened = command("t-1", "OpenTask", { title = "Water the plants" })
+    command("t-2", "OpenTask", { title = "Buy bread" })
+    command("t-2", "CompleteTask")
+    local pending = support.eventually(function()
+      local st, body = d:get("/reactors/overdue_tasks")
+      if st ~= 200 or body.state ~= "live" or body.position ~= body.head then return nil end
+      local _, l = d:get("/reactors/overdue_tasks/schedules")
+      return l
+    end, 20, "the reactor to catch up")
+    assert.are.equal(1, #pending, require("cjson").encode(pending))
+    assert.are.equal("overdue:t-1", pending[1].key)
+    assert.are.same({ aggregate = "Task", id = "t-1", type = "MarkOverdue", data = {} }, pending[1].command)
+    assert.are.equal("overdue_tasks:" .. opened.events[1].id .. ":schedule:overdue:t-1", pending[1].command_id)
+  end)
+
+  it("3 marks a task still open when the reminder falls due overdue", function()
+    serve(1)
+    command("t-1", "OpenTask", { title = "Water the plants" })
+    support.eventually(function()
+      local _, body = d:get("/aggregates/Task/t-1")
+      return body and body.state and body.state.status == "overdue"
+    end, 20, "the task to become overdue")
+    -- still on the to-do list, and it can still be done
+    local _, list = d:get("/projections/open_tasks/list")
+    assert.are.equal("t-1", list[1].id)
+    command("t-1", "CompleteTask")
   end)
 end)
 

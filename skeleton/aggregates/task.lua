@@ -4,7 +4,9 @@ Stream "Task-<id>". Change it, or add modules next to it: every .lua file in
 aggregates/ is an aggregate (its `type` names it in commands).
 
 The rules: a task needs a non-empty title; it is opened once; only an open
-task can be completed, and only once.
+task can be completed, and only once; only an open task becomes overdue (the
+reactor reactors/overdue_tasks.lua sends MarkOverdue when a task stays open
+too long), and an overdue task can still be completed.
 ]]
 local ebb = require "ebb"
 
@@ -31,6 +33,12 @@ function task.handle.CompleteTask(s)
   return { { type = "TaskCompleted", data = {} } }
 end
 
+function task.handle.MarkOverdue(s)
+  if s.status == "none" then ebb.reject("task does not exist") end
+  if s.status ~= "open" then ebb.reject("only an open task becomes overdue", { status = s.status }) end
+  return { { type = "TaskOverdue", data = {} } }
+end
+
 -- Evolution: how each event changes the state (no rules here: events are facts).
 task.apply = {
   TaskOpened = function(s, e)
@@ -39,6 +47,9 @@ task.apply = {
   end,
   TaskCompleted = function(s)
     s.status = "done"
+  end,
+  TaskOverdue = function(s)
+    s.status = "overdue"
   end,
 }
 

@@ -46,4 +46,38 @@ describe("Task", function()
   it("is not completed before it exists", function()
     t.scenario(task, "t-1"):when("CompleteTask"):expect_rejection "task does not exist"
   end)
+
+  it("becomes overdue while it is open, and can still be completed", function()
+    t.scenario(task, "t-1")
+      :given { { type = "TaskOpened", data = { title = "Water the plants" } } }
+      :when("MarkOverdue")
+      :expect_events { { type = "TaskOverdue" } }
+      :expect_state { status = "overdue" }
+    t.scenario(task, "t-1")
+      :given {
+        { type = "TaskOpened", data = { title = "Water the plants" } },
+        { type = "TaskOverdue", data = {} },
+      }
+      :when("CompleteTask")
+      :expect_events { { type = "TaskCompleted" } }
+      :expect_state { status = "done" }
+  end)
+
+  it("is not overdue once done, nor twice, nor before it exists", function()
+    t.scenario(task, "t-1")
+      :given {
+        { type = "TaskOpened", data = { title = "Water the plants" } },
+        { type = "TaskCompleted", data = {} },
+      }
+      :when("MarkOverdue")
+      :expect_rejection("only an open task becomes overdue", { status = "done" })
+    t.scenario(task, "t-1")
+      :given {
+        { type = "TaskOpened", data = { title = "Water the plants" } },
+        { type = "TaskOverdue", data = {} },
+      }
+      :when("MarkOverdue")
+      :expect_rejection("only an open task becomes overdue", { status = "overdue" })
+    t.scenario(task, "t-1"):when("MarkOverdue"):expect_rejection "task does not exist"
+  end)
 end)

@@ -1,6 +1,7 @@
 /*
  * buf.c: growable byte buffer (see buf.h).
  */
+#define _GNU_SOURCE /* vasprintf */
 #include "buf.h"
 
 #include <stdarg.h>
@@ -133,4 +134,13 @@ char *ebb_buf_take(ebb_buf *b, size_t *len) {
   if (len) *len = b->len;
   ebb_buf_init(b);
   return p;
+}
+
+char *ebb_strdupf(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char *s = NULL;
+  if (vasprintf(&s, fmt, ap) < 0) s = NULL;
+  va_end(ap);
+  return s;
 }

@@ -54,6 +54,8 @@ static inline size_t ebb_utf8_seq(const unsigned char *p, size_t n) {
   }
   return 0;
 }
+/* A new string formatted like printf (free it), or NULL out of memory. */
+char *ebb_strdupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Returns the NUL-terminated text ("" for an empty buffer); NULL after oom. */
 const char *ebb_buf_cstr(ebb_buf *b);
 /* Hands the memory to the caller (malloc'd, NUL-terminated) and re-inits b. */

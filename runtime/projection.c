@@ -84,7 +84,6 @@ typedef struct instance {
  * sandbox's instruction budget; this is the same bound for SQL. */
 #define SQL_STEPS_PER_CALL ((int64_t)100000000)
 
-static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #define SQL_PROGRESS_EVERY 10000
 
 static int on_sql_progress(void *ud) {
@@ -103,7 +102,7 @@ static void sql_budget(instance *in) {
 /* The message of a failed call, naming the SQL bound when it was the cause. */
 static void sql_budget_message(instance *in, char **msg) {
   if (!in->sql_exhausted) return;
-  char *m = dupf("SQL budget of %lld steps exceeded (a runaway query?): %s",
+  char *m = ebb_strdupf("SQL budget of %lld steps exceeded (a runaway query?): %s",
                  (long long)SQL_STEPS_PER_CALL, *msg ? *msg : "interrupted");
   free(*msg);
   *msg = m;
@@ -211,16 +210,6 @@ struct ebb_projections {
 
 /* ---------------------------------------------------------------- small helpers */
 
-static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *dupf(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  char *s = NULL;
-  if (vasprintf(&s, fmt, ap) < 0) s = NULL;
-  va_end(ap);
-  return s;
-}
-
 static uint64_t hash_file(const char *path, int *ok) {
   uint64_t h = 1469598103934665603ull;
   FILE *f = fopen(path, "rb");
@@ -237,7 +226,7 @@ static uint64_t hash_file(const char *path, int *ok) {
 static int exec_sql(sqlite3 *db, const char *sql, char **msg) {
   char *e = NULL;
   int rc = sqlite3_exec(db, sql, NULL, NULL, &e);
-  if (rc != SQLITE_OK && msg) *msg = dupf("%s", e ? e : sqlite3_errstr(rc));
+  if (rc != SQLITE_OK && msg) *msg = ebb_strdupf("%s", e ? e : sqlite3_errstr(rc));
   sqlite3_free(e);
   return rc;
 }
@@ -251,10 +240,10 @@ static void instance_free(instance *in, int remove_file, const char *dir) {
   tx_finalize(in);
   if (in->db) sqlite3_close_v2(in->db);
   if (remove_file && in->db_file) {
-    char *p = dupf("%s/%s", dir, in->db_file);
+    char *p = ebb_strdupf("%s/%s", dir, in->db_file);
     if (p) {
       unlink(p);
-      char *w = dupf("%s-wal", p), *s = dupf("%s-shm", p);
+      char *w = ebb_strdupf("%s-wal", p), *s = ebb_strdupf("%s-shm", p);
       if (w) unlink(w);
       if (s) unlink(s);
       free(w);
@@ -341,7 +330,7 @@ static int l_setup(lua_State *L) {
 static int call_error(ebb_sandbox *sb, char **msg) {
   lua_State *L = ebb_sandbox_state(sb);
   const char *killed = ebb_sandbox_killed(sb);
-  *msg = dupf("%s", killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+  *msg = ebb_strdupf("%s", killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
                                                                        : "a non-string error");
   lua_pop(L, 1);
   return -1;
@@ -351,7 +340,7 @@ static int call_error(ebb_sandbox *sb, char **msg) {
 static instance *load_module(ebb_projections *h, projection *p, char **msg) {
   instance *in = calloc(1, sizeof *in);
   if (in == NULL) {
-    *msg = dupf("out of memory");
+    *msg = ebb_strdupf("out of memory");
     return NULL;
   }
   in->module_ref = in->db_ref = LUA_NOREF;
@@ -362,7 +351,7 @@ static instance *load_module(ebb_projections *h, projection *p, char **msg) {
   ebb_error err;
   ebb_error_init(&err);
   if (ebb_sandbox_new(&in->sb, &so, &err) != 0) {
-    *msg = dupf("%s", err.message);
+    *msg = ebb_strdupf("%s", err.message);
     goto fail;
   }
   lua_State *L = ebb_sandbox_state(in->sb);
@@ -374,7 +363,7 @@ static instance *load_module(ebb_projections *h, projection *p, char **msg) {
   char chunk[300];
   snprintf(chunk, sizeof chunk, "%s.lua", p->name);
   if (ebb_sandbox_load_file(in->sb, p->path, chunk, &err) != 0) {
-    *msg = dupf("%s", err.message);
+    *msg = ebb_strdupf("%s", err.message);
     goto fail;
   }
   lua_pushcfunction(L, l_validate);
@@ -386,7 +375,7 @@ static instance *load_module(ebb_projections *h, projection *p, char **msg) {
   if (ebb_sandbox_call(in->sb, 3, 0) != LUA_OK) {
     char *m;
     call_error(in->sb, &m);
-    *msg = dupf("%s.lua: %s", p->name, m ? m : "invalid");
+    *msg = ebb_strdupf("%s.lua: %s", p->name, m ? m : "invalid");
     free(m);
     goto fail;
   }
@@ -397,7 +386,7 @@ fail:
 }
 
 static char *projection_dir(ebb_projections *h, const projection *p) {
-  return dupf("%s/%s", h->models_dir, p->name);
+  return ebb_strdupf("%s/%s", h->models_dir, p->name);
 }
 
 static const char *checkpoint_sql =
@@ -412,7 +401,7 @@ static int tx(instance *in, int which, char **msg) {
   int rc = st ? sqlite3_step(st) : SQLITE_ERROR;
   if (st) sqlite3_reset(st);
   if (rc == SQLITE_DONE) return 0;
-  if (msg && *msg == NULL) *msg = dupf("%s: %s", tx_sql[which], sqlite3_errmsg(in->db));
+  if (msg && *msg == NULL) *msg = ebb_strdupf("%s: %s", tx_sql[which], sqlite3_errmsg(in->db));
   return -1;
 }
 
@@ -458,17 +447,17 @@ static int load_skipped(instance *in) {
 static int open_model(ebb_projections *h, projection *p, instance *in, int create, int *ahead,
                       char **msg) {
   char *dir = projection_dir(h, p);
-  char *path = dir ? dupf("%s/%s", dir, in->db_file) : NULL;
+  char *path = dir ? ebb_strdupf("%s/%s", dir, in->db_file) : NULL;
   int rc = -1;
   if (path == NULL) {
-    *msg = dupf("out of memory");
+    *msg = ebb_strdupf("out of memory");
     goto done;
   }
   mkdir(h->models_dir, 0755);
   mkdir(dir, 0755);
   int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
   if (sqlite3_open_v2(path, &in->db, flags, NULL) != SQLITE_OK) {
-    *msg = dupf("cannot open %s: %s", path, in->db ? sqlite3_errmsg(in->db) : "out of memory");
+    *msg = ebb_strdupf("cannot open %s: %s", path, in->db ? sqlite3_errmsg(in->db) : "out of memory");
     goto done;
   }
   sqlite3_busy_timeout(in->db, 5000);
@@ -498,14 +487,14 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     if (ebb_sandbox_call(in->sb, 2, 0) != LUA_OK) {
       char *m;
       call_error(in->sb, &m);
-      *msg = dupf("%s.lua: setup failed: %s", p->name, m ? m : "");
+      *msg = ebb_strdupf("%s.lua: setup failed: %s", p->name, m ? m : "");
       free(m);
       exec_sql(in->db, "ROLLBACK", NULL);
       goto done;
     }
     if (exec_sql(in->db, checkpoint_sql, msg) != SQLITE_OK || write_checkpoint(in, p->name, 0) ||
         exec_sql(in->db, "COMMIT", msg) != SQLITE_OK) {
-      if (*msg == NULL) *msg = dupf("cannot write the checkpoint: %s", sqlite3_errmsg(in->db));
+      if (*msg == NULL) *msg = ebb_strdupf("cannot write the checkpoint: %s", sqlite3_errmsg(in->db));
       exec_sql(in->db, "ROLLBACK", NULL);
       goto done;
     }
@@ -521,7 +510,7 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     if (sqlite3_prepare_v2(in->db, "SELECT version, position, event_position, event_id "
                            "FROM _ebb_checkpoint WHERE id = 1", -1, &st, NULL) != SQLITE_OK ||
         sqlite3_step(st) != SQLITE_ROW) {
-      *msg = dupf("%s has no checkpoint: %s", path, sqlite3_errmsg(in->db));
+      *msg = ebb_strdupf("%s has no checkpoint: %s", path, sqlite3_errmsg(in->db));
       sqlite3_finalize(st);
       goto done;
     }
@@ -533,7 +522,7 @@ static int open_model(ebb_projections *h, projection *p, instance *in, int creat
     if (in->f.mark_id[0] == '\0') in->f.mark_position = 0;
     sqlite3_finalize(st);
     if (version != in->version) {
-      *msg = dupf("%s was built by version %lld", in->db_file, (long long)version);
+      *msg = ebb_strdupf("%s was built by version %lld", in->db_file, (long long)version);
       goto done;
     }
     if (ahead && (*msg = ebb_follower_ahead(&in->f, ebb_runtime_store(h->rt), "the read model")) != NULL) {
@@ -551,7 +540,7 @@ done:
 
 /* The file name `current` names, or NULL. */
 static char *read_current(ebb_projections *h, projection *p) {
-  char *path = dupf("%s/%s/current", h->models_dir, p->name);
+  char *path = ebb_strdupf("%s/%s/current", h->models_dir, p->name);
   if (path == NULL) return NULL;
   FILE *f = fopen(path, "r");
   free(path);
@@ -564,8 +553,8 @@ static char *read_current(ebb_projections *h, projection *p) {
 
 /* Makes file the one that answers, atomically (rename). */
 static int write_current(ebb_projections *h, projection *p, const char *file) {
-  char *tmp = dupf("%s/%s/current.tmp", h->models_dir, p->name);
-  char *path = dupf("%s/%s/current", h->models_dir, p->name);
+  char *tmp = ebb_strdupf("%s/%s/current.tmp", h->models_dir, p->name);
+  char *path = ebb_strdupf("%s/%s/current", h->models_dir, p->name);
   int rc = -1;
   FILE *f = tmp ? fopen(tmp, "w") : NULL;
   if (f) {
@@ -580,7 +569,7 @@ static int write_current(ebb_projections *h, projection *p, const char *file) {
 }
 
 static char *new_file_name(const instance *in) {
-  return dupf("v%lld-%lld.db", (long long)in->version, (long long)ebb_clock_now_ms());
+  return ebb_strdupf("v%lld-%lld.db", (long long)in->version, (long long)ebb_clock_now_ms());
 }
 
 /* ---------------------------------------------------------------- projections */
@@ -707,7 +696,7 @@ static void load_projection(ebb_projections *h, projection *p) {
         free(p->rebuild_reason);
         p->rebuild_reason = why;
         /* Its data must never answer again, whatever happens before the rebuild ends. */
-        char *dir = projection_dir(h, p), *file = dir ? dupf("%s/%s", dir, current) : NULL;
+        char *dir = projection_dir(h, p), *file = dir ? ebb_strdupf("%s/%s", dir, current) : NULL;
         if (file) unlink(file);
         free(file);
         free(dir);
@@ -754,7 +743,7 @@ static void load_projection(ebb_projections *h, projection *p) {
 failed:
   p->load_failures++;
   free(p->load_error);
-  p->load_error = msg ? msg : dupf("cannot load %s", p->path);
+  p->load_error = msg ? msg : ebb_strdupf("cannot load %s", p->path);
   ebb_log(EBB_LOG_ERROR, "projection failed to load; what ran before stays", "projection", p->name,
           "error", p->load_error, NULL);
   if (p->active == NULL && p->next == NULL) p->state = ST_STOPPED;
@@ -771,7 +760,7 @@ static void scan(ebb_projections *h) {
       if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
       char name[256];
       snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
-      char *path = dupf("%s/%s", h->projections_dir, de->d_name);
+      char *path = ebb_strdupf("%s/%s", h->projections_dir, de->d_name);
       if (path == NULL) continue;
       int ok;
       uint64_t hash = hash_file(path, &ok);
@@ -844,7 +833,7 @@ int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_
     char name[256];
     snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
     p.name = name;
-    p.path = dupf("%s/%s", projections_dir, de->d_name);
+    p.path = ebb_strdupf("%s/%s", projections_dir, de->d_name);
     char *msg = NULL;
     instance *in = p.path ? load_module(&h, &p, &msg) : NULL;
     if (in && sqlite3_open_v2(":memory:", &in->db, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK) {
@@ -854,7 +843,7 @@ int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_
       if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
         char *m = NULL;
         call_error(in->sb, &m);
-        msg = dupf("%s.lua: setup failed: %s", name, m ? m : "");
+        msg = ebb_strdupf("%s.lua: setup failed: %s", name, m ? m : "");
         free(m);
       }
     }
@@ -930,7 +919,7 @@ static int run_events(projection *p, instance *in, ebb_event_list *l, size_t n,
     return -1;
   }
   if (write_checkpoint(in, p->name, checkpoint) != 0 || tx(in, TX_COMMIT, msg) != 0) {
-    if (*msg == NULL) *msg = dupf("cannot commit: %s", sqlite3_errmsg(in->db));
+    if (*msg == NULL) *msg = ebb_strdupf("cannot commit: %s", sqlite3_errmsg(in->db));
     tx(in, TX_ROLLBACK, NULL);
     b->at = 0;
     return -1;
@@ -963,14 +952,14 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
     ebb_log(EBB_LOG_ERROR, "projection cannot read events", "projection", p->name, "error",
             err.message, NULL);
     set_fault(p, in, in->f.position + 1,
-              dupf("cannot read the events after position %lld: %s", (long long)in->f.position,
+              ebb_strdupf("cannot read the events after position %lld: %s", (long long)in->f.position,
                    err.message));
     ebb_follower_batch_free(&fb);
     return 0;
   }
   if (rc == -2) {
     set_fault(p, in, fb.events.n ? fb.events.items[0].position : in->f.position + 1,
-              dupf("%s", err.message));
+              ebb_strdupf("%s", err.message));
     ebb_follower_batch_free(&fb);
     return 0;
   }
@@ -997,7 +986,7 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
     snprintf(pos, sizeof pos, "%lld", (long long)bad->position);
     ebb_log(EBB_LOG_ERROR, "projection faulted: an event cannot be upcast", "projection", p->name,
             "#position", pos, "type", bad->type, "error", bad->upcast_error, NULL);
-    set_fault(p, in, bad->position, dupf("event %lld (%s in %s): %s", (long long)bad->position,
+    set_fault(p, in, bad->position, ebb_strdupf("event %lld (%s in %s): %s", (long long)bad->position,
                                          bad->type, bad->stream, bad->upcast_error));
   } else if (ran < 0) {
     size_t at = b.at < n ? b.at : 0;
@@ -1017,7 +1006,7 @@ static int step(ebb_projections *h, projection *p, instance *in, int64_t head) {
     snprintf(pos, sizeof pos, "%lld", (long long)bad->position);
     ebb_log(EBB_LOG_ERROR, "projection faulted", "projection", p->name, "#position", pos, "type",
             bad->type, "error", msg ? msg : "", NULL);
-    set_fault(p, in, bad->position, dupf("event %lld (%s in %s): %s", (long long)bad->position,
+    set_fault(p, in, bad->position, ebb_strdupf("event %lld (%s in %s): %s", (long long)bad->position,
                                          bad->type, bad->stream, msg ? msg : "error"));
     free(msg);
   }
@@ -1034,7 +1023,7 @@ static void maybe_swap(ebb_projections *h, projection *p, int64_t head) {
             "error", strerror(errno), NULL);
     /* Faulted rather than tried again every round; retry tries again. */
     set_fault(p, n, n->f.position,
-              dupf("rebuilt, but cannot make %s current: %s", n->db_file, strerror(errno)));
+              ebb_strdupf("rebuilt, but cannot make %s current: %s", n->db_file, strerror(errno)));
     return;
   }
   char *dir = projection_dir(h, p);
@@ -1529,7 +1518,7 @@ int ebb_projections_start(ebb_projections **out, const ebb_projections_options *
   h->projections_dir = strdup(opt->projections_dir);
   h->aggregates_dir = strdup(opt->aggregates_dir);
   h->lua_dir = strdup(opt->lua_dir ? opt->lua_dir : ebb_paths_lua_dir());
-  h->models_dir = dupf("%s/projections", opt->data_dir);
+  h->models_dir = ebb_strdupf("%s/projections", opt->data_dir);
   if (!h->data_dir || (opt->store && !h->store) || !h->projections_dir || !h->aggregates_dir || !h->lua_dir || !h->models_dir) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto fail;

@@ -44,16 +44,6 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 30000
 
-static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *dupf(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  char *s = NULL;
-  if (vasprintf(&s, fmt, ap) < 0) s = NULL;
-  va_end(ap);
-  return s;
-}
-
 static void schedule_pump(ebb_reactors *h);
 static void arm_schedules(ebb_reactors *h);
 static void maybe_free(ebb_reactors *h);
@@ -62,7 +52,7 @@ static void maybe_free(ebb_reactors *h);
 
 static void set_fault(reactor *r, int64_t position, char *message) {
   free(r->fault);
-  r->fault = message ? message : dupf("error");
+  r->fault = message ? message : ebb_strdupf("error");
   r->fault_position = position;
   r->state = ST_FAULTED;
   char pos[32];
@@ -134,12 +124,12 @@ static int commit_event(reactor *r) {
   if (w->n_ops) arm_schedules(h);
   return 0;
 fail:
-  if (msg == NULL) msg = dupf("reactors.db: %s", sqlite3_errmsg(h->db));
+  if (msg == NULL) msg = ebb_strdupf("reactors.db: %s", sqlite3_errmsg(h->db));
   ebb__rdb_exec(h->db, "ROLLBACK", NULL);
   r->f.position = saved_pos;
   r->f.mark_position = saved_mark;
   memcpy(r->f.mark_id, saved_id, sizeof saved_id);
-  set_fault(r, w->e->position, dupf("cannot store the checkpoint: %s", msg));
+  set_fault(r, w->e->position, ebb_strdupf("cannot store the checkpoint: %s", msg));
   free(msg);
   return -1;
 }
@@ -189,7 +179,7 @@ static void on_issued(void *ud, const ebb_error *err) {
   } else if (err->code == EBB_EREJECTED || err->code == EBB_EDELETED) {
     r->rejected++;
     free(r->last_rejection);
-    r->last_rejection = dupf("%s %s on %s %s: %s", c->command_id, c->type, c->aggregate, c->id,
+    r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", c->command_id, c->type, c->aggregate, c->id,
                              err->message);
     /* rejected[type] compensates with commands of its own; else recorded. */
     lua_State *L = ebb_sandbox_state(r->sb);
@@ -201,7 +191,7 @@ static void on_issued(void *ud, const ebb_error *err) {
     if (ebb_sandbox_call(r->sb, 3, 1) != LUA_OK) {
       r->tainted = ebb_sandbox_killed(r->sb) != NULL;
       char *m = ebb__reactor_call_error(r->sb);
-      set_fault(r, r->w.e->position, dupf("event %lld (%s in %s): rejected.%s: %s",
+      set_fault(r, r->w.e->position, ebb_strdupf("event %lld (%s in %s): rejected.%s: %s",
                                          (long long)r->w.e->position, r->w.e->type,
                                          r->w.e->stream, c->type, m ? m : "error"));
       free(m);
@@ -224,7 +214,7 @@ static void on_issued(void *ud, const ebb_error *err) {
     c->attempts++;
     r->retries++;
     free(r->retry_error);
-    r->retry_error = dupf("%s %s: %s", c->command_id, ebb_error_name(err->code), err->message);
+    r->retry_error = ebb_strdupf("%s %s: %s", c->command_id, ebb_error_name(err->code), err->message);
     r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : BACKOFF_MIN_MS;
     if (r->backoff_ms > BACKOFF_MAX_MS) r->backoff_ms = BACKOFF_MAX_MS;
     ebb_log(EBB_LOG_WARN, "reactor command failed; retrying with backoff", "reactor", r->name,
@@ -235,7 +225,7 @@ static void on_issued(void *ud, const ebb_error *err) {
     /* Malformed, unknown aggregate or command, a command id taken: the
      * handler is wrong, not the moment. */
     set_fault(r, r->w.e->position,
-              dupf("event %lld (%s in %s): command %s (%s on %s %s) failed: %s: %s",
+              ebb_strdupf("event %lld (%s in %s): command %s (%s on %s %s) failed: %s: %s",
                    (long long)r->w.e->position, r->w.e->type, r->w.e->stream, c->command_id,
                    c->type, c->aggregate, c->id, ebb_error_name(err->code), err->message));
   }
@@ -281,7 +271,7 @@ static int handle_event(reactor *r) {
   if (ebb_sandbox_call(r->sb, 1, 0) != LUA_OK) {
     r->tainted = ebb_sandbox_killed(r->sb) != NULL;
     char *m = ebb__reactor_call_error(r->sb);
-    set_fault(r, e->position, dupf("event %lld (%s in %s): %s", (long long)e->position, e->type,
+    set_fault(r, e->position, ebb_strdupf("event %lld (%s in %s): %s", (long long)e->position, e->type,
                                    e->stream, m ? m : "error"));
     free(m);
     ebb__work_clear(&r->w);
@@ -348,9 +338,9 @@ static void advance(reactor *r, int *budget) {
       if (rc < 0) {
         set_fault(r, rc == -2 && r->batch.events.n ? r->batch.events.items[0].position
                                                   : r->f.position + 1,
-                  rc == -1 ? dupf("cannot read the events after position %lld: %s",
+                  rc == -1 ? ebb_strdupf("cannot read the events after position %lld: %s",
                                   (long long)r->f.position, err.message)
-                           : dupf("%s", err.message));
+                           : ebb_strdupf("%s", err.message));
         ebb_follower_batch_free(&r->batch);
         ebb_error_clear(&err);
         return;
@@ -371,7 +361,7 @@ static void advance(reactor *r, int *budget) {
     /* The batch is through: the checkpoint goes to where the follower read. */
     const ebb_event *bad = r->batch.bad;
     if (bad) {
-      char *why = dupf("event %lld (%s in %s): %s", (long long)bad->position, bad->type,
+      char *why = ebb_strdupf("event %lld (%s in %s): %s", (long long)bad->position, bad->type,
                        bad->stream, bad->upcast_error);
       r->f.position = r->batch.checkpoint;
       drop_batch(r);
@@ -419,7 +409,7 @@ static void on_fired(void *ud, const ebb_error *err) {
       if (r) {
         r->retries++;
         free(r->retry_error);
-        r->retry_error = dupf("schedule %s: %s: %s", fi->key, ebb_error_name(err->code),
+        r->retry_error = ebb_strdupf("schedule %s: %s: %s", fi->key, ebb_error_name(err->code),
                               err->message);
       }
       /* The row stays: the timer fires it again after a pause. */
@@ -442,7 +432,7 @@ static void on_fired(void *ud, const ebb_error *err) {
       if (r && err->code != 0) {
         r->rejected++;
         free(r->last_rejection);
-        r->last_rejection = dupf("%s %s on %s %s: %s", fi->cmd.command_id, fi->cmd.type,
+        r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", fi->cmd.command_id, fi->cmd.type,
                                  fi->cmd.aggregate, fi->cmd.id, err->message);
       }
       h->fired++;
@@ -555,7 +545,7 @@ static void load_reactor(ebb_reactors *h, reactor *r) {
     ebb_follower_clear(&nf);
     r->load_failures++;
     free(r->load_error);
-    r->load_error = msg ? msg : dupf("cannot load %s", r->path);
+    r->load_error = msg ? msg : ebb_strdupf("cannot load %s", r->path);
     ebb_log(EBB_LOG_ERROR, "reactor failed to load; what ran before stays", "reactor", r->name,
             "error", r->load_error, NULL);
     if (r->sb == NULL) r->state = ST_STOPPED;
@@ -654,8 +644,8 @@ static void scan(ebb_reactors *h) {
     while ((de = readdir(dir)) != NULL) {
       size_t n = strlen(de->d_name);
       if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-      char *name = dupf("%.*s", (int)(n - 4), de->d_name);
-      char *path = dupf("%s/%s", h->reactors_dir, de->d_name);
+      char *name = ebb_strdupf("%.*s", (int)(n - 4), de->d_name);
+      char *path = ebb_strdupf("%s/%s", h->reactors_dir, de->d_name);
       int ok;
       uint64_t hash = path ? hash_file(path, &ok) : (ok = 0);
       if (!name || !ok) {

@@ -15,16 +15,6 @@
 
 #include "clock.h"
 
-static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *dupf(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  char *s = NULL;
-  if (vasprintf(&s, fmt, ap) < 0) s = NULL;
-  va_end(ap);
-  return s;
-}
-
 static const char *schema_sql =
     "CREATE TABLE IF NOT EXISTS reactor_checkpoint (name TEXT PRIMARY KEY, position INTEGER NOT "
     "NULL, event_position INTEGER, event_id TEXT, updated_at TEXT NOT NULL);"
@@ -41,7 +31,7 @@ static const char *schema_sql =
 int ebb__rdb_exec(sqlite3 *db, const char *sql, char **msg) {
   char *e = NULL;
   int rc = sqlite3_exec(db, sql, NULL, NULL, &e);
-  if (rc != SQLITE_OK && msg) *msg = dupf("%s", e ? e : sqlite3_errstr(rc));
+  if (rc != SQLITE_OK && msg) *msg = ebb_strdupf("%s", e ? e : sqlite3_errstr(rc));
   sqlite3_free(e);
   return rc == SQLITE_OK ? 0 : -1;
 }

@@ -23,16 +23,6 @@
 
 #define MAX_KEY 200
 
-static char *dupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *dupf(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  char *s = NULL;
-  if (vasprintf(&s, fmt, ap) < 0) s = NULL;
-  va_end(ap);
-  return s;
-}
-
 void ebb__rcommand_clear(rcommand *c) {
   free(c->aggregate);
   free(c->id);
@@ -120,8 +110,8 @@ static void take_commands(lua_State *L, int idx, work *w, const char *handler) {
     c->index = w->n_made++;
     /* Deterministic: the same event and code give the same ids after a crash. */
     c->command_id = w->parent_id
-                        ? dupf("%s/r%d", w->parent_id, (int)(i - 1))
-                        : dupf("%s:%s:%d", w->r->name, w->e->id, c->index);
+                        ? ebb_strdupf("%s/r%d", w->parent_id, (int)(i - 1))
+                        : ebb_strdupf("%s:%s:%d", w->r->name, w->e->id, c->index);
     if (c->command_id == NULL) luaL_error(L, "out of memory");
   }
 }
@@ -159,7 +149,7 @@ static int l_schedule(lua_State *L) {
   op->at_ms = at < 0 ? 0 : at;
   if ((op->key = strdup(key)) == NULL) luaL_error(L, "out of memory");
   take_command(L, 2, &op->cmd, "ctx.schedule's command");
-  op->cmd.command_id = dupf("%s:%s:schedule:%s", w->r->name, w->e->id, key);
+  op->cmd.command_id = ebb_strdupf("%s:%s:schedule:%s", w->r->name, w->e->id, key);
   if (op->cmd.command_id == NULL) luaL_error(L, "out of memory");
   return 0;
 }
@@ -260,7 +250,7 @@ int ebb__reactor_l_rejected(lua_State *L) {
 char *ebb__reactor_call_error(ebb_sandbox *sb) {
   lua_State *L = ebb_sandbox_state(sb);
   const char *killed = ebb_sandbox_killed(sb);
-  char *m = dupf("%s", killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+  char *m = ebb_strdupf("%s", killed ? killed : lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
                                                                          : "a non-string error");
   lua_pop(L, 1);
   return m;
@@ -361,7 +351,7 @@ ebb_sandbox *ebb__reactor_load_module(const char *dir, const char *lua_dir, size
   ebb_error_init(&err);
   ebb_sandbox *sb = NULL;
   if (ebb_sandbox_new(&sb, &so, &err) != 0) {
-    *msg = dupf("%s", err.message);
+    *msg = ebb_strdupf("%s", err.message);
     return NULL;
   }
   lua_State *L = ebb_sandbox_state(sb);
@@ -373,7 +363,7 @@ ebb_sandbox *ebb__reactor_load_module(const char *dir, const char *lua_dir, size
   char chunk[300];
   snprintf(chunk, sizeof chunk, "%s.lua", name);
   if (ebb_sandbox_load_file(sb, path, chunk, &err) != 0) {
-    *msg = dupf("%s", err.message);
+    *msg = ebb_strdupf("%s", err.message);
     goto fail;
   }
   lua_pushvalue(L, -1);
@@ -385,7 +375,7 @@ ebb_sandbox *ebb__reactor_load_module(const char *dir, const char *lua_dir, size
   lua_pushlightuserdata(L, start_now);
   if (ebb_sandbox_call(sb, 4, 0) != LUA_OK) {
     char *m = ebb__reactor_call_error(sb);
-    *msg = dupf("%s.lua: %s", name, m ? m : "invalid");
+    *msg = ebb_strdupf("%s.lua: %s", name, m ? m : "invalid");
     free(m);
     goto fail;
   }
@@ -406,7 +396,7 @@ int ebb_reactors_check(const char *reactors_dir, const char *lua_dir, ebb_buf *r
     if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
     char name[256];
     snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
-    char *path = dupf("%s/%s", reactors_dir, de->d_name);
+    char *path = ebb_strdupf("%s/%s", reactors_dir, de->d_name);
     char *msg = NULL;
     ebb_follower f = {0};
     int ref, start_now;

@@ -33,7 +33,15 @@ local function nats_start(n)
     " -sd " .. q(n.dir) .. " >> " .. q(n.log) .. " 2>&1 & echo $!"))
   n.pid = tonumber(p:read("l"))
   p:close()
-  support.eventually(function() return not port_free(n.port) end, 60, "nats-server to listen")
+  -- Ready, or gone (another process took the port first: the caller picks another).
+  local ready = support.eventually(function()
+    local text = support.read(n.log) or ""
+    local from = n.log_at or 1
+    if text:find("Server is ready", from, true) then return "ready" end
+    if not os.execute("kill -0 " .. n.pid .. " 2>/dev/null") then return "gone" end
+  end, 60, "nats-server to be ready")
+  n.log_at = #(support.read(n.log) or "") + 1
+  if ready == "gone" then return nil end
   -- JetStream answers (here: that there is no such stream) once it has read its store
   support.eventually(function()
     local r = assert(io.popen("env -u LD_PRELOAD " .. q(reader) .. " " .. q(n.url) .. " NOSUCH --info 2>&1"))
@@ -44,14 +52,20 @@ local function nats_start(n)
   return n
 end
 
+-- Ports below the kernel's ephemeral range (32768 and up), so that no
+-- outgoing connection or port-0 listener of another spec takes it meanwhile;
+-- if something still does, nats-server exits and another port is tried.
 local function new_nats()
   local n = setmetatable({ dir = support.tmpdir() }, Nats)
-  for _ = 1, 50 do
-    n.port = 20000 + math.random(0, 40000)
-    if port_free(n.port) then break end
+  for _ = 1, 20 do
+    for _ = 1, 50 do
+      n.port = 20000 + math.random(0, 12000)
+      if port_free(n.port) then break end
+    end
+    n.url = "nats://127.0.0.1:" .. n.port
+    if nats_start(n) then return n end
   end
-  n.url = "nats://127.0.0.1:" .. n.port
-  return nats_start(n)
+  error("nats-server did not start: " .. (support.read(n.log) or ""))
 end
 
 function Nats:kill(sig)
@@ -66,7 +80,7 @@ function Nats:kill(sig)
   support.eventually(function() return port_free(self.port) end, 60, "the port to be free")
 end
 
-function Nats:restart() return nats_start(self) end
+function Nats:restart() return assert(nats_start(self), "nats-server did not start again on its port") end
 
 function Nats:close()
   if self.pid then os.execute("kill -KILL " .. self.pid .. " 2>/dev/null") end

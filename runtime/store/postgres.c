@@ -326,13 +326,21 @@ static void ignore_notice(void *arg, const char *message) {
   (void)message;
 }
 
-/* Settings and prepared statements of a fresh connection. */
+/* Settings and prepared statements of a fresh connection.
+ *
+ * enable_seqscan = off: every statement here is a look-up or a range read
+ * that an index serves. A connection prepares them once, and PostgreSQL
+ * caches a generic plan after the first few executions; on a new store the
+ * tables are nearly empty then, a sequential scan is the cheapest plan, and
+ * it stays cached until an ANALYZE: every append read the whole events table
+ * (spec/postgres_plans_spec.lua). Custom plans would also avoid it, at the
+ * cost of planning each statement on every execution. */
 static int session_setup(pg_store *s, ebb_error *err) {
   char sql[256];
   snprintf(sql, sizeof sql,
            "SET client_encoding = 'UTF8'; SET synchronous_commit = %s; "
            "SET default_transaction_read_only = %s; SET default_transaction_isolation = "
-           "'read committed'",
+           "'read committed'; SET enable_seqscan = off",
            s->durability == EBB_DURABILITY_FULL ? "on" : "off", s->readonly ? "on" : "off");
   if (exec(s, sql, err, "configuring the PostgreSQL session")) return err->code;
   return 0;

@@ -690,6 +690,19 @@ static int l_args_query(lua_State *L) {
   return 0;
 }
 
+/* The end of `ebb projections|reactors ...`: sends the request (path is
+ * freed), then prints a list answer one item a line, anything else as is. */
+static int send_and_print(cli *c, const char *method, ebb_buf *path, int list) {
+  ebb_http_response res;
+  int rc = remote_call(c, method, ebb_buf_cstr(path), NULL, &res);
+  ebb_buf_free(path);
+  if (rc) return rc;
+  if (list) ebb_json_array_items(res.body, res.body_len, print_item, NULL);
+  else printf("%.*s\n", (int)res.body_len, res.body);
+  ebb_http_response_free(&res);
+  return 0;
+}
+
 static int cmd_reactors(cli *c) {
   if (!c->remote && !use_holder(c))
     return usage_error("%s", "reactors live in the daemon: start 'ebb serve' or give --url");
@@ -715,14 +728,7 @@ static int cmd_reactors(cli *c) {
     return usage_error("%s", "usage: ebb reactors [list | status NAME | schedules NAME | retry NAME "
                              "| skip NAME]");
   }
-  ebb_http_response res;
-  int rc = remote_call(c, method, ebb_buf_cstr(&path), NULL, &res);
-  ebb_buf_free(&path);
-  if (rc) return rc;
-  if (list) ebb_json_array_items(res.body, res.body_len, print_item, NULL);
-  else printf("%.*s\n", (int)res.body_len, res.body);
-  ebb_http_response_free(&res);
-  return 0;
+  return send_and_print(c, method, &path, list);
 }
 
 static int cmd_projections(cli *c) {
@@ -772,17 +778,7 @@ static int cmd_projections(cli *c) {
     return usage_error("%s", "usage: ebb projections [list | status NAME | query NAME QUERY [JSON] "
                              "[--after POS] | rebuild NAME | retry NAME | skip NAME]");
   }
-  ebb_http_response res;
-  int rc = remote_call(c, method, ebb_buf_cstr(&path), NULL, &res);
-  ebb_buf_free(&path);
-  if (rc) return rc;
-  if (list) {
-    ebb_json_array_items(res.body, res.body_len, print_item, NULL);
-  } else {
-    printf("%.*s\n", (int)res.body_len, res.body);
-  }
-  ebb_http_response_free(&res);
-  return 0;
+  return send_and_print(c, method, &path, list);
 }
 
 static int cmd_serve(cli *c) {

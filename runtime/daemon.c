@@ -771,6 +771,17 @@ static int events_json(ebb_runtime *rt, ebb_event_list *l, ebb_buf *b, int raw, 
   return 0;
 }
 
+/* A page of /events (by position, or by correlation/causation id):
+ * {"events": [...], "next": the last position in it or `after`, "head"}. */
+static int events_page(ebb_runtime *rt, ebb_event_list *l, int64_t after, int64_t head, ebb_buf *b,
+                       ebb_error *err) {
+  int64_t next = l->n ? l->items[l->n - 1].position : after;
+  ebb_buf_puts(b, "{\"events\":");
+  if (events_json(rt, l, b, 0, err)) return err->code;
+  ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
+  return 0;
+}
+
 static int read_stream(ebb_runtime *rt, readjob *j, ebb_error *err) {
   ebb_store *s = ebb_runtime_store(rt);
   ebb_event_list l;
@@ -804,10 +815,7 @@ static int read_events(ebb_runtime *rt, readjob *j, ebb_error *err) {
   int64_t head = 0;
   ebb_buf *b = &j->body;
   if (ebb_store_head(s, &head, err) || ebb_store_read_all(s, &ra, &l, err)) goto done;
-  int64_t next = l.n ? l.items[l.n - 1].position : ra.after;
-  ebb_buf_puts(b, "{\"events\":");
-  if (events_json(rt, &l, b, 0, err)) goto done;
-  ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
+  events_page(rt, &l, ra.after, head, b, err);
 done:
   ebb_event_list_free(&l);
   return err->code;
@@ -824,10 +832,7 @@ static int read_linked(ebb_runtime *rt, readjob *j, ebb_error *err) {
   if (ebb_store_head(s, &head, err) ||
       ebb_store_read_linked(s, j->link, j->a, j->from, j->limit, &l, err))
     goto done;
-  int64_t next = l.n ? l.items[l.n - 1].position : j->from;
-  ebb_buf_puts(b, "{\"events\":");
-  if (events_json(rt, &l, b, 0, err)) goto done;
-  ebb_buf_printf(b, ",\"next\":%lld,\"head\":%lld}", (long long)next, (long long)head);
+  events_page(rt, &l, j->from, head, b, err);
 done:
   ebb_event_list_free(&l);
   return err->code;
@@ -979,6 +984,12 @@ static int linked_query(ebb_params *q, readjob *j, ebb_error *err, int *oom) {
   return 0;
 }
 
+/* Nonzero (err set) when the query has `key` and it is not a valid name. */
+static int bad_name_param(const ebb_params *q, const char *key, const char *what, ebb_error *err) {
+  const char *v = ebb__param(q, key);
+  return v != NULL && ebb_validate_name(what, v, err) != 0;
+}
+
 static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request *req,
                          const reqinfo *ri) {
   ebb_params q = {0};
@@ -991,8 +1002,8 @@ static void route_events(ebb_daemon *d, ebb_http_conn *c, const ebb_http_request
       !linked_query(&q, j, &err, &oom) &&
       !ebb__param_int(&q, "after", 0, INT64_MAX, &j->from, &err) &&
       !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
-      !(ebb__param(&q, "category") && ebb_validate_name("category", ebb__param(&q, "category"), &err)) &&
-      !(ebb__param(&q, "type") && ebb_validate_name("event type", ebb__param(&q, "type"), &err))) {
+      !bad_name_param(&q, "category", "category", &err) &&
+      !bad_name_param(&q, "type", "event type", &err)) {
     if (j->kind == READ_LINKED) {
       j->a = j->at;
       j->at = NULL;
@@ -1015,9 +1026,9 @@ static void route_streams(ebb_daemon *d, ebb_http_conn *c, const ebb_http_reques
   if (j) j->limit = 100;
   if (j && !ebb__parse_query(req->query, "category prefix after limit", &q, &err) &&
       !ebb__param_int(&q, "limit", 1, MAX_LIMIT, &j->limit, &err) &&
-      !(ebb__param(&q, "category") && ebb_validate_name("category", ebb__param(&q, "category"), &err)) &&
-      !(ebb__param(&q, "prefix") && ebb_validate_name("prefix", ebb__param(&q, "prefix"), &err)) &&
-      !(ebb__param(&q, "after") && ebb_validate_name("after", ebb__param(&q, "after"), &err))) {
+      !bad_name_param(&q, "category", "category", &err) &&
+      !bad_name_param(&q, "prefix", "prefix", &err) &&
+      !bad_name_param(&q, "after", "after", &err)) {
     j->a = dup_or_null(ebb__param(&q, "category"), &oom);
     j->b = dup_or_null(ebb__param(&q, "prefix"), &oom);
     j->at = dup_or_null(ebb__param(&q, "after"), &oom);

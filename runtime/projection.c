@@ -29,7 +29,6 @@
 #define _GNU_SOURCE /* vasprintf */
 #include "projection.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -46,6 +45,7 @@
 #include "follower.h"
 #include "json.h"
 #include "log.h"
+#include "module_dir.h"
 #include "paths.h"
 #include "projection_db.h"
 #include "runtime.h"
@@ -209,19 +209,6 @@ struct ebb_projections {
 };
 
 /* ---------------------------------------------------------------- small helpers */
-
-static uint64_t hash_file(const char *path, int *ok) {
-  uint64_t h = 1469598103934665603ull;
-  FILE *f = fopen(path, "rb");
-  *ok = f != NULL;
-  if (!f) return 0;
-  char buf[8192];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)buf[i]) * 1099511628211ull;
-  fclose(f);
-  return h;
-}
 
 static int exec_sql(sqlite3 *db, const char *sql, char **msg) {
   char *e = NULL;
@@ -749,50 +736,35 @@ failed:
   if (p->active == NULL && p->next == NULL) p->state = ST_STOPPED;
 }
 
+/* One NAME.lua of the directory: new or changed code is (re)loaded. */
+static void scan_one(void *ud, const char *name, const char *path) {
+  ebb_projections *h = ud;
+  uint64_t hash = EBB_FNV1A_INIT;
+  if (ebb_file_hash(path, &hash)) return; /* gone or unreadable: the next scan sees it */
+  projection *p = h->list;
+  while (p && strcmp(p->name, name) != 0) p = p->link;
+  if (p == NULL) {
+    p = calloc(1, sizeof *p);
+    if (p == NULL || (p->name = strdup(name)) == NULL || (p->path = strdup(path)) == NULL) {
+      if (p) free(p->name);
+      free(p);
+      return;
+    }
+    p->link = h->list;
+    h->list = p;
+    p->code_hash = hash;
+    load_projection(h, p);
+  } else if (p->code_hash != hash || (p->active == NULL && p->next == NULL)) {
+    p->code_hash = hash;
+    load_projection(h, p);
+  }
+  p->seen = 1;
+}
+
 /* Finds *.lua files and (re)loads the changed ones; removed ones are dropped. */
 static void scan(ebb_projections *h) {
   for (projection *p = h->list; p; p = p->link) p->seen = 0;
-  DIR *dir = opendir(h->projections_dir);
-  if (dir) {
-    struct dirent *de;
-    while ((de = readdir(dir)) != NULL) {
-      size_t n = strlen(de->d_name);
-      if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-      char name[256];
-      snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
-      char *path = ebb_strdupf("%s/%s", h->projections_dir, de->d_name);
-      if (path == NULL) continue;
-      int ok;
-      uint64_t hash = hash_file(path, &ok);
-      if (!ok) {
-        free(path);
-        continue;
-      }
-      projection *p = h->list;
-      while (p && strcmp(p->name, name) != 0) p = p->link;
-      if (p == NULL) {
-        p = calloc(1, sizeof *p);
-        if (p == NULL || (p->name = strdup(name)) == NULL) {
-          free(p);
-          free(path);
-          continue;
-        }
-        p->path = path;
-        p->link = h->list;
-        h->list = p;
-        p->code_hash = hash;
-        load_projection(h, p);
-      } else {
-        free(path);
-        if (p->code_hash != hash || (p->active == NULL && p->next == NULL)) {
-          p->code_hash = hash;
-          load_projection(h, p);
-        }
-      }
-      p->seen = 1;
-    }
-    closedir(dir);
-  }
+  ebb_module_dir_each(h->projections_dir, scan_one, h);
   for (projection **pp = &h->list; *pp;) {
     projection *p = *pp;
     if (p->seen) {
@@ -817,49 +789,46 @@ static int l_check_setup(lua_State *L) {
   return 0;
 }
 
+typedef struct check_ctx {
+  ebb_projections h;
+  ebb_buf *report, *names;
+  int problems;
+} check_ctx;
+
+static void check_one(void *ud, const char *name, const char *path) {
+  check_ctx *c = ud;
+  projection p = {.name = (char *)name, .path = (char *)path};
+  char *msg = NULL;
+  instance *in = load_module(&c->h, &p, &msg);
+  if (in && sqlite3_open_v2(":memory:", &in->db, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK) {
+    lua_State *L = ebb_sandbox_state(in->sb);
+    lua_pushcfunction(L, l_check_setup);
+    lua_pushlightuserdata(L, in);
+    if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
+      char *m = NULL;
+      call_error(in->sb, &m);
+      msg = ebb_strdupf("%s.lua: setup failed: %s", name, m ? m : "");
+      free(m);
+    }
+  }
+  if (msg || in == NULL) {
+    ebb_buf_printf(c->report, "%s\n", msg ? msg : "out of memory");
+    c->problems++;
+  } else if (c->names) {
+    if (c->names->len) ebb_buf_putc(c->names, ',');
+    ebb_buf_json_string(c->names, name, strlen(name));
+  }
+  free(msg);
+  instance_free(in, 0, NULL);
+}
+
 int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_buf *report,
                           ebb_buf *names) {
-  ebb_projections h = {0};
-  h.projections_dir = (char *)projections_dir;
-  h.lua_dir = (char *)(lua_dir ? lua_dir : ebb_paths_lua_dir());
-  int problems = 0;
-  DIR *dir = opendir(projections_dir);
-  if (dir == NULL) return 0; /* no projections */
-  struct dirent *de;
-  while ((de = readdir(dir)) != NULL) {
-    size_t n = strlen(de->d_name);
-    if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-    projection p = {0};
-    char name[256];
-    snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
-    p.name = name;
-    p.path = ebb_strdupf("%s/%s", projections_dir, de->d_name);
-    char *msg = NULL;
-    instance *in = p.path ? load_module(&h, &p, &msg) : NULL;
-    if (in && sqlite3_open_v2(":memory:", &in->db, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK) {
-      lua_State *L = ebb_sandbox_state(in->sb);
-      lua_pushcfunction(L, l_check_setup);
-      lua_pushlightuserdata(L, in);
-      if (ebb_sandbox_call(in->sb, 1, 0) != LUA_OK) {
-        char *m = NULL;
-        call_error(in->sb, &m);
-        msg = ebb_strdupf("%s.lua: setup failed: %s", name, m ? m : "");
-        free(m);
-      }
-    }
-    if (msg || in == NULL) {
-      ebb_buf_printf(report, "%s\n", msg ? msg : "out of memory");
-      problems++;
-    } else if (names) {
-      if (names->len) ebb_buf_putc(names, ',');
-      ebb_buf_json_string(names, name, strlen(name));
-    }
-    free(msg);
-    instance_free(in, 0, NULL);
-    free(p.path);
-  }
-  closedir(dir);
-  return problems;
+  check_ctx c = {.report = report, .names = names};
+  c.h.projections_dir = (char *)projections_dir;
+  c.h.lua_dir = (char *)(lua_dir ? lua_dir : ebb_paths_lua_dir());
+  ebb_module_dir_each(projections_dir, check_one, &c);
+  return c.problems;
 }
 
 /* ---------------------------------------------------------------- running batches */

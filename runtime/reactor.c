@@ -29,7 +29,6 @@
 #include "reactor_internal.h"
 #include "paths.h"
 
-#include <dirent.h>
 #include <lauxlib.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -38,6 +37,7 @@
 
 #include "clock.h"
 #include "log.h"
+#include "module_dir.h"
 
 #define BATCH 100               /* events read at once */
 #define EVENTS_PER_TURN 200     /* handler calls per loop turn, so requests interleave */
@@ -623,68 +623,40 @@ static void free_reactor(reactor *r) {
   uv_close((uv_handle_t *)&r->retry, close_free);
 }
 
-static uint64_t hash_file(const char *path, int *ok) {
-  uint64_t x = 1469598103934665603ull;
-  FILE *f = fopen(path, "rb");
-  *ok = f != NULL;
-  if (!f) return 0;
-  char buf[8192];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-    for (size_t i = 0; i < n; i++) x = (x ^ (unsigned char)buf[i]) * 1099511628211ull;
-  fclose(f);
-  return x;
+/* One NAME.lua of the directory: new or changed code is (re)loaded. */
+static void scan_one(void *ud, const char *name, const char *path) {
+  ebb_reactors *h = ud;
+  uint64_t hash = EBB_FNV1A_INIT;
+  if (ebb_file_hash(path, &hash)) return; /* gone or unreadable: the next scan sees it */
+  reactor *r = h->list;
+  while (r && strcmp(r->name, name) != 0) r = r->link;
+  if (r == NULL) {
+    if ((r = calloc(1, sizeof *r)) == NULL) return;
+    if ((r->name = strdup(name)) == NULL || (r->path = strdup(path)) == NULL) {
+      free(r->name);
+      free(r);
+      return;
+    }
+    r->h = h;
+    r->w.r = r;
+    r->module_ref = LUA_NOREF;
+    r->state = ST_STOPPED;
+    uv_timer_init(h->o.loop, &r->retry);
+    r->retry.data = r;
+    r->link = h->list;
+    h->list = r;
+    r->code_hash = hash;
+    load_reactor(h, r);
+  } else if (r->code_hash != hash || r->sb == NULL) {
+    r->code_hash = hash;
+    load_reactor(h, r);
+  }
+  r->seen = 1;
 }
 
 static void scan(ebb_reactors *h) {
   for (reactor *r = h->list; r; r = r->link) r->seen = 0;
-  DIR *dir = opendir(h->reactors_dir);
-  if (dir) {
-    struct dirent *de;
-    while ((de = readdir(dir)) != NULL) {
-      size_t n = strlen(de->d_name);
-      if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-      char *name = ebb_strdupf("%.*s", (int)(n - 4), de->d_name);
-      char *path = ebb_strdupf("%s/%s", h->reactors_dir, de->d_name);
-      int ok;
-      uint64_t hash = path ? hash_file(path, &ok) : (ok = 0);
-      if (!name || !ok) {
-        free(name);
-        free(path);
-        continue;
-      }
-      reactor *r = h->list;
-      while (r && strcmp(r->name, name) != 0) r = r->link;
-      if (r == NULL) {
-        if ((r = calloc(1, sizeof *r)) == NULL) {
-          free(name);
-          free(path);
-          continue;
-        }
-        r->h = h;
-        r->name = name;
-        r->path = path;
-        r->w.r = r;
-        r->module_ref = LUA_NOREF;
-        r->state = ST_STOPPED;
-        uv_timer_init(h->o.loop, &r->retry);
-        r->retry.data = r;
-        r->link = h->list;
-        h->list = r;
-        r->code_hash = hash;
-        load_reactor(h, r);
-      } else {
-        free(name);
-        free(path);
-        if (r->code_hash != hash || r->sb == NULL) {
-          r->code_hash = hash;
-          load_reactor(h, r);
-        }
-      }
-      r->seen = 1;
-    }
-    closedir(dir);
-  }
+  ebb_module_dir_each(h->reactors_dir, scan_one, h);
   for (reactor **pp = &h->list; *pp;) {
     reactor *r = *pp;
     if (r->seen) {

@@ -11,7 +11,6 @@
 #include "paths.h"
 
 #include <ctype.h>
-#include <dirent.h>
 #include <lauxlib.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -20,6 +19,7 @@
 
 #include "clock.h"
 #include "json.h"
+#include "module_dir.h"
 
 #define MAX_KEY 200
 
@@ -385,39 +385,38 @@ fail:
   return NULL;
 }
 
+typedef struct check_ctx {
+  const char *reactors_dir, *lua_dir;
+  ebb_buf *report, *names;
+  int problems;
+} check_ctx;
+
+static void check_one(void *ud, const char *name, const char *path) {
+  check_ctx *c = ud;
+  char *msg = NULL;
+  ebb_follower f = {0};
+  int ref, start_now;
+  ebb_sandbox *sb = ebb__reactor_load_module(c->reactors_dir, c->lua_dir, 0, 0, name, path, &f,
+                                             &ref, &start_now, &msg);
+  if (sb == NULL) {
+    ebb_buf_printf(c->report, "%s\n", msg ? msg : "out of memory");
+    c->problems++;
+  } else if (c->names) {
+    if (c->names->len) ebb_buf_putc(c->names, ',');
+    ebb_buf_json_string(c->names, name, strlen(name));
+  }
+  free(msg);
+  ebb_sandbox_free(sb);
+  ebb_follower_clear(&f);
+}
+
 int ebb_reactors_check(const char *reactors_dir, const char *lua_dir, ebb_buf *report,
                        ebb_buf *names) {
-  int problems = 0;
-  DIR *dir = opendir(reactors_dir);
-  if (dir == NULL) return 0;
-  struct dirent *de;
-  while ((de = readdir(dir)) != NULL) {
-    size_t n = strlen(de->d_name);
-    if (n < 5 || strcmp(de->d_name + n - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-    char name[256];
-    snprintf(name, sizeof name, "%.*s", (int)(n - 4), de->d_name);
-    char *path = ebb_strdupf("%s/%s", reactors_dir, de->d_name);
-    char *msg = NULL;
-    ebb_follower f = {0};
-    int ref, start_now;
-    const char *ld = lua_dir ? lua_dir : ebb_paths_lua_dir();
-    ebb_sandbox *sb =
-        path ? ebb__reactor_load_module(reactors_dir, ld, 0, 0, name, path, &f, &ref,
-                                        &start_now, &msg)
-             : NULL;
-    if (sb == NULL) {
-      ebb_buf_printf(report, "%s\n", msg ? msg : "out of memory");
-      problems++;
-    } else if (names) {
-      if (names->len) ebb_buf_putc(names, ',');
-      ebb_buf_json_string(names, name, strlen(name));
-    }
-    free(msg);
-    ebb_sandbox_free(sb);
-    ebb_follower_clear(&f);
-    free(path);
-  }
-  closedir(dir);
-  return problems;
+  check_ctx c = {.reactors_dir = reactors_dir,
+                 .lua_dir = lua_dir ? lua_dir : ebb_paths_lua_dir(),
+                 .report = report,
+                 .names = names};
+  ebb_module_dir_each(reactors_dir, check_one, &c);
+  return c.problems;
 }
 

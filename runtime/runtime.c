@@ -19,6 +19,7 @@
 
 #include "clock.h"
 #include "json.h"
+#include "module_dir.h"
 #include "paths.h"
 #include "sandbox.h"
 #include "serialize.h"
@@ -315,20 +316,9 @@ typedef struct fingerprint_entry {
   char *value; /* "code:<hex>" or "declared:<snapshot_version>" */
 } fingerprint_entry;
 
-static uint64_t fnv(uint64_t h, const void *p, size_t n) {
-  const unsigned char *b = p;
-  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
-
-/* FNV-1a of a file's bytes, folded into h; h unchanged if it cannot be read. */
+/* A file's bytes folded into h (h unchanged if it cannot be read). */
 static uint64_t hash_file(uint64_t h, const char *path) {
-  FILE *f = fopen(path, "rb");
-  if (f == NULL) return h;
-  char buf[8192];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, f)) > 0) h = fnv(h, buf, n);
-  fclose(f);
+  ebb_file_hash(path, &h);
   return h;
 }
 
@@ -367,7 +357,7 @@ static uint64_t hash_tree(uint64_t h, const char *dir, const char *rel, char **s
     } else if (S_ISDIR(st.st_mode)) {
       h = hash_tree(h, dir, sub, skip, kinds, nskip, depth + 1);
     } else if (len > 4 && strcmp(names[i] + len - 4, ".lua") == 0) {
-      h = hash_file(fnv(h, sub, strlen(sub) + 1), full);
+      h = hash_file(ebb_fnv1a(h, sub, strlen(sub) + 1), full);
     }
     free(names[i]);
   }
@@ -399,14 +389,14 @@ static void compute_fingerprints(ebb_runtime *rt, const char *dir, char **names,
   lua_State *L = ebb_sandbox_state(rt->sb);
   /* Everything an aggregate can require: the helpers beside it (and below,
    * as in require "lib.money") and the runtime's own library. */
-  uint64_t helpers = hash_tree(1469598103934665603ull, dir, "", names, kinds, n, 0);
+  uint64_t helpers = hash_tree(EBB_FNV1A_INIT, dir, "", names, kinds, n, 0);
   helpers = hash_tree(helpers, rt->lua_dir, "", NULL, NULL, 0, 0);
   char path[4096];
   for (size_t i = 0; i < n; i++) {
     if (kinds[i] != 1) continue;
     snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-    uint64_t h = hash_file(fnv(helpers, "\x01", 1), path);
-    h = fnv(h, &(int){EBB_SERIALIZE_VERSION}, sizeof(int));
+    uint64_t h = hash_file(ebb_fnv1a(helpers, "\x01", 1), path);
+    h = ebb_fnv1a(h, &(int){EBB_SERIALIZE_VERSION}, sizeof(int));
     lua_pushcfunction(L, l_module_identity);
     lua_pushlightuserdata(L, rt);
     lua_pushstring(L, names[i]);
@@ -449,25 +439,30 @@ static void free_module_names(ebb_runtime *rt) {
   rt->n_module_names = 0;
 }
 
+typedef struct name_list {
+  char **names;
+  size_t n, cap;
+} name_list;
+
+static void add_module_name(void *ud, const char *name, const char *path) {
+  (void)path;
+  name_list *l = ud;
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 16;
+    char **p = realloc(l->names, cap * sizeof *p);
+    if (p == NULL) return;
+    l->names = p;
+    l->cap = cap;
+  }
+  if ((l->names[l->n] = ebb_strdupf("%s.lua", name)) != NULL) l->n++;
+}
+
 /* Lists the module files of dir into rt->module_names, sorted. */
 static int list_modules(ebb_runtime *rt, const char *dir) {
-  DIR *d = opendir(dir);
-  if (d == NULL) return -1;
-  char **names = NULL;
-  size_t n = 0, cap = 0;
-  struct dirent *de;
-  while ((de = readdir(d)) != NULL) {
-    size_t len = strlen(de->d_name);
-    if (len < 5 || strcmp(de->d_name + len - 4, ".lua") != 0 || de->d_name[0] == '.') continue;
-    if (n == cap) {
-      cap = cap ? cap * 2 : 16;
-      char **p = realloc(names, cap * sizeof *names);
-      if (p == NULL) break;
-      names = p;
-    }
-    if ((names[n] = strdup(de->d_name)) != NULL) n++;
-  }
-  closedir(d);
+  name_list l = {0};
+  if (ebb_module_dir_each(dir, add_module_name, &l)) return -1;
+  char **names = l.names;
+  size_t n = l.n;
   if (n > 0) qsort(names, n, sizeof *names, names_cmp);
   rt->module_names = names;
   rt->n_module_names = n;

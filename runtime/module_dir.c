@@ -44,3 +44,13 @@ int ebb_module_dir_each(const char *dir, ebb_module_fn fn, void *ud) {
   closedir(d);
   return 0;
 }
+
+void ebb_module_check_note(ebb_module_check *c, const char *name, int ok, const char *msg) {
+  if (!ok) {
+    ebb_buf_printf(c->report, "%s\n", msg ? msg : "out of memory");
+    c->problems++;
+  } else if (c->names) {
+    if (c->names->len) ebb_buf_putc(c->names, ',');
+    ebb_buf_json_string(c->names, name, strlen(name));
+  }
+}

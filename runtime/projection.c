@@ -791,8 +791,7 @@ static int l_check_setup(lua_State *L) {
 
 typedef struct check_ctx {
   ebb_projections h;
-  ebb_buf *report, *names;
-  int problems;
+  ebb_module_check out;
 } check_ctx;
 
 static void check_one(void *ud, const char *name, const char *path) {
@@ -811,24 +810,18 @@ static void check_one(void *ud, const char *name, const char *path) {
       free(m);
     }
   }
-  if (msg || in == NULL) {
-    ebb_buf_printf(c->report, "%s\n", msg ? msg : "out of memory");
-    c->problems++;
-  } else if (c->names) {
-    if (c->names->len) ebb_buf_putc(c->names, ',');
-    ebb_buf_json_string(c->names, name, strlen(name));
-  }
+  ebb_module_check_note(&c->out, name, msg == NULL && in != NULL, msg);
   free(msg);
   instance_free(in, 0, NULL);
 }
 
 int ebb_projections_check(const char *projections_dir, const char *lua_dir, ebb_buf *report,
                           ebb_buf *names) {
-  check_ctx c = {.report = report, .names = names};
+  check_ctx c = {.out = {.report = report, .names = names}};
   c.h.projections_dir = (char *)projections_dir;
   c.h.lua_dir = (char *)(lua_dir ? lua_dir : ebb_paths_lua_dir());
   ebb_module_dir_each(projections_dir, check_one, &c);
-  return c.problems;
+  return c.out.problems;
 }
 
 /* ---------------------------------------------------------------- running batches */

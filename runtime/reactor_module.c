@@ -387,8 +387,7 @@ fail:
 
 typedef struct check_ctx {
   const char *reactors_dir, *lua_dir;
-  ebb_buf *report, *names;
-  int problems;
+  ebb_module_check out;
 } check_ctx;
 
 static void check_one(void *ud, const char *name, const char *path) {
@@ -398,13 +397,7 @@ static void check_one(void *ud, const char *name, const char *path) {
   int ref, start_now;
   ebb_sandbox *sb = ebb__reactor_load_module(c->reactors_dir, c->lua_dir, 0, 0, name, path, &f,
                                              &ref, &start_now, &msg);
-  if (sb == NULL) {
-    ebb_buf_printf(c->report, "%s\n", msg ? msg : "out of memory");
-    c->problems++;
-  } else if (c->names) {
-    if (c->names->len) ebb_buf_putc(c->names, ',');
-    ebb_buf_json_string(c->names, name, strlen(name));
-  }
+  ebb_module_check_note(&c->out, name, sb != NULL, msg);
   free(msg);
   ebb_sandbox_free(sb);
   ebb_follower_clear(&f);
@@ -414,9 +407,8 @@ int ebb_reactors_check(const char *reactors_dir, const char *lua_dir, ebb_buf *r
                        ebb_buf *names) {
   check_ctx c = {.reactors_dir = reactors_dir,
                  .lua_dir = lua_dir ? lua_dir : ebb_paths_lua_dir(),
-                 .report = report,
-                 .names = names};
+                 .out = {.report = report, .names = names}};
   ebb_module_dir_each(reactors_dir, check_one, &c);
-  return c.problems;
+  return c.out.problems;
 }
 

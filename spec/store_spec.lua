@@ -143,6 +143,51 @@ describe("event store", function()
     end)
   end)
 
+  describe("batches and handles", function()
+    it("numbers positions after another handle's appends to the same store", function()
+      local other = assert(core.open { data = dir, aggregates = support.root .. "/aggregates", durability = "normal" })
+      local expected_position = 0
+      for i = 1, 6 do
+        local handle = i % 3 == 0 and rt or other
+        local r = assert(handle:append("Two-" .. (i % 2), "any", { ev("X", { i = i }), ev("Y", { i = i }) }))
+        expected_position = expected_position + 2
+        assert.equal(expected_position, r.position)
+        assert.equal(expected_position - 1, r.first_position)
+      end
+      other:close()
+      local all = rt:events { after = 0, limit = 100 }
+      assert.equal(12, #all)
+      for i, e in ipairs(all) do assert.equal(i, e.position) end
+      assert.equal(6, rt:version("Two-0"))
+    end)
+
+    it("imports re-sent and new events of several streams in one batch", function()
+      local cli = support.cli(dir)
+      assert(rt:append("Imp-1", "no_stream", { ev("X", { n = 1 }), ev("Y", { n = 2 }) }))
+      assert(rt:append("Imp-2", "no_stream", { ev("X", { n = 3 }) }))
+      local first = cli("export", "--raw")
+      local other = support.tmpdir()
+      local into = support.cli(other)
+      local out, err, code = into({ "import" }, { stdin = first })
+      assert.equal(0, code, err)
+      assert.same({ imported = 3, skipped = 0 }, core.json_decode(out))
+      assert(rt:append("Imp-1", 2, { ev("Z", { n = 4 }) }))
+      assert(rt:append("Imp-3", "no_stream", { ev("X", { n = 5 }) }))
+      out, err, code = into({ "import" }, { stdin = cli("export", "--raw") })
+      assert.equal(0, code, err)
+      assert.same({ imported = 2, skipped = 3 }, core.json_decode(out))
+      local copy = assert(core.open { data = other, aggregates = support.root .. "/aggregates" })
+      local here, there = rt:events { after = 0, limit = 100 }, copy:events { after = 0, limit = 100 }
+      copy:close()
+      support.rmdir(other)
+      assert.equal(#here, #there)
+      for i = 1, #here do
+        assert.same({ here[i].stream, here[i].version, here[i].id, here[i].position },
+          { there[i].stream, there[i].version, there[i].id, there[i].position })
+      end
+    end)
+  end)
+
   describe("reads", function()
     before_each(function()
       local events = {}

@@ -136,6 +136,49 @@ describe("event store", function()
       assert.equal("conflict", code)
     end)
 
+    it("answers a re-send of events stored before a tombstone, and refuses anything new", function()
+      local events = { ev("X", { n = 1 }, "d-1"), ev("Y", { n = 2 }, "d-2") }
+      local first = assert(rt:append("Del-1", "no_stream", events))
+      assert(rt:delete("Del-1"))
+      for _, expected in ipairs { "no_stream", 0, "any" } do
+        local again = assert(rt:append("Del-1", expected, events))
+        assert.is_true(again.idempotent)
+        assert.same({ first.first_position, first.position, 2 }, { again.first_position, again.position, again.version })
+      end
+      local tail = assert(rt:append("Del-1", 1, { events[2] }))
+      assert.is_true(tail.idempotent)
+      assert.equal(first.position, tail.position)
+      local cases = {
+        { "any", { ev("Z", {}, "d-3") } },
+        { "no_stream", { ev("X", { n = 1 }, "d-1"), ev("Z", {}, "d-3") } },
+        { 2, { ev("X", { n = 1 }, "d-1") } },
+        { "any", { ev("Y", { n = 2 }, "d-2"), ev("X", { n = 1 }, "d-1") } },
+      }
+      for _, case in ipairs(cases) do
+        local r, msg, code = rt:append("Del-1", case[1], case[2])
+        assert.is_nil(r)
+        assert.equal("stream_deleted", code)
+        assert.equal("stream Del-1 was deleted at version 3; its events stay readable", msg)
+      end
+      assert.equal(3, rt:head())
+    end)
+
+    it("imports an export holding a deleted stream twice", function()
+      assert(rt:append("Del-2", "no_stream", { ev("X", { n = 1 }) }))
+      assert(rt:delete("Del-2", { reason = "gone" }))
+      assert(rt:append("Kept-1", "no_stream", { ev("X", { n = 2 }) }))
+      local exported = support.cli(dir)("export", "--raw")
+      local other = support.tmpdir()
+      local into = support.cli(other)
+      local out, err, code = into({ "import" }, { stdin = exported })
+      assert.equal(0, code, err)
+      assert.same({ imported = 3, skipped = 0 }, core.json_decode(out))
+      out, err, code = into({ "import" }, { stdin = exported })
+      support.rmdir(other)
+      assert.equal(0, code, err)
+      assert.same({ imported = 0, skipped = 3 }, core.json_decode(out))
+    end)
+
     it("refuses the same id twice in one append", function()
       local r, _, code = rt:append("A-1", "any", { ev("X", {}, "dup"), ev("Y", {}, "dup") })
       assert.is_nil(r)

@@ -108,6 +108,12 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
   ebb__stream_state st;
   if (ops->stream(s, r->stream, r->n == 0, &st, &r->err)) return FAILED;
   if (st.deleted) {
+    /* A re-send of what was stored before the tombstone (an export imported
+     * again, with it) is answered like any other; anything else is refused. */
+    int rc = r->n ? find_resend(ops, s, r) : 0;
+    if (rc > 0) return ANSWERED;
+    if (rc < 0 && r->err.code != EBB_ECONFLICT) return FAILED;
+    ebb_error_clear(&r->err);
     ebb_error_set(&r->err, EBB_EDELETED,
                   "stream %s was deleted at version %lld; its events stay readable", r->stream,
                   (long long)st.version);

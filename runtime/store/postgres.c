@@ -1,7 +1,7 @@
 /*
  * postgres.c: the event store on PostgreSQL through libpq. Implements
- * ebb_store_vtable (store.h) with the same semantics as the SQLite backend,
- * so several `ebb serve` processes can share one event store.
+ * ebb_store_vtable (store.h) so several `ebb serve` processes can share one
+ * event store; what an append decides is append.c's, the same for SQLite.
  *
  * Global order: `ebb_head` is a one-row counter holding the last position.
  * Every append transaction first locks that row (SELECT ... FOR UPDATE),

@@ -136,10 +136,98 @@ describe("event store", function()
       assert.equal("conflict", code)
     end)
 
+    it("answers a re-send of events stored before a tombstone, and refuses anything new", function()
+      local events = { ev("X", { n = 1 }, "d-1"), ev("Y", { n = 2 }, "d-2") }
+      local first = assert(rt:append("Del-1", "no_stream", events))
+      assert(rt:delete("Del-1"))
+      for _, expected in ipairs { "no_stream", 0, "any" } do
+        local again = assert(rt:append("Del-1", expected, events))
+        assert.is_true(again.idempotent)
+        assert.same({ first.first_position, first.position, 2 }, { again.first_position, again.position, again.version })
+      end
+      local tail = assert(rt:append("Del-1", 1, { events[2] }))
+      assert.is_true(tail.idempotent)
+      assert.equal(first.position, tail.position)
+      local cases = {
+        { "any", { ev("Z", {}, "d-3") } },
+        { "no_stream", { ev("X", { n = 1 }, "d-1"), ev("Z", {}, "d-3") } },
+        { 2, { ev("X", { n = 1 }, "d-1") } },
+        { "any", { ev("Y", { n = 2 }, "d-2"), ev("X", { n = 1 }, "d-1") } },
+      }
+      for _, case in ipairs(cases) do
+        local r, msg, code = rt:append("Del-1", case[1], case[2])
+        assert.is_nil(r)
+        assert.equal("stream_deleted", code)
+        assert.equal("stream Del-1 was deleted at version 3; its events stay readable", msg)
+      end
+      assert.equal(3, rt:head())
+    end)
+
+    it("imports an export holding a deleted stream twice", function()
+      assert(rt:append("Del-2", "no_stream", { ev("X", { n = 1 }) }))
+      assert(rt:delete("Del-2", { reason = "gone" }))
+      assert(rt:append("Kept-1", "no_stream", { ev("X", { n = 2 }) }))
+      local exported = support.cli(dir)("export", "--raw")
+      local other = support.tmpdir()
+      local into = support.cli(other)
+      local out, err, code = into({ "import" }, { stdin = exported })
+      assert.equal(0, code, err)
+      assert.same({ imported = 3, skipped = 0 }, core.json_decode(out))
+      out, err, code = into({ "import" }, { stdin = exported })
+      support.rmdir(other)
+      assert.equal(0, code, err)
+      assert.same({ imported = 0, skipped = 3 }, core.json_decode(out))
+    end)
+
     it("refuses the same id twice in one append", function()
       local r, _, code = rt:append("A-1", "any", { ev("X", {}, "dup"), ev("Y", {}, "dup") })
       assert.is_nil(r)
       assert.equal("bad_request", code)
+    end)
+  end)
+
+  describe("batches and handles", function()
+    it("numbers positions after another handle's appends to the same store", function()
+      local other = assert(core.open { data = dir, aggregates = support.root .. "/aggregates", durability = "normal" })
+      local expected_position = 0
+      for i = 1, 6 do
+        local handle = i % 3 == 0 and rt or other
+        local r = assert(handle:append("Two-" .. (i % 2), "any", { ev("X", { i = i }), ev("Y", { i = i }) }))
+        expected_position = expected_position + 2
+        assert.equal(expected_position, r.position)
+        assert.equal(expected_position - 1, r.first_position)
+      end
+      other:close()
+      local all = rt:events { after = 0, limit = 100 }
+      assert.equal(12, #all)
+      for i, e in ipairs(all) do assert.equal(i, e.position) end
+      assert.equal(6, rt:version("Two-0"))
+    end)
+
+    it("imports re-sent and new events of several streams in one batch", function()
+      local cli = support.cli(dir)
+      assert(rt:append("Imp-1", "no_stream", { ev("X", { n = 1 }), ev("Y", { n = 2 }) }))
+      assert(rt:append("Imp-2", "no_stream", { ev("X", { n = 3 }) }))
+      local first = cli("export", "--raw")
+      local other = support.tmpdir()
+      local into = support.cli(other)
+      local out, err, code = into({ "import" }, { stdin = first })
+      assert.equal(0, code, err)
+      assert.same({ imported = 3, skipped = 0 }, core.json_decode(out))
+      assert(rt:append("Imp-1", 2, { ev("Z", { n = 4 }) }))
+      assert(rt:append("Imp-3", "no_stream", { ev("X", { n = 5 }) }))
+      out, err, code = into({ "import" }, { stdin = cli("export", "--raw") })
+      assert.equal(0, code, err)
+      assert.same({ imported = 2, skipped = 3 }, core.json_decode(out))
+      local copy = assert(core.open { data = other, aggregates = support.root .. "/aggregates" })
+      local here, there = rt:events { after = 0, limit = 100 }, copy:events { after = 0, limit = 100 }
+      copy:close()
+      support.rmdir(other)
+      assert.equal(#here, #there)
+      for i = 1, #here do
+        assert.same({ here[i].stream, here[i].version, here[i].id, here[i].position },
+          { there[i].stream, there[i].version, there[i].id, there[i].position })
+      end
     end)
   end)
 

@@ -1,7 +1,7 @@
 /*
  * postgres.c: the event store on PostgreSQL through libpq. Implements
- * ebb_store_vtable (store.h) with the same semantics as the SQLite backend,
- * so several `ebb serve` processes can share one event store.
+ * ebb_store_vtable (store.h) so several `ebb serve` processes can share one
+ * event store; what an append decides is append.c's, the same for SQLite.
  *
  * Global order: `ebb_head` is a one-row counter holding the last position.
  * Every append transaction first locks that row (SELECT ... FOR UPDATE),
@@ -99,10 +99,7 @@ enum {
   S_LOCK_HEAD,
   S_SET_HEAD,
   S_VERSION,
-  S_INSERT,
-  S_FIND_ID,
   S_FIND_COMMAND,
-  S_INSERT_COMMAND,
   S_READ_FWD,
   S_READ_BACK,
   S_READ_ALL,
@@ -111,7 +108,6 @@ enum {
   S_READ_ALL_CAT_TYPE,
   S_READ_RANGE,
   S_HEAD,
-  S_POSITION_OF,
   S_SNAP_SAVE,
   S_SNAP_LOAD,
   S_SNAP_LIST,
@@ -136,15 +132,8 @@ static const char *const statements[S_COUNT] = {
                    "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
                   "ORDER BY version DESC LIMIT 1",
-    [S_INSERT] = "INSERT INTO events (position, stream, version, id, type, schema, data, metadata, "
-                 "recorded_at, category) VALUES ($1::bigint, $2::text, $3::bigint, $4::text, "
-                 "$5::text, $6::bigint, $7::text, $8::text, $9::text, $10::text)",
-    [S_FIND_ID] = "SELECT stream, version, position FROM events WHERE id = $1::text",
     [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position "
                        "FROM commands WHERE command_id = $1::text",
-    [S_INSERT_COMMAND] = "INSERT INTO commands (command_id, stream, type, version, "
-                         "first_position, last_position, recorded_at) VALUES ($1::text, $2::text, "
-                         "$3::text, $4::bigint, $5::bigint, $6::bigint, $7::text)",
     [S_READ_FWD] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = $1::text "
                    "AND version >= $2::bigint ORDER BY version LIMIT $3::bigint",
     [S_READ_BACK] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = $1::text "
@@ -161,7 +150,6 @@ static const char *const statements[S_COUNT] = {
     [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN $1::bigint "
                      "AND $2::bigint ORDER BY position",
     [S_HEAD] = "SELECT position FROM ebb_head WHERE id = 1",
-    [S_POSITION_OF] = "SELECT position FROM events WHERE stream = $1::text AND version = $2::bigint",
     [S_SNAP_SAVE] = "INSERT INTO snapshots (stream, fingerprint, version, position, recorded_at, "
                     "state, created_at) VALUES ($1::text, $2::text, $3::bigint, $4::bigint, "
                     "$5::text, $6::bytea, $7::text) ON CONFLICT (stream, fingerprint, version) "
@@ -180,8 +168,9 @@ static const char *const statements[S_COUNT] = {
     [S_VERSIONS] = "SELECT s.stream, e.version, e.type, e.position FROM unnest($1::text[]) AS "
                    "s(stream) LEFT JOIN LATERAL (SELECT version, type, position FROM events "
                    "WHERE stream = s.stream ORDER BY version DESC LIMIT 1) e ON true",
-    [S_FIND_IDS] = "SELECT id FROM events WHERE id = ANY($1::text[]) LIMIT 1",
-    [S_FIND_COMMANDS] = "SELECT command_id FROM commands WHERE command_id = ANY($1::text[]) LIMIT 1",
+    [S_FIND_IDS] = "SELECT id, stream, version, position FROM events WHERE id = ANY($1::text[])",
+    [S_FIND_COMMANDS] = "SELECT command_id, stream, type, version, first_position, last_position "
+                        "FROM commands WHERE command_id = ANY($1::text[])",
     [S_INSERT_MANY] = "INSERT INTO events (position, stream, version, id, type, schema, data, "
                       "metadata, recorded_at, category) SELECT * FROM unnest($1::bigint[], "
                       "$2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], "
@@ -205,11 +194,14 @@ static const char *const statements[S_COUNT] = {
                          "AND position > $2::bigint ORDER BY position LIMIT $3::bigint",
 };
 
+typedef struct pg_batch pg_batch; /* an append transaction, see "append" below */
+
 typedef struct pg_store {
   ebb_store base;
   PGconn *conn;
   int durability, readonly;
   int ready; /* this connection has its settings and prepared statements */
+  pg_batch *batch; /* while an append runs */
 } pg_store;
 
 /* ---------------------------------------------------------------- parameters */
@@ -300,12 +292,6 @@ static int exec(pg_store *s, const char *sql, ebb_error *err, const char *doing)
     return 0;
   }
   return pg_error(s, res, err, doing);
-}
-
-/* A failed request's statement left its savepoint aborted: back to it, or a
- * negative code when even that failed (the transaction is lost). */
-static int rollback_to(pg_store *s, ebb_error *err) {
-  return exec(s, "ROLLBACK TO SAVEPOINT request", err, "rolling back a savepoint");
 }
 
 static int64_t get_i64(const PGresult *res, int row, int col) {
@@ -455,8 +441,11 @@ fail:
   return err->code;
 }
 
+static void batch_free(pg_batch *b);
+
 static void pg_close(ebb_store *base) {
   pg_store *s = (pg_store *)base;
+  batch_free(s->batch);
   PQfinish(s->conn);
   free(s);
 }
@@ -508,234 +497,19 @@ fail:
   return err->code;
 }
 
-/* ---------------------------------------------------------------- append */
-
-static int stream_version(pg_store *s, const char *stream, int64_t *version, int *deleted,
-                          ebb_error *err) {
-  params p = {0};
-  p_text(&p, stream);
-  PGresult *res = run(s, S_VERSION, &p, 0, err, "reading a stream's version");
-  if (res == NULL) return err->code;
-  int found = PQntuples(res) > 0;
-  *version = found ? get_i64(res, 0, 0) : 0;
-  *deleted = found && strcmp(PQgetvalue(res, 0, 1), EBB_TOMBSTONE) == 0;
-  PQclear(res);
-  return 0;
-}
-
-/* After a failed append: are these events already stored, exactly where this
- * request would have put them? 1: yes (r->result filled), 0: none of the ids
- * is stored (the original error stands), < 0: some are stored elsewhere or
- * only some are stored (r->err says which). The same rule as SQLite's. */
-static int check_idempotent(pg_store *s, ebb_append *r) {
-  size_t found = 0;
-  int64_t first_version = 0, first_position = 0, last_version = 0, last_position = 0;
-  char where[EBB_MAX_NAME + 1] = "";
-  const char *bad = NULL, *first_found = NULL;
-  ebb_error qerr;
-  ebb_error_init(&qerr);
-  for (size_t i = 0; i < r->n && !bad; i++) {
-    params p = {0};
-    p_text(&p, r->events[i].id);
-    PGresult *res = run(s, S_FIND_ID, &p, 0, &qerr, "looking up an event id");
-    if (res == NULL) {
-      ebb_error_clear(&r->err);
-      ebb_error_move(&r->err, &qerr);
-      return r->err.code;
-    }
-    if (PQntuples(res) > 0) {
-      const char *stream = PQgetvalue(res, 0, 0);
-      int64_t version = get_i64(res, 0, 1), position = get_i64(res, 0, 2);
-      if (found == 0) {
-        first_found = r->events[i].id;
-        first_version = version;
-        first_position = position;
-      }
-      if (strcmp(stream, r->stream) != 0 || version != first_version + (int64_t)i || found != i) {
-        snprintf(where, sizeof where, "%s", stream);
-        last_version = version;
-        bad = r->events[i].id;
-      }
-      if (!bad) {
-        last_version = version;
-        last_position = position;
-      }
-      found++;
-    }
-    PQclear(res);
-  }
-  if (found == 0) return 0;
-  int64_t want_first = r->expected >= 0 ? r->expected + 1
-                       : r->expected == EBB_EXPECT_NO_STREAM ? 1
-                                                             : 0;
-  ebb_error_clear(&r->err);
-  if (!bad && found == r->n && (want_first == 0 || first_version == want_first) &&
-      (r->expected != EBB_EXPECT_EXISTS || first_version > 1)) {
-    r->result.first_version = first_version;
-    r->result.version = last_version;
-    r->result.first_position = first_position;
-    r->result.position = last_position;
-    r->result.idempotent = 1;
-    return 1;
-  }
-  if (bad)
-    return ebb_error_set(&r->err, EBB_ECONFLICT,
-                         "event id %s is already stored in stream %s at version %lld", bad, where,
-                         (long long)last_version);
-  return ebb_error_set(&r->err, EBB_ECONFLICT,
-                       "event id %s is already stored in %s at version %lld, and %zu of the %zu "
-                       "events are; an idempotent re-send must repeat exactly the same events at "
-                       "the same place",
-                       first_found, r->stream, (long long)first_version, found, r->n);
-}
-
-/* alone: outside a transaction (may reconnect and run again). */
-static int find_command(pg_store *s, const char *command_id, ebb_command_record *out, int alone,
-                        ebb_error *err) {
-  params p = {0};
-  p_text(&p, command_id);
-  PGresult *res = (alone ? run_alone : run)(s, S_FIND_COMMAND, &p, 0, err, "looking up a command id");
-  if (res == NULL) return err->code;
-  int found = PQntuples(res) > 0;
-  if (found) {
-    snprintf(out->stream, sizeof out->stream, "%s", PQgetvalue(res, 0, 0));
-    snprintf(out->type, sizeof out->type, "%s", PQgetvalue(res, 0, 1));
-    out->version = get_i64(res, 0, 2);
-    out->first_position = get_i64(res, 0, 3);
-    out->position = get_i64(res, 0, 4);
-  }
-  PQclear(res);
-  return found;
-}
-
-/* One request inside the open transaction and its savepoint `request`.
- * *head is the last position used; the request's events take the next ones.
- * 0 (r->result filled; *wrote set when rows were added) or < 0 with r->err
- * set. On failure the savepoint may be aborted: the caller rolls back to it. */
-static int append_one(pg_store *s, ebb_append *r, const char *now, int64_t *head, int *wrote) {
-  *wrote = 0;
-  if (r->command_id) {
-    ebb_command_record rec;
-    int found = find_command(s, r->command_id, &rec, 0, &r->err);
-    if (found < 0) return found;
-    if (found) {
-      if (strcmp(rec.stream, r->stream) != 0 ||
-          (r->command_type && strcmp(rec.type, r->command_type) != 0))
-        return ebb_error_set(&r->err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
-                             r->command_id, rec.type, rec.stream);
-      r->result.first_position = rec.first_position;
-      r->result.position = rec.position;
-      r->result.version = rec.version;
-      r->result.first_version =
-          rec.first_position ? rec.version - (rec.position - rec.first_position) : rec.version;
-      r->result.idempotent = 1;
-      return 0;
-    }
-  }
-  int64_t version = 0;
-  int deleted = 0;
-  if (stream_version(s, r->stream, &version, &deleted, &r->err)) return r->err.code;
-  if (deleted)
-    return ebb_error_set(&r->err, EBB_EDELETED,
-                         "stream %s was deleted at version %lld; its events stay readable",
-                         r->stream, (long long)version);
-  if (!ebb_expected_matches(r->expected, version)) {
-    int rc = r->n ? check_idempotent(s, r) : 0;
-    if (rc != 0) return rc > 0 ? 0 : rc;
-    ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
-                  r->stream, ebb_expected_name(r->expected, (char[24]){0}, 24),
-                  (long long)version);
-    r->err.expected = r->expected;
-    r->err.actual = version;
-    return EBB_EVERSION;
-  }
-  size_t category_len = ebb_stream_category_len(r->stream);
-  int64_t position = *head;
-  for (size_t i = 0; i < r->n; i++) {
-    const ebb_event_in *e = &r->events[i];
-    params p = {0};
-    p_int(&p, position + 1);
-    p_text(&p, r->stream);
-    p_int(&p, version + 1 + (int64_t)i);
-    p_text(&p, e->id);
-    p_text(&p, e->type);
-    p_int(&p, e->schema);
-    p_bytes(&p, e->data, e->data_len);
-    p_bytes(&p, e->metadata, e->metadata_len);
-    p_text(&p, e->recorded_at ? e->recorded_at : now);
-    p_bytes(&p, r->stream, category_len);
-    char name[16];
-    snprintf(name, sizeof name, "ebb_%d", S_INSERT);
-    PGresult *res = PQexecPrepared(s->conn, name, p.n, p.value, p.length, p.format, 0);
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-      const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-      if (state && strcmp(state, "23505") == 0) {
-        /* Only the id can collide: the version was checked under the head
-         * lock. The savepoint is aborted: undo it before looking the ids up. */
-        pg_error(s, res, &r->err, "appending an event");
-        ebb_error tmp;
-        ebb_error_init(&tmp);
-        if (rollback_to(s, &tmp)) {
-          ebb_error_clear(&r->err);
-          ebb_error_move(&r->err, &tmp);
-          return r->err.code;
-        }
-        int idem = check_idempotent(s, r);
-        if (idem > 0) return 0; /* nothing of this request stays: *head unchanged */
-        if (idem == 0 && r->err.code == 0) ebb_error_set(&r->err, EBB_ECONFLICT, "event id clash");
-        return r->err.code;
-      }
-      return pg_error(s, res, &r->err, "appending an event");
-    }
-    PQclear(res);
-    position++;
-    if (i == 0) r->result.first_position = position;
-    r->result.position = position;
-  }
-  r->result.first_version = r->n ? version + 1 : version;
-  r->result.version = version + (int64_t)r->n;
-  if (r->n == 0 && version > 0) {
-    /* A command that recorded nothing answers with the stream's last position. */
-    params p = {0};
-    p_text(&p, r->stream);
-    p_int(&p, version);
-    PGresult *res = run(s, S_POSITION_OF, &p, 0, &r->err, "reading a stream's last position");
-    if (res == NULL) return r->err.code;
-    if (PQntuples(res) > 0) r->result.position = get_i64(res, 0, 0);
-    PQclear(res);
-  }
-  if (r->command_id) {
-    params p = {0};
-    p_text(&p, r->command_id);
-    p_text(&p, r->stream);
-    p_text(&p, r->command_type ? r->command_type : "");
-    p_int(&p, r->result.version);
-    p_int(&p, r->result.first_position);
-    p_int(&p, r->result.position);
-    p_text(&p, now);
-    PGresult *res = run(s, S_INSERT_COMMAND, &p, 0, &r->err, "recording a command id");
-    if (res == NULL) return r->err.code;
-    PQclear(res);
-  }
-  *head = position;
-  *wrote = 1;
-  return 0;
-}
-
-/* ---------------------------------------------------------------- batches
+/* ---------------------------------------------------------------- append
  *
- * A batch (one append call, one group commit of the daemon) is two round
- * trips in the common case, whatever its size: libpq's pipeline mode sends
- * BEGIN, the lock of the position counter, the last version of every stream
- * the batch names, and a look-up of its event ids and command ids, all at
- * once; the requests are then decided here, in order, exactly as append_one
- * would (expected versions against the versions read under the lock, each
- * request seeing the ones before it), and one pipeline writes every event
- * (one INSERT of bound arrays through unnest), every command record, the
- * counter, and COMMIT. A batch in which some event id or command id is
- * already stored, or repeats inside the batch (an idempotent re-send, a
- * conflict), goes on in the same transaction, under the same lock, through
- * append_one, request by request: those answers need the stored rows. */
+ * The operations of one append transaction (ebb__append_ops); append.c
+ * decides. A batch (one append call, one group commit of the daemon) is two
+ * round trips whatever it holds: libpq's pipeline mode sends BEGIN, the lock
+ * of the position counter, the last event of every stream the batch names,
+ * and the stored rows of its event ids and command ids, all at once
+ * (tx_begin). The requests are then decided from what was read, kept up to
+ * date with what the batch writes (tx_write), so that each request sees the
+ * ones before it; an idempotent re-send or a conflict is answered from the
+ * stored rows read with the rest. The accepted events go into bound arrays,
+ * and one pipeline writes them all (one INSERT through unnest), the command
+ * records, the counter, and COMMIT (tx_commit). */
 
 /* A PostgreSQL binary array (the format array_recv reads) of text or int8. */
 typedef struct arr {
@@ -858,325 +632,299 @@ static int pipeline(pg_store *s, pipe_item *items, size_t n, ebb_error *err) {
   return rc;
 }
 
-typedef struct stream_state {
-  int64_t version, position; /* the stream's last event (0, 0: none) */
-  int deleted;
-} stream_state;
+/* Where an event id is stored, or where this batch writes it. */
+typedef struct place {
+  const char *stream; /* in a stored row or a request: both outlive the batch */
+  int64_t version, position;
+} place;
 
-typedef struct batch {
-  ebb_strmap *streams;  /* stream -> stream_state, the requests' streams */
-  stream_state *states;
-  int simple;           /* no stored or repeated event id or command id: decide here */
-  int64_t head;
-} batch;
+typedef struct command_row {
+  const char *stream, *type;
+  int64_t version, first_position, position;
+} command_row;
 
-static void batch_free(batch *b) {
+/* An append transaction's view of the store and its writes (see above). */
+struct pg_batch {
+  ebb_strmap *streams;       /* stream -> ebb__stream_state: every stream the batch names */
+  ebb__stream_state *states;
+  ebb_strmap *ids;           /* event id -> place: stored, or written by the batch */
+  place *places;
+  size_t n_places, cap_places;
+  ebb_strmap *commands;      /* command id -> command_row: likewise */
+  command_row *command_rows;
+  size_t n_commands, cap_commands;
+  PGresult *stored_ids, *stored_commands; /* the rows places and command_rows point into */
+  arr ev[10], cm[7];         /* the rows to insert, column by column */
+  int64_t start;             /* the counter when the batch began */
+  int oom;                   /* tx_write ran out of memory: commit fails */
+};
+
+static const uint32_t ev_oid[10] = {OID_INT8, OID_TEXT, OID_INT8, OID_TEXT, OID_TEXT,
+                                    OID_INT8, OID_TEXT, OID_TEXT, OID_TEXT, OID_TEXT};
+static const uint32_t cm_oid[7] = {OID_TEXT, OID_TEXT, OID_TEXT, OID_INT8,
+                                   OID_INT8, OID_INT8, OID_TEXT};
+
+static void batch_free(pg_batch *b) {
+  if (b == NULL) return;
   ebb_strmap_free(b->streams);
+  ebb_strmap_free(b->ids);
+  ebb_strmap_free(b->commands);
   free(b->states);
+  free(b->places);
+  free(b->command_rows);
+  PQclear(b->stored_ids);
+  PQclear(b->stored_commands);
+  for (int i = 0; i < 10; i++) ebb_buf_free(&b->ev[i].b);
+  for (int i = 0; i < 7; i++) ebb_buf_free(&b->cm[i].b);
+  free(b);
 }
 
-/* Puts key in m (value v) unless there: 1 when it was there already, -1: out of memory. */
-static int seen(ebb_strmap *m, const char *key, void *v) {
-  if (ebb_strmap_get(m, key)) return 1;
-  return ebb_strmap_put(m, key, v) ? -1 : 0;
+static place *add_place(pg_batch *b, const char *id, const char *stream, int64_t version,
+                        int64_t position) {
+  if (b->n_places == b->cap_places) return NULL; /* sized in tx_begin: never */
+  place *p = &b->places[b->n_places];
+  *p = (place){stream, version, position};
+  if (ebb_strmap_put(b->ids, id, p)) return NULL;
+  b->n_places++;
+  return p;
 }
 
-/* BEGIN, the lock, and what deciding needs: one round trip. */
-static int batch_start(pg_store *s, ebb_append *reqs, size_t n, batch *b, ebb_error *err) {
-  memset(b, 0, sizeof *b);
-  b->simple = 1;
-  ebb_strmap *ids = ebb_strmap_new(), *cmds = ebb_strmap_new();
+static command_row *add_command(pg_batch *b, const char *id, const command_row *row) {
+  if (b->n_commands == b->cap_commands) return NULL;
+  command_row *c = &b->command_rows[b->n_commands];
+  *c = *row;
+  if (ebb_strmap_put(b->commands, id, c)) return NULL;
+  b->n_commands++;
+  return c;
+}
+
+/* Fills b from the first pipeline's results. */
+static int batch_read(pg_batch *b, PGresult *versions, size_t n_streams, ebb_error *err) {
+  if (PQntuples(versions) != (int)n_streams)
+    return ebb_error_set(err, EBB_ESTORE, "reading the streams' versions: %d rows for %zu streams",
+                         PQntuples(versions), n_streams);
+  for (int row = 0; row < PQntuples(versions); row++) {
+    ebb__stream_state *st = &b->states[row];
+    if (!PQgetisnull(versions, row, 1)) {
+      st->version = get_i64(versions, row, 1);
+      st->deleted = strcmp(PQgetvalue(versions, row, 2), EBB_TOMBSTONE) == 0;
+      st->position = get_i64(versions, row, 3);
+    }
+    if (ebb_strmap_put(b->streams, PQgetvalue(versions, row, 0), st)) goto oom;
+  }
+  PGresult *ids = b->stored_ids;
+  for (int row = 0; ids && row < PQntuples(ids); row++)
+    if (!add_place(b, PQgetvalue(ids, row, 0), PQgetvalue(ids, row, 1), get_i64(ids, row, 2),
+                   get_i64(ids, row, 3)))
+      goto oom;
+  PGresult *cmds = b->stored_commands;
+  for (int row = 0; cmds && row < PQntuples(cmds); row++) {
+    command_row c = {PQgetvalue(cmds, row, 1), PQgetvalue(cmds, row, 2), get_i64(cmds, row, 3),
+                     get_i64(cmds, row, 4), get_i64(cmds, row, 5)};
+    if (!add_command(b, PQgetvalue(cmds, row, 0), &c)) goto oom;
+  }
+  return 0;
+oom:
+  return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
+}
+
+/* BEGIN, the lock, and what deciding the batch needs: one round trip. */
+static int tx_begin(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  batch_free(s->batch);
+  pg_batch *b = s->batch = calloc(1, sizeof *b);
+  if (b == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
+  for (int i = 0; i < 10; i++) arr_init(&b->ev[i], ev_oid[i]);
+  for (int i = 0; i < 7; i++) arr_init(&b->cm[i], cm_oid[i]);
+  if (ensure(s, err)) return err->code;
   b->streams = ebb_strmap_new();
+  b->ids = ebb_strmap_new();
+  b->commands = ebb_strmap_new();
+  ebb_strmap *named = ebb_strmap_new(); /* the streams put in the array */
   arr streams, idv, cmdv;
   arr_init(&streams, OID_TEXT);
   arr_init(&idv, OID_TEXT);
   arr_init(&cmdv, OID_TEXT);
   int rc = 0;
   size_t n_streams = 0;
-  if (ids == NULL || cmds == NULL || b->streams == NULL) goto oom;
   static int one = 1; /* a non-NULL marker value */
+  if (b->streams == NULL || b->ids == NULL || b->commands == NULL || named == NULL) goto oom;
   for (size_t i = 0; i < n; i++) {
     ebb_append *r = &reqs[i];
     if (r->err.code) continue;
-    int k = seen(b->streams, r->stream, &one);
-    if (k < 0) goto oom;
-    if (k == 0) {
+    if (ebb_strmap_get(named, r->stream) == NULL) {
+      if (ebb_strmap_put(named, r->stream, &one)) goto oom;
       arr_text(&streams, r->stream);
       n_streams++;
     }
-    for (size_t e = 0; e < r->n; e++) {
-      if ((k = seen(ids, r->events[e].id, &one)) < 0) goto oom;
-      if (k) b->simple = 0;
-      arr_text(&idv, r->events[e].id);
-    }
-    if (r->command_id) {
-      if ((k = seen(cmds, r->command_id, &one)) < 0) goto oom;
-      if (k) b->simple = 0;
-      arr_text(&cmdv, r->command_id);
-    }
+    for (size_t e = 0; e < r->n; e++) arr_text(&idv, r->events[e].id);
+    if (r->command_id) arr_text(&cmdv, r->command_id);
   }
+  /* Every id is stored at most once and written by the batch at most once. */
+  b->cap_places = 2 * (size_t)idv.n;
+  b->cap_commands = 2 * (size_t)cmdv.n;
   b->states = calloc(n_streams ? n_streams : 1, sizeof *b->states);
-  if (b->states == NULL) goto oom;
+  b->places = malloc((b->cap_places ? b->cap_places : 1) * sizeof *b->places);
+  b->command_rows = malloc((b->cap_commands ? b->cap_commands : 1) * sizeof *b->command_rows);
+  if (b->states == NULL || b->places == NULL || b->command_rows == NULL) goto oom;
   params pv = {0}, pi = {0}, pc = {0};
   if (arr_param(&pv, &streams) || arr_param(&pi, &idv) || arr_param(&pc, &cmdv)) goto oom;
   pipe_item items[5] = {
       {.which = -1, .sql = "BEGIN"},
       {.which = S_LOCK_HEAD},
       {.which = S_VERSIONS, .p = &pv},
-      {.which = S_FIND_IDS, .p = &pi},
-      {.which = S_FIND_COMMANDS, .p = &pc},
   };
-  size_t n_items = cmdv.n ? 5 : 4;
-  if (pipeline(s, items, n_items, err)) {
+  size_t k = 3, at_ids = 0, at_commands = 0;
+  if (idv.n) at_ids = k, items[k++] = (pipe_item){.which = S_FIND_IDS, .p = &pi};
+  if (cmdv.n) at_commands = k, items[k++] = (pipe_item){.which = S_FIND_COMMANDS, .p = &pc};
+  if (pipeline(s, items, k, err)) {
     if (!lost(s)) goto done;
     /* Gone since the last call (a server restart): nothing was done, try once more. */
     ebb_error_clear(err);
-    if (ensure(s, err) || pipeline(s, items, n_items, err)) goto done;
+    if (ensure(s, err) || pipeline(s, items, k, err)) goto done;
   }
-  b->head = PQntuples(items[1].res) > 0 ? get_i64(items[1].res, 0, 0) : -1;
-  PGresult *v = items[2].res;
-  if (PQntuples(v) != (int)n_streams) {
-    for (size_t i = 0; i < n_items; i++) PQclear(items[i].res);
-    rc = ebb_error_set(err, EBB_ESTORE, "reading the streams' versions: %d rows for %zu streams",
-                       PQntuples(v), n_streams);
-    goto done;
-  }
-  for (int row = 0; row < PQntuples(v); row++) {
-    stream_state *st = &b->states[row];
-    if (!PQgetisnull(v, row, 1)) {
-      st->version = get_i64(v, row, 1);
-      st->deleted = strcmp(PQgetvalue(v, row, 2), EBB_TOMBSTONE) == 0;
-      st->position = get_i64(v, row, 3);
-    }
-    if (ebb_strmap_put(b->streams, PQgetvalue(v, row, 0), st)) {
-      for (size_t i = 0; i < n_items; i++) PQclear(items[i].res);
-      goto oom;
-    }
-  }
-  if (PQntuples(items[3].res) > 0 || (n_items == 5 && PQntuples(items[4].res) > 0)) b->simple = 0;
-  for (size_t i = 0; i < n_items; i++) PQclear(items[i].res);
-  if (b->head < 0) rc = ebb_error_set(err, EBB_ESTORE, "the position counter (ebb_head) is missing");
+  *head = b->start = PQntuples(items[1].res) > 0 ? get_i64(items[1].res, 0, 0) : -1;
+  if (at_ids) b->stored_ids = items[at_ids].res, items[at_ids].res = NULL;
+  if (at_commands) b->stored_commands = items[at_commands].res, items[at_commands].res = NULL;
+  rc = batch_read(b, items[2].res, n_streams, err);
+  for (size_t i = 0; i < k; i++) PQclear(items[i].res);
+  if (rc == 0 && b->start < 0)
+    rc = ebb_error_set(err, EBB_ESTORE, "the position counter (ebb_head) is missing");
   goto done;
 oom:
   rc = ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
 done:
   if (rc == 0 && err->code) rc = err->code;
-  ebb_strmap_free(ids);
-  ebb_strmap_free(cmds);
+  ebb_strmap_free(named);
   ebb_buf_free(&streams.b);
   ebb_buf_free(&idv.b);
   ebb_buf_free(&cmdv.b);
   return rc;
 }
 
-/* Decides one request of a simple batch, as append_one would: 0 (accepted,
- * r->result filled, *head and the stream's state advanced) or r->err set. */
-static int decide(batch *b, ebb_append *r, int64_t *head) {
-  stream_state *st = ebb_strmap_get(b->streams, r->stream);
-  if (st == NULL) return ebb_error_set(&r->err, EBB_ESTORE, "stream %s was not read", r->stream);
-  if (st->deleted)
-    return ebb_error_set(&r->err, EBB_EDELETED,
-                         "stream %s was deleted at version %lld; its events stay readable",
-                         r->stream, (long long)st->version);
-  if (!ebb_expected_matches(r->expected, st->version)) {
-    /* None of its ids is stored (the batch is simple): not an idempotent re-send. */
-    ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
-                  r->stream, ebb_expected_name(r->expected, (char[24]){0}, 24),
-                  (long long)st->version);
-    r->err.expected = r->expected;
-    r->err.actual = st->version;
-    return EBB_EVERSION;
+static int tx_stream(ebb_store *base, const char *stream, int with_position,
+                     ebb__stream_state *out, ebb_error *err) {
+  const ebb__stream_state *st = ebb_strmap_get(((pg_store *)base)->batch->streams, stream);
+  if (st == NULL) return ebb_error_set(err, EBB_ESTORE, "stream %s was not read", stream);
+  *out = *st;
+  return 0;
+}
+
+static int tx_command(ebb_store *base, const char *command_id, ebb_command_record *out,
+                      ebb_error *err) {
+  const command_row *c = ebb_strmap_get(((pg_store *)base)->batch->commands, command_id);
+  if (c == NULL) return 0;
+  snprintf(out->stream, sizeof out->stream, "%s", c->stream);
+  snprintf(out->type, sizeof out->type, "%s", c->type);
+  out->version = c->version;
+  out->first_position = c->first_position;
+  out->position = c->position;
+  return 1;
+}
+
+static int tx_event(ebb_store *base, const char *id, ebb__event_place *out, ebb_error *err) {
+  const place *p = ebb_strmap_get(((pg_store *)base)->batch->ids, id);
+  if (p == NULL) return 0;
+  snprintf(out->stream, sizeof out->stream, "%s", p->stream);
+  out->version = p->version;
+  out->position = p->position;
+  return 1;
+}
+
+/* Adds the request's rows to the batch's arrays, and to its view. */
+static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_error *err) {
+  pg_batch *b = ((pg_store *)base)->batch;
+  for (size_t e = 0; e < r->n; e++)
+    if (ebb_strmap_get(b->ids, r->events[e].id))
+      return ebb_error_set(err, EBB_ECONFLICT, "event id %s is already stored", r->events[e].id),
+             EBB__CLASH;
+  size_t category_len = ebb_stream_category_len(r->stream);
+  for (size_t e = 0; e < r->n; e++) {
+    const ebb_event_in *x = &r->events[e];
+    int64_t version = r->result.first_version + (int64_t)e;
+    int64_t position = r->result.first_position + (int64_t)e;
+    arr_i64(&b->ev[0], position);
+    arr_text(&b->ev[1], r->stream);
+    arr_i64(&b->ev[2], version);
+    arr_text(&b->ev[3], x->id);
+    arr_text(&b->ev[4], x->type);
+    arr_i64(&b->ev[5], x->schema);
+    arr_bytes(&b->ev[6], x->data, x->data_len);
+    arr_bytes(&b->ev[7], x->metadata, x->metadata_len);
+    arr_text(&b->ev[8], x->recorded_at ? x->recorded_at : now);
+    arr_bytes(&b->ev[9], r->stream, category_len);
+    if (!add_place(b, x->id, r->stream, version, position)) b->oom = 1;
   }
-  memset(&r->result, 0, sizeof r->result);
-  r->result.first_version = r->n ? st->version + 1 : st->version;
-  r->result.version = st->version + (int64_t)r->n;
-  if (r->n) {
-    r->result.first_position = *head + 1;
-    r->result.position = *head + (int64_t)r->n;
-    *head += (int64_t)r->n;
-    st->version += (int64_t)r->n;
+  ebb__stream_state *st = ebb_strmap_get(b->streams, r->stream);
+  if (st && r->n) {
+    st->version = r->result.version;
     st->position = r->result.position;
     st->deleted = strcmp(r->events[r->n - 1].type, EBB_TOMBSTONE) == 0;
-  } else if (st->version > 0) {
-    r->result.position = st->position; /* a command that recorded nothing */
+  }
+  if (r->command_id) {
+    command_row c = {r->stream, r->command_type ? r->command_type : "", r->result.version,
+                     r->result.first_position, r->result.position};
+    arr_text(&b->cm[0], r->command_id);
+    arr_text(&b->cm[1], c.stream);
+    arr_text(&b->cm[2], c.type);
+    arr_i64(&b->cm[3], c.version);
+    arr_i64(&b->cm[4], c.first_position);
+    arr_i64(&b->cm[5], c.position);
+    arr_text(&b->cm[6], now);
+    if (!add_command(b, r->command_id, &c)) b->oom = 1;
   }
   return 0;
 }
 
-/* Writes the accepted requests of a simple batch and commits: one round trip. */
-static int batch_write(pg_store *s, ebb_append *reqs, size_t n, int64_t start, int64_t head,
-                       const char *now, ebb_error *err) {
-  arr ev[10], cm[7];
-  static const uint32_t ev_oid[10] = {OID_INT8, OID_TEXT, OID_INT8, OID_TEXT, OID_TEXT,
-                                      OID_INT8, OID_TEXT, OID_TEXT, OID_TEXT, OID_TEXT};
-  static const uint32_t cm_oid[7] = {OID_TEXT, OID_TEXT, OID_TEXT, OID_INT8,
-                                     OID_INT8, OID_INT8, OID_TEXT};
-  for (int i = 0; i < 10; i++) arr_init(&ev[i], ev_oid[i]);
-  for (int i = 0; i < 7; i++) arr_init(&cm[i], cm_oid[i]);
-  for (size_t i = 0; i < n; i++) {
-    ebb_append *r = &reqs[i];
-    if (r->err.code) continue;
-    size_t category_len = ebb_stream_category_len(r->stream);
-    for (size_t e = 0; e < r->n; e++) {
-      const ebb_event_in *x = &r->events[e];
-      arr_i64(&ev[0], r->result.first_position + (int64_t)e);
-      arr_text(&ev[1], r->stream);
-      arr_i64(&ev[2], r->result.first_version + (int64_t)e);
-      arr_text(&ev[3], x->id);
-      arr_text(&ev[4], x->type);
-      arr_i64(&ev[5], x->schema);
-      arr_bytes(&ev[6], x->data, x->data_len);
-      arr_bytes(&ev[7], x->metadata, x->metadata_len);
-      arr_text(&ev[8], x->recorded_at ? x->recorded_at : now);
-      arr_bytes(&ev[9], r->stream, category_len);
-    }
-    if (r->command_id) {
-      arr_text(&cm[0], r->command_id);
-      arr_text(&cm[1], r->stream);
-      arr_text(&cm[2], r->command_type ? r->command_type : "");
-      arr_i64(&cm[3], r->result.version);
-      arr_i64(&cm[4], r->result.first_position);
-      arr_i64(&cm[5], r->result.position);
-      arr_text(&cm[6], now);
-    }
-  }
+/* Writes the batch's rows, the counter and COMMIT: one round trip. */
+static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  pg_batch *b = s->batch;
   params pe = {0}, pc = {0}, ph = {0};
-  int rc = 0;
-  for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &ev[i]);
-  for (int i = 0; i < 7 && rc == 0; i++) rc = arr_param(&pc, &cm[i]);
+  int rc = b->oom;
+  for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &b->ev[i]);
+  for (int i = 0; i < 7 && rc == 0; i++) rc = arr_param(&pc, &b->cm[i]);
+  if (rc) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
   p_int(&ph, head);
   pipe_item items[4];
   size_t k = 0;
-  if (ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
-  if (cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
-  if (head != start) items[k++] = (pipe_item){.which = S_SET_HEAD, .p = &ph};
+  if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
+  if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
+  if (head != b->start) items[k++] = (pipe_item){.which = S_SET_HEAD, .p = &ph};
   items[k++] = (pipe_item){.which = -1, .sql = "COMMIT"};
-  if (rc) {
-    rc = ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
-  } else if ((rc = pipeline(s, items, k, err)) == 0) {
+  /* No answer to COMMIT: it may or may not have happened. It is reported
+   * failed; a re-send is idempotent by event id and command id. */
+  if ((rc = pipeline(s, items, k, err)) == 0) {
     /* COMMIT of a transaction that failed answers ROLLBACK. */
     if (strcmp(PQcmdStatus(items[k - 1].res), "COMMIT") != 0)
       rc = ebb_error_set(err, EBB_ESTORE, "committing: the transaction was rolled back");
     for (size_t i = 0; i < k; i++) PQclear(items[i].res);
   }
-  for (int i = 0; i < 10; i++) ebb_buf_free(&ev[i].b);
-  for (int i = 0; i < 7; i++) ebb_buf_free(&cm[i].b);
+  if (rc == 0) {
+    batch_free(b);
+    s->batch = NULL;
+  }
   return rc;
 }
 
-/* atomic: a failing request fails them all (see ebb_store_append_atomic). */
-static int pg_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
+static void tx_rollback(ebb_store *base) {
   pg_store *s = (pg_store *)base;
-  char now[EBB_TIME_LEN + 1];
-  ebb_clock_format(ebb_clock_now_ms(), now);
-  ebb_error txerr;
-  ebb_error_init(&txerr);
-  size_t failed = 0;
-  int any = 0;
-  PGresult *res;
-  batch b = {0};
-  /* BEGIN and the one lock of every append: held until COMMIT, so positions
-   * are handed out in commit order. */
-  if (ensure(s, &txerr) || batch_start(s, reqs, n, &b, &txerr)) {
-    batch_free(&b);
-    goto fail;
-  }
-  int64_t head = b.head, start = head;
-  if (b.simple) {
-    for (size_t i = 0; i < n; i++) {
-      ebb_append *r = &reqs[i];
-      if (r->err.code == 0 && decide(&b, r, &head) == 0) {
-        any = 1;
-        continue;
-      }
-      memset(&r->result, 0, sizeof r->result);
-      if (atomic) {
-        failed = i;
-        batch_free(&b);
-        goto undo_all;
-      }
-    }
-    batch_free(&b);
-    if (!any) {
-      if (exec(s, "ROLLBACK", &txerr, "rolling back")) goto fail;
-      return 0;
-    }
-    if (batch_write(s, reqs, n, start, head, now, &txerr)) goto fail;
-    return 0;
-  }
-  batch_free(&b);
-  for (size_t i = 0; i < n; i++) {
-    ebb_append *r = &reqs[i];
-    if (r->err.code && atomic) {
-      failed = i;
-      goto undo_all;
-    }
-    if (r->err.code) continue; /* refused by the checks in store.c */
-    if (exec(s, "SAVEPOINT request", &txerr, "starting a savepoint")) goto fail;
-    int wrote = 0;
-    append_one(s, r, now, &head, &wrote);
-    if (r->err.code) {
-      if (lost(s)) {
-        ebb_error_set(&txerr, EBB_EUNAVAIL, "%s", r->err.message);
-        goto fail;
-      }
-      memset(&r->result, 0, sizeof r->result);
-      if (atomic) {
-        failed = i;
-        goto undo_all;
-      }
-      if (rollback_to(s, &txerr)) goto fail;
-    }
-    any |= wrote;
-  }
-  if (!any) {
-    /* Nothing new (all failed or idempotent): release the lock, write nothing. */
-    if (exec(s, "ROLLBACK", &txerr, "rolling back")) goto fail;
-    return 0;
-  }
-  if (head != start) {
-    params p = {0};
-    p_int(&p, head);
-    res = run(s, S_SET_HEAD, &p, 0, &txerr, "advancing the position counter");
-    if (res == NULL) goto fail;
-    PQclear(res);
-  }
-  res = PQexec(s->conn, "COMMIT");
-  if (PQresultStatus(res) != PGRES_COMMAND_OK || strcmp(PQcmdStatus(res), "COMMIT") != 0) {
-    /* No answer to COMMIT: it may or may not have happened. Report failure;
-     * a re-send is idempotent by event id and command id. */
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-      PQclear(res);
-      ebb_error_set(&txerr, EBB_ESTORE, "committing: the transaction was rolled back");
-    } else {
-      pg_error(s, res, &txerr, "committing");
-    }
-    goto fail;
-  }
-  PQclear(res);
-  return 0;
-undo_all:
-  if (!lost(s)) PQclear(PQexec(s->conn, "ROLLBACK"));
-  for (size_t i = 0; i < n; i++) {
-    memset(&reqs[i].result, 0, sizeof reqs[i].result);
-    if (i == failed) continue;
-    ebb_error_clear(&reqs[i].err);
-    ebb_error_set(&reqs[i].err, EBB_EUNAVAIL, "not appended: request %zu of this append failed",
-                  failed + 1);
-  }
-  return reqs[failed].err.code;
-fail:
+  batch_free(s->batch);
+  s->batch = NULL;
   if (!lost(s) && PQtransactionStatus(s->conn) != PQTRANS_IDLE) PQclear(PQexec(s->conn, "ROLLBACK"));
-  for (size_t i = 0; i < n; i++) {
-    memset(&reqs[i].result, 0, sizeof reqs[i].result);
-    ebb_error_clear(&reqs[i].err);
-    ebb_error_set(&reqs[i].err, txerr.code, "%s", txerr.message);
-  }
-  int code = txerr.code;
-  if (err) ebb_error_move(err, &txerr);
-  ebb_error_clear(&txerr);
-  return code;
 }
+
+/* A failed write leaves nothing behind (tx_write checks before it adds), and
+ * no statement runs between the two round trips: no savepoints. */
+static const ebb__append_ops pg_append_ops = {
+    .begin = tx_begin,
+    .stream = tx_stream,
+    .command = tx_command,
+    .event = tx_event,
+    .write = tx_write,
+    .commit = tx_commit,
+    .rollback = tx_rollback,
+};
 
 /* ---------------------------------------------------------------- reads */
 
@@ -1299,7 +1047,20 @@ static int pg_head(ebb_store *base, int64_t *position, ebb_error *err) {
 static int pg_find_command(ebb_store *base, const char *command_id, ebb_command_record *out,
                            ebb_error *err) {
   pg_store *s = (pg_store *)base;
-  return find_command(s, command_id, out, 1, err);
+  params p = {0};
+  p_text(&p, command_id);
+  PGresult *res = run_alone(s, S_FIND_COMMAND, &p, 0, err, "looking up a command id");
+  if (res == NULL) return err->code;
+  int found = PQntuples(res) > 0;
+  if (found) {
+    snprintf(out->stream, sizeof out->stream, "%s", PQgetvalue(res, 0, 0));
+    snprintf(out->type, sizeof out->type, "%s", PQgetvalue(res, 0, 1));
+    out->version = get_i64(res, 0, 2);
+    out->first_position = get_i64(res, 0, 3);
+    out->position = get_i64(res, 0, 4);
+  }
+  PQclear(res);
+  return found;
 }
 
 static int pg_schema_version(ebb_store *base, int *version, ebb_error *err) {
@@ -1399,7 +1160,7 @@ static int pg_snapshot_delete(ebb_store *base, const char *stream, const char *f
 
 static const ebb_store_vtable pg_vtable = {
     .name = "postgres",
-    .append = pg_append,
+    .append = &pg_append_ops,
     .read_stream = pg_read_stream,
     .read_all = pg_read_all,
     .read_range = pg_read_range,

@@ -3,11 +3,12 @@
  * ebb_store_vtable (store.h).
  *
  * Schema: `events` holds every event once, its INTEGER PRIMARY KEY being the
- * global position. Events are never deleted or updated, so SQLite's rowid
- * choice (max + 1) makes positions gap-free and, with one writer at a time
- * (BEGIN IMMEDIATE), ordered by commit. UNIQUE(stream, version) and UNIQUE(id)
- * are enforced by the schema, not by code. `commands` remembers handled
- * command ids so a retried command is answered, not run again.
+ * global position. Events are never deleted or updated, and an append numbers
+ * its events from the last position read under the write lock (BEGIN
+ * IMMEDIATE: one writer at a time), so positions are gap-free and ordered by
+ * commit. UNIQUE(stream, version) and UNIQUE(id) are enforced by the schema as
+ * well. `commands` remembers handled command ids so a retried command is
+ * answered, not run again. What an append decides is append.c's.
  *
  * Every statement is prepared once at open and reset after each use.
  */
@@ -75,6 +76,7 @@ enum {
   S_RELEASE,
   S_ROLLBACK_TO,
   S_VERSION,
+  S_LAST_EVENT,
   S_INSERT,
   S_FIND_ID,
   S_FIND_COMMAND,
@@ -87,7 +89,6 @@ enum {
   S_READ_ALL_CAT_TYPE,
   S_READ_RANGE,
   S_HEAD,
-  S_POSITION_OF,
   S_SNAP_SAVE,
   S_SNAP_LOAD,
   S_SNAP_LIST,
@@ -106,6 +107,9 @@ static const char *const statements[S_COUNT] = {
     [S_RELEASE] = "RELEASE request",
     [S_ROLLBACK_TO] = "ROLLBACK TO request",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = ?1 ORDER BY version DESC LIMIT 1",
+    [S_LAST_EVENT] = "SELECT version, type, position FROM events WHERE stream = ?1 "
+                     "ORDER BY version DESC LIMIT 1",
+    /* The position is SQLite's rowid choice, the last one + 1: see tx_write. */
     [S_INSERT] = "INSERT INTO events (stream, version, id, type, schema, data, metadata, "
                  "recorded_at, category) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [S_FIND_ID] = "SELECT stream, version, position FROM events WHERE id = ?1",
@@ -129,7 +133,6 @@ static const char *const statements[S_COUNT] = {
     [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN ?1 AND ?2 "
                      "ORDER BY position",
     [S_HEAD] = "SELECT max(position) FROM events",
-    [S_POSITION_OF] = "SELECT position FROM events WHERE stream = ?1 AND version = ?2",
     [S_SNAP_SAVE] = "INSERT OR REPLACE INTO snapshots (stream, fingerprint, version, position, "
                     "recorded_at, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     [S_SNAP_LOAD] = "SELECT version, position, state FROM snapshots WHERE stream = ?1 AND "
@@ -164,6 +167,13 @@ typedef struct sqlite_store {
   int64_t wal_pages;  /* with manual checkpoints: the WAL's frames after the last commit */
   int64_t backfilled; /* of which the last checkpoint copied into the database */
   uint64_t sync_failures; /* the process's failed store fsyncs when this handle opened */
+  /* The last position as of this handle's last commit, and the database's
+   * data version then (SQLITE_FCNTL_DATA_VERSION: it changes with every
+   * commit of any connection): while the version is the same, an append need
+   * not read the head. */
+  int head_known;
+  int64_t head;
+  unsigned head_version;
 } sqlite_store;
 
 static int db_error(sqlite_store *s, ebb_error *err, const char *doing) {
@@ -332,83 +342,28 @@ int ebb__store_sqlite_open(ebb_store **out, const ebb_store_options *opt, ebb_er
   return 0;
 }
 
-/* ---------------------------------------------------------------- append */
+/* ---------------------------------------------------------------- append
+ *
+ * The operations of one append transaction (ebb__append_ops); append.c
+ * decides. BEGIN IMMEDIATE takes the write lock, so the stream versions, ids
+ * and commands read inside are the ones the writes will meet. */
 
-static int stream_version(sqlite_store *s, const char *stream, int64_t *version, int *deleted,
-                          ebb_error *err) {
-  sqlite3_stmt *st = s->stmt[S_VERSION];
+/* with_position: its last event's position too (a statement of its own, since
+ * reading it costs a little in every append). */
+static int stream_state(sqlite_store *s, const char *stream, int with_position,
+                        ebb__stream_state *out, ebb_error *err) {
+  sqlite3_stmt *st = s->stmt[with_position ? S_LAST_EVENT : S_VERSION];
   bind_text(st, 1, stream);
   int rc = sqlite3_step(st);
-  *version = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
-  *deleted = rc == SQLITE_ROW &&
-             strcmp((const char *)sqlite3_column_text(st, 1), EBB_TOMBSTONE) == 0;
+  memset(out, 0, sizeof *out);
+  if (rc == SQLITE_ROW) {
+    out->version = sqlite3_column_int64(st, 0);
+    out->deleted = strcmp((const char *)sqlite3_column_text(st, 1), EBB_TOMBSTONE) == 0;
+    if (with_position) out->position = sqlite3_column_int64(st, 2);
+  }
   sqlite3_reset(st);
   if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_error(s, err, "reading a stream's version");
   return 0;
-}
-
-/* After a failed append: are these events already stored, exactly where this
- * request would have put them? 1: yes (r->result filled), 0: none of the ids
- * is stored (the original error stands), < 0: some are stored elsewhere or
- * only some are stored (r->err says which). */
-static int check_idempotent(sqlite_store *s, ebb_append *r) {
-  sqlite3_stmt *st = s->stmt[S_FIND_ID];
-  size_t found = 0;
-  int64_t first_version = 0, first_position = 0, last_version = 0, last_position = 0;
-  char where[EBB_MAX_NAME + 1] = "";
-  const char *bad = NULL, *first_found = NULL;
-  for (size_t i = 0; i < r->n; i++) {
-    bind_text(st, 1, r->events[i].id);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-      const char *stream = (const char *)sqlite3_column_text(st, 0);
-      int64_t version = sqlite3_column_int64(st, 1), position = sqlite3_column_int64(st, 2);
-      if (found == 0) {
-        first_found = r->events[i].id;
-        first_version = version;
-        first_position = position;
-      }
-      if (strcmp(stream, r->stream) != 0 || version != first_version + (int64_t)i || found != i) {
-        snprintf(where, sizeof where, "%s", stream);
-        last_version = version;
-        bad = r->events[i].id;
-      }
-      if (!bad) {
-        last_version = version;
-        last_position = position;
-      }
-      found++;
-    } else if (rc != SQLITE_DONE) {
-      sqlite3_reset(st);
-      return db_error(s, &r->err, "looking up an event id");
-    }
-    sqlite3_reset(st);
-    if (bad) break;
-  }
-  if (found == 0) return 0;
-  int64_t want_first = r->expected >= 0 ? r->expected + 1
-                       : r->expected == EBB_EXPECT_NO_STREAM ? 1
-                                                             : 0;
-  if (!bad && found == r->n &&
-      (want_first == 0 || first_version == want_first) &&
-      (r->expected != EBB_EXPECT_EXISTS || first_version > 1)) {
-    ebb_error_clear(&r->err);
-    r->result.first_version = first_version;
-    r->result.version = last_version;
-    r->result.first_position = first_position;
-    r->result.position = last_position;
-    r->result.idempotent = 1;
-    return 1;
-  }
-  if (bad)
-    return ebb_error_set(&r->err, EBB_ECONFLICT,
-                         "event id %s is already stored in stream %s at version %lld", bad, where,
-                         (long long)last_version);
-  return ebb_error_set(&r->err, EBB_ECONFLICT,
-                       "event id %s is already stored in %s at version %lld, and %zu of the %zu "
-                       "events are; an idempotent re-send must repeat exactly the same events at "
-                       "the same place",
-                       first_found, r->stream, (long long)first_version, found, r->n);
 }
 
 static int find_command(sqlite_store *s, const char *command_id, ebb_command_record *out,
@@ -429,49 +384,59 @@ static int find_command(sqlite_store *s, const char *command_id, ebb_command_rec
   return db_error(s, err, "looking up a command id");
 }
 
-/* One request inside the open transaction and its savepoint. 0 or < 0 with r->err set. */
-static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
-  if (r->command_id) {
-    ebb_command_record rec;
-    int found = find_command(s, r->command_id, &rec, &r->err);
-    if (found < 0) return found;
-    if (found) {
-      if (strcmp(rec.stream, r->stream) != 0 ||
-          (r->command_type && strcmp(rec.type, r->command_type) != 0))
-        return ebb_error_set(&r->err, EBB_ECONFLICT,
-                             "command id %s was already used for %s on %s", r->command_id, rec.type,
-                             rec.stream);
-      r->result.first_position = rec.first_position;
-      r->result.position = rec.position;
-      r->result.version = rec.version;
-      r->result.first_version = rec.first_position ? rec.version - (rec.position - rec.first_position) : rec.version;
-      r->result.idempotent = 1;
-      return 0;
-    }
+static int tx_begin(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  if (run(s, S_BEGIN, err, "starting a transaction")) return err->code;
+  unsigned version;
+  if (s->head_known &&
+      sqlite3_file_control(s->db, NULL, SQLITE_FCNTL_DATA_VERSION, &version) == SQLITE_OK &&
+      version == s->head_version) {
+    *head = s->head;
+    return 0;
   }
-  int64_t version;
-  int deleted;
-  if (stream_version(s, r->stream, &version, &deleted, &r->err)) return r->err.code;
-  if (deleted)
-    return ebb_error_set(&r->err, EBB_EDELETED,
-                         "stream %s was deleted at version %lld; its events stay readable",
-                         r->stream, (long long)version);
-  if (!ebb_expected_matches(r->expected, version)) {
-    int rc = r->n ? check_idempotent(s, r) : 0;
-    if (rc != 0) return rc > 0 ? 0 : rc;
-    ebb_error_set(&r->err, EBB_EVERSION, "wrong expected version for %s: expected %s, actual %lld",
-                  r->stream,
-                  ebb_expected_name(r->expected, (char[24]){0}, 24), (long long)version);
-    r->err.expected = r->expected;
-    r->err.actual = version;
-    return EBB_EVERSION;
+  s->head_known = 0;
+  sqlite3_stmt *st = s->stmt[S_HEAD];
+  int rc = sqlite3_step(st);
+  *head = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+  sqlite3_reset(st);
+  if (rc != SQLITE_ROW) return db_error(s, err, "reading the head position");
+  return 0;
+}
+
+static int tx_stream(ebb_store *base, const char *stream, int with_position,
+                     ebb__stream_state *out, ebb_error *err) {
+  return stream_state((sqlite_store *)base, stream, with_position, out, err);
+}
+
+static int tx_command(ebb_store *base, const char *command_id, ebb_command_record *out,
+                      ebb_error *err) {
+  return find_command((sqlite_store *)base, command_id, out, err);
+}
+
+static int tx_event(ebb_store *base, const char *id, ebb__event_place *out, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  sqlite3_stmt *st = s->stmt[S_FIND_ID];
+  bind_text(st, 1, id);
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) {
+    snprintf(out->stream, sizeof out->stream, "%s", (const char *)sqlite3_column_text(st, 0));
+    out->version = sqlite3_column_int64(st, 1);
+    out->position = sqlite3_column_int64(st, 2);
   }
+  sqlite3_reset(st);
+  if (rc == SQLITE_ROW) return 1;
+  if (rc == SQLITE_DONE) return 0;
+  return db_error(s, err, "looking up an event id");
+}
+
+static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
   size_t category_len = ebb_stream_category_len(r->stream);
   sqlite3_stmt *st = s->stmt[S_INSERT];
   for (size_t i = 0; i < r->n; i++) {
     const ebb_event_in *e = &r->events[i];
     sqlite3_bind_text(st, 1, r->stream, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, version + 1 + (int64_t)i);
+    sqlite3_bind_int64(st, 2, r->result.first_version + (int64_t)i);
     sqlite3_bind_text(st, 3, e->id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, e->type, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, e->schema);
@@ -481,29 +446,20 @@ static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
     sqlite3_bind_text(st, 9, r->stream, (int)category_len, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
-    if (rc == SQLITE_CONSTRAINT) {
-      /* Only the id can collide: the version was checked in this transaction. */
-      int idem = check_idempotent(s, r);
-      if (idem > 0) return 0;
-      if (idem == 0) db_error(s, &r->err, "appending an event");
-      return r->err.code;
+    if (rc != SQLITE_DONE) {
+      db_error(s, err, "appending an event");
+      /* Only the id can clash: the version was checked in this transaction. */
+      return (rc & 0xFF) == SQLITE_CONSTRAINT ? EBB__CLASH : err->code;
     }
-    if (rc != SQLITE_DONE) return db_error(s, &r->err, "appending an event");
+    /* SQLite numbers a row after the table's last one, as append.c did
+     * (letting it costs less than giving the position). */
     int64_t position = sqlite3_last_insert_rowid(s->db);
-    if (i == 0) r->result.first_position = position;
-    r->result.position = position;
-  }
-  r->result.first_version = r->n ? version + 1 : version;
-  r->result.version = version + (int64_t)r->n;
-  if (r->n == 0 && version > 0) {
-    /* A command that recorded nothing answers with the stream's last position. */
-    st = s->stmt[S_POSITION_OF];
-    bind_text(st, 1, r->stream);
-    sqlite3_bind_int64(st, 2, version);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) r->result.position = sqlite3_column_int64(st, 0);
-    sqlite3_reset(st);
-    if (rc != SQLITE_ROW) return db_error(s, &r->err, "reading a stream's last position");
+    if (position != r->result.first_position + (int64_t)i) {
+      s->head_known = 0;
+      return ebb_error_set(err, EBB_ESTORE,
+                           "appending an event: it got position %lld instead of %lld", (long long)position,
+                           (long long)(r->result.first_position + (int64_t)i));
+    }
   }
   if (r->command_id) {
     st = s->stmt[S_INSERT_COMMAND];
@@ -514,72 +470,54 @@ static int append_one(sqlite_store *s, ebb_append *r, const char *now) {
     sqlite3_bind_int64(st, 5, r->result.first_position);
     sqlite3_bind_int64(st, 6, r->result.position);
     bind_text(st, 7, now);
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    if (rc != SQLITE_DONE) return db_error(s, &r->err, "recording a command id");
+    if (run(s, S_INSERT_COMMAND, err, "recording a command id")) return err->code;
   }
   return 0;
 }
 
-/* atomic: a failing request fails them all (see ebb_store_append_atomic). */
-static int sqlite_append(ebb_store *base, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
-  sqlite_store *s = (sqlite_store *)base;
-  char now[EBB_TIME_LEN + 1];
-  ebb_clock_format(ebb_clock_now_ms(), now);
-  ebb_error txerr;
-  ebb_error_init(&txerr);
-  size_t failed = 0;
-  if (run(s, S_BEGIN, &txerr, "starting a transaction")) goto fail;
-  for (size_t i = 0; i < n; i++) {
-    ebb_append *r = &reqs[i];
-    if (r->err.code && atomic) {
-      failed = i;
-      goto undo_all;
-    }
-    if (r->err.code) continue; /* refused by the checks in store.c */
-    if (n > 1 && run(s, S_SAVEPOINT, &txerr, "starting a savepoint")) goto rollback;
-    if (append_one(s, r, now) != 0 && atomic) {
-      failed = i;
-      goto undo_all;
-    }
-    if (r->err.code) {
-      memset(&r->result, 0, sizeof r->result);
-      if (n == 1) {
-        /* Nothing else in the transaction: undo it whole. */
-        run(s, S_ROLLBACK, &txerr, "rolling back");
-        ebb_error_clear(&txerr);
-        return 0;
-      }
-      if (run(s, S_ROLLBACK_TO, &txerr, "rolling back a savepoint")) goto rollback;
-    }
-    if (n > 1 && run(s, S_RELEASE, &txerr, "releasing a savepoint")) goto rollback;
-  }
-  if (run(s, S_COMMIT, &txerr, "committing")) goto rollback;
-  return 0;
-undo_all:
-  sqlite3_step(s->stmt[S_ROLLBACK]);
-  sqlite3_reset(s->stmt[S_ROLLBACK]);
-  for (size_t i = 0; i < n; i++) {
-    memset(&reqs[i].result, 0, sizeof reqs[i].result);
-    if (i == failed) continue;
-    ebb_error_clear(&reqs[i].err);
-    ebb_error_set(&reqs[i].err, EBB_EUNAVAIL, "not appended: request %zu of this append failed",
-                  failed + 1);
-  }
-  return reqs[failed].err.code;
-rollback:
-  if (!sqlite3_get_autocommit(s->db)) sqlite3_step(s->stmt[S_ROLLBACK]), sqlite3_reset(s->stmt[S_ROLLBACK]);
-fail:
-  for (size_t i = 0; i < n; i++) {
-    memset(&reqs[i].result, 0, sizeof reqs[i].result);
-    ebb_error_clear(&reqs[i].err);
-    ebb_error_set(&reqs[i].err, txerr.code, "%s", txerr.message);
-  }
-  int code = txerr.code;
-  if (err) ebb_error_move(err, &txerr);
-  ebb_error_clear(&txerr);
-  return code;
+static int tx_savepoint(ebb_store *base, ebb_error *err) {
+  return run((sqlite_store *)base, S_SAVEPOINT, err, "starting a savepoint");
 }
+
+static int tx_release(ebb_store *base, int undo, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  if (undo && run(s, S_ROLLBACK_TO, err, "rolling back a savepoint")) return err->code;
+  return run(s, S_RELEASE, err, "releasing a savepoint");
+}
+
+/* Some errors (a full disk, I/O, out of memory) make SQLite roll the whole
+ * transaction back on its own. */
+static int tx_lost(ebb_store *base) {
+  return sqlite3_get_autocommit(((sqlite_store *)base)->db);
+}
+
+static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
+  sqlite_store *s = (sqlite_store *)base;
+  s->head_known = 0;
+  if (run(s, S_COMMIT, err, "committing")) return err->code;
+  s->head = head;
+  s->head_known = sqlite3_file_control(s->db, NULL, SQLITE_FCNTL_DATA_VERSION,
+                                       &s->head_version) == SQLITE_OK;
+  return 0;
+}
+
+static void tx_rollback(ebb_store *base) {
+  sqlite_store *s = (sqlite_store *)base;
+  if (!sqlite3_get_autocommit(s->db)) run(s, S_ROLLBACK, NULL, "rolling back");
+}
+
+static const ebb__append_ops sqlite_append_ops = {
+    .begin = tx_begin,
+    .stream = tx_stream,
+    .command = tx_command,
+    .event = tx_event,
+    .write = tx_write,
+    .savepoint = tx_savepoint,
+    .release = tx_release,
+    .lost = tx_lost,
+    .commit = tx_commit,
+    .rollback = tx_rollback,
+};
 
 /* ---------------------------------------------------------------- reads */
 
@@ -707,7 +645,11 @@ static int sqlite_read_range(ebb_store *base, int64_t first, int64_t last, ebb_e
 
 static int sqlite_stream_version(ebb_store *base, const char *stream, int64_t *version,
                                  int *deleted, ebb_error *err) {
-  return stream_version((sqlite_store *)base, stream, version, deleted, err);
+  ebb__stream_state st;
+  int rc = stream_state((sqlite_store *)base, stream, 0, &st, err);
+  *version = st.version;
+  *deleted = st.deleted;
+  return rc;
 }
 
 static int sqlite_head(ebb_store *base, int64_t *position, ebb_error *err) {
@@ -822,7 +764,7 @@ static int sqlite_schema_version(ebb_store *base, int *version, ebb_error *err) 
 
 static const ebb_store_vtable sqlite_vtable = {
     .name = "sqlite",
-    .append = sqlite_append,
+    .append = &sqlite_append_ops,
     .read_stream = sqlite_read_stream,
     .read_all = sqlite_read_all,
     .read_range = sqlite_read_range,

@@ -1,7 +1,8 @@
 /*
  * store.c: the backend-independent half of the event store (see store.h):
  * argument checks that every backend would otherwise repeat, event lists,
- * and dispatch through the backend's vtable.
+ * and dispatch through the backend's vtable (an append goes to append.c,
+ * which decides it for every backend).
  */
 #include "store.h"
 
@@ -303,12 +304,12 @@ static int check_request(ebb_append *r) {
 
 int ebb_store_append(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err) {
   for (size_t i = 0; i < n; i++) check_request(&reqs[i]);
-  return s->vt->append(s, reqs, n, 0, err);
+  return ebb__append_run(s, reqs, n, 0, err);
 }
 
 int ebb_store_append_atomic(ebb_store *s, ebb_append *reqs, size_t n, ebb_error *err) {
   for (size_t i = 0; i < n; i++) check_request(&reqs[i]);
-  return s->vt->append(s, reqs, n, 1, err);
+  return ebb__append_run(s, reqs, n, 1, err);
 }
 
 static int check_limit(int64_t limit, ebb_error *err) {

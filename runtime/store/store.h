@@ -161,9 +161,11 @@ typedef int (*ebb_snapshot_fn)(void *ud, const ebb_snapshot *snap);
 
 typedef struct ebb_store ebb_store;
 
+struct ebb__append_ops; /* store_backend.h */
+
 typedef struct ebb_store_vtable {
   const char *name;
-  int (*append)(ebb_store *, ebb_append *reqs, size_t n, int atomic, ebb_error *err);
+  const struct ebb__append_ops *append; /* an append transaction's operations */
   int (*read_stream)(ebb_store *, const char *stream, int64_t from, int64_t limit, int backward,
                      ebb_event_list *out, ebb_error *err);
   int (*read_all)(ebb_store *, const ebb_read_all *q, ebb_event_list *out, ebb_error *err);

@@ -1,9 +1,11 @@
 /*
  * store_backend.h: what the store's backends (sqlite.c, postgres.c and its
- * pg_link.c, in this folder) give store.c and each other, never seen by the
- * store's callers. store.c opens a backend by name through
+ * pg_link.c, in this folder) give store.c, append.c and each other, never
+ * seen by the store's callers. store.c opens a backend by name through
  * a table of these constructors; each backend implements ebb_store_vtable
- * (store.h) and uses store.h's argument checks, never the reverse.
+ * (store.h) and uses store.h's argument checks, never the reverse. An append
+ * is decided above the backends, in append.c, from what the backend's append
+ * transaction shows it (ebb__append_ops).
  */
 #ifndef EBB_STORE_BACKEND_H
 #define EBB_STORE_BACKEND_H
@@ -30,6 +32,68 @@ typedef struct ebb_store_link_vtable {
 struct ebb_store_link {
   const ebb_store_link_vtable *vt;
 };
+
+/* ---------------------------------------------------------------- appends
+ *
+ * What an append decides (expected versions, deleted streams, command-id
+ * dedupe, idempotent re-sends, positions, atomic batches, every error it
+ * answers) is written once, in append.c; a backend gives it these operations
+ * on one append transaction (ebb_store_vtable.append). Lookups see what the
+ * transaction wrote so far. Request-level failures go to the err given (the
+ * request's own); 0 or < 0 unless said otherwise. */
+
+/* A stream as the transaction sees it: its last event. */
+typedef struct ebb__stream_state {
+  int64_t version;  /* 0: no such stream */
+  int64_t position; /* of its last event (0: none); may be left 0 unless asked for */
+  int deleted;      /* its last event is a tombstone */
+} ebb__stream_state;
+
+/* Where an event id is stored. */
+typedef struct ebb__event_place {
+  char stream[EBB_MAX_NAME + 1];
+  int64_t version, position;
+} ebb__event_place;
+
+/* write's answer when one of the request's event ids is stored already. */
+#define EBB__CLASH 1
+
+typedef struct ebb__append_ops {
+  /* Opens the transaction, holding the store's write lock until it ends, and
+   * gives the last position. The batch is given so that a backend can read
+   * what deciding it needs at once (requests with err set are not decided).
+   * On failure the driver still calls rollback. */
+  int (*begin)(ebb_store *, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err);
+  /* with_position: out->position is wanted (a request without events answers it). */
+  int (*stream)(ebb_store *, const char *stream, int with_position, ebb__stream_state *out,
+                ebb_error *err);
+  /* 1 with *out filled when the command id is recorded, 0 when not. */
+  int (*command)(ebb_store *, const char *command_id, ebb_command_record *out, ebb_error *err);
+  /* 1 with *out filled when the event id is stored, 0 when not. */
+  int (*event)(ebb_store *, const char *id, ebb__event_place *out, ebb_error *err);
+  /* Writes an accepted request: event i at version r->result.first_version + i
+   * and position r->result.first_position + i, and its command record (version
+   * r->result.version, positions r->result.first_position and .position). 0,
+   * EBB__CLASH (err says what clashed), or < 0. What a failed write left in
+   * the transaction is undone by release, or by the rollback of the whole
+   * batch when it is the only request. */
+  int (*write)(ebb_store *, const ebb_append *r, const char *now, ebb_error *err);
+  /* NULL when a failed write leaves nothing behind. Otherwise: before and
+   * after each write of a batch of several requests; undo: the write failed.
+   * A failure here is the transaction's. */
+  int (*savepoint)(ebb_store *, ebb_error *err);
+  int (*release)(ebb_store *, int undo, ebb_error *err);
+  /* NULL, or 1 when a request's failure took the transaction with it. */
+  int (*lost)(ebb_store *);
+  /* Makes the batch durable; head: the last position now used. */
+  int (*commit)(ebb_store *, int64_t head, ebb_error *err);
+  /* Ends the transaction without writing, whatever state it is in. */
+  void (*rollback)(ebb_store *);
+} ebb__append_ops;
+
+/* Decides and writes a batch through s->vt->append (see ebb_store_append and
+ * ebb_store_append_atomic; the requests have been checked). */
+int ebb__append_run(ebb_store *s, ebb_append *reqs, size_t n, int atomic, ebb_error *err);
 
 /* The SQLite backend's schema (the benchmark's raw-SQLite baseline uses it too). */
 extern const char *const ebb__sqlite_schema_sql;

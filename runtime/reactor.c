@@ -3,27 +3,39 @@
  * schedules, the life cycle and the status. The Lua side is in
  * reactor_module.c, the durable state in reactor_db.c.
  *
- * Everything runs on the daemon's loop. A reactor works one event at a time:
- * its follower reads a batch after the checkpoint; for each event the
- * handler runs (one sandboxed call) and returns commands, and may set or
- * cancel schedules; the commands go into the daemon's pipeline all at once
- * (commands for one stream keep their order there). When every command is
- * answered (committed, or rejected and compensated or recorded) the
- * checkpoint moves to the event, with its schedule changes, in one
- * transaction of reactors.db. Events whose handler did nothing move the
+ * Everything runs on the daemon's loop. A reactor works a batch of events
+ * (up to BATCH, read after its checkpoint) as a pipeline: each turn of the
+ * loop runs handlers for the next events in global order (one sandboxed call
+ * each, making that event's work: commands, schedule changes), issues every
+ * command it may, and moves the checkpoint over the oldest events whose
+ * commands are all answered. So the commands of many events are in flight at
+ * once and the daemon's group commit takes them together, and the answers of
+ * one commit become one reactors.db transaction (the checkpoint with the
+ * schedules set or cancelled and the rejections recorded by those events, in
+ * event order), not one per event. Commands to one aggregate go out one at a
+ * time, in the order the handlers made them (an answer lets the next go), so
+ * that retries and compensations never reorder them; commands to different
+ * aggregates go out together. Events whose handler did nothing move the
  * checkpoint in memory; it is written at most once a second and when the
  * reactor has caught up.
  *
- * Failures: a rejection goes to rejected[type], whose commands are issued in
- * turn, or is recorded; a script_error, storage failure or shutdown answer is
- * retried with backoff (the same command id, so nothing happens twice); a
- * handler error, a command the pipeline refuses as malformed, or a store that
- * cannot be read faults the reactor at the event until retry or skip.
+ * Failures: a rejection goes to rejected[type] (run when the answer comes,
+ * with the work of the event that issued the command), whose commands are
+ * issued in turn, or is recorded; a script_error, storage failure or
+ * shutdown answer is retried with backoff (the same command id, so nothing
+ * happens twice; no new handler runs meanwhile and the checkpoint stays
+ * before it); a handler error, a command the pipeline refuses as malformed,
+ * or a store that cannot be read faults the reactor at the event until retry
+ * or skip (the events after it that were in flight run again then, and their
+ * commands are answered from the store).
  *
  * Schedules fire through one libuv timer armed for the earliest; a fired
- * schedule's command carries the id made when it was set, and the row goes
- * once the command is answered, so a crash in between fires it again and the
- * store answers the repeat.
+ * schedule's command carries the id made when it was set. If it is rejected,
+ * rejected[type] runs with the event that set it (read back from the store
+ * at the position kept with the row), and its compensations get ids
+ * "<schedule command id>/r<k>". The row goes once everything is answered, in
+ * one transaction with the rejections to record, so a crash in between fires
+ * it again and the store answers the repeats.
  */
 #define _GNU_SOURCE /* asprintf */
 #include "reactor_internal.h"
@@ -51,15 +63,29 @@ static void maybe_free(ebb_reactors *h);
 
 /* ---------------------------------------------------------------- faults */
 
-static void set_fault(reactor *r, int64_t position, char *message) {
-  free(r->fault);
-  r->fault = message ? message : ebb_strdupf("error");
-  r->fault_position = position;
-  r->state = ST_FAULTED;
+/* Faults the reactor at the event at position (for a schedule whose
+ * rejected handler failed, key names it). With events in flight a second
+ * fault may come: the earliest event's stays, since retry and skip act on
+ * the fault's event and everything after it runs again. */
+static void set_fault_at(reactor *r, int64_t position, const char *key, char *message) {
   char pos[32];
   snprintf(pos, sizeof pos, "%lld", (long long)position);
   ebb_log(EBB_LOG_ERROR, "reactor faulted", "reactor", r->name, "#position", pos, "error",
-          r->fault, NULL);
+          message ? message : "error", NULL);
+  if (r->state == ST_FAULTED && r->fault && position >= r->fault_position) {
+    free(message);
+    return;
+  }
+  free(r->fault);
+  r->fault = message ? message : ebb_strdupf("error");
+  r->fault_position = position;
+  free(r->fault_key);
+  r->fault_key = key ? strdup(key) : NULL;
+  r->state = ST_FAULTED;
+}
+
+static void set_fault(reactor *r, int64_t position, char *message) {
+  set_fault_at(r, position, NULL, message);
 }
 
 /* Forgets the batch and the works of its handled events not checkpointed
@@ -280,11 +306,7 @@ static void on_issued(void *ud, const ebb_error *err) {
       r->tainted = ebb_sandbox_killed(r->sb) != NULL;
       char *m = ebb__reactor_call_error(r->sb);
       w->faulted = 1;
-      if (w->fi) {
-        free(r->fault_key);
-        r->fault_key = strdup(w->fi->key);
-      }
-      set_fault(r, e->position,
+      set_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
                 ebb_strdupf("%s%s%sevent %lld (%s in %s): rejected.%s: %s", w->fi ? "schedule " : "",
                             w->fi ? w->fi->key : "", w->fi ? " set by " : "", (long long)e->position,
                             e->type, e->stream, c->type, m ? m : "error"));
@@ -320,11 +342,7 @@ static void on_issued(void *ud, const ebb_error *err) {
     /* Malformed, unknown aggregate or command, a command id taken: the
      * handler is wrong, not the moment. */
     w->faulted = 1;
-    if (w->fi) {
-      free(r->fault_key);
-      r->fault_key = strdup(w->fi->key);
-    }
-    set_fault(r, e->position,
+    set_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
               ebb_strdupf("event %lld (%s in %s): command %s (%s on %s %s) failed: %s: %s",
                           (long long)e->position, e->type, e->stream, c->command_id, c->type,
                           c->aggregate, c->id, ebb_error_name(err->code), err->message));
@@ -612,9 +630,7 @@ static int compensate(reactor *r, firing *fi, const ebb_error *err) {
   if (ebb_sandbox_call(r->sb, 3, 1) != LUA_OK) {
     r->tainted = ebb_sandbox_killed(r->sb) != NULL;
     char *m = ebb__reactor_call_error(r->sb);
-    free(r->fault_key);
-    r->fault_key = strdup(fi->key);
-    set_fault(r, e->position, ebb_strdupf("schedule %s set by event %lld (%s in %s): rejected.%s: %s",
+    set_fault_at(r, e->position, fi->key, ebb_strdupf("schedule %s set by event %lld (%s in %s): rejected.%s: %s",
                                           fi->key, (long long)e->position, e->type, e->stream,
                                           fi->cmd.type, m ? m : "error"));
     free(m);

@@ -110,8 +110,8 @@ for _, level in ipairs(levels) do
   end
   local p64, c64 = plain(64)
   local p1 = plain(1)
-  print(("durability %-6s reactor: %d commands in %.2f s = %.0f commands/s (daemon CPU %.2f s incl. start, %.0f us/command)")
-    :format(level, n, dt, rate, cpu, cpu / n * 1e6))
+  print(("durability %-6s reactor: %d commands in %.2f s = %.0f commands/s "
+         .. "(daemon CPU %.2f s incl. start, %.0f us/command)"):format(level, n, dt, rate, cpu, cpu / n * 1e6))
   print(("                plain commands, 64 clients: %.0f/s (daemon CPU %.0f us/command); 1 client: %.0f/s")
     :format(p64, c64 / n * 1e6, p1))
   print(("                reactor / plain(64) = %.2f, reactor / plain(1) = %.2f; load average %s -> %s")

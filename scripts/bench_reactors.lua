@@ -6,7 +6,10 @@
 -- N commands issued) gives its rate. Beside it, in the same run and on the
 -- same data: the plain command rate, N Withdraw commands sent over HTTP by 64
 -- keep-alive clients (what the daemon's group commit can do with as many
--- commands in flight), and one client at a time. Figures, never assertions.
+-- commands in flight), and one client at a time. Then, if strace is there,
+-- the reactor's run again under `strace -f -c` for the number of fsync and
+-- fdatasync calls per command: the figure the load of the machine does not
+-- distort. Figures, never assertions.
 -- Usage: lua5.4 scripts/bench_reactors.lua [N] [durability ...]
 --        EBB (the binary, default build/ebb) may name another build (A/B).
 package.path = "spec/?.lua;" .. package.path
@@ -36,6 +39,17 @@ local function loadavg()
   local s = f:read("l")
   f:close()
   return s:match("^(%S+ %S+ %S+)")
+end
+
+local function have(program) return os.execute("command -v " .. program .. " >/dev/null 2>&1") end
+
+-- Polls the reactor until it has charged every account.
+local function caught_up(d)
+  repeat
+    socket.sleep(0.02)
+    local st, body = d:get("/reactors/order_payment")
+    local s = st == 200 and body or nil
+  until s and s.state == "live" and s.in_flight == 0 and s.position == s.head and s.commands_issued >= n
 end
 
 local function check(st, what, answer)
@@ -83,12 +97,7 @@ for _, level in ipairs(levels) do
   local t0 = socket.gettime()
   local d = daemon.start({ data = data, durability = level,
                            args = { "--reactors", support.root .. "/reactors" } })
-  local s
-  repeat
-    socket.sleep(0.02)
-    local st, body = d:get("/reactors/order_payment")
-    s = st == 200 and body or nil
-  until s and s.state == "live" and s.in_flight == 0 and s.position == s.head and s.commands_issued >= n
+  caught_up(d)
   local dt = socket.gettime() - t0
   local cpu = cpu_seconds(d.pid)
   d:stop()
@@ -116,6 +125,38 @@ for _, level in ipairs(levels) do
     :format(p64, c64 / n * 1e6, p1))
   print(("                reactor / plain(64) = %.2f, reactor / plain(1) = %.2f; load average %s -> %s")
     :format(rate / p64, rate / p1, load0, loadavg()))
+  if have("strace") and have("pgrep") then
+    -- The same catch-up under strace: the daemon's fsync/fdatasync calls.
+    local dir = support.tmpdir()
+    local wrapper, out = dir .. "/ebb", dir .. "/syncs"
+    support.write(wrapper, ("#!/bin/sh\nexec strace -f -c -o '%s' -e trace=fsync,fdatasync '%s' \"$@\"\n")
+      :format(out, support.ebb))
+    os.execute("chmod +x '" .. wrapper .. "'")
+    local data3 = copy()
+    local real = support.ebb
+    support.ebb = wrapper
+    local d3 = daemon.start({ data = data3, durability = level,
+                              args = { "--reactors", support.root .. "/reactors" } })
+    support.ebb = real
+    caught_up(d3)
+    -- SIGTERM to ebb itself (strace's child): strace writes its counts when it ends.
+    local p = io.popen("pgrep -P " .. d3.pid)
+    local child = p:read("l")
+    p:close()
+    os.execute("kill -TERM " .. child)
+    d3:wait(20)
+    local syncs = 0
+    for line in io.lines(out) do
+      local f = {} -- % time, seconds, usecs/call, calls, [errors,] syscall
+      for x in line:gmatch("%S+") do f[#f + 1] = x end
+      if (f[#f] == "fsync" or f[#f] == "fdatasync") and tonumber(f[4]) then syncs = syncs + tonumber(f[4]) end
+    end
+    print(("                syncs (fsync + fdatasync) while catching up, under strace: %d = %.3f per command")
+      :format(syncs, syncs / n))
+    d3:stop()
+    support.rmdir(data3)
+    support.rmdir(dir)
+  end
 end
 support.rmdir(seed.data)
 support.rmdir(empty)

@@ -677,7 +677,10 @@ static void on_fired(void *ud, const ebb_error *err) {
     r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", fi->cmd.command_id, fi->cmd.type,
                                     fi->cmd.aggregate, fi->cmd.id, err->message);
   }
-  int c = r && r->sb && r->state != ST_FAULTED ? compensate(r, fi, err) : 0;
+  /* A reactor that cannot run rejected[type] now (removed, not loaded,
+   * faulted meanwhile): the row stays, and the schedule fires again once it
+   * is live (the command is decided again). */
+  int c = r && r->sb && r->state != ST_FAULTED ? compensate(r, fi, err) : -1;
   if (c == 0) {
     finish_firing(h, fi, r, err->message);
   } else if (c < 0) {

@@ -393,15 +393,15 @@ return r
     support.rmdir(empty)
   end)
 
-  -- A timeout that is refused (the order was confirmed in time, and this
-  -- reactor, unlike order_payment, does not cancel it) compensates: a
-  -- deposit of 1 into "late", made by rejected.ExpireOrder with the event
-  -- that set the schedule.
+  -- A schedule whose command is refused: on confirmation, "expire the order
+  -- now" (refused: the order is confirmed), which rejected.ExpireOrder
+  -- compensates with the event that set the schedule: an account named after
+  -- what it was given, and a deposit of 1 into "late".
   local expirer = [[
 local r = { name = "expirer", from = { "Order" } }
 r.on = {
-  OrderCreated = function(e, ctx)
-    ctx.schedule(1, { aggregate = "order", id = e.aggregate_id, type = "ExpireOrder" }, "timeout:" .. e.aggregate_id)
+  OrderConfirmed = function(e, ctx)
+    ctx.schedule(0, { aggregate = "order", id = e.aggregate_id, type = "ExpireOrder" }, "timeout:" .. e.aggregate_id)
     return {}
   end,
 }
@@ -409,7 +409,7 @@ r.rejected = {
   ExpireOrder = function(cmd, err, e)
     return { { aggregate = "bank_account", id = "note-" .. e.aggregate_id, type = "OpenAccount",
                data = { owner = table.concat({ cmd.command_id, err.code, e.type, e.id, e.aggregate_id,
-                                               e.data.customer_id }, " ") } },
+                                               e.data.total }, " ") } },
              { aggregate = "bank_account", id = "late", type = "Deposit", data = { amount = 1 } } }
   end,
 }
@@ -420,16 +420,16 @@ return r
     write_reactor(dir, "expirer", nil, expirer)
     d = start({ reactors = dir })
     command(d, "bank_account", "late", "OpenAccount", { owner = "L", initial_deposit = 0 })
-    local created = command(d, "order", "x", "CreateOrder", { customer_id = "c-x" }).events[1]
+    command(d, "order", "x", "CreateOrder", { customer_id = "c-x" })
     command(d, "order", "x", "AddItem", { sku = "A", qty = 1, price = 5 })
-    command(d, "order", "x", "ConfirmOrder", {})
+    local created = command(d, "order", "x", "ConfirmOrder", {}).events[1]
     local deposit = eventually(function()
       local l = of_type(events_of(d, "BankAccount-late"), "MoneyDeposited")
       return #l == 1 and l[1]
     end, 20, "the compensation")
     local sched_id = "expirer:" .. created.id .. ":schedule:timeout:x"
     local note = events_of(d, "BankAccount-note-x")[1]
-    assert.are.equal(sched_id .. " rejected OrderCreated " .. created.id .. " x c-x", note.data.owner)
+    assert.are.equal(sched_id .. " rejected OrderConfirmed " .. created.id .. " x 5", note.data.owner)
     assert.are.equal(sched_id .. "/r0", note.metadata.command_id)
     assert.are.equal(sched_id .. "/r1", deposit.metadata.command_id)
     assert.are.equal(created.id, deposit.metadata.causation_id)
@@ -454,19 +454,19 @@ return r
 
   it("6b. a refused schedule whose rejected handler fails faults the reactor; retry fires it again, skip drops it", function()
     write_reactor(dir, "expirer", nil, (expirer:gsub("ExpireOrder = function%(cmd, err, e%)",
-      'ExpireOrder = function(cmd, err, e)\n    if e.data.customer_id == "bad" then error("cannot compensate") end')))
+      'ExpireOrder = function(cmd, err, e)\n    if e.aggregate_id == "z" then error("cannot compensate") end')))
     d = start({ reactors = dir })
-    command(d, "order", "z", "CreateOrder", { customer_id = "bad" })
+    command(d, "order", "z", "CreateOrder", { customer_id = "c" })
     command(d, "order", "z", "AddItem", { sku = "A", qty = 1, price = 5 })
     command(d, "order", "z", "ConfirmOrder", {})
     local s = eventually(function()
       local x = status(d, "expirer")
       return x and x.state == "faulted" and x
     end, 20, "the fault")
-    assert.matches("schedule timeout:z set by event 1 (OrderCreated in Order-z): rejected.ExpireOrder: ",
+    assert.matches("schedule timeout:z set by event 3 (OrderConfirmed in Order-z): rejected.ExpireOrder: ",
                    s.last_error.message, 1, true)
     assert.matches("cannot compensate", s.last_error.message, 1, true)
-    assert.are.equal(1, s.last_error.position)
+    assert.are.equal(3, s.last_error.position)
     local _, l = d:get("/reactors/expirer/schedules")
     assert.are.equal(1, #l) -- the row stays
     -- retry: it fires again, and faults again
@@ -483,7 +483,7 @@ return r
     _, l = d:get("/reactors/expirer/schedules")
     assert.are.same({}, l)
     command(d, "bank_account", "late", "OpenAccount", { owner = "L", initial_deposit = 0 })
-    command(d, "order", "z2", "CreateOrder", { customer_id = "good" })
+    command(d, "order", "z2", "CreateOrder", { customer_id = "c" })
     command(d, "order", "z2", "AddItem", { sku = "A", qty = 1, price = 5 })
     command(d, "order", "z2", "ConfirmOrder", {})
     eventually(function() return state(d, "bank_account", "late").balance == 1 end, 20, "the next compensation")
@@ -493,20 +493,14 @@ return r
     if support.store_kind ~= "sqlite" then return end
     write_reactor(dir, "expirer", nil, expirer)
     local empty = support.tmpdir()
-    -- the schedule is set (the reactor runs), then the order confirmed with no reactor, and left to fall due
-    local base = daemon.start({ args = { "--reactors", dir }, durability = "full" })
+    -- the order is confirmed before the reactor exists: the faulty daemon sets
+    -- the schedule, fires it, compensates and removes it, cut at each fsync in turn
+    local base = daemon.start({ args = { "--reactors", empty }, durability = "full" })
     command(base, "bank_account", "late", "OpenAccount", { owner = "L", initial_deposit = 0 })
     command(base, "order", "y", "CreateOrder", { customer_id = "c-y" })
-    eventually(function()
-      local _, l = base:get("/reactors/expirer/schedules")
-      return l and #l == 1
-    end, 10, "the schedule")
-    base:stop()
-    base = daemon.start({ data = base.data, args = { "--reactors", empty }, durability = "full" })
     command(base, "order", "y", "AddItem", { sku = "A", qty = 1, price = 5 })
     command(base, "order", "y", "ConfirmOrder", {})
     base:stop()
-    require("socket").sleep(1.2)
     local cuts = 0
     for n = 1, 40 do
       local data = support.tmpdir()

@@ -452,7 +452,7 @@ return r
     assert.are.equal(1, state(d, "bank_account", "late").balance)
   end)
 
-  it("6b. a refused schedule whose rejected handler fails faults the reactor; retry fires it again, skip drops it", function()
+  it("6b. a refused schedule whose rejected handler fails: a fault; retry fires it again, skip drops it", function()
     write_reactor(dir, "expirer", nil, (expirer:gsub("ExpireOrder = function%(cmd, err, e%)",
       'ExpireOrder = function(cmd, err, e)\n    if e.aggregate_id == "z" then error("cannot compensate") end')))
     d = start({ reactors = dir })

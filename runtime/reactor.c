@@ -1,7 +1,6 @@
 /*
- * reactor.c: the reactor host (see reactor.h): following, issuing, firing
- * schedules, the life cycle and the status. The Lua side is in
- * reactor_module.c, the durable state in reactor_db.c.
+ * reactor.c: the reactor host (see reactor.h): following, issuing, the life
+ * cycle and the status.
  *
  * Everything runs on the daemon's loop. A reactor works a batch of events
  * (up to BATCH, read after its checkpoint) as a pipeline: each turn of the
@@ -29,13 +28,8 @@
  * or skip (the events after it that were in flight run again then, and their
  * commands are answered from the store).
  *
- * Schedules fire through one libuv timer armed for the earliest; a fired
- * schedule's command carries the id made when it was set. If it is rejected,
- * rejected[type] runs with the event that set it (read back from the store
- * at the position kept with the row), and its compensations get ids
- * "<schedule command id>/r<k>". The row goes once everything is answered, in
- * one transaction with the rejections to record, so a crash in between fires
- * it again and the store answers the repeats.
+ * Schedules fire from reactor_schedule.c, the Lua side is in
+ * reactor_module.c, the durable state in reactor_db.c.
  */
 #define _GNU_SOURCE /* asprintf */
 #include "reactor_internal.h"
@@ -57,9 +51,8 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 30000
 
-static void schedule_pump(ebb_reactors *h);
-static void arm_schedules(ebb_reactors *h);
-static void maybe_free(ebb_reactors *h);
+void ebb__reactors_pump(ebb_reactors *h);
+void ebb__reactors_maybe_free(ebb_reactors *h);
 
 /* ---------------------------------------------------------------- faults */
 
@@ -67,7 +60,7 @@ static void maybe_free(ebb_reactors *h);
  * rejected handler failed, key names it). With events in flight a second
  * fault may come: the earliest event's stays, since retry and skip act on
  * the fault's event and everything after it runs again. */
-static void set_fault_at(reactor *r, int64_t position, const char *key, char *message) {
+void ebb__reactor_fault_at(reactor *r, int64_t position, const char *key, char *message) {
   char pos[32];
   snprintf(pos, sizeof pos, "%lld", (long long)position);
   ebb_log(EBB_LOG_ERROR, "reactor faulted", "reactor", r->name, "#position", pos, "error",
@@ -85,7 +78,7 @@ static void set_fault_at(reactor *r, int64_t position, const char *key, char *me
 }
 
 static void set_fault(reactor *r, int64_t position, char *message) {
-  set_fault_at(r, position, NULL, message);
+  ebb__reactor_fault_at(r, position, NULL, message);
 }
 
 /* Forgets the batch and the works of its handled events not checkpointed
@@ -105,12 +98,12 @@ static void drop_batch(reactor *r) {
 static void issue(reactor *r, rcommand *c);
 
 /* Is the error one that goes away by trying again? */
-static int retryable(int code) {
+int ebb__reactor_retryable(int code) {
   return code == EBB_ESCRIPT || code == EBB_ESTORE || code == EBB_EUNAVAIL || code == EBB_EBUSY ||
          code == EBB_ENOMEM || code == EBB_ETIMEOUT || code == EBB_EVERSION;
 }
 
-static int work_done(const work *w) {
+int ebb__work_done(const work *w) {
   for (size_t i = 0; i < w->n_cmds; i++)
     if (w->cmds[i]->state != C_DONE) return 0;
   return 1;
@@ -132,7 +125,7 @@ static uint64_t target_hash(const rcommand *c) {
  * The targets seen are a set of hashes; a collision only holds a command
  * back until the earlier one is answered. Nothing goes out past a faulted
  * work: retry or skip issues it again. */
-static void issue_works(reactor *r, work *ws, size_t n) {
+void ebb__reactor_issue_works(reactor *r, work *ws, size_t n) {
   ebb_reactors *h = r->h;
   if (r->removed || h->stopping) return;
   size_t total = 0;
@@ -176,7 +169,7 @@ static void on_retry(uv_timer_t *t) {
     for (size_t i = 0; fi->rejected && fi->w.r == r && i < fi->w.n_cmds; i++)
       if (fi->w.cmds[i]->state == C_RETRY) fi->w.cmds[i]->state = C_PENDING;
   r->waiting = 0;
-  schedule_pump(h);
+  ebb__reactors_pump(h);
 }
 
 /* Works [from, to) are done: their schedule changes and recorded rejections,
@@ -243,7 +236,7 @@ static void flush(reactor *r) {
   if (!r->have_batch || r->removed || h->stopping) return;
   size_t end = r->done;
   int durable = 0, ops = 0;
-  while (end < r->at && !r->works[end].faulted && work_done(&r->works[end])) {
+  while (end < r->at && !r->works[end].faulted && ebb__work_done(&r->works[end])) {
     work *w = &r->works[end];
     durable |= w->n_cmds || w->n_ops || w->n_rej;
     ops |= w->n_ops > 0;
@@ -260,11 +253,10 @@ static void flush(reactor *r) {
   r->events_total += end - r->done;
   r->done = end;
   r->rearm = 1;
-  if (ops) arm_schedules(h);
+  if (ops) ebb__reactors_arm(h);
 }
 
 static void free_reactor(reactor *r);
-static void drop_firings(ebb_reactors *h, reactor *r);
 
 static void on_issued(void *ud, const ebb_error *err) {
   rcommand *c = ud;
@@ -276,10 +268,10 @@ static void on_issued(void *ud, const ebb_error *err) {
   c->state = C_DONE;
   if (r->removed || h->stopping) {
     if (r->removed && r->flying == 0) {
-      drop_firings(h, r);
+      ebb__reactor_drop_firings(h, r);
       free_reactor(r);
     }
-    maybe_free(h);
+    ebb__reactors_maybe_free(h);
     return;
   }
   const ebb_event *e = w->e;
@@ -306,7 +298,7 @@ static void on_issued(void *ud, const ebb_error *err) {
       r->tainted = ebb_sandbox_killed(r->sb) != NULL;
       char *m = ebb__reactor_call_error(r->sb);
       w->faulted = 1;
-      set_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
+      ebb__reactor_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
                 ebb_strdupf("%s%s%sevent %lld (%s in %s): rejected.%s: %s", w->fi ? "schedule " : "",
                             w->fi ? w->fi->key : "", w->fi ? " set by " : "", (long long)e->position,
                             e->type, e->stream, c->type, m ? m : "error"));
@@ -323,7 +315,7 @@ static void on_issued(void *ud, const ebb_error *err) {
         }
       }
     }
-  } else if (retryable(err->code)) {
+  } else if (ebb__reactor_retryable(err->code)) {
     c->state = C_RETRY;
     c->attempts++;
     r->waiting++;
@@ -342,14 +334,14 @@ static void on_issued(void *ud, const ebb_error *err) {
     /* Malformed, unknown aggregate or command, a command id taken: the
      * handler is wrong, not the moment. */
     w->faulted = 1;
-    set_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
+    ebb__reactor_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
               ebb_strdupf("event %lld (%s in %s): command %s (%s on %s %s) failed: %s: %s",
                           (long long)e->position, e->type, e->stream, c->command_id, c->type,
                           c->aggregate, c->id, ebb_error_name(err->code), err->message));
   }
   /* The pump moves the checkpoint once per turn: the answers of one group
    * commit share one reactors.db transaction. */
-  schedule_pump(h);
+  ebb__reactors_pump(h);
 }
 
 static void issue(reactor *r, rcommand *c) {
@@ -417,7 +409,7 @@ static void lazy_checkpoint(reactor *r, int caught_up) {
 }
 
 /* Handled events whose checkpoint is not written yet. */
-static int pending(const reactor *r) {
+int ebb__reactor_pending(const reactor *r) {
   return r->have_batch && r->at > r->done;
 }
 
@@ -437,7 +429,7 @@ static void advance(reactor *r, int *budget) {
           /* Caught up: its due schedules may fire now. */
           r->state = ST_LIVE;
           r->rearm = 0;
-          arm_schedules(h);
+          ebb__reactors_arm(h);
         }
         break;
       }
@@ -485,322 +477,28 @@ static void advance(reactor *r, int *budget) {
     drop_batch(r);
     lazy_checkpoint(r, 0);
   }
-  if (!pending(r)) return;
-  issue_works(r, r->works + r->done, r->at - r->done);
+  if (!ebb__reactor_pending(r)) return;
+  ebb__reactor_issue_works(r, r->works + r->done, r->at - r->done);
   flush(r);
   /* All answered at once (commands the store knew): the batch is through. */
-  if (r->have_batch && r->done == r->batch.n && r->state != ST_FAULTED) schedule_pump(h);
+  if (r->have_batch && r->done == r->batch.n && r->state != ST_FAULTED) ebb__reactors_pump(h);
 }
-
-static void on_firings(ebb_reactors *h);
 
 static void on_pump(uv_idle_t *idle) {
   ebb_reactors *h = idle->data;
   uv_idle_stop(idle);
   h->pumping = 0;
   if (h->stopping || !h->active) return;
-  on_firings(h);
+  ebb__reactors_firings(h);
   int budget = EVENTS_PER_TURN;
   for (reactor *r = h->list; r; r = r->link) advance(r, &budget);
-  if (budget <= 0) schedule_pump(h);
+  if (budget <= 0) ebb__reactors_pump(h);
 }
 
-static void schedule_pump(ebb_reactors *h) {
+void ebb__reactors_pump(ebb_reactors *h) {
   if (h->pumping || h->stopping || !h->active) return;
   h->pumping = 1;
   uv_idle_start(&h->pump, on_pump);
-}
-
-/* ---------------------------------------------------------------- schedules */
-
-static reactor *find(ebb_reactors *h, const char *name);
-
-static void unlink_firing(ebb_reactors *h, firing *fi) {
-  for (firing **pp = &h->firings; *pp; pp = &(*pp)->link)
-    if (*pp == fi) {
-      *pp = fi->link;
-      break;
-    }
-}
-
-static void free_firing(firing *fi) {
-  free(fi->name);
-  free(fi->key);
-  free(fi->event_id);
-  free(fi->error);
-  ebb__rcommand_clear(&fi->cmd);
-  ebb__work_clear(&fi->w);
-  ebb_event_list_free(&fi->ev);
-  free(fi);
-}
-
-/* The compensating firings of a reactor that goes away: their rows stay
- * (it fires them again when it comes back; the store answers repeats). */
-static void drop_firings(ebb_reactors *h, reactor *r) {
-  for (firing **pp = &h->firings; *pp;) {
-    firing *fi = *pp;
-    if (fi->rejected && fi->w.r == r) {
-      *pp = fi->link;
-      free_firing(fi);
-    } else {
-      pp = &fi->link;
-    }
-  }
-}
-
-/* The fired schedule is answered (and its compensations, if any): the row
- * goes, with the rejections to record, in one transaction. Until then a
- * crash fires it again and the store answers what was done. */
-static void finish_firing(ebb_reactors *h, firing *fi, reactor *r, const char *refusal) {
-  char now[EBB_TIME_LEN + 1];
-  ebb_clock_format(ebb_clock_now_ms(), now);
-  int ok = ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", NULL) == 0;
-  static const char *record =
-      "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, type, error, "
-      "at) VALUES (?, NULL, ?, ?, ?, ?, ?, ?)";
-  if (ok && refusal)
-    ok = ebb__rdb_run(h->db, record, "ttttttt", fi->name, fi->cmd.command_id, fi->cmd.aggregate,
-                      fi->cmd.id, fi->cmd.type, refusal, now) == 0;
-  for (size_t i = 0; ok && i < fi->w.n_rej; i++)
-    ok = ebb__rdb_run(h->db, record, "ttttttt", fi->name, fi->w.rej[i].command_id,
-                      fi->w.rej[i].aggregate, fi->w.rej[i].id, fi->w.rej[i].type,
-                      fi->w.rej[i].error, now) == 0;
-  if (ok)
-    ok = ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ? AND "
-                             "command_id = ?",
-                      "ttt", fi->name, fi->key, fi->cmd.command_id) == 0;
-  if (ok) ok = ebb__rdb_exec(h->db, "COMMIT", NULL) == 0;
-  if (!ok) {
-    ebb_log(EBB_LOG_ERROR, "cannot remove a fired schedule: it fires again", "reactor", fi->name,
-            "key", fi->key, "error", sqlite3_errmsg(h->db), NULL);
-    ebb__rdb_exec(h->db, "ROLLBACK", NULL);
-  }
-  if (r && !refusal && !fi->rejected) r->issued++;
-  h->fired++;
-  unlink_firing(h, fi);
-  free_firing(fi);
-  arm_schedules(h);
-}
-
-/* A fired schedule's command was rejected: rejected[type] runs with the
- * event that set the schedule, read back from the store at the position
- * kept with the row and upcast as handlers see it. 1: compensating (the
- * pump issues its commands), 0: no handler, or the event cannot be read
- * (record the rejection), -1: the handler failed (the reactor faults; the
- * row stays). */
-static int compensate(reactor *r, firing *fi, const ebb_error *err) {
-  ebb_reactors *h = r->h;
-  lua_State *L = ebb_sandbox_state(r->sb);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->module_ref);
-  int has = lua_getfield(L, -1, "rejected") == LUA_TTABLE &&
-            lua_getfield(L, -1, fi->cmd.type) == LUA_TFUNCTION;
-  lua_settop(L, 0);
-  if (!has) return 0;
-  ebb_error e2;
-  ebb_error_init(&e2);
-  const char *why = NULL;
-  ebb_event_list_init(&fi->ev);
-  if (fi->event_position <= 0 || fi->event_id == NULL) {
-    why = "the schedule was stored without its event's position";
-  } else if (ebb_store_read_range(ebb_runtime_store(h->o.rt), fi->event_position,
-                                  fi->event_position, &fi->ev, &e2) != 0 ||
-             ebb_runtime_upcast_each(h->o.rt, &fi->ev, &e2) != 0) {
-    why = e2.message;
-  } else if (fi->ev.n != 1 || strcmp(fi->ev.items[0].id, fi->event_id) != 0) {
-    why = "the event is no longer at its position (the store was restored)";
-  } else if (fi->ev.items[0].upcast_error) {
-    why = fi->ev.items[0].upcast_error;
-  }
-  if (why) {
-    ebb_log(EBB_LOG_WARN, "cannot read the event that set a rejected schedule: recorded, "
-            "not compensated", "reactor", r->name, "key", fi->key, "error", why, NULL);
-    ebb_error_clear(&e2);
-    return 0;
-  }
-  fi->w.r = r;
-  fi->w.fi = fi;
-  fi->w.e = &fi->ev.items[0];
-  fi->cmd.w = &fi->w;
-  L = ebb_sandbox_state(r->sb);
-  lua_pushcfunction(L, ebb__reactor_l_rejected);
-  lua_pushlightuserdata(L, &fi->w);
-  lua_pushlightuserdata(L, &fi->cmd);
-  lua_pushlightuserdata(L, (void *)err);
-  const ebb_event *e = fi->w.e;
-  if (ebb_sandbox_call(r->sb, 3, 1) != LUA_OK) {
-    r->tainted = ebb_sandbox_killed(r->sb) != NULL;
-    char *m = ebb__reactor_call_error(r->sb);
-    set_fault_at(r, e->position, fi->key, ebb_strdupf("schedule %s set by event %lld (%s in %s): rejected.%s: %s",
-                                          fi->key, (long long)e->position, e->type, e->stream,
-                                          fi->cmd.type, m ? m : "error"));
-    free(m);
-    return -1;
-  }
-  lua_pop(L, 1);
-  fi->rejected = 1;
-  return 1;
-}
-
-static void on_fired(void *ud, const ebb_error *err) {
-  firing *fi = ud;
-  ebb_reactors *h = fi->h;
-  h->in_flight--;
-  if (h->stopping) {
-    unlink_firing(h, fi);
-    free_firing(fi);
-    maybe_free(h);
-    return;
-  }
-  reactor *r = find(h, fi->name);
-  if (retryable(err->code)) {
-    if (r) {
-      r->retries++;
-      free(r->retry_error);
-      r->retry_error = ebb_strdupf("schedule %s: %s: %s", fi->key, ebb_error_name(err->code),
-                                   err->message);
-    }
-    /* The row stays: the timer fires it again after a pause. */
-    ebb__rdb_run(h->db, "UPDATE reactor_schedules SET fire_at_ms = ? WHERE name = ? AND key = ?",
-                 "itt", ebb_clock_now_ms() + 1000, fi->name, fi->key);
-    unlink_firing(h, fi);
-    free_firing(fi);
-    arm_schedules(h);
-    return;
-  }
-  if (err->code == 0) {
-    finish_firing(h, fi, r, NULL);
-    return;
-  }
-  if (r) {
-    r->rejected++;
-    free(r->last_rejection);
-    r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", fi->cmd.command_id, fi->cmd.type,
-                                    fi->cmd.aggregate, fi->cmd.id, err->message);
-  }
-  /* A reactor that cannot run rejected[type] now (removed, not loaded,
-   * faulted meanwhile): the row stays, and the schedule fires again once it
-   * is live (the command is decided again). */
-  int c = r && r->sb && r->state != ST_FAULTED ? compensate(r, fi, err) : -1;
-  if (c == 0) {
-    finish_firing(h, fi, r, err->message);
-  } else if (c < 0) {
-    unlink_firing(h, fi);
-    free_firing(fi);
-    arm_schedules(h);
-  } else {
-    schedule_pump(h);
-  }
-}
-
-/* The compensating firings: their commands out, and the row gone once all
- * are answered (or, faulted, the firing dropped and the row kept). */
-static void on_firings(ebb_reactors *h) {
-  for (firing *fi = h->firings, *next; fi; fi = next) {
-    next = fi->link;
-    if (!fi->rejected) continue;
-    reactor *r = fi->w.r;
-    if (!fi->w.faulted) issue_works(r, &fi->w, 1);
-    int flying = 0;
-    for (size_t i = 0; i < fi->w.n_cmds; i++) flying |= fi->w.cmds[i]->state == C_FLIGHT;
-    if (fi->w.faulted && !flying) {
-      unlink_firing(h, fi);
-      free_firing(fi);
-      arm_schedules(h);
-    } else if (!fi->w.faulted && work_done(&fi->w)) {
-      finish_firing(h, fi, r, NULL);
-    }
-  }
-}
-
-static int in_flight(ebb_reactors *h, const char *name, const char *key) {
-  for (firing *fi = h->firings; fi; fi = fi->link)
-    if (strcmp(fi->name, name) == 0 && strcmp(fi->key, key) == 0) return 1;
-  return 0;
-}
-
-/* A schedule fires only while its reactor is caught up and idle: an event it
- * has still to handle (committed while the daemon was down, say) may cancel
- * it. A removed reactor's schedules wait for it to come back. */
-static int may_fire(ebb_reactors *h, const char *name, const char *key) {
-  if (in_flight(h, name, key)) return 0;
-  reactor *r = find(h, name);
-  return r && r->state == ST_LIVE && !pending(r);
-}
-
-static void on_sched_timer(uv_timer_t *t) {
-  ebb_reactors *h = t->data;
-  if (h->stopping || !h->active) return;
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(h->db, "SELECT name, key, aggregate, id, type, data, command_id, "
-                         "event_id, event_position FROM reactor_schedules WHERE fire_at_ms <= ? "
-                         "ORDER BY fire_at_ms", -1, &st, NULL) != SQLITE_OK)
-    return;
-  sqlite3_bind_int64(st, 1, ebb_clock_now_ms());
-  firing *due = NULL;
-  while (sqlite3_step(st) == SQLITE_ROW) {
-    const char *name = (const char *)sqlite3_column_text(st, 0);
-    const char *key = (const char *)sqlite3_column_text(st, 1);
-    if (!may_fire(h, name, key)) continue;
-    firing *fi = calloc(1, sizeof *fi);
-    if (fi == NULL) break;
-    fi->h = h;
-    fi->name = strdup(name);
-    fi->key = strdup(key);
-    fi->cmd.aggregate = strdup((const char *)sqlite3_column_text(st, 2));
-    fi->cmd.id = strdup((const char *)sqlite3_column_text(st, 3));
-    fi->cmd.type = strdup((const char *)sqlite3_column_text(st, 4));
-    fi->cmd.data = strdup((const char *)sqlite3_column_text(st, 5));
-    fi->cmd.command_id = strdup((const char *)sqlite3_column_text(st, 6));
-    const char *eid = (const char *)sqlite3_column_text(st, 7);
-    fi->event_id = eid ? strdup(eid) : NULL;
-    fi->event_position = sqlite3_column_int64(st, 8);
-    ebb_event_list_init(&fi->ev);
-    fi->link = due;
-    due = fi;
-  }
-  sqlite3_finalize(st);
-  while (due) {
-    firing *fi = due;
-    due = fi->link;
-    fi->link = h->firings;
-    h->firings = fi;
-    ebb_buf m = EBB_BUF_INIT;
-    ebb_buf_puts(&m, "{\"reactor\":");
-    ebb_buf_json_string(&m, fi->name, strlen(fi->name));
-    ebb_buf_puts(&m, ",\"schedule\":");
-    ebb_buf_json_string(&m, fi->key, strlen(fi->key));
-    ebb_buf_putc(&m, '}');
-    ebb_command cmd = {.aggregate = fi->cmd.aggregate, .id = fi->cmd.id, .type = fi->cmd.type,
-                       .data = fi->cmd.data, .data_len = strlen(fi->cmd.data),
-                       .metadata = ebb_buf_cstr(&m), .metadata_len = m.len,
-                       .command_id = fi->cmd.command_id};
-    h->in_flight++;
-    h->o.issue(h->o.issue_ud, &cmd, on_fired, fi);
-    ebb_buf_free(&m);
-  }
-  arm_schedules(h);
-}
-
-/* Arms the timer for the earliest schedule not in flight (due ones: now). */
-static void arm_schedules(ebb_reactors *h) {
-  if (h->stopping) return;
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(h->db, "SELECT name, key, fire_at_ms FROM reactor_schedules ORDER BY "
-                         "fire_at_ms", -1, &st, NULL) != SQLITE_OK)
-    return;
-  int64_t next = -1;
-  while (sqlite3_step(st) == SQLITE_ROW) {
-    if (!may_fire(h, (const char *)sqlite3_column_text(st, 0),
-                  (const char *)sqlite3_column_text(st, 1)))
-      continue;
-    next = sqlite3_column_int64(st, 2);
-    break;
-  }
-  sqlite3_finalize(st);
-  uv_timer_stop(&h->sched_timer);
-  if (next < 0) return;
-  int64_t wait = next - ebb_clock_now_ms();
-  uv_timer_start(&h->sched_timer, on_sched_timer, wait > 0 ? (uint64_t)wait : 0, 0);
 }
 
 static void load_reactor(ebb_reactors *h, reactor *r) {
@@ -829,7 +527,7 @@ static void load_reactor(ebb_reactors *h, reactor *r) {
   r->f.from = nf.from;
   r->f.n_from = nf.n_from;
   free(nf.skipped);
-  if (!pending(r)) drop_batch(r); /* read again with the new `from` */
+  if (!ebb__reactor_pending(r)) drop_batch(r); /* read again with the new `from` */
   free(r->load_error);
   r->load_error = NULL;
   if (r->loaded_once) {
@@ -966,11 +664,11 @@ static void scan(ebb_reactors *h) {
     if (r->flying) {
       r->removed = 1; /* freed when its last answer comes */
     } else {
-      drop_firings(h, r);
+      ebb__reactor_drop_firings(h, r);
       free_reactor(r);
     }
   }
-  schedule_pump(h);
+  ebb__reactors_pump(h);
 }
 
 /* ---------------------------------------------------------------- life cycle */
@@ -1016,7 +714,7 @@ int ebb_reactors_start(ebb_reactors **out, const ebb_reactors_options *opt, ebb_
               h->reactors_dir, NULL);
   }
   scan(h);
-  arm_schedules(h);
+  ebb__reactors_arm(h);
   *out = h;
   return 0;
 fail:
@@ -1037,12 +735,12 @@ static void on_handle_closed(uv_handle_t *handle) {
 }
 
 /* Frees the host once it is stopping and no answer is outstanding. */
-static void maybe_free(ebb_reactors *h) {
+void ebb__reactors_maybe_free(ebb_reactors *h) {
   if (!h->stopping || h->in_flight > 0 || h->db == NULL) return;
   while (h->firings) {
     firing *fi = h->firings;
     h->firings = fi->link;
-    free_firing(fi);
+    ebb__firing_free(fi);
   }
   while (h->list) {
     reactor *r = h->list;
@@ -1065,14 +763,14 @@ void ebb_reactors_stop(ebb_reactors *h) {
   uv_timer_stop(&h->rescan_timer);
   if (h->watching) uv_fs_event_stop(&h->watch);
   for (reactor *r = h->list; r; r = r->link) uv_timer_stop(&r->retry);
-  maybe_free(h);
+  ebb__reactors_maybe_free(h);
 }
 
 void ebb_reactors_set_active(ebb_reactors *h, int active) {
   h->active = active;
   if (active) {
-    arm_schedules(h);
-    schedule_pump(h);
+    ebb__reactors_arm(h);
+    ebb__reactors_pump(h);
   } else {
     uv_timer_stop(&h->sched_timer);
   }
@@ -1081,7 +779,7 @@ void ebb_reactors_set_active(ebb_reactors *h, int active) {
 void ebb_reactors_notify(ebb_reactors *h, int64_t head) {
   if (head <= h->head) return;
   h->head = head;
-  schedule_pump(h);
+  ebb__reactors_pump(h);
 }
 
 void ebb_reactors_rescan(ebb_reactors *h) {
@@ -1091,7 +789,7 @@ void ebb_reactors_rescan(ebb_reactors *h) {
 
 /* ---------------------------------------------------------------- status */
 
-static reactor *find(ebb_reactors *h, const char *name) {
+reactor *ebb__reactor_find(ebb_reactors *h, const char *name) {
   for (reactor *r = h->list; r; r = r->link)
     if (strcmp(r->name, name) == 0) return r;
   return NULL;
@@ -1150,14 +848,14 @@ int ebb_reactors_status(ebb_reactors *h, const char *name, ebb_buf *out) {
     ebb_buf_putc(out, ']');
     return 1;
   }
-  reactor *r = find(h, name);
+  reactor *r = ebb__reactor_find(h, name);
   if (r == NULL) return 0;
   status_json(h, r, out);
   return 1;
 }
 
 int ebb_reactors_schedules(ebb_reactors *h, const char *name, ebb_buf *out) {
-  if (find(h, name) == NULL) return 0;
+  if (ebb__reactor_find(h, name) == NULL) return 0;
   ebb__rdb_schedules_json(h->db, name, out);
   return 1;
 }
@@ -1170,7 +868,7 @@ static int error_body(ebb_buf *out, int status, const char *code, const char *me
 }
 
 int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, ebb_buf *out) {
-  reactor *r = find(h, name);
+  reactor *r = ebb__reactor_find(h, name);
   if (r == NULL) return error_body(out, 404, "not_found", "no such reactor");
   int skip = strcmp(action, "skip") == 0;
   if (!skip && strcmp(action, "retry") != 0)
@@ -1227,7 +925,7 @@ int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, 
   r->fault_position = 0;
   r->state = ST_CATCHING_UP;
   drop_batch(r); /* read again: the skipped event is filtered out */
-  schedule_pump(h);
+  ebb__reactors_pump(h);
   status_json(h, r, out);
   return 200;
 }

@@ -1,6 +1,7 @@
 /*
- * reactor_internal.h: what the reactor host's three files share (internal):
- * reactor.c (following, issuing, schedules firing, life cycle, status),
+ * reactor_internal.h: what the reactor host's four files share (internal):
+ * reactor.c (following, issuing, life cycle, status), reactor_schedule.c
+ * (firing schedules, and compensating a refused one),
  * reactor_module.c (the Lua side: loading and validating a module, running
  * its handlers, reading the commands and schedules they make) and
  * reactor_db.c (DATA/reactors.db: checkpoints, schedules, skipped positions,
@@ -139,6 +140,27 @@ struct ebb_reactors {
   firing *firings;
   uint64_t fired;
 };
+
+/* reactor.c: what the schedules share with the pipeline */
+void ebb__reactors_pump(ebb_reactors *h);           /* a turn of the pump, soon */
+void ebb__reactors_maybe_free(ebb_reactors *h);     /* frees a stopping host once idle */
+reactor *ebb__reactor_find(ebb_reactors *h, const char *name);
+int ebb__reactor_retryable(int code);               /* an error that trying again may cure */
+int ebb__work_done(const work *w);                  /* every command answered */
+/* Handled events waiting for their checkpoint. */
+int ebb__reactor_pending(const reactor *r);
+/* Issues the pending commands of ws[0..n) that no earlier unanswered command
+ * to the same aggregate holds back. */
+void ebb__reactor_issue_works(reactor *r, work *ws, size_t n);
+/* Faults the reactor at the event at position (key: the schedule's whose
+ * rejected handler failed); the earliest fault stays. Takes message. */
+void ebb__reactor_fault_at(reactor *r, int64_t position, const char *key, char *message);
+
+/* reactor_schedule.c */
+void ebb__reactors_arm(ebb_reactors *h);            /* the timer for the earliest due */
+void ebb__reactors_firings(ebb_reactors *h);        /* compensating firings: issue, finish */
+void ebb__reactor_drop_firings(ebb_reactors *h, reactor *r); /* a reactor that goes away */
+void ebb__firing_free(firing *fi);
 
 /* reactor_module.c */
 void ebb__rcommand_clear(rcommand *c);

@@ -1,29 +1,35 @@
 /*
- * reactor.c: the reactor host (see reactor.h): following, issuing, firing
- * schedules, the life cycle and the status. The Lua side is in
- * reactor_module.c, the durable state in reactor_db.c.
+ * reactor.c: the reactor host (see reactor.h): following, issuing, the life
+ * cycle and the status.
  *
- * Everything runs on the daemon's loop. A reactor works one event at a time:
- * its follower reads a batch after the checkpoint; for each event the
- * handler runs (one sandboxed call) and returns commands, and may set or
- * cancel schedules; the commands go into the daemon's pipeline all at once
- * (commands for one stream keep their order there). When every command is
- * answered (committed, or rejected and compensated or recorded) the
- * checkpoint moves to the event, with its schedule changes, in one
- * transaction of reactors.db. Events whose handler did nothing move the
+ * Everything runs on the daemon's loop. A reactor works a batch of events
+ * (up to BATCH, read after its checkpoint) as a pipeline: each turn of the
+ * loop runs handlers for the next events in global order (one sandboxed call
+ * each, making that event's work: commands, schedule changes), issues every
+ * command it may, and moves the checkpoint over the oldest events whose
+ * commands are all answered. So the commands of many events are in flight at
+ * once and the daemon's group commit takes them together, and the answers of
+ * one commit become one reactors.db transaction (the checkpoint with the
+ * schedules set or cancelled and the rejections recorded by those events, in
+ * event order), not one per event. Commands to one aggregate go out one at a
+ * time, in the order the handlers made them (an answer lets the next go), so
+ * that retries and compensations never reorder them; commands to different
+ * aggregates go out together. Events whose handler did nothing move the
  * checkpoint in memory; it is written at most once a second and when the
  * reactor has caught up.
  *
- * Failures: a rejection goes to rejected[type], whose commands are issued in
- * turn, or is recorded; a script_error, storage failure or shutdown answer is
- * retried with backoff (the same command id, so nothing happens twice); a
- * handler error, a command the pipeline refuses as malformed, or a store that
- * cannot be read faults the reactor at the event until retry or skip.
+ * Failures: a rejection goes to rejected[type] (run when the answer comes,
+ * with the work of the event that issued the command), whose commands are
+ * issued in turn, or is recorded; a script_error, storage failure or
+ * shutdown answer is retried with backoff (the same command id, so nothing
+ * happens twice; no new handler runs meanwhile and the checkpoint stays
+ * before it); a handler error, a command the pipeline refuses as malformed,
+ * or a store that cannot be read faults the reactor at the event until retry
+ * or skip (the events after it that were in flight run again then, and their
+ * commands are answered from the store).
  *
- * Schedules fire through one libuv timer armed for the earliest; a fired
- * schedule's command carries the id made when it was set, and the row goes
- * once the command is answered, so a crash in between fires it again and the
- * store answers the repeat.
+ * Schedules fire from reactor_schedule.c, the Lua side is in
+ * reactor_module.c, the durable state in reactor_db.c.
  */
 #define _GNU_SOURCE /* asprintf */
 #include "reactor_internal.h"
@@ -39,32 +45,52 @@
 #include "log.h"
 #include "module_dir.h"
 
-#define BATCH 100               /* events read at once */
+#define BATCH 256               /* events read at once: the window of handled events
+                                   ahead of the checkpoint */
 #define EVENTS_PER_TURN 200     /* handler calls per loop turn, so requests interleave */
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 30000
 
-static void schedule_pump(ebb_reactors *h);
-static void arm_schedules(ebb_reactors *h);
-static void maybe_free(ebb_reactors *h);
+void ebb__reactors_pump(ebb_reactors *h);
+void ebb__reactors_maybe_free(ebb_reactors *h);
 
 /* ---------------------------------------------------------------- faults */
 
-static void set_fault(reactor *r, int64_t position, char *message) {
-  free(r->fault);
-  r->fault = message ? message : ebb_strdupf("error");
-  r->fault_position = position;
-  r->state = ST_FAULTED;
+/* Faults the reactor at the event at position (for a schedule whose
+ * rejected handler failed, key names it). With events in flight a second
+ * fault may come: the earliest event's stays, since retry and skip act on
+ * the fault's event and everything after it runs again. */
+void ebb__reactor_fault_at(reactor *r, int64_t position, const char *key, char *message) {
   char pos[32];
   snprintf(pos, sizeof pos, "%lld", (long long)position);
   ebb_log(EBB_LOG_ERROR, "reactor faulted", "reactor", r->name, "#position", pos, "error",
-          r->fault, NULL);
+          message ? message : "error", NULL);
+  if (r->state == ST_FAULTED && r->fault && position >= r->fault_position) {
+    free(message);
+    return;
+  }
+  free(r->fault);
+  r->fault = message ? message : ebb_strdupf("error");
+  r->fault_position = position;
+  free(r->fault_key);
+  r->fault_key = key ? strdup(key) : NULL;
+  r->state = ST_FAULTED;
 }
 
+static void set_fault(reactor *r, int64_t position, char *message) {
+  ebb__reactor_fault_at(r, position, NULL, message);
+}
+
+/* Forgets the batch and the works of its handled events not checkpointed
+ * (none of their commands may be in flight): they run again from the
+ * checkpoint. */
 static void drop_batch(reactor *r) {
-  if (r->have_batch) ebb_follower_batch_free(&r->batch);
+  if (r->have_batch) {
+    for (size_t k = r->done; k < r->at; k++) ebb__work_clear(&r->works[k]);
+    ebb_follower_batch_free(&r->batch);
+  }
   r->have_batch = 0;
-  r->at = 0;
+  r->at = r->done = 0;
 }
 
 /* ---------------------------------------------------------------- issuing */
@@ -72,23 +98,85 @@ static void drop_batch(reactor *r) {
 static void issue(reactor *r, rcommand *c);
 
 /* Is the error one that goes away by trying again? */
-static int retryable(int code) {
+int ebb__reactor_retryable(int code) {
   return code == EBB_ESCRIPT || code == EBB_ESTORE || code == EBB_EUNAVAIL || code == EBB_EBUSY ||
          code == EBB_ENOMEM || code == EBB_ETIMEOUT || code == EBB_EVERSION;
 }
 
-static void on_retry(uv_timer_t *t) {
-  reactor *r = t->data;
-  if (r->h->stopping || !r->busy) return;
-  for (size_t i = 0; i < r->w.n_cmds; i++)
-    if (r->w.cmds[i]->state == C_PENDING) issue(r, r->w.cmds[i]);
+int ebb__work_done(const work *w) {
+  for (size_t i = 0; i < w->n_cmds; i++)
+    if (w->cmds[i]->state != C_DONE) return 0;
+  return 1;
 }
 
-/* The event's work is done: its checkpoint, schedule changes and recorded
- * rejections in one transaction. */
-static int commit_event(reactor *r) {
+static uint64_t target_hash(const rcommand *c) {
+  uint64_t x = 1469598103934665603ull;
+  for (const char *p = c->aggregate; *p; p++) x = (x ^ (unsigned char)*p) * 1099511628211ull;
+  x = (x ^ 0xffu) * 1099511628211ull;
+  for (const char *p = c->id; *p; p++) x = (x ^ (unsigned char)*p) * 1099511628211ull;
+  return x ? x : 1;
+}
+
+/* Issues the pending commands of ws[0..n), in order, except those behind an
+ * earlier command to the same aggregate that is not answered yet (in flight,
+ * waiting to retry, or held itself): two commands to one aggregate commit in
+ * the order the handlers made them, retries and compensations included, while
+ * commands to different aggregates go out together and share group commits.
+ * The targets seen are a set of hashes; a collision only holds a command
+ * back until the earlier one is answered. Nothing goes out past a faulted
+ * work: retry or skip issues it again. */
+void ebb__reactor_issue_works(reactor *r, work *ws, size_t n) {
   ebb_reactors *h = r->h;
-  work *w = &r->w;
+  if (r->removed || h->stopping) return;
+  size_t total = 0;
+  for (size_t k = 0; k < n; k++) total += ws[k].n_cmds;
+  if (total == 0) return;
+  size_t cap = 64;
+  while (cap < 4 * total) cap <<= 1;
+  uint64_t *set = calloc(cap, sizeof *set);
+  if (set == NULL) return; /* the next turn tries again */
+  size_t used = 0;
+  for (size_t k = 0; k < n; k++) {
+    work *w = &ws[k];
+    /* An answer may come at once (a rejection adds compensations to the
+     * list, realloc'ing it): index, never hold a pointer into it. */
+    for (size_t i = 0; i < w->n_cmds; i++) {
+      rcommand *c = w->cmds[i];
+      if (c->state == C_DONE) continue;
+      uint64_t hv = target_hash(c);
+      size_t s = hv & (cap - 1);
+      while (set[s] && set[s] != hv) s = (s + 1) & (cap - 1);
+      int held = set[s] == hv || used >= cap / 2;
+      if (!held) {
+        set[s] = hv;
+        used++;
+        if (c->state == C_PENDING) issue(r, c);
+      }
+    }
+    if (w->faulted) break;
+  }
+  free(set);
+}
+
+static void on_retry(uv_timer_t *t) {
+  reactor *r = t->data;
+  ebb_reactors *h = r->h;
+  if (h->stopping) return;
+  for (size_t k = r->done; r->have_batch && k < r->at; k++)
+    for (size_t i = 0; i < r->works[k].n_cmds; i++)
+      if (r->works[k].cmds[i]->state == C_RETRY) r->works[k].cmds[i]->state = C_PENDING;
+  for (firing *fi = h->firings; fi; fi = fi->link)
+    for (size_t i = 0; fi->rejected && fi->w.r == r && i < fi->w.n_cmds; i++)
+      if (fi->w.cmds[i]->state == C_RETRY) fi->w.cmds[i]->state = C_PENDING;
+  r->waiting = 0;
+  ebb__reactors_pump(h);
+}
+
+/* Works [from, to) are done: their schedule changes and recorded rejections,
+ * in event order, and the checkpoint at the last one's event, in one
+ * transaction (one fsync at durability full for the whole group). */
+static int commit_works(reactor *r, size_t from, size_t to) {
+  ebb_reactors *h = r->h;
   char now[EBB_TIME_LEN + 1];
   ebb_clock_format(ebb_clock_now_ms(), now);
   char *msg = NULL;
@@ -96,32 +184,35 @@ static int commit_event(reactor *r) {
   char saved_id[sizeof r->f.mark_id];
   memcpy(saved_id, r->f.mark_id, sizeof saved_id);
   if (ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", &msg) != 0) goto fail;
-  for (size_t i = 0; i < w->n_ops; i++) {
-    schedop *op = &w->ops[i];
-    int rc = op->at_ms < 0
-                 ? ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?", "tt",
-                           r->name, op->key)
-                 : ebb__rdb_run(h->db,
-                           "INSERT OR REPLACE INTO reactor_schedules (name, key, fire_at_ms, "
-                           "aggregate, id, type, data, command_id, event_id, created_at) VALUES "
-                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           "ttitttttt" "t", r->name, op->key, op->at_ms, op->cmd.aggregate,
-                           op->cmd.id, op->cmd.type, op->cmd.data, op->cmd.command_id, w->e->id,
-                           now);
-    if (rc != 0) goto fail;
+  for (size_t k = from; k < to; k++) {
+    work *w = &r->works[k];
+    for (size_t i = 0; i < w->n_ops; i++) {
+      schedop *op = &w->ops[i];
+      int rc = op->at_ms < 0
+                   ? ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?",
+                                  "tt", r->name, op->key)
+                   : ebb__rdb_run(h->db,
+                                  "INSERT OR REPLACE INTO reactor_schedules (name, key, fire_at_ms, "
+                                  "aggregate, id, type, data, command_id, event_id, created_at, "
+                                  "event_position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                  "ttitttttt" "ti", r->name, op->key, op->at_ms, op->cmd.aggregate,
+                                  op->cmd.id, op->cmd.type, op->cmd.data, op->cmd.command_id,
+                                  w->e->id, now, w->e->position);
+      if (rc != 0) goto fail;
+    }
+    for (size_t i = 0; i < w->n_rej; i++)
+      if (ebb__rdb_run(h->db,
+                       "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, "
+                       "type, error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "titttttt", r->name, w->e->position, w->rej[i].command_id,
+                       w->rej[i].aggregate, w->rej[i].id, w->rej[i].type, w->rej[i].error, now) != 0)
+        goto fail;
   }
-  for (size_t i = 0; i < w->n_rej; i++)
-    if (ebb__rdb_run(h->db,
-                "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, type, "
-                "error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                "titttttt", r->name, w->e->position, w->rej[i].command_id, w->rej[i].aggregate,
-                w->rej[i].id, w->rej[i].type, w->rej[i].error, now) != 0)
-      goto fail;
-  r->f.position = w->e->position;
-  ebb_follower_mark(&r->f, w->e);
+  r->f.position = r->works[to - 1].e->position;
+  ebb_follower_mark(&r->f, r->works[to - 1].e);
   if (ebb__rdb_write_checkpoint(r) != 0 || ebb__rdb_exec(h->db, "COMMIT", &msg) != 0) goto fail;
   r->written = r->f.position;
-  if (w->n_ops) arm_schedules(h);
+  r->written_ms = ebb_clock_now_ms();
   return 0;
 fail:
   if (msg == NULL) msg = ebb_strdupf("reactors.db: %s", sqlite3_errmsg(h->db));
@@ -129,117 +220,138 @@ fail:
   r->f.position = saved_pos;
   r->f.mark_position = saved_mark;
   memcpy(r->f.mark_id, saved_id, sizeof saved_id);
-  set_fault(r, w->e->position, ebb_strdupf("cannot store the checkpoint: %s", msg));
+  r->works[from].faulted = 1;
+  set_fault(r, r->works[from].e->position, ebb_strdupf("cannot store the checkpoint: %s", msg));
   free(msg);
   return -1;
 }
 
-/* All commands answered? Then the event is done. */
-static void maybe_done(reactor *r) {
-  if (!r->busy) return; /* finished already (an answer that came at once) */
+/* Moves the checkpoint over the handled events whose commands are all
+ * answered, from the oldest on: up to the first still waiting (in flight,
+ * held, retrying) or faulted, so the checkpoint never passes a command
+ * that may still have to be issued. Events that made nothing durable move
+ * it in memory only (lazy_checkpoint writes it). */
+static void flush(reactor *r) {
+  ebb_reactors *h = r->h;
+  if (!r->have_batch || r->removed || h->stopping) return;
+  size_t end = r->done;
+  int durable = 0, ops = 0;
+  while (end < r->at && !r->works[end].faulted && ebb__work_done(&r->works[end])) {
+    work *w = &r->works[end];
+    durable |= w->n_cmds || w->n_ops || w->n_rej;
+    ops |= w->n_ops > 0;
+    end++;
+  }
+  if (end == r->done) return;
+  if (durable) {
+    if (commit_works(r, r->done, end) != 0) return;
+  } else {
+    r->f.position = r->works[end - 1].e->position;
+    ebb_follower_mark(&r->f, r->works[end - 1].e);
+  }
+  for (size_t k = r->done; k < end; k++) ebb__work_clear(&r->works[k]);
+  r->events_total += end - r->done;
+  r->done = end;
   r->rearm = 1;
-  for (size_t i = 0; i < r->w.n_cmds; i++)
-    if (r->w.cmds[i]->state != C_DONE) return;
-  r->busy = 0;
-  r->backoff_ms = 0;
-  free(r->retry_error);
-  r->retry_error = NULL;
-  if (r->removed || r->h->stopping) {
-    ebb__work_clear(&r->w);
-    return;
-  }
-  if (r->state != ST_FAULTED && commit_event(r) == 0) {
-    r->events_total++;
-    r->at++;
-  }
-  ebb__work_clear(&r->w);
-  schedule_pump(r->h);
+  if (ops) ebb__reactors_arm(h);
 }
 
 static void free_reactor(reactor *r);
 
 static void on_issued(void *ud, const ebb_error *err) {
   rcommand *c = ud;
-  reactor *r = c->r;
+  work *w = c->w;
+  reactor *r = w->r;
   ebb_reactors *h = r->h;
   h->in_flight--;
+  r->flying--;
   c->state = C_DONE;
   if (r->removed || h->stopping) {
-    int idle = 1;
-    for (size_t i = 0; i < r->w.n_cmds; i++) idle &= r->w.cmds[i]->state != C_FLIGHT;
-    if (idle && r->removed) {
-      r->busy = 0;
+    if (r->removed && r->flying == 0) {
+      ebb__reactor_drop_firings(h, r);
       free_reactor(r);
     }
-    maybe_free(h);
+    ebb__reactors_maybe_free(h);
     return;
   }
+  const ebb_event *e = w->e;
   if (err->code == 0) {
     r->issued++;
+    if (r->waiting == 0) {
+      r->backoff_ms = 0;
+      free(r->retry_error);
+      r->retry_error = NULL;
+    }
   } else if (err->code == EBB_EREJECTED || err->code == EBB_EDELETED) {
     r->rejected++;
     free(r->last_rejection);
-    r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", c->command_id, c->type, c->aggregate, c->id,
-                             err->message);
-    /* rejected[type] compensates with commands of its own; else recorded. */
+    r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", c->command_id, c->type, c->aggregate,
+                                    c->id, err->message);
+    /* rejected[type] compensates with commands of its own (issued by the
+     * next pump, in order with the others); else recorded. */
     lua_State *L = ebb_sandbox_state(r->sb);
     lua_pushcfunction(L, ebb__reactor_l_rejected);
-    lua_pushlightuserdata(L, &r->w);
+    lua_pushlightuserdata(L, w);
     lua_pushlightuserdata(L, c);
     lua_pushlightuserdata(L, (void *)err);
-    size_t before = r->w.n_cmds;
     if (ebb_sandbox_call(r->sb, 3, 1) != LUA_OK) {
       r->tainted = ebb_sandbox_killed(r->sb) != NULL;
       char *m = ebb__reactor_call_error(r->sb);
-      set_fault(r, r->w.e->position, ebb_strdupf("event %lld (%s in %s): rejected.%s: %s",
-                                         (long long)r->w.e->position, r->w.e->type,
-                                         r->w.e->stream, c->type, m ? m : "error"));
+      w->faulted = 1;
+      ebb__reactor_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
+                ebb_strdupf("%s%s%sevent %lld (%s in %s): rejected.%s: %s", w->fi ? "schedule " : "",
+                            w->fi ? w->fi->key : "", w->fi ? " set by " : "", (long long)e->position,
+                            e->type, e->stream, c->type, m ? m : "error"));
       free(m);
     } else {
       int handled = lua_toboolean(L, -1);
       lua_pop(L, 1);
       if (!handled) {
-        rejection *p = realloc(r->w.rej, (r->w.n_rej + 1) * sizeof *p);
+        rejection *p = realloc(w->rej, (w->n_rej + 1) * sizeof *p);
         if (p) {
-          r->w.rej = p;
-          p[r->w.n_rej++] = (rejection){strdup(c->command_id), strdup(c->aggregate),
-                                        strdup(c->id), strdup(c->type), strdup(err->message)};
+          w->rej = p;
+          p[w->n_rej++] = (rejection){strdup(c->command_id), strdup(c->aggregate), strdup(c->id),
+                                      strdup(c->type), strdup(err->message)};
         }
       }
-      for (size_t i = before; i < r->w.n_cmds; i++)
-        if (r->w.cmds[i]->state == C_PENDING) issue(r, r->w.cmds[i]);
     }
-  } else if (retryable(err->code)) {
-    c->state = C_PENDING;
+  } else if (ebb__reactor_retryable(err->code)) {
+    c->state = C_RETRY;
     c->attempts++;
+    r->waiting++;
     r->retries++;
     free(r->retry_error);
     r->retry_error = ebb_strdupf("%s %s: %s", c->command_id, ebb_error_name(err->code), err->message);
-    r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : BACKOFF_MIN_MS;
-    if (r->backoff_ms > BACKOFF_MAX_MS) r->backoff_ms = BACKOFF_MAX_MS;
     ebb_log(EBB_LOG_WARN, "reactor command failed; retrying with backoff", "reactor", r->name,
             "command_id", c->command_id, "error", err->message, NULL);
-    uv_timer_start(&r->retry, on_retry, (uint64_t)r->backoff_ms, 0);
-    return;
+    /* One backoff for the reactor: the commands that fail together go again together. */
+    if (!uv_is_active((uv_handle_t *)&r->retry)) {
+      r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : BACKOFF_MIN_MS;
+      if (r->backoff_ms > BACKOFF_MAX_MS) r->backoff_ms = BACKOFF_MAX_MS;
+      uv_timer_start(&r->retry, on_retry, (uint64_t)r->backoff_ms, 0);
+    }
   } else {
     /* Malformed, unknown aggregate or command, a command id taken: the
      * handler is wrong, not the moment. */
-    set_fault(r, r->w.e->position,
+    w->faulted = 1;
+    ebb__reactor_fault_at(r, e->position, w->fi ? w->fi->key : NULL,
               ebb_strdupf("event %lld (%s in %s): command %s (%s on %s %s) failed: %s: %s",
-                   (long long)r->w.e->position, r->w.e->type, r->w.e->stream, c->command_id,
-                   c->type, c->aggregate, c->id, ebb_error_name(err->code), err->message));
+                          (long long)e->position, e->type, e->stream, c->command_id, c->type,
+                          c->aggregate, c->id, ebb_error_name(err->code), err->message));
   }
-  maybe_done(r);
+  /* The pump moves the checkpoint once per turn: the answers of one group
+   * commit share one reactors.db transaction. */
+  ebb__reactors_pump(h);
 }
 
 static void issue(reactor *r, rcommand *c) {
   ebb_reactors *h = r->h;
-  const ebb_event *e = r->w.e;
+  const ebb_event *e = c->w->e;
   /* correlation: the event's (or, at the start of a chain, the event itself);
    * causation: the event. */
   ebb_buf meta = EBB_BUF_INIT;
   ebb_buf_puts(&meta, "{\"correlation_id\":");
-  const char *corr = r->w.correlation_id ? r->w.correlation_id : e->id;
+  const char *corr = c->w->correlation_id ? c->w->correlation_id : e->id;
   ebb_buf_json_string(&meta, corr, strlen(corr));
   ebb_buf_puts(&meta, ",\"causation_id\":");
   ebb_buf_json_string(&meta, e->id, strlen(e->id));
@@ -250,7 +362,7 @@ static void issue(reactor *r, rcommand *c) {
                      .data_len = strlen(c->data), .metadata = ebb_buf_cstr(&meta),
                      .metadata_len = meta.len, .command_id = c->command_id};
   c->state = C_FLIGHT;
-  r->busy = 1;
+  r->flying++;
   h->in_flight++;
   h->o.issue(h->o.issue_ud, &cmd, on_issued, c);
   ebb_buf_free(&meta);
@@ -258,50 +370,29 @@ static void issue(reactor *r, rcommand *c) {
 
 /* ---------------------------------------------------------------- following */
 
-/* Runs the handler of the batch's current event. 1: commands are in flight
- * (wait), 0: done with it, -1: faulted. */
+/* Runs the handler of the batch's next event into its work. 0, or -1 when
+ * faulted. Its commands go out with the others' in issue_works. */
 static int handle_event(reactor *r) {
   const ebb_event *e = &r->batch.events.items[r->at];
-  ebb__work_clear(&r->w);
-  r->w.r = r;
-  r->w.e = e;
+  work *w = &r->works[r->at];
+  ebb__work_clear(w);
+  w->r = r;
+  w->fi = NULL;
+  w->e = e;
   lua_State *L = ebb_sandbox_state(r->sb);
   lua_pushcfunction(L, ebb__reactor_l_on);
-  lua_pushlightuserdata(L, &r->w);
+  lua_pushlightuserdata(L, w);
   if (ebb_sandbox_call(r->sb, 1, 0) != LUA_OK) {
     r->tainted = ebb_sandbox_killed(r->sb) != NULL;
     char *m = ebb__reactor_call_error(r->sb);
-    set_fault(r, e->position, ebb_strdupf("event %lld (%s in %s): %s", (long long)e->position, e->type,
-                                   e->stream, m ? m : "error"));
+    set_fault(r, e->position, ebb_strdupf("event %lld (%s in %s): %s", (long long)e->position,
+                                          e->type, e->stream, m ? m : "error"));
     free(m);
-    ebb__work_clear(&r->w);
+    ebb__work_clear(w);
     return -1;
   }
-  if (r->w.n_cmds == 0) {
-    if (r->w.n_ops == 0) {
-      /* Nothing to make durable: the checkpoint moves in memory. */
-      r->f.position = e->position;
-      ebb_follower_mark(&r->f, e);
-      r->events_total++;
-      r->at++;
-      ebb__work_clear(&r->w);
-      return 0;
-    }
-    int rc = commit_event(r);
-    if (rc == 0) {
-      r->events_total++;
-      r->at++;
-    }
-    ebb__work_clear(&r->w);
-    return rc;
-  }
-  /* An answer may come at once (a rejection, a command id the store
-   * knows) and add compensations, which that answer issues itself: only
-   * the pending ones go out here. */
-  for (size_t i = 0; i < r->w.n_cmds; i++)
-    if (r->w.cmds[i]->state == C_PENDING) issue(r, r->w.cmds[i]);
-  /* Every answer may have come back at once (a command id answered from the store). */
-  return r->busy ? 1 : r->state == ST_FAULTED ? -1 : 0;
+  r->at++;
+  return 0;
 }
 
 /* Writes a checkpoint that moved past events the reactor did nothing for.
@@ -317,21 +408,32 @@ static void lazy_checkpoint(reactor *r, int caught_up) {
   }
 }
 
-/* Works the reactor until it waits for answers, is done, or used its turn. */
+/* Handled events whose checkpoint is not written yet. */
+int ebb__reactor_pending(const reactor *r) {
+  return r->have_batch && r->at > r->done;
+}
+
+/* Works the reactor for one turn of the loop: handlers for the batch's
+ * events in global order (up to the whole batch ahead of the checkpoint:
+ * the window), their commands issued as they allow, then the checkpoint
+ * over what is answered. While a command waits to retry no new handler
+ * runs. */
 static void advance(reactor *r, int *budget) {
   ebb_reactors *h = r->h;
-  while (*budget > 0 && !r->busy && r->sb && r->state != ST_FAULTED && r->state != ST_STOPPED) {
+  while (r->sb && r->state != ST_FAULTED && r->state != ST_STOPPED) {
     if (!r->have_batch) {
+      if (*budget <= 0) break;
       if (r->f.position >= h->head) {
         lazy_checkpoint(r, 1);
         if (r->state != ST_LIVE || r->rearm) {
           /* Caught up: its due schedules may fire now. */
           r->state = ST_LIVE;
           r->rearm = 0;
-          arm_schedules(h);
+          ebb__reactors_arm(h);
         }
-        return;
+        break;
       }
+      if (r->works == NULL && (r->works = calloc(BATCH, sizeof *r->works)) == NULL) break;
       ebb_error err;
       ebb_error_init(&err);
       int rc = ebb_follower_read(&r->f, h->o.rt, h->head, BATCH, &r->batch, &err);
@@ -339,40 +441,47 @@ static void advance(reactor *r, int *budget) {
         set_fault(r, rc == -2 && r->batch.events.n ? r->batch.events.items[0].position
                                                   : r->f.position + 1,
                   rc == -1 ? ebb_strdupf("cannot read the events after position %lld: %s",
-                                  (long long)r->f.position, err.message)
+                                         (long long)r->f.position, err.message)
                            : ebb_strdupf("%s", err.message));
         ebb_follower_batch_free(&r->batch);
         ebb_error_clear(&err);
-        return;
+        break;
       }
       if (rc == 0) {
         ebb_follower_batch_free(&r->batch);
         continue;
       }
       r->have_batch = 1;
-      r->at = 0;
+      r->at = r->done = 0;
       if (h->head - r->f.position > BATCH) r->state = ST_CATCHING_UP;
     }
     if (r->at < r->batch.n) {
+      if (*budget <= 0 || r->waiting) break;
       (*budget)--;
-      if (handle_event(r) != 0) return; /* in flight, or faulted */
+      if (handle_event(r) != 0) break;
       continue;
     }
+    if (r->done < r->at) break; /* every event handled: waiting for answers */
     /* The batch is through: the checkpoint goes to where the follower read. */
     const ebb_event *bad = r->batch.bad;
     if (bad) {
       char *why = ebb_strdupf("event %lld (%s in %s): %s", (long long)bad->position, bad->type,
-                       bad->stream, bad->upcast_error);
+                              bad->stream, bad->upcast_error);
       r->f.position = r->batch.checkpoint;
       drop_batch(r);
       if (ebb__rdb_write_checkpoint(r) == 0) r->written = r->f.position;
       set_fault(r, r->f.position + 1, why);
-      return;
+      break;
     }
     r->f.position = r->batch.checkpoint;
     drop_batch(r);
     lazy_checkpoint(r, 0);
   }
+  if (!ebb__reactor_pending(r)) return;
+  ebb__reactor_issue_works(r, r->works + r->done, r->at - r->done);
+  flush(r);
+  /* All answered at once (commands the store knew): the batch is through. */
+  if (r->have_batch && r->done == r->batch.n && r->state != ST_FAULTED) ebb__reactors_pump(h);
 }
 
 static void on_pump(uv_idle_t *idle) {
@@ -380,158 +489,16 @@ static void on_pump(uv_idle_t *idle) {
   uv_idle_stop(idle);
   h->pumping = 0;
   if (h->stopping || !h->active) return;
+  ebb__reactors_firings(h);
   int budget = EVENTS_PER_TURN;
   for (reactor *r = h->list; r; r = r->link) advance(r, &budget);
-  if (budget <= 0) schedule_pump(h);
+  if (budget <= 0) ebb__reactors_pump(h);
 }
 
-static void schedule_pump(ebb_reactors *h) {
+void ebb__reactors_pump(ebb_reactors *h) {
   if (h->pumping || h->stopping || !h->active) return;
   h->pumping = 1;
   uv_idle_start(&h->pump, on_pump);
-}
-
-/* ---------------------------------------------------------------- schedules */
-
-static void on_fired(void *ud, const ebb_error *err) {
-  firing *fi = ud;
-  ebb_reactors *h = fi->h;
-  h->in_flight--;
-  for (firing **pp = &h->firings; *pp; pp = &(*pp)->link)
-    if (*pp == fi) {
-      *pp = fi->link;
-      break;
-    }
-  if (!h->stopping) {
-    reactor *r = h->list;
-    while (r && strcmp(r->name, fi->name) != 0) r = r->link;
-    if (retryable(err->code)) {
-      if (r) {
-        r->retries++;
-        free(r->retry_error);
-        r->retry_error = ebb_strdupf("schedule %s: %s: %s", fi->key, ebb_error_name(err->code),
-                              err->message);
-      }
-      /* The row stays: the timer fires it again after a pause. */
-      ebb__rdb_run(h->db, "UPDATE reactor_schedules SET fire_at_ms = ? WHERE name = ? AND key = ?",
-              "itt", ebb_clock_now_ms() + 1000, fi->name, fi->key);
-    } else {
-      char now[EBB_TIME_LEN + 1];
-      ebb_clock_format(ebb_clock_now_ms(), now);
-      ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", NULL);
-      if (err->code != 0)
-        ebb__rdb_run(h->db,
-                "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, "
-                "type, error, at) VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
-                "ttttttt", fi->name, fi->cmd.command_id, fi->cmd.aggregate, fi->cmd.id,
-                fi->cmd.type, err->message, now);
-      ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ? AND command_id = ?",
-              "ttt", fi->name, fi->key, fi->cmd.command_id);
-      ebb__rdb_exec(h->db, "COMMIT", NULL);
-      if (r && err->code == 0) r->issued++;
-      if (r && err->code != 0) {
-        r->rejected++;
-        free(r->last_rejection);
-        r->last_rejection = ebb_strdupf("%s %s on %s %s: %s", fi->cmd.command_id, fi->cmd.type,
-                                 fi->cmd.aggregate, fi->cmd.id, err->message);
-      }
-      h->fired++;
-    }
-    arm_schedules(h);
-  }
-  free(fi->name);
-  free(fi->key);
-  ebb__rcommand_clear(&fi->cmd);
-  free(fi);
-  maybe_free(h);
-}
-
-static int in_flight(ebb_reactors *h, const char *name, const char *key) {
-  for (firing *fi = h->firings; fi; fi = fi->link)
-    if (strcmp(fi->name, name) == 0 && strcmp(fi->key, key) == 0) return 1;
-  return 0;
-}
-
-/* A schedule fires only while its reactor is caught up and idle: an event it
- * has still to handle (committed while the daemon was down, say) may cancel
- * it. A removed reactor's schedules wait for it to come back. */
-static int may_fire(ebb_reactors *h, const char *name, const char *key) {
-  if (in_flight(h, name, key)) return 0;
-  reactor *r = h->list;
-  while (r && strcmp(r->name, name) != 0) r = r->link;
-  return r && r->state == ST_LIVE && !r->busy;
-}
-
-static void on_sched_timer(uv_timer_t *t) {
-  ebb_reactors *h = t->data;
-  if (h->stopping || !h->active) return;
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(h->db, "SELECT name, key, aggregate, id, type, data, command_id FROM "
-                         "reactor_schedules WHERE fire_at_ms <= ? ORDER BY fire_at_ms", -1, &st,
-                         NULL) != SQLITE_OK)
-    return;
-  sqlite3_bind_int64(st, 1, ebb_clock_now_ms());
-  firing *due = NULL;
-  while (sqlite3_step(st) == SQLITE_ROW) {
-    const char *name = (const char *)sqlite3_column_text(st, 0);
-    const char *key = (const char *)sqlite3_column_text(st, 1);
-    if (!may_fire(h, name, key)) continue;
-    firing *fi = calloc(1, sizeof *fi);
-    if (fi == NULL) break;
-    fi->h = h;
-    fi->name = strdup(name);
-    fi->key = strdup(key);
-    fi->cmd.aggregate = strdup((const char *)sqlite3_column_text(st, 2));
-    fi->cmd.id = strdup((const char *)sqlite3_column_text(st, 3));
-    fi->cmd.type = strdup((const char *)sqlite3_column_text(st, 4));
-    fi->cmd.data = strdup((const char *)sqlite3_column_text(st, 5));
-    fi->cmd.command_id = strdup((const char *)sqlite3_column_text(st, 6));
-    fi->link = due;
-    due = fi;
-  }
-  sqlite3_finalize(st);
-  while (due) {
-    firing *fi = due;
-    due = fi->link;
-    fi->link = h->firings;
-    h->firings = fi;
-    ebb_buf m = EBB_BUF_INIT;
-    ebb_buf_puts(&m, "{\"reactor\":");
-    ebb_buf_json_string(&m, fi->name, strlen(fi->name));
-    ebb_buf_puts(&m, ",\"schedule\":");
-    ebb_buf_json_string(&m, fi->key, strlen(fi->key));
-    ebb_buf_putc(&m, '}');
-    ebb_command cmd = {.aggregate = fi->cmd.aggregate, .id = fi->cmd.id, .type = fi->cmd.type,
-                       .data = fi->cmd.data, .data_len = strlen(fi->cmd.data),
-                       .metadata = ebb_buf_cstr(&m), .metadata_len = m.len,
-                       .command_id = fi->cmd.command_id};
-    h->in_flight++;
-    h->o.issue(h->o.issue_ud, &cmd, on_fired, fi);
-    ebb_buf_free(&m);
-  }
-  arm_schedules(h);
-}
-
-/* Arms the timer for the earliest schedule not in flight (due ones: now). */
-static void arm_schedules(ebb_reactors *h) {
-  if (h->stopping) return;
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(h->db, "SELECT name, key, fire_at_ms FROM reactor_schedules ORDER BY "
-                         "fire_at_ms", -1, &st, NULL) != SQLITE_OK)
-    return;
-  int64_t next = -1;
-  while (sqlite3_step(st) == SQLITE_ROW) {
-    if (!may_fire(h, (const char *)sqlite3_column_text(st, 0),
-                  (const char *)sqlite3_column_text(st, 1)))
-      continue;
-    next = sqlite3_column_int64(st, 2);
-    break;
-  }
-  sqlite3_finalize(st);
-  uv_timer_stop(&h->sched_timer);
-  if (next < 0) return;
-  int64_t wait = next - ebb_clock_now_ms();
-  uv_timer_start(&h->sched_timer, on_sched_timer, wait > 0 ? (uint64_t)wait : 0, 0);
 }
 
 static void load_reactor(ebb_reactors *h, reactor *r) {
@@ -560,7 +527,7 @@ static void load_reactor(ebb_reactors *h, reactor *r) {
   r->f.from = nf.from;
   r->f.n_from = nf.n_from;
   free(nf.skipped);
-  if (!r->busy) drop_batch(r); /* read again with the new `from` */
+  if (!ebb__reactor_pending(r)) drop_batch(r); /* read again with the new `from` */
   free(r->load_error);
   r->load_error = NULL;
   if (r->loaded_once) {
@@ -609,7 +576,8 @@ static void close_free(uv_handle_t *handle) {
 
 static void free_reactor(reactor *r) {
   drop_batch(r);
-  ebb__work_clear(&r->w);
+  free(r->works);
+  free(r->fault_key);
   ebb_sandbox_free(r->sb);
   ebb_follower_clear(&r->f);
   free(r->name);
@@ -638,7 +606,6 @@ static void scan_one(void *ud, const char *name, const char *path) {
       return;
     }
     r->h = h;
-    r->w.r = r;
     r->module_ref = LUA_NOREF;
     r->state = ST_STOPPED;
     uv_timer_init(h->o.loop, &r->retry);
@@ -666,12 +633,14 @@ static void scan(ebb_reactors *h) {
     /* Removed: its checkpoint and schedules stay, so putting it back resumes. */
     ebb_log(EBB_LOG_INFO, "reactor removed", "reactor", r->name, NULL);
     *pp = r->link;
-    int flying = 0;
-    for (size_t i = 0; i < r->w.n_cmds; i++) flying |= r->w.cmds[i]->state == C_FLIGHT;
-    if (flying) r->removed = 1; /* freed when its last answer comes */
-    else free_reactor(r);
+    if (r->flying) {
+      r->removed = 1; /* freed when its last answer comes */
+    } else {
+      ebb__reactor_drop_firings(h, r);
+      free_reactor(r);
+    }
   }
-  schedule_pump(h);
+  ebb__reactors_pump(h);
 }
 
 /* ---------------------------------------------------------------- life cycle */
@@ -717,7 +686,7 @@ int ebb_reactors_start(ebb_reactors **out, const ebb_reactors_options *opt, ebb_
               h->reactors_dir, NULL);
   }
   scan(h);
-  arm_schedules(h);
+  ebb__reactors_arm(h);
   *out = h;
   return 0;
 fail:
@@ -738,8 +707,13 @@ static void on_handle_closed(uv_handle_t *handle) {
 }
 
 /* Frees the host once it is stopping and no answer is outstanding. */
-static void maybe_free(ebb_reactors *h) {
+void ebb__reactors_maybe_free(ebb_reactors *h) {
   if (!h->stopping || h->in_flight > 0 || h->db == NULL) return;
+  while (h->firings) {
+    firing *fi = h->firings;
+    h->firings = fi->link;
+    ebb__firing_free(fi);
+  }
   while (h->list) {
     reactor *r = h->list;
     h->list = r->link;
@@ -761,14 +735,14 @@ void ebb_reactors_stop(ebb_reactors *h) {
   uv_timer_stop(&h->rescan_timer);
   if (h->watching) uv_fs_event_stop(&h->watch);
   for (reactor *r = h->list; r; r = r->link) uv_timer_stop(&r->retry);
-  maybe_free(h);
+  ebb__reactors_maybe_free(h);
 }
 
 void ebb_reactors_set_active(ebb_reactors *h, int active) {
   h->active = active;
   if (active) {
-    arm_schedules(h);
-    schedule_pump(h);
+    ebb__reactors_arm(h);
+    ebb__reactors_pump(h);
   } else {
     uv_timer_stop(&h->sched_timer);
   }
@@ -777,7 +751,7 @@ void ebb_reactors_set_active(ebb_reactors *h, int active) {
 void ebb_reactors_notify(ebb_reactors *h, int64_t head) {
   if (head <= h->head) return;
   h->head = head;
-  schedule_pump(h);
+  ebb__reactors_pump(h);
 }
 
 void ebb_reactors_rescan(ebb_reactors *h) {
@@ -787,7 +761,7 @@ void ebb_reactors_rescan(ebb_reactors *h) {
 
 /* ---------------------------------------------------------------- status */
 
-static reactor *find(ebb_reactors *h, const char *name) {
+reactor *ebb__reactor_find(ebb_reactors *h, const char *name) {
   for (reactor *r = h->list; r; r = r->link)
     if (strcmp(r->name, name) == 0) return r;
   return NULL;
@@ -810,7 +784,7 @@ static void status_json(ebb_reactors *h, reactor *r, ebb_buf *b) {
                  state, (long long)r->f.position, (long long)h->head, (long long)lag,
                  (unsigned long long)r->events_total, (unsigned long long)r->issued,
                  (unsigned long long)r->rejected, (unsigned long long)r->retries,
-                 (long long)ebb__rdb_count_schedules(h->db, r->name), r->busy);
+                 (long long)ebb__rdb_count_schedules(h->db, r->name), (int)r->flying);
   for (size_t i = 0; i < r->f.n_from; i++) {
     if (i) ebb_buf_putc(b, ',');
     ebb_buf_json_string(b, r->f.from[i], strlen(r->f.from[i]));
@@ -824,7 +798,7 @@ static void status_json(ebb_reactors *h, reactor *r, ebb_buf *b) {
     ebb_buf_puts(b, "null");
   }
   ebb_buf_puts(b, ",\"retrying\":");
-  json_str_or_null(b, r->busy ? r->retry_error : NULL);
+  json_str_or_null(b, r->waiting || r->flying ? r->retry_error : NULL);
   ebb_buf_puts(b, ",\"last_rejection\":");
   json_str_or_null(b, r->last_rejection);
   ebb_buf_puts(b, ",\"load_error\":");
@@ -846,14 +820,14 @@ int ebb_reactors_status(ebb_reactors *h, const char *name, ebb_buf *out) {
     ebb_buf_putc(out, ']');
     return 1;
   }
-  reactor *r = find(h, name);
+  reactor *r = ebb__reactor_find(h, name);
   if (r == NULL) return 0;
   status_json(h, r, out);
   return 1;
 }
 
 int ebb_reactors_schedules(ebb_reactors *h, const char *name, ebb_buf *out) {
-  if (find(h, name) == NULL) return 0;
+  if (ebb__reactor_find(h, name) == NULL) return 0;
   ebb__rdb_schedules_json(h->db, name, out);
   return 1;
 }
@@ -866,21 +840,41 @@ static int error_body(ebb_buf *out, int status, const char *code, const char *me
 }
 
 int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, ebb_buf *out) {
-  reactor *r = find(h, name);
+  reactor *r = ebb__reactor_find(h, name);
   if (r == NULL) return error_body(out, 404, "not_found", "no such reactor");
   int skip = strcmp(action, "skip") == 0;
   if (!skip && strcmp(action, "retry") != 0)
     return error_body(out, 404, "not_found", "unknown action (retry or skip)");
   if (r->state != ST_FAULTED) return error_body(out, 409, "conflict", "the reactor is not faulted");
-  if (r->busy)
+  if (r->flying || r->waiting)
     return error_body(out, 409, "conflict",
                       "the reactor still waits for answers to commands it issued: try again");
+  flush(r); /* what was answered before the fault keeps its checkpoint */
   if (r->tainted) {
     load_reactor(h, r);
     if (r->load_error) return error_body(out, 500, "script_error", r->load_error);
     r->tainted = 0;
   }
-  if (skip) {
+  if (skip && r->fault_key) {
+    /* A schedule whose rejected handler failed: it goes, recorded as rejected. */
+    char now[EBB_TIME_LEN + 1];
+    ebb_clock_format(ebb_clock_now_ms(), now);
+    int ok = ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", NULL) == 0 &&
+             ebb__rdb_run(h->db,
+                          "INSERT INTO reactor_rejections (name, position, command_id, aggregate, "
+                          "id, type, error, at) SELECT name, NULL, command_id, aggregate, id, type, "
+                          "?, ? FROM reactor_schedules WHERE name = ? AND key = ?",
+                          "tttt", r->fault ? r->fault : "", now, r->name, r->fault_key) == 0 &&
+             ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?", "tt",
+                          r->name, r->fault_key) == 0 &&
+             ebb__rdb_exec(h->db, "COMMIT", NULL) == 0;
+    if (!ok) {
+      ebb__rdb_exec(h->db, "ROLLBACK", NULL);
+      return error_body(out, 500, "storage_error", sqlite3_errmsg(h->db));
+    }
+    ebb_log(EBB_LOG_WARN, "reactor skipped a schedule", "reactor", r->name, "key", r->fault_key,
+            NULL);
+  } else if (skip) {
     char now[EBB_TIME_LEN + 1];
     ebb_clock_format(ebb_clock_now_ms(), now);
     if (ebb__rdb_run(h->db, "INSERT OR IGNORE INTO reactor_skipped (name, position, error, skipped_at) "
@@ -898,10 +892,12 @@ int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, 
   }
   free(r->fault);
   r->fault = NULL;
+  free(r->fault_key);
+  r->fault_key = NULL;
   r->fault_position = 0;
   r->state = ST_CATCHING_UP;
   drop_batch(r); /* read again: the skipped event is filtered out */
-  schedule_pump(h);
+  ebb__reactors_pump(h);
   status_json(h, r, out);
   return 200;
 }

@@ -11,8 +11,10 @@
  * from the reactor's name, the triggering event's id and the command's index
  * (a schedule's from its key), so a redelivery after a crash is answered
  * from the store and never applied twice. The checkpoint moves past an event
- * only once all its commands are committed or recorded as rejected, in one
- * transaction with the schedules its handler set or cancelled.
+ * only once all its commands (and those of the events before it) are
+ * committed or recorded as rejected, in one transaction with the schedules
+ * their handlers set or cancelled. Events are handled ahead of the checkpoint
+ * (a batch at most), so that their commands share the daemon's group commits.
  *
  * Where that state lives: DATA/reactors.db, an SQLite file beside the store,
  * synced as the store is (durability full: fsync at every commit). One row

@@ -23,7 +23,7 @@ static const char *schema_sql =
     "CREATE TABLE IF NOT EXISTS reactor_schedules (name TEXT NOT NULL, key TEXT NOT NULL, "
     "fire_at_ms INTEGER NOT NULL, aggregate TEXT NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, "
     "data TEXT NOT NULL, command_id TEXT NOT NULL, event_id TEXT, created_at TEXT NOT NULL, "
-    "PRIMARY KEY (name, key));"
+    "event_position INTEGER, PRIMARY KEY (name, key));"
     "CREATE INDEX IF NOT EXISTS reactor_schedules_at ON reactor_schedules (fire_at_ms);"
     "CREATE TABLE IF NOT EXISTS reactor_rejections (name TEXT NOT NULL, position INTEGER, "
     "command_id TEXT NOT NULL, aggregate TEXT, id TEXT, type TEXT, error TEXT, at TEXT NOT NULL);";
@@ -112,6 +112,19 @@ int64_t ebb__rdb_count_schedules(sqlite3 *db, const char *name) {
 }
 
 
+static int has_column(sqlite3 *db, const char *table, const char *column) {
+  sqlite3_stmt *st;
+  int found = 0;
+  if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info(?) WHERE name = ?", -1, &st, NULL) !=
+      SQLITE_OK)
+    return 0;
+  sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+  sqlite3_bind_text(st, 2, column, -1, SQLITE_STATIC);
+  found = sqlite3_step(st) == SQLITE_ROW;
+  sqlite3_finalize(st);
+  return found;
+}
+
 int ebb__rdb_open(sqlite3 **db, const char *data_dir, int durability, ebb_error *err) {
   char *path = NULL, *msg = NULL;
   if (asprintf(&path, "%s/reactors.db", data_dir) < 0)
@@ -129,6 +142,13 @@ int ebb__rdb_open(sqlite3 **db, const char *data_dir, int durability, ebb_error 
                              : "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
                     &msg) != 0 ||
       ebb__rdb_exec(*db, schema_sql, &msg) != 0) {
+    ebb_error_set(err, EBB_ESTORE, "%s: %s", path, msg ? msg : "cannot set up");
+    goto fail;
+  }
+  /* A file from before event_position (the event a rejected schedule's
+   * handler gets is read back at it): the column, empty for old rows. */
+  if (!has_column(*db, "reactor_schedules", "event_position") &&
+      ebb__rdb_exec(*db, "ALTER TABLE reactor_schedules ADD COLUMN event_position INTEGER", &msg) != 0) {
     ebb_error_set(err, EBB_ESTORE, "%s: %s", path, msg ? msg : "cannot set up");
     goto fail;
   }

@@ -53,8 +53,10 @@ void ebb__work_clear(work *w) {
   free(w->rej);
   free(w->correlation_id);
   reactor *r = w->r;
+  struct firing *fi = w->fi;
   memset(w, 0, sizeof *w);
   w->r = r;
+  w->fi = fi;
 }
 
 /* Reads the command table at idx into c (raises on a malformed one). */
@@ -101,7 +103,7 @@ static void take_commands(lua_State *L, int idx, work *w, const char *handler) {
     rcommand *c = calloc(1, sizeof *c);
     if (c == NULL) luaL_error(L, "out of memory");
     w->cmds[w->n_cmds++] = c;
-    c->r = w->r;
+    c->w = w;
     char what[200];
     snprintf(what, sizeof what, "%.100s: command %d", handler, (int)i);
     lua_rawgeti(L, idx, i);
@@ -234,8 +236,17 @@ int ebb__reactor_l_rejected(lua_State *L) {
   lua_setfield(L, -2, "message");
   if (err->details && ebb_json_decode(L, err->details, strlen(err->details), msg, sizeof msg) == 0)
     lua_setfield(L, -2, "details");
-  if (w->e) ebb_event_push(L, w->e, 1);
-  else lua_pushnil(L);
+  if (w->e) {
+    ebb_event_push(L, w->e, 1);
+    /* A fired schedule's work starts here: its chain is the event's. */
+    if (w->correlation_id == NULL && lua_getfield(L, -1, "metadata") == LUA_TTABLE &&
+        lua_getfield(L, -1, "correlation_id") == LUA_TSTRING &&
+        (w->correlation_id = strdup(lua_tostring(L, -1))) == NULL)
+      luaL_error(L, "out of memory");
+    lua_settop(L, 9); /* work, cmd, err, module, rejected, handler, cmd, err, event */
+  } else {
+    lua_pushnil(L);
+  }
   push_ctx(L, w);
   lua_call(L, 4, 1);
   char handler[EBB_MAX_NAME + 16];

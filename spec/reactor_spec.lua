@@ -393,6 +393,198 @@ return r
     support.rmdir(empty)
   end)
 
+  -- A schedule whose command is refused: on confirmation, "expire the order
+  -- now" (refused: the order is confirmed), which rejected.ExpireOrder
+  -- compensates with the event that set the schedule: an account named after
+  -- what it was given, and a deposit of 1 into "late".
+  local expirer = [[
+local r = { name = "expirer", from = { "Order" } }
+r.on = {
+  OrderConfirmed = function(e, ctx)
+    ctx.schedule(0, { aggregate = "order", id = e.aggregate_id, type = "ExpireOrder" }, "timeout:" .. e.aggregate_id)
+    return {}
+  end,
+}
+r.rejected = {
+  ExpireOrder = function(cmd, err, e)
+    return { { aggregate = "bank_account", id = "note-" .. e.aggregate_id, type = "OpenAccount",
+               data = { owner = table.concat({ cmd.command_id, err.code, e.type, e.id, e.aggregate_id,
+                                               e.data.total }, " ") } },
+             { aggregate = "bank_account", id = "late", type = "Deposit", data = { amount = 1 } } }
+  end,
+}
+return r
+]]
+
+  it("6. a scheduled command that is refused goes to rejected[type], with the event that set the schedule", function()
+    write_reactor(dir, "expirer", nil, expirer)
+    d = start({ reactors = dir })
+    command(d, "bank_account", "late", "OpenAccount", { owner = "L", initial_deposit = 0 })
+    command(d, "order", "x", "CreateOrder", { customer_id = "c-x" })
+    command(d, "order", "x", "AddItem", { sku = "A", qty = 1, price = 5 })
+    local created = command(d, "order", "x", "ConfirmOrder", {}).events[1]
+    local deposit = eventually(function()
+      local l = of_type(events_of(d, "BankAccount-late"), "MoneyDeposited")
+      return #l == 1 and l[1]
+    end, 20, "the compensation")
+    local sched_id = "expirer:" .. created.id .. ":schedule:timeout:x"
+    local note = events_of(d, "BankAccount-note-x")[1]
+    assert.are.equal(sched_id .. " rejected OrderConfirmed " .. created.id .. " x 5", note.data.owner)
+    assert.are.equal(sched_id .. "/r0", note.metadata.command_id)
+    assert.are.equal(sched_id .. "/r1", deposit.metadata.command_id)
+    assert.are.equal(created.id, deposit.metadata.causation_id)
+    assert.are.equal(created.metadata.correlation_id, deposit.metadata.correlation_id)
+    eventually(function()
+      local _, l = d:get("/reactors/expirer/schedules")
+      return l and #l == 0
+    end, 10, "the schedule to go")
+    local s = settled(d, "expirer")
+    assert.are.equal(1, s.commands_rejected)
+    assert.are.equal(2, s.commands_issued) -- the compensations
+    assert.matches(sched_id .. " ExpireOrder on order x", s.last_rejection, 1, true)
+    assert.are.equal("confirmed", state(d, "order", "x").status)
+    -- restarted, nothing fires again
+    local data = d.data
+    d:stop()
+    d = start({ data = data, reactors = dir })
+    settled(d, "expirer")
+    require("socket").sleep(1.5)
+    assert.are.equal(1, state(d, "bank_account", "late").balance)
+  end)
+
+  it("6b. a refused schedule whose rejected handler fails: a fault; retry fires it again, skip drops it", function()
+    write_reactor(dir, "expirer", nil, (expirer:gsub("ExpireOrder = function%(cmd, err, e%)",
+      'ExpireOrder = function(cmd, err, e)\n    if e.aggregate_id == "z" then error("cannot compensate") end')))
+    d = start({ reactors = dir })
+    command(d, "order", "z", "CreateOrder", { customer_id = "c" })
+    command(d, "order", "z", "AddItem", { sku = "A", qty = 1, price = 5 })
+    command(d, "order", "z", "ConfirmOrder", {})
+    local s = eventually(function()
+      local x = status(d, "expirer")
+      return x and x.state == "faulted" and x
+    end, 20, "the fault")
+    assert.matches("schedule timeout:z set by event 3 (OrderConfirmed in Order-z): rejected.ExpireOrder: ",
+                   s.last_error.message, 1, true)
+    assert.matches("cannot compensate", s.last_error.message, 1, true)
+    assert.are.equal(3, s.last_error.position)
+    local _, l = d:get("/reactors/expirer/schedules")
+    assert.are.equal(1, #l) -- the row stays
+    -- retry: it fires again, and faults again
+    assert.are.equal(200, (d:post("/reactors/expirer/retry", {})))
+    eventually(function()
+      local x = status(d, "expirer")
+      return x.state == "faulted" and x.commands_rejected == 2
+    end, 20, "the second fault")
+    -- skip: the schedule goes (recorded as rejected), and the reactor goes on
+    local out, err, code = support.run({ "reactors", "skip", "expirer", "--url", d.url })
+    assert.are.equal(0, code, err)
+    assert.matches('"skipped":[]', out, 1, true)
+    settled(d, "expirer")
+    _, l = d:get("/reactors/expirer/schedules")
+    assert.are.same({}, l)
+    command(d, "bank_account", "late", "OpenAccount", { owner = "L", initial_deposit = 0 })
+    command(d, "order", "z2", "CreateOrder", { customer_id = "c" })
+    command(d, "order", "z2", "AddItem", { sku = "A", qty = 1, price = 5 })
+    command(d, "order", "z2", "ConfirmOrder", {})
+    eventually(function() return state(d, "bank_account", "late").balance == 1 end, 20, "the next compensation")
+  end)
+
+  it("7. a refused schedule's compensation, cut before each fsync in turn: issued once, the row gone once", function()
+    if support.store_kind ~= "sqlite" then return end
+    write_reactor(dir, "expirer", nil, expirer)
+    local empty = support.tmpdir()
+    -- the order is confirmed before the reactor exists: the faulty daemon sets
+    -- the schedule, fires it, compensates and removes it, cut at each fsync in turn
+    local base = daemon.start({ args = { "--reactors", empty }, durability = "full" })
+    command(base, "bank_account", "late", "OpenAccount", { owner = "L", initial_deposit = 0 })
+    command(base, "order", "y", "CreateOrder", { customer_id = "c-y" })
+    command(base, "order", "y", "AddItem", { sku = "A", qty = 1, price = 5 })
+    command(base, "order", "y", "ConfirmOrder", {})
+    base:stop()
+    local cuts = 0
+    for n = 1, 40 do
+      local data = support.tmpdir()
+      assert(os.execute("cp -a '" .. base.data .. "'/. '" .. data .. "'/"))
+      local faulty = daemon.start({ data = data, durability = "full", args = { "--reactors", dir },
+                                    env = "EBB_TEST_FAULTS=cut_after_syncs=" .. n })
+      local finished = false
+      eventually(function()
+        if not faulty:alive() then return true end
+        local ok, l = pcall(function() local _, x = faulty:get("/reactors/expirer/schedules") return x end)
+        local ok2, bal = pcall(state, faulty, "bank_account", "late")
+        finished = ok and ok2 and type(l) == "table" and #l == 0 and bal and bal.balance == 1
+        return finished
+      end, 30, "the faulty daemon to die or finish")
+      faulty:stop()
+      if not finished then cuts = cuts + 1 end
+      d = daemon.start({ data = data, durability = "full", args = { "--reactors", dir } })
+      eventually(function()
+        local _, l = d:get("/reactors/expirer/schedules")
+        return l and #l == 0
+      end, 20, ("cut before fsync %d: the schedule to go"):format(n))
+      settled(d, "expirer")
+      local deposits = of_type(events_of(d, "BankAccount-late"), "MoneyDeposited")
+      assert.are.equal(1, #deposits, ("cut before fsync %d: compensations"):format(n))
+      d:stop()
+      d = nil
+      support.rmdir(data)
+      if finished then break end
+    end
+    assert.is_true(cuts >= 2, "the firing should have been cut several times, was " .. cuts)
+    support.rmdir(empty)
+    support.rmdir(base.data)
+  end)
+
+  it("8. a burst handled through the window: every command once, and in order per aggregate, across kill -9", function()
+    -- per confirmed order: a deposit then a withdrawal of the same amount on
+    -- the shared account "pair" (reordered, the withdrawal would be refused),
+    -- and a charge of the order's own account
+    write_reactor(dir, "pairs", nil, [[
+local r = { name = "pairs", from = { "Order" } }
+r.on = {
+  OrderConfirmed = function(e)
+    local n = e.data.total
+    return { { aggregate = "bank_account", id = "pair", type = "Deposit", data = { amount = n } },
+             { aggregate = "bank_account", id = e.data.account_id, type = "Withdraw", data = { amount = n } },
+             { aggregate = "bank_account", id = "pair", type = "Withdraw", data = { amount = n } } }
+  end,
+}
+return r
+]])
+    local empty = support.tmpdir()
+    d = start({ reactors = empty })
+    local data = d.data
+    local n = 120
+    command(d, "bank_account", "pair", "OpenAccount", { owner = "P", initial_deposit = 0 })
+    for i = 1, n do
+      command(d, "bank_account", "w" .. i, "OpenAccount", { owner = "W", initial_deposit = 1000 })
+      order(d, "wo" .. i, "w" .. i, i)
+      command(d, "order", "wo" .. i, "ConfirmOrder", {})
+    end
+    d:stop()
+    -- the reactor comes to all of it at once, and is killed while it works
+    for round = 1, 3 do
+      d = start({ data = data, reactors = dir })
+      require("socket").sleep(0.05 * round)
+      d:signal("KILL")
+      d:wait(10)
+      d:stop()
+    end
+    d = start({ data = data, reactors = dir })
+    local s = settled(d, "pairs")
+    assert.are.equal(0, s.commands_rejected)
+    local pair = events_of(d, "BankAccount-pair")
+    assert.are.equal(1 + 2 * n, #pair)
+    for i = 1, n do
+      assert.are.same({ "MoneyDeposited", i }, { pair[2 * i].type, pair[2 * i].data.amount })
+      assert.are.same({ "MoneyWithdrawn", i }, { pair[2 * i + 1].type, pair[2 * i + 1].data.amount })
+      local w = of_type(events_of(d, "BankAccount-w" .. i), "MoneyWithdrawn")
+      assert.are.equal(1, #w, "account w" .. i)
+      assert.are.equal(1000 - i, state(d, "bank_account", "w" .. i).balance)
+    end
+    support.rmdir(empty)
+  end)
+
   it("3. ebb check validates reactor modules", function()
     write_reactor(dir, "opener")
     local data = support.tmpdir()

@@ -48,6 +48,52 @@ describe("order_payment (through t.reactor)", function()
   end)
 end)
 
+describe("a refused schedule (through t.reactor)", function()
+  local expirer = {
+    name = "expirer", from = { "Order" },
+    on = {
+      OrderCreated = function(e, ctx)
+        ctx.schedule(60, { aggregate = "order", id = e.aggregate_id, type = "ExpireOrder" },
+                     "timeout:" .. e.aggregate_id)
+        return {}
+      end,
+    },
+    rejected = {
+      ExpireOrder = function(cmd, err, e)
+        return { { aggregate = "bank_account", id = "late", type = "Deposit",
+                   data = { amount = 1, why = cmd.command_id .. " " .. err.message .. " " .. e.type
+                                              .. " " .. e.data.customer_id } } }
+      end,
+    },
+  }
+
+  it("runs rejected[type] with the event that set the schedule, and the schedule goes", function()
+    t.reactor(expirer)
+      :given { { stream = "Order-o-1", type = "OrderCreated", data = { customer_id = "c-1" } } }
+      :expect_schedules { { key = "timeout:o-1" } }
+      :when_schedule_rejected("timeout:o-1", "cannot expire a confirmed order")
+      :expect_commands { { aggregate = "bank_account", id = "late", type = "Deposit",
+                           data = { amount = 1, why = "expirer:event-1:schedule:timeout:o-1 cannot "
+                                                      .. "expire a confirmed order OrderCreated c-1" },
+                           command_id = "expirer:event-1:schedule:timeout:o-1/r0" } }
+      :expect_schedules {}
+  end)
+
+  it("issues nothing when the reactor has no rejected handler for it, and names a key not pending", function()
+    local plain = { name = "plain", from = expirer.from, on = expirer.on }
+    t.reactor(plain)
+      :given { { stream = "Order-o-1", type = "OrderCreated", data = { customer_id = "c-1" } } }
+      :when_schedule_rejected("timeout:o-1", "no")
+      :expect_commands {}
+      :expect_schedules {}
+    local ok, err = pcall(function()
+      t.reactor(plain):given {}:when_schedule_rejected("timeout:o-9", "no")
+    end)
+    assert.is_false(ok)
+    assert.matches("no pending schedule timeout:o-9", tostring(err), 1, true)
+  end)
+end)
+
 describe("t.reactor's failure messages", function()
   local function failure(fn)
     local ok, err = pcall(fn)

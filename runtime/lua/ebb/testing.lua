@@ -871,6 +871,10 @@ daemon:
       :expect_commands { { aggregate = "order", id = "o-1", type = "CancelOrder",
                            data = { reason = "payment refused: insufficient funds" } } }
 
+:when_schedule_rejected(key, message, details?) does the same for a pending
+schedule whose command was refused when it fell due: the schedule goes, and
+rejected[type] gets the event that set it (ids "<schedule's command id>/r<k>").
+
 Given events get what the daemon gives (position, version, id "event-<position>",
 aggregate_id, schema 1, recorded_at testing.NOW unless given), filtered by
 `from`. Commands carry the command_id the daemon would give them
@@ -951,7 +955,7 @@ function Reactor:ctx(e, ops)
       key = key or (e.id .. ":" .. #ops)
       ops[#ops + 1] = { key = key, at = when, command = { aggregate = command.aggregate, id = command.id,
                         type = command.type, data = command.data or {} },
-                        command_id = name .. ":" .. e.id .. ":schedule:" .. key }
+                        command_id = name .. ":" .. e.id .. ":schedule:" .. key, event = e }
     end,
     cancel = function(key) ops[#ops + 1] = { key = key, cancel = true } end,
   }
@@ -996,6 +1000,25 @@ function Reactor:given(events)
   return self
 end
 
+-- Runs rejected[cmd.type](cmd, err, e, ctx) for a rejected command `cmd`
+-- (with its command_id) made for event e; its commands, with ids
+-- "<cmd's id>/r<k>", are what :expect_commands checks next.
+local function run_rejected(self, cmd, e, message, details)
+  local handler = self.module.rejected and self.module.rejected[cmd.type]
+  self.issued = {}
+  if not handler then return self end -- recorded by the daemon, nothing issued
+  local ops = {}
+  local ok, result = pcall(handler, cmd, { code = "rejected", message = message, details = details },
+                           e, self:ctx(e, ops))
+  if not ok then reactor_fail(self, "rejected." .. cmd.type .. " failed: " .. tostring(result)) end
+  self.issued = take_commands(self, result, e, "rejected." .. cmd.type,
+                              function(k) return ("%s/r%d"):format(cmd.command_id, k - 1) end)
+  for _, op in ipairs(ops) do
+    if op.cancel then self.schedules[op.key] = nil else self.schedules[op.key] = op end
+  end
+  return self
+end
+
 -- The command issued last of `command_type` was rejected with this message
 -- (and details): runs rejected[command_type]; its commands are what
 -- :expect_commands checks next.
@@ -1012,22 +1035,31 @@ function Reactor:when_rejected(command_type, message, details)
                  .. render(self:brief(self.issued or {}), "  "))
   end
   self.step = "when " .. command_type .. " was rejected"
-  local handler = self.module.rejected and self.module.rejected[command_type]
-  self.issued = {}
-  if not handler then return self end -- recorded by the daemon, nothing issued
-  local e = rejected.event
-  local ops = {}
-  local cmd = { aggregate = rejected.aggregate, id = rejected.id, type = rejected.type,
-                data = rejected.data, command_id = rejected.command_id }
-  local ok, result = pcall(handler, cmd, { code = "rejected", message = message, details = details },
-                           e, self:ctx(e, ops))
-  if not ok then reactor_fail(self, "rejected." .. command_type .. " failed: " .. tostring(result)) end
-  self.issued = take_commands(self, result, e, "rejected." .. command_type,
-                              function(k) return ("%s/r%d"):format(rejected.command_id, k - 1) end)
-  for _, op in ipairs(ops) do
-    if op.cancel then self.schedules[op.key] = nil else self.schedules[op.key] = op end
+  return run_rejected(self, { aggregate = rejected.aggregate, id = rejected.id, type = rejected.type,
+                              data = rejected.data, command_id = rejected.command_id },
+                      rejected.event, message, details)
+end
+
+-- The pending schedule `key` fell due and its command was rejected with this
+-- message (and details): the schedule goes, and rejected[type] runs with the
+-- event that set it, as the daemon does; its commands are what
+-- :expect_commands checks next.
+function Reactor:when_schedule_rejected(key, message, details)
+  if type(key) ~= "string" or type(message) ~= "string" then
+    misuse(":when_schedule_rejected expects a schedule key and a message")
   end
-  return self
+  local op = self.schedules[key]
+  if not op then
+    local keys = {}
+    for k in pairs(self.schedules) do keys[#keys + 1] = k end
+    table.sort(keys)
+    reactor_fail(self, "no pending schedule " .. key .. "; pending: " .. render(keys, "  "))
+  end
+  self.schedules[key] = nil
+  self.step = "when schedule " .. key .. " was rejected"
+  local c = op.command
+  return run_rejected(self, { aggregate = c.aggregate, id = c.id, type = c.type, data = c.data,
+                              command_id = op.command_id }, op.event, message, details)
 end
 
 function Reactor.brief(_, list)

@@ -131,7 +131,8 @@ struct ebb_publisher {
   hub *h;              /* acks from libnats's threads */
   ack *taken;          /* the queue's other array: the two are swapped, not copied */
   size_t taken_cap;
-  ebb_buf subject, body; /* of the message being built, kept for the next */
+  ebb_buf subject, body, wire; /* of the message being built, kept for the next */
+  int raw_headers;             /* make_msg builds the header block itself */
   /* loop handles */
   uv_async_t async;
   uv_timer_t tick, retry;
@@ -443,6 +444,7 @@ static void publisher_free(ebb_publisher *p) {
   free(p->taken);
   ebb_buf_free(&p->subject);
   ebb_buf_free(&p->body);
+  ebb_buf_free(&p->wire);
   if (p->h) hub_release(p->h);
   free(p);
 }
@@ -589,6 +591,100 @@ static const char *decimal(char *d, uint64_t v) {
   return d;
 }
 
+/* ------------------------------------------------ messages with their headers already encoded
+ *
+ * natsMsgHeader_Set keeps every header in a hash map (a map, and a key, a
+ * value and two entries per header, freed on libnats's collector thread):
+ * with ebb's eight headers that was ~40% of the publisher's CPU. libnats's
+ * parser builds every message it receives with natsMsg_create(), from the
+ * header block as it is on the wire and the payload; such a message is sent
+ * again with that block as it is. libnats.so exports the function but nats.h
+ * does not declare it, so it is used only when built against the libnats
+ * whose source was read for it (3.4, Debian 12's), when the library loaded
+ * is of the same 3.4, and when a test message built with it reads back
+ * right; otherwise the headers go through natsMsgHeader_Set. The two give
+ * the same message (EBB_NATS_HEADER_MAP=1 forces the second, for the specs). */
+#if NATS_VERSION_MAJOR == 3 && NATS_VERSION_MINOR == 4
+#define RAW_HEADERS 1
+natsStatus natsMsg_create(natsMsg **newMsg, const char *subject, int subjLen, const char *reply,
+                          int replyLen, const char *buf, int bufLen, int hdrLen);
+#else
+#define RAW_HEADERS 0
+#endif
+
+static int raw_headers_work(void) {
+#if RAW_HEADERS
+  static const char buf[] = "NATS/1.0\r\nEbb-Check: 42\r\n\r\n{}";
+  const char *getenv_map = getenv("EBB_NATS_HEADER_MAP");
+  if ((getenv_map && strcmp(getenv_map, "1") == 0) || (nats_GetVersionNumber() >> 8) != 0x0304)
+    return 0;
+  natsMsg *m = NULL;
+  const char *v = NULL;
+  int ok = natsMsg_create(&m, "a.b", 3, "r", 1, buf, (int)sizeof buf - 1, (int)sizeof buf - 3) ==
+               NATS_OK &&
+           natsMsgHeader_Get(m, "Ebb-Check", &v) == NATS_OK && v && strcmp(v, "42") == 0 &&
+           natsMsg_GetDataLength(m) == 2 && memcmp(natsMsg_GetData(m), "{}", 2) == 0 &&
+           strcmp(natsMsg_GetSubject(m), "a.b") == 0 && natsMsg_GetReply(m) &&
+           strcmp(natsMsg_GetReply(m), "r") == 0;
+  natsMsg_Destroy(m);
+  return ok;
+#else
+  return 0;
+#endif
+}
+
+/* "Key: value\r\n" (a line break in a value would end it: a space, as libnats writes it). */
+static void put_header(ebb_buf *b, const char *key, const char *value) {
+  ebb_buf_puts(b, key);
+  ebb_buf_append(b, ": ", 2);
+  size_t at = b->len;
+  ebb_buf_puts(b, value);
+  for (size_t i = at; i < b->len && !b->oom; i++)
+    if (b->data[i] == '\r' || b->data[i] == '\n') b->data[i] = ' ';
+  ebb_buf_append(b, "\r\n", 2);
+}
+
+/* The message of event e: subject, reply (or NULL), body, and the headers
+ * Nats-Msg-Id, Ebb-Position, Ebb-Stream, Ebb-Version, Ebb-Type, Ebb-Schema,
+ * Content-Type and (expect_seq > 0) Nats-Expected-Last-Sequence. */
+static natsStatus make_msg(ebb_publisher *p, natsMsg **out, const ebb_event *e, const char *subject,
+                           const char *reply, const ebb_buf *body) {
+  char pos[24], ver[24], sch[24], seq[24];
+  struct { const char *key, *value; } h[8] = {
+      {"Nats-Msg-Id", e->id},
+      {"Ebb-Position", decimal(pos, (uint64_t)e->position)},
+      {"Ebb-Stream", e->stream},
+      {"Ebb-Version", decimal(ver, (uint64_t)e->version)},
+      {"Ebb-Type", e->type},
+      {"Ebb-Schema", decimal(sch, (uint64_t)e->schema)},
+      {"Content-Type", "application/json"},
+      /* In order or not at all: a message whose predecessor did not land is refused. */
+      {"Nats-Expected-Last-Sequence", decimal(seq, p->expect_seq)},
+  };
+  int nh = p->expect_seq > 0 ? 8 : 7;
+  *out = NULL;
+#if RAW_HEADERS
+  if (p->raw_headers) {
+    ebb_buf *b = &p->wire;
+    ebb_buf_reset(b);
+    ebb_buf_puts(b, "NATS/1.0\r\n");
+    for (int i = 0; i < nh; i++) put_header(b, h[i].key, h[i].value);
+    ebb_buf_append(b, "\r\n", 2);
+    size_t hlen = b->len;
+    ebb_buf_append(b, body->data, body->len);
+    if (b->oom) {
+      ebb_buf_free(b);
+      return NATS_NO_MEMORY;
+    }
+    return natsMsg_create(out, subject, (int)strlen(subject), reply, reply ? (int)strlen(reply) : 0,
+                          b->data, (int)b->len, (int)hlen);
+  }
+#endif
+  natsStatus s = natsMsg_Create(out, subject, reply, body->data, (int)body->len);
+  for (int i = 0; i < nh && s == NATS_OK; i++) s = natsMsgHeader_Set(*out, h[i].key, h[i].value);
+  return s;
+}
+
 /* Publishes one event with core NATS. With want_ack, its reply subject is
  * INBOX.<position> (on_ack); without, JetStream stores it and answers
  * nothing. That is enough: with Nats-Expected-Last-Sequence, JetStream
@@ -606,7 +702,7 @@ static int publish(ebb_publisher *p, const ebb_event *e, int want_ack) {
   ebb_buf_putc(subject, '.');
   ebb_nats_token(subject, e->type, strlen(e->type));
   ebb_event_to_json(e, body);
-  char pos[24], ver[24], sch[24], seq[24], reply[96];
+  char reply[96];
   size_t il = strlen(p->cur->inbox);
   memcpy(reply, p->cur->inbox, il);
   reply[il] = '.';
@@ -614,18 +710,7 @@ static int publish(ebb_publisher *p, const ebb_event *e, int want_ack) {
   natsMsg *m = NULL;
   natsStatus s = subject->oom || body->oom
                      ? NATS_NO_MEMORY
-                     : natsMsg_Create(&m, ebb_buf_cstr(subject), want_ack ? reply : NULL,
-                                      body->data, (int)body->len);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Nats-Msg-Id", e->id);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Position", decimal(pos, (uint64_t)e->position));
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Stream", e->stream);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Version", decimal(ver, (uint64_t)e->version));
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Type", e->type);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Schema", decimal(sch, (uint64_t)e->schema));
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Content-Type", "application/json");
-  /* In order or not at all: a message whose predecessor did not land is refused. */
-  if (s == NATS_OK && p->expect_seq > 0)
-    s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", decimal(seq, p->expect_seq));
+                     : make_msg(p, &m, e, ebb_buf_cstr(subject), want_ack ? reply : NULL, body);
   if (s == NATS_OK) s = natsConnection_PublishMsg(p->cur->nc, m);
   natsMsg_Destroy(m); /* NULL-safe */
   if (subject->oom || body->oom) ebb_buf_free(subject), ebb_buf_free(body);
@@ -921,6 +1006,7 @@ int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *o, ebb
     publisher_free(p);
     return err->code;
   }
+  p->raw_headers = raw_headers_work();
   read_checkpoint(p);
   p->f.position = p->acked;
   if (ebb_store_head(ebb_runtime_store(p->rt), &p->head, err) != 0) {

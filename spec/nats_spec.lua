@@ -80,16 +80,16 @@ describe("publishing to NATS JetStream", function()
     support.rmdir(data)
   end)
 
-  local function start(extra)
+  local function start(extra, env)
     local args = { "--nats", n.url }
     for _, a in ipairs(extra or {}) do args[#args + 1] = a end
-    d = daemon.start { data = data, args = args }
+    d = daemon.start { data = data, args = args, env = env }
     assert.is_not_nil(d.url, "the daemon did not start: " .. d:logs())
     return d
   end
 
-  it("publishes every committed event once, in order, with ebb's subject, headers and body", function()
-    start()
+  -- 40 accounts opened: their messages, with every header and nothing else.
+  local function forty_accounts()
     for i = 1, 40 do open(d, i) end
     local s = caught_up(d)
     assert.are.equal(40, s.position)
@@ -97,12 +97,26 @@ describe("publishing to NATS JetStream", function()
     for i, m in ipairs(msgs) do
       assert.are.equal(i, m.seq)
       assert.are.equal("ebb.BankAccount.AccountOpened", m.subject)
+      local names = {}
+      for k in pairs(m.headers) do names[#names + 1] = k end
+      table.sort(names)
+      local want = { "Content-Type", "Ebb-Position", "Ebb-Schema", "Ebb-Stream", "Ebb-Type", "Ebb-Version",
+                     "Nats-Msg-Id" }
+      -- the stream sequence of the message before (none before the first)
+      if i > 1 then table.insert(want, 7, "Nats-Expected-Last-Sequence") end
+      assert.are.same(want, names)
+      assert.are.equal(i > 1 and tostring(i - 1) or nil, m.headers["Nats-Expected-Last-Sequence"])
       assert.are.equal("BankAccount-acct-" .. i, m.headers["Ebb-Stream"])
       assert.are.equal("1", m.headers["Ebb-Version"])
       assert.are.equal("AccountOpened", m.headers["Ebb-Type"])
       assert.are.equal("1", m.headers["Ebb-Schema"])
       assert.are.equal("application/json", m.headers["Content-Type"])
     end
+  end
+
+  it("publishes every committed event once, in order, with ebb's subject, headers and body", function()
+    start()
+    forty_accounts()
     assert.are.equal(40, metric(d, "ebb_nats_published_total"))
     assert.are.equal(1, metric(d, "ebb_nats_connected"))
     assert.are.equal(0, metric(d, "ebb_nats_lag_events"))
@@ -113,6 +127,11 @@ describe("publishing to NATS JetStream", function()
     caught_up(d)
     assert_stream_is_store(d, n)
     assert.are.equal(1, metric(d, "ebb_nats_published_total"))
+  end)
+
+  it("builds the same messages with libnats's header map (EBB_NATS_HEADER_MAP=1)", function()
+    start({}, "EBB_NATS_HEADER_MAP=1")
+    forty_accounts()
   end)
 
   it("escapes '.', '*', '>', whitespace and '%' in subject tokens, reversibly", function()

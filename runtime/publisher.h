@@ -8,13 +8,16 @@
  * Content-Type.
  *
  * Delivery is at least once, in the global order, duplicates dropped by
- * JetStream through Nats-Msg-Id. Publishing is asynchronous with a bounded
- * window in flight; acks come back to the loop through a uv_async. Every
- * message also carries Nats-Expected-Last-Sequence, the stream sequence its
- * predecessor got: JetStream refuses a message that would land out of order
- * (one lost on a broken connection while its successors got through), so
- * the stream holds ebb's events in order and without gaps, and the last
- * message's Ebb-Position says that every event up to it is there.
+ * JetStream through Nats-Msg-Id. Every message also carries
+ * Nats-Expected-Last-Sequence, the stream sequence its predecessor got:
+ * JetStream refuses a message that would land out of order (one lost on a
+ * broken connection while its successors got through), so the stream holds
+ * ebb's events in order and without gaps, and the last message's
+ * Ebb-Position says that every event up to it is there. Publishing is core
+ * NATS with a bounded window in flight; one message in 64 (and the last of
+ * each read from the store) asks JetStream for an ack, on a reply subject
+ * that names its position: by the rule above, its ack acknowledges every
+ * message before it too. Acks come back to the loop through a uv_async.
  *
  * On every (re)connection, on a thread of libuv's pool (NATS calls block),
  * the publisher creates the stream if it is missing (subjects PREFIX.>,

@@ -161,15 +161,19 @@ void ebb_nats_token(ebb_buf *out, const char *s, size_t n) {
     ebb_buf_putc(out, '%');
     return;
   }
+  size_t run = 0; /* bytes before i that go as they are: appended in one piece */
   for (size_t i = 0; i < n; i++) {
     unsigned char ch = (unsigned char)s[i];
     if (ch == '%' || ch == '.' || ch == '*' || ch == '>' || ch <= ' ' || ch == 0x7f) {
+      ebb_buf_append(out, s + i - run, run);
+      run = 0;
       char e[3] = {'%', hex[ch >> 4], hex[ch & 15]};
       ebb_buf_append(out, e, 3);
     } else {
-      ebb_buf_putc(out, (char)ch);
+      run++;
     }
   }
+  ebb_buf_append(out, s + n - run, run);
 }
 
 /* Does the stream subject pattern s match every subject under prefix.> ? */
@@ -633,17 +637,6 @@ static int raw_headers_work(void) {
 #endif
 }
 
-/* "Key: value\r\n" (a line break in a value would end it: a space, as libnats writes it). */
-static void put_header(ebb_buf *b, const char *key, const char *value) {
-  ebb_buf_puts(b, key);
-  ebb_buf_append(b, ": ", 2);
-  size_t at = b->len;
-  ebb_buf_puts(b, value);
-  for (size_t i = at; i < b->len && !b->oom; i++)
-    if (b->data[i] == '\r' || b->data[i] == '\n') b->data[i] = ' ';
-  ebb_buf_append(b, "\r\n", 2);
-}
-
 /* The message of event e: subject, reply (or NULL), body, and the headers
  * Nats-Msg-Id, Ebb-Position, Ebb-Stream, Ebb-Version, Ebb-Type, Ebb-Schema,
  * Content-Type and (expect_seq > 0) Nats-Expected-Last-Sequence. */
@@ -665,17 +658,31 @@ static natsStatus make_msg(ebb_publisher *p, natsMsg **out, const ebb_event *e, 
   *out = NULL;
 #if RAW_HEADERS
   if (p->raw_headers) {
+    /* "NATS/1.0\r\n", "Key: value\r\n" each, "\r\n", the body: sized, then copied */
+    size_t kl[8], vl[8], need = 12 + body->len;
+    for (int i = 0; i < nh; i++) need += (kl[i] = strlen(h[i].key)) + (vl[i] = strlen(h[i].value)) + 4;
     ebb_buf *b = &p->wire;
     ebb_buf_reset(b);
-    ebb_buf_puts(b, "NATS/1.0\r\n");
-    for (int i = 0; i < nh; i++) put_header(b, h[i].key, h[i].value);
-    ebb_buf_append(b, "\r\n", 2);
-    size_t hlen = b->len;
-    ebb_buf_append(b, body->data, body->len);
-    if (b->oom) {
+    if (ebb_buf_reserve(b, need) != 0) {
       ebb_buf_free(b);
       return NATS_NO_MEMORY;
     }
+    char *w = b->data;
+    memcpy(w, "NATS/1.0\r\n", 10), w += 10;
+    for (int i = 0; i < nh; i++) {
+      memcpy(w, h[i].key, kl[i]), w += kl[i];
+      *w++ = ':', *w++ = ' ';
+      /* a line break in a value would end it: a space, as libnats writes it */
+      for (size_t k = 0; k < vl[i]; k++)
+        w[k] = h[i].value[k] == '\r' || h[i].value[k] == '\n' ? ' ' : h[i].value[k];
+      w += vl[i];
+      *w++ = '\r', *w++ = '\n';
+    }
+    *w++ = '\r', *w++ = '\n';
+    size_t hlen = (size_t)(w - b->data);
+    memcpy(w, body->data, body->len), w += body->len;
+    b->len = (size_t)(w - b->data);
+    *w = '\0';
     return natsMsg_create(out, subject, (int)strlen(subject), reply, reply ? (int)strlen(reply) : 0,
                           b->data, (int)b->len, (int)hlen);
   }

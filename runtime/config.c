@@ -48,6 +48,13 @@ static const setting settings[] = {
     TEXT(nats_stream, "EBB", "serve: the JetStream stream events are published to"),
     TEXT(nats_subject_prefix, "ebb", "serve: subjects are PREFIX.<category>.<type>"),
     TEXT(nats_from, "", "serve: publish only these categories or event types (comma-separated; all if empty)"),
+    TEXT(nats_creds, "", "serve: a NATS credentials file (user JWT and seed) to connect with"),
+    TEXT(nats_token, "", "serve: a NATS authentication token to connect with"),
+    TEXT(nats_user, "", "serve: a NATS user name to connect with (with nats_password)"),
+    TEXT(nats_password, "", "serve: the password of nats_user"),
+    TEXT(nats_tls_ca, "", "serve: TLS to NATS, trusting the CA certificates in this PEM file"),
+    TEXT(nats_tls_cert, "", "serve: TLS to NATS with this client certificate (PEM; with nats_tls_key)"),
+    TEXT(nats_tls_key, "", "serve: the private key (PEM) of nats_tls_cert"),
     NUM(max_body, "1048576", 1024, GIB, "serve: largest request body in bytes (413 above)"),
     NUM(max_connections, "1024", 1, 1000000, "serve: open connections at most (503 above)"),
     NUM(idle_timeout_ms, "60000", 100, 86400000, "serve: close keep-alive connections idle this long"),
@@ -61,6 +68,8 @@ static const setting settings[] = {
     NUM(query_timeout_ms, "5000", 0, 3600000, "serve: longest wait of a query's after= (504 then)"),
 };
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
+_Static_assert(N_SETTINGS <= sizeof ((ebb_config *)0)->source / sizeof(const char *),
+               "ebb_config.source needs a slot per setting");
 
 static const setting *find(const char *name) {
   char norm[64];
@@ -274,6 +283,30 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err) {
     return ebb_error_set(err, EBB_EBADREQ,
                          "nats_subject_prefix must be NATS subject tokens joined by '.' (no '*', "
                          "'>', whitespace or empty token), not \"%s\"", c->nats_subject_prefix);
+  if (c->nats[0] && (c->nats_tls_cert[0] == '\0') != (c->nats_tls_key[0] == '\0'))
+    return ebb_error_set(err, EBB_EBADREQ,
+                         "nats_tls_cert and nats_tls_key go together: set both (a client "
+                         "certificate and its private key) or neither");
+  if (c->nats[0] && c->nats_password[0] && c->nats_user[0] == '\0')
+    return ebb_error_set(err, EBB_EBADREQ, "nats_password needs nats_user");
+  if (c->nats[0]) {
+    /* Unreadable files stop the start here; what they hold is checked when
+     * the publisher loads them. */
+    const struct { const char *name, *path; } files[] = {
+        {"nats_creds", c->nats_creds},
+        {"nats_tls_ca", c->nats_tls_ca},
+        {"nats_tls_cert", c->nats_tls_cert},
+        {"nats_tls_key", c->nats_tls_key},
+    };
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+      if (files[i].path[0] == '\0') continue;
+      FILE *f = fopen(files[i].path, "r");
+      if (f == NULL)
+        return ebb_error_set(err, EBB_EBADREQ, "%s: cannot read %s: %s", files[i].name,
+                             files[i].path, strerror(errno));
+      fclose(f);
+    }
+  }
   if (!ebb_config_is_loopback(host) && c->token[0] == '\0')
     return ebb_error_set(err, EBB_EBADREQ,
                          "refusing to listen on %s without a token: anyone who can reach it could "
@@ -328,7 +361,9 @@ void ebb_config_dump(const ebb_config *c, ebb_buf *out) {
     ebb_buf_puts(out, ":{\"value\":");
     if (s->is_text) {
       const char *v = *(char *const *)((const char *)c + s->offset);
-      if (strcmp(s->name, "token") == 0 && v[0]) v = "(set)";
+      if ((strcmp(s->name, "token") == 0 || strcmp(s->name, "nats_token") == 0 ||
+           strcmp(s->name, "nats_password") == 0) && v[0])
+        v = "(set)";
       if (strcmp(s->name, "store") == 0 || strcmp(s->name, "nats") == 0) put_store(out, v);
       else ebb_buf_json_string(out, v, strlen(v));
     } else {

@@ -22,12 +22,13 @@ typedef struct ebb_config {
   /* text settings: malloc'd, never NULL after ebb_config_init */
   char *data, *store, *aggregates, *projections, *reactors, *durability, *listen, *token, *url,
       *cacert, *log_level, *log_format, *config, *nats, *nats_stream, *nats_subject_prefix,
-      *nats_from;
+      *nats_from, *nats_creds, *nats_token, *nats_user, *nats_password, *nats_tls_ca,
+      *nats_tls_cert, *nats_tls_key;
   /* numbers */
   int64_t max_body, max_connections, idle_timeout_ms, request_timeout_ms, shutdown_timeout_ms,
       cache_size, subscriber_buffer, heartbeat_ms, memory_limit, instruction_budget,
       query_timeout_ms;
-  const char *source[32]; /* per setting (in table order): "default", "file", "env", "flag" */
+  const char *source[48]; /* per setting (in table order): "default", "file", "env", "flag" */
 } ebb_config;
 
 void ebb_config_init(ebb_config *c);     /* defaults */
@@ -49,7 +50,8 @@ int ebb_config_validate(const ebb_config *c, ebb_error *err);
 int ebb_config_listen(const ebb_config *c, char *host, size_t hostlen, int *port, ebb_error *err);
 /* Is the host a loopback address (127.0.0.0/8, ::1, localhost)? */
 int ebb_config_is_loopback(const char *host);
-/* Appends the settings as a JSON object {name: {value, source}} (the token masked). */
+/* Appends the settings as a JSON object {name: {value, source}} (tokens and
+ * passwords masked, also in the store and NATS URLs). */
 void ebb_config_dump(const ebb_config *c, ebb_buf *out);
 /* Help lines: "  --name VALUE   help (default ...)" for every setting. */
 void ebb_config_help(ebb_buf *out);

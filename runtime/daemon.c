@@ -1737,7 +1737,14 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
                                  .urls = cfg->nats,
                                  .stream = cfg->nats_stream,
                                  .prefix = cfg->nats_subject_prefix,
-                                 .from = cfg->nats_from};
+                                 .from = cfg->nats_from,
+                                 .creds = cfg->nats_creds,
+                                 .token = cfg->nats_token,
+                                 .user = cfg->nats_user,
+                                 .password = cfg->nats_password,
+                                 .tls_ca = cfg->nats_tls_ca,
+                                 .tls_cert = cfg->nats_tls_cert,
+                                 .tls_key = cfg->nats_tls_key};
     if (ebb_publisher_start(&d->publisher, &pbo, err)) goto out;
   }
   uv_timer_init(&d->loop, &d->rescan_timer);

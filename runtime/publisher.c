@@ -28,10 +28,12 @@
 
 #include "clock.h"
 #include "follower.h"
+#include "json.h"
 #include "log.h"
 #include "store.h"
 
 #define WINDOW 8192               /* messages in flight at most */
+#define ACK_EVERY 64              /* one message in this many asks for an ack (and the last of a read) */
 #define BATCH 1000                /* events read from the store at once */
 #define EVENTS_PER_TURN 2000      /* published per loop turn: HTTP is served between turns */
 #define ACK_TIMEOUT_MS 5000       /* an ack later than this drops the connection */
@@ -49,20 +51,21 @@ static const char *const state_names[] = {"connecting", "live",     "disconnecte
 
 /* One connection attempt and, if it succeeds, the connection. */
 typedef struct conn {
-  natsOptions *opts;
   natsConnection *nc;
-  jsCtx *js;
+  jsCtx *js;               /* for the stream's info and last message, not for publishing */
+  natsSubscription *acks;  /* INBOX.*: every message's ack */
+  char inbox[64];          /* "_INBOX.<nuid>": a message's reply subject is INBOX.<position> */
   int ok, refused;
-  int published;          /* js_PublishAsyncGetPendingList crashes on a context that never published */
   char err[768];
   uint64_t last_seq;      /* the stream's last sequence */
   int64_t last_position;  /* Ebb-Position of its last message under PREFIX.> (0: none) */
 } conn;
 
 typedef struct ack {
-  jsCtx *js;         /* whose ack (NULL: nc's connection was lost) */
-  natsConnection *nc;
+  natsConnection *nc; /* whose */
+  int lost;           /* not an ack: nc's connection was lost */
   int64_t position;
+  uint64_t seq;
   int ok, dup;
   char err[200];
 } ack;
@@ -77,8 +80,7 @@ typedef struct hub {
   pthread_cond_t cv;
   ack *q;
   size_t qn, qcap;
-  jsCtx *live_js; /* whose acks count */
-  natsConnection *live_nc;
+  natsConnection *live_nc; /* whose acks count */
   uv_async_t *async; /* NULL once the publisher stops */
   int refs;
 } hub;
@@ -96,6 +98,7 @@ static void hub_release(hub *h) {
 
 typedef struct flight {
   int64_t position;
+  uint64_t seq;          /* the stream sequence it gets */
   uint64_t committed_ns; /* when the loop learned of its commit (0: before the publisher started) */
   int64_t sent_ms;
 } flight;
@@ -106,6 +109,7 @@ struct ebb_publisher {
   char *stream, *prefix, *all_subjects, *checkpoint_path, *urls;
   char **servers;
   int n_servers;
+  natsOptions *opts; /* every connection's (libnats copies them): servers, auth, TLS */
   ebb_follower f; /* f.position: the last event read and published (or skipped) */
   int64_t head;
   int state, active, stopping;
@@ -118,6 +122,7 @@ struct ebb_publisher {
   uint64_t expect_seq; /* the stream sequence of the last message published */
   flight *ring;
   size_t ring_at, ring_n;
+  int unacked;         /* messages published since the last that asked for an ack */
   ebb_follower_batch batch;
   int have_batch;
   size_t at;
@@ -126,7 +131,8 @@ struct ebb_publisher {
   hub *h;              /* acks from libnats's threads */
   ack *taken;          /* the queue's other array: the two are swapped, not copied */
   size_t taken_cap;
-  ebb_buf subject, body; /* of the message being built, kept for the next */
+  ebb_buf subject, body, wire; /* of the message being built, kept for the next */
+  int raw_headers;             /* make_msg builds the header block itself */
   /* loop handles */
   uv_async_t async;
   uv_timer_t tick, retry;
@@ -155,15 +161,19 @@ void ebb_nats_token(ebb_buf *out, const char *s, size_t n) {
     ebb_buf_putc(out, '%');
     return;
   }
+  size_t run = 0; /* bytes before i that go as they are: appended in one piece */
   for (size_t i = 0; i < n; i++) {
     unsigned char ch = (unsigned char)s[i];
     if (ch == '%' || ch == '.' || ch == '*' || ch == '>' || ch <= ' ' || ch == 0x7f) {
+      ebb_buf_append(out, s + i - run, run);
+      run = 0;
       char e[3] = {'%', hex[ch >> 4], hex[ch & 15]};
       ebb_buf_append(out, e, 3);
     } else {
-      ebb_buf_putc(out, (char)ch);
+      run++;
     }
   }
+  ebb_buf_append(out, s + n - run, run);
 }
 
 /* Does the stream subject pattern s match every subject under prefix.> ? */
@@ -238,15 +248,20 @@ static void set_err(conn *c, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* libnats's last error on this thread, without its "(file.c:123): " prefix. */
 static const char *nats_why(natsStatus s) {
   const char *t = nats_GetLastError(NULL);
+  if (t && t[0] == '(') {
+    const char *end = strstr(t, "): ");
+    if (end && (size_t)(end - t) < 40) t = end + 3;
+  }
   return t && *t ? t : natsStatus_GetText(s);
 }
 
 /* libnats's threads: queue and wake the loop. */
 static void push_ack(hub *h, const ack *a) {
   pthread_mutex_lock(&h->mu);
-  if ((a->js && a->js == h->live_js) || (a->nc && a->nc == h->live_nc)) {
+  if (a->nc && a->nc == h->live_nc) {
     if (h->qn == h->qcap) {
       size_t cap = h->qcap ? h->qcap * 2 : 1024;
       ack *q = realloc(h->q, cap * sizeof *q);
@@ -260,69 +275,95 @@ static void push_ack(hub *h, const ack *a) {
   pthread_mutex_unlock(&h->mu);
 }
 
-static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure) {
+/* A JetStream ack, on the subscription's thread. The message went out with
+ * core NATS (natsConnection_PublishMsg) and reply subject INBOX.<position>,
+ * so an ack names its event by its subject, and its body is JetStream's
+ * PubAck: {"stream":..,"seq":N[,"duplicate":true]} or {"error":{..}}.
+ * (js_PublishMsgAsync would do the same with a map entry, a copy of the
+ * message and a parsed JSON object per message: half of the publisher's
+ * CPU.) */
+static void on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure) {
+  (void)sub;
   hub *h = closure;
-  ack a = {.js = js, .position = -1};
-  const char *v = NULL;
-  if (natsMsgHeader_Get(msg, "Ebb-Position", &v) == NATS_OK && v) a.position = strtoll(v, NULL, 10);
-  if (pa) {
-    a.ok = 1;
-    a.dup = pa->Duplicate;
+  ack a = {.nc = nc, .position = -1};
+  const char *subject = natsMsg_GetSubject(msg), *dot = strrchr(subject, '.');
+  if (dot) a.position = strtoll(dot + 1, NULL, 10);
+  const char *data = natsMsg_GetData(msg), *v = NULL;
+  size_t len = (size_t)natsMsg_GetDataLength(msg), vn = 0;
+  if (natsMsg_IsNoResponders(msg)) {
+    snprintf(a.err, sizeof a.err, "no JetStream stream takes the subject (no responders)");
+  } else if (len == 0 || ebb_json_member(data, len, "error", &v, &vn) != 0) {
+    const char *d = NULL;
+    size_t dn = 0;
+    if (v && ebb_json_member(v, vn, "description", &d, &dn) == 1 && dn >= 2) d++, dn -= 2;
+    else d = len ? data : "an empty ack", dn = len ? len : strlen(d);
+    snprintf(a.err, sizeof a.err, "%.*s", (int)(dn > 180 ? 180 : dn), d);
   } else {
-    snprintf(a.err, sizeof a.err, "%s",
-             pae && pae->ErrText ? pae->ErrText : pae ? natsStatus_GetText(pae->Err) : "no ack");
+    a.ok = 1;
+    if (ebb_json_member(data, len, "seq", &v, &vn) == 1) a.seq = strtoull(v, NULL, 10);
+    a.dup = ebb_json_member(data, len, "duplicate", &v, &vn) == 1 && vn == 4 &&
+            memcmp(v, "true", 4) == 0;
   }
   natsMsg_Destroy(msg);
   push_ack(h, &a);
 }
 
 static void on_disconnected(natsConnection *nc, void *closure) {
-  ack a = {.nc = nc, .position = -1};
+  ack a = {.nc = nc, .lost = 1, .position = -1};
   snprintf(a.err, sizeof a.err, "the connection to NATS was lost");
   push_ack(closure, &a);
 }
 
 /* The connection's last callback. */
 static void on_nc_closed(natsConnection *nc, void *closure) {
+  (void)nc;
   hub_release(closure);
 }
+
+/* The ack subscription's last callback (its handler has returned for good). */
+static void on_sub_done(void *closure) { hub_release(closure); }
 
 static void conn_close(conn *c) {
   if (c == NULL) return;
   if (c->nc) natsConnection_Close(c->nc);
-  if (c->js && c->published) {
-    natsMsgList pending = {0};
-    if (js_PublishAsyncGetPendingList(&pending, c->js) == NATS_OK) natsMsgList_Destroy(&pending);
-  }
+  if (c->acks) natsSubscription_Destroy(c->acks);
   if (c->js) jsCtx_Destroy(c->js);
   if (c->nc) natsConnection_Destroy(c->nc);
-  if (c->opts) natsOptions_Destroy(c->opts);
   free(c);
+}
+
+static void hub_retain(hub *h) {
+  pthread_mutex_lock(&h->mu);
+  h->refs++;
+  pthread_mutex_unlock(&h->mu);
 }
 
 /* Connects, creates or checks the stream, and reads where it ends. */
 static void conn_open(conn *c, ebb_publisher *p) {
-  natsStatus s = natsOptions_Create(&c->opts);
-  if (s == NATS_OK) s = natsOptions_SetServers(c->opts, (const char **)p->servers, p->n_servers);
-  if (s == NATS_OK) s = natsOptions_SetTimeout(c->opts, CONNECT_TIMEOUT_MS);
-  /* ebb reconnects itself, and resynchronises after every reconnection. */
-  if (s == NATS_OK) s = natsOptions_SetAllowReconnect(c->opts, false);
-  if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(c->opts, on_disconnected, p->h);
-  if (s == NATS_OK) s = natsOptions_SetClosedCB(c->opts, on_nc_closed, p->h);
-  if (s != NATS_OK) return set_err(c, "NATS options: %s", nats_why(s));
-  pthread_mutex_lock(&p->h->mu);
-  p->h->refs++; /* dropped by on_nc_closed */
-  pthread_mutex_unlock(&p->h->mu);
-  if ((s = natsConnection_Connect(&c->nc, c->opts)) != NATS_OK) {
+  natsStatus s;
+  hub_retain(p->h); /* dropped by on_nc_closed */
+  if ((s = natsConnection_Connect(&c->nc, p->opts)) != NATS_OK) {
     hub_release(p->h); /* no connection, no callback */
     return set_err(c, "cannot connect to NATS: %s", nats_why(s)); /* the URLs may hold passwords */
   }
+  natsInbox *inbox = NULL;
+  char acks[80];
+  if ((s = natsInbox_Create(&inbox)) != NATS_OK) return set_err(c, "NATS inbox: %s", nats_why(s));
+  snprintf(c->inbox, sizeof c->inbox, "%s", inbox);
+  natsInbox_Destroy(inbox);
+  snprintf(acks, sizeof acks, "%s.*", c->inbox);
+  if ((s = natsConnection_Subscribe(&c->acks, c->nc, acks, on_ack, p->h)) != NATS_OK)
+    return set_err(c, "cannot subscribe to JetStream's acks: %s", nats_why(s));
+  hub_retain(p->h); /* dropped by on_sub_done */
+  if ((s = natsSubscription_SetOnCompleteCB(c->acks, on_sub_done, p->h)) != NATS_OK) {
+    hub_release(p->h);
+    return set_err(c, "cannot subscribe to JetStream's acks: %s", nats_why(s));
+  }
+  /* More than the window: no ack is ever dropped as a slow consumer's. */
+  natsSubscription_SetPendingLimits(c->acks, 4 * WINDOW, 64 * 1024 * 1024);
   jsOptions jo;
   jsOptions_Init(&jo);
   jo.Wait = 5000;
-  jo.PublishAsync.MaxPending = WINDOW + 16; /* the window is ours: never stalls */
-  jo.PublishAsync.AckHandler = on_ack;
-  jo.PublishAsync.AckHandlerClosure = p->h;
   if ((s = natsConnection_JetStream(&c->js, c->nc, &jo)) != NATS_OK)
     return set_err(c, "NATS JetStream context: %s", nats_why(s));
   jsStreamInfo *si = NULL;
@@ -401,11 +442,13 @@ static void publisher_free(ebb_publisher *p) {
   free(p->all_subjects);
   free(p->checkpoint_path);
   free(p->urls);
+  if (p->opts) natsOptions_Destroy(p->opts);
   free(p->ring);
   free(p->lag_us);
   free(p->taken);
   ebb_buf_free(&p->subject);
   ebb_buf_free(&p->body);
+  ebb_buf_free(&p->wire);
   if (p->h) hub_release(p->h);
   free(p);
 }
@@ -422,7 +465,6 @@ static void on_closed(uv_handle_t *h) {
 
 static void set_live(ebb_publisher *p, conn *c) {
   pthread_mutex_lock(&p->h->mu);
-  p->h->live_js = c ? c->js : NULL;
   p->h->live_nc = c ? c->nc : NULL;
   p->h->qn = 0;
   pthread_mutex_unlock(&p->h->mu);
@@ -430,6 +472,7 @@ static void set_live(ebb_publisher *p, conn *c) {
 
 static void drop_flights(ebb_publisher *p) {
   p->ring_at = p->ring_n = 0;
+  p->unacked = 0;
   if (p->have_batch) ebb_follower_batch_free(&p->batch);
   p->have_batch = 0;
   p->f.position = p->acked; /* rewind to the first unacknowledged event */
@@ -541,8 +584,122 @@ static uint64_t commit_time(ebb_publisher *p, int64_t position) {
   return p->note_n ? p->notes[p->note_at].t : 0;
 }
 
-/* Publishes one event. 0, or -1 after fail(). */
-static int publish(ebb_publisher *p, const ebb_event *e) {
+/* Writes v in decimal at d (room for 21 bytes), NUL-terminated: the headers
+ * of every message, without printf's cost. */
+static const char *decimal(char *d, uint64_t v) {
+  char t[21];
+  size_t n = 0;
+  do t[n++] = (char)('0' + v % 10); while ((v /= 10) != 0);
+  for (size_t i = 0; i < n; i++) d[i] = t[n - 1 - i];
+  d[n] = '\0';
+  return d;
+}
+
+/* ------------------------------------------------ messages with their headers already encoded
+ *
+ * natsMsgHeader_Set keeps every header in a hash map (a map, and a key, a
+ * value and two entries per header, freed on libnats's collector thread):
+ * with ebb's eight headers that was ~40% of the publisher's CPU. libnats's
+ * parser builds every message it receives with natsMsg_create(), from the
+ * header block as it is on the wire and the payload; such a message is sent
+ * again with that block as it is. libnats.so exports the function but nats.h
+ * does not declare it, so it is used only when built against the libnats
+ * whose source was read for it (3.4, Debian 12's), when the library loaded
+ * is of the same 3.4, and when a test message built with it reads back
+ * right; otherwise the headers go through natsMsgHeader_Set. The two give
+ * the same message (EBB_NATS_HEADER_MAP=1 forces the second, for the specs). */
+#if NATS_VERSION_MAJOR == 3 && NATS_VERSION_MINOR == 4
+#define RAW_HEADERS 1
+natsStatus natsMsg_create(natsMsg **newMsg, const char *subject, int subjLen, const char *reply,
+                          int replyLen, const char *buf, int bufLen, int hdrLen);
+#else
+#define RAW_HEADERS 0
+#endif
+
+static int raw_headers_work(void) {
+#if RAW_HEADERS
+  static const char buf[] = "NATS/1.0\r\nEbb-Check: 42\r\n\r\n{}";
+  const char *getenv_map = getenv("EBB_NATS_HEADER_MAP");
+  if ((getenv_map && strcmp(getenv_map, "1") == 0) || (nats_GetVersionNumber() >> 8) != 0x0304)
+    return 0;
+  natsMsg *m = NULL;
+  const char *v = NULL;
+  int ok = natsMsg_create(&m, "a.b", 3, "r", 1, buf, (int)sizeof buf - 1, (int)sizeof buf - 3) ==
+               NATS_OK &&
+           natsMsgHeader_Get(m, "Ebb-Check", &v) == NATS_OK && v && strcmp(v, "42") == 0 &&
+           natsMsg_GetDataLength(m) == 2 && memcmp(natsMsg_GetData(m), "{}", 2) == 0 &&
+           strcmp(natsMsg_GetSubject(m), "a.b") == 0 && natsMsg_GetReply(m) &&
+           strcmp(natsMsg_GetReply(m), "r") == 0;
+  natsMsg_Destroy(m);
+  return ok;
+#else
+  return 0;
+#endif
+}
+
+/* The message of event e: subject, reply (or NULL), body, and the headers
+ * Nats-Msg-Id, Ebb-Position, Ebb-Stream, Ebb-Version, Ebb-Type, Ebb-Schema,
+ * Content-Type and (expect_seq > 0) Nats-Expected-Last-Sequence. */
+static natsStatus make_msg(ebb_publisher *p, natsMsg **out, const ebb_event *e, const char *subject,
+                           const char *reply, const ebb_buf *body) {
+  char pos[24], ver[24], sch[24], seq[24];
+  struct { const char *key, *value; } h[8] = {
+      {"Nats-Msg-Id", e->id},
+      {"Ebb-Position", decimal(pos, (uint64_t)e->position)},
+      {"Ebb-Stream", e->stream},
+      {"Ebb-Version", decimal(ver, (uint64_t)e->version)},
+      {"Ebb-Type", e->type},
+      {"Ebb-Schema", decimal(sch, (uint64_t)e->schema)},
+      {"Content-Type", "application/json"},
+      /* In order or not at all: a message whose predecessor did not land is refused. */
+      {"Nats-Expected-Last-Sequence", decimal(seq, p->expect_seq)},
+  };
+  int nh = p->expect_seq > 0 ? 8 : 7;
+  *out = NULL;
+#if RAW_HEADERS
+  if (p->raw_headers) {
+    /* "NATS/1.0\r\n", "Key: value\r\n" each, "\r\n", the body: sized, then copied */
+    size_t kl[8], vl[8], need = 12 + body->len;
+    for (int i = 0; i < nh; i++) need += (kl[i] = strlen(h[i].key)) + (vl[i] = strlen(h[i].value)) + 4;
+    ebb_buf *b = &p->wire;
+    ebb_buf_reset(b);
+    if (ebb_buf_reserve(b, need) != 0) {
+      ebb_buf_free(b);
+      return NATS_NO_MEMORY;
+    }
+    char *w = b->data;
+    memcpy(w, "NATS/1.0\r\n", 10), w += 10;
+    for (int i = 0; i < nh; i++) {
+      memcpy(w, h[i].key, kl[i]), w += kl[i];
+      *w++ = ':', *w++ = ' ';
+      /* a line break in a value would end it: a space, as libnats writes it */
+      for (size_t k = 0; k < vl[i]; k++)
+        w[k] = h[i].value[k] == '\r' || h[i].value[k] == '\n' ? ' ' : h[i].value[k];
+      w += vl[i];
+      *w++ = '\r', *w++ = '\n';
+    }
+    *w++ = '\r', *w++ = '\n';
+    size_t hlen = (size_t)(w - b->data);
+    memcpy(w, body->data, body->len), w += body->len;
+    b->len = (size_t)(w - b->data);
+    *w = '\0';
+    return natsMsg_create(out, subject, (int)strlen(subject), reply, reply ? (int)strlen(reply) : 0,
+                          b->data, (int)b->len, (int)hlen);
+  }
+#endif
+  natsStatus s = natsMsg_Create(out, subject, reply, body->data, (int)body->len);
+  for (int i = 0; i < nh && s == NATS_OK; i++) s = natsMsgHeader_Set(*out, h[i].key, h[i].value);
+  return s;
+}
+
+/* Publishes one event with core NATS. With want_ack, its reply subject is
+ * INBOX.<position> (on_ack); without, JetStream stores it and answers
+ * nothing. That is enough: with Nats-Expected-Last-Sequence, JetStream
+ * stores a message only after its predecessor, so the ack of one message
+ * says that every message before it is stored too, and a message that was
+ * refused or lost makes every later one refused, the next acked one
+ * included. 0, or -1 after fail(). */
+static int publish(ebb_publisher *p, const ebb_event *e, int want_ack) {
   ebb_buf *subject = &p->subject, *body = &p->body;
   ebb_buf_reset(subject);
   ebb_buf_reset(body);
@@ -552,26 +709,17 @@ static int publish(ebb_publisher *p, const ebb_event *e) {
   ebb_buf_putc(subject, '.');
   ebb_nats_token(subject, e->type, strlen(e->type));
   ebb_event_to_json(e, body);
+  char reply[96];
+  size_t il = strlen(p->cur->inbox);
+  memcpy(reply, p->cur->inbox, il);
+  reply[il] = '.';
+  decimal(reply + il + 1, (uint64_t)e->position);
   natsMsg *m = NULL;
-  natsStatus s = subject->oom || body->oom ? NATS_NO_MEMORY
-                 : natsMsg_Create(&m, ebb_buf_cstr(subject), NULL, body->data, (int)body->len);
-  char pos[24], ver[24], sch[24], seq[24];
-  snprintf(pos, sizeof pos, "%lld", (long long)e->position);
-  snprintf(ver, sizeof ver, "%lld", (long long)e->version);
-  snprintf(sch, sizeof sch, "%lld", (long long)e->schema);
-  snprintf(seq, sizeof seq, "%" PRIu64, p->expect_seq);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Nats-Msg-Id", e->id);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Position", pos);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Stream", e->stream);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Version", ver);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Type", e->type);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Ebb-Schema", sch);
-  if (s == NATS_OK) s = natsMsgHeader_Set(m, "Content-Type", "application/json");
-  /* In order or not at all: a message whose predecessor did not land is refused. */
-  if (s == NATS_OK && p->expect_seq > 0) s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", seq);
-  if (s == NATS_OK) s = js_PublishMsgAsync(p->cur->js, &m, NULL);
-  p->cur->published = 1;
-  natsMsg_Destroy(m); /* NULL when the library took it */
+  natsStatus s = subject->oom || body->oom
+                     ? NATS_NO_MEMORY
+                     : make_msg(p, &m, e, ebb_buf_cstr(subject), want_ack ? reply : NULL, body);
+  if (s == NATS_OK) s = natsConnection_PublishMsg(p->cur->nc, m);
+  natsMsg_Destroy(m); /* NULL-safe */
   if (subject->oom || body->oom) ebb_buf_free(subject), ebb_buf_free(body);
   if (s != NATS_OK) {
     char why[512];
@@ -582,6 +730,7 @@ static int publish(ebb_publisher *p, const ebb_event *e) {
   p->expect_seq++;
   flight *fl = &p->ring[(p->ring_at + p->ring_n) % WINDOW];
   fl->position = e->position;
+  fl->seq = p->expect_seq;
   fl->committed_ns = commit_time(p, e->position);
   fl->sent_ms = ebb_clock_now_ms();
   p->ring_n++;
@@ -621,7 +770,12 @@ static void advance(ebb_publisher *p, int *budget) {
      * stored with its upcast_error, as GET /events shows it. */
     if (p->at < p->batch.events.n) {
       (*budget)--;
-      if (publish(p, &p->batch.events.items[p->at]) != 0) return;
+      /* An ack every ACK_EVERY messages, for the last of what was read (the
+       * newest events: their ack lag), and before the window is full. */
+      int want_ack = p->at + 1 == p->batch.events.n || p->ring_n + 1 >= WINDOW ||
+                     ++p->unacked >= ACK_EVERY;
+      if (want_ack) p->unacked = 0;
+      if (publish(p, &p->batch.events.items[p->at], want_ack) != 0) return;
       p->at++;
       continue;
     }
@@ -671,27 +825,42 @@ static size_t take_acks(ebb_publisher *p) {
   size_t moved = 0;
   for (size_t i = 0; i < n && p->state == P_PUBLISHING; i++) {
     const ack *a = &q[i];
-    if (a->js == NULL || !a->ok) {
+    if (a->lost || !a->ok) {
       char why[300];
-      if (a->js) snprintf(why, sizeof why, "JetStream refused event %lld: %s", (long long)a->position, a->err);
+      if (!a->lost) snprintf(why, sizeof why, "JetStream refused event %lld: %s", (long long)a->position, a->err);
       else snprintf(why, sizeof why, "%s", a->err);
       fail(p, why);
       break;
     }
-    flight *fl = &p->ring[p->ring_at];
-    if (p->ring_n == 0 || fl->position != a->position) {
+    /* The ack of one message is that of every message before it. */
+    size_t k = 0;
+    while (k < p->ring_n && p->ring[(p->ring_at + k) % WINDOW].position < a->position) k++;
+    flight *fl = &p->ring[(p->ring_at + k) % WINDOW];
+    if (k == p->ring_n || fl->position != a->position) {
       char why[200];
       snprintf(why, sizeof why, "an ack for event %lld came out of order (expected %lld)",
-               (long long)a->position, p->ring_n ? (long long)fl->position : -1LL);
+               (long long)a->position, p->ring_n ? (long long)p->ring[p->ring_at].position : -1LL);
       fail(p, why);
       break;
     }
-    p->ring_at = (p->ring_at + 1) % WINDOW;
-    p->ring_n--;
+    if (!a->dup && a->seq != fl->seq) {
+      char why[300];
+      snprintf(why, sizeof why,
+               "JetStream stored event %lld at stream sequence %" PRIu64 ", not %" PRIu64
+               ": something else publishes to the stream",
+               (long long)a->position, a->seq, fl->seq);
+      fail(p, why);
+      break;
+    }
+    for (size_t j = 0; j <= k; j++) {
+      fl = &p->ring[p->ring_at];
+      if (j < k || !a->dup) p->published++;
+      if (fl->position <= p->republish_to) p->republished++;
+      add_lag(p, fl->committed_ns);
+      p->ring_at = (p->ring_at + 1) % WINDOW;
+      p->ring_n--;
+    }
     p->acked = p->acked_msg = a->position;
-    if (!a->dup) p->published++;
-    if (a->position <= p->republish_to) p->republished++;
-    add_lag(p, fl->committed_ns);
     moved++;
   }
   return moved;
@@ -715,6 +884,70 @@ static void on_tick(uv_timer_t *t) {
 }
 
 /* ---------------------------------------------------------------- public */
+
+/* Does the credentials file hold a user JWT and a seed? (libnats reads it
+ * only when it connects: a wrong file would show only as failed connections.)
+ * Its contents are secret: only its name goes into a message. */
+static int check_creds(const char *path, ebb_error *err) {
+  FILE *f = fopen(path, "r");
+  if (f == NULL)
+    return ebb_error_set(err, EBB_EBADREQ, "nats_creds: cannot read %s: %s", path, strerror(errno));
+  char line[512];
+  int jwt = 0, seed = 0;
+  while (fgets(line, sizeof line, f)) {
+    jwt |= strstr(line, "BEGIN NATS USER JWT") != NULL;
+    seed |= strstr(line, "BEGIN USER NKEY SEED") != NULL;
+  }
+  fclose(f);
+  if (jwt && seed) return 0;
+  return ebb_error_set(err, EBB_EBADREQ,
+                       "nats_creds: %s is not a NATS credentials file: it holds no %s (a .creds "
+                       "file has a -----BEGIN NATS USER JWT----- and a -----BEGIN USER NKEY "
+                       "SEED----- block)",
+                       path, jwt ? "user NKey seed" : "user JWT");
+}
+
+/* The options of every connection: servers, timeouts, callbacks, and the
+ * credentials and TLS files, loaded now so that a bad one stops the start. */
+static int build_options(ebb_publisher *p, const ebb_publisher_options *o, ebb_error *err) {
+  natsOptions *opts = NULL;
+  natsStatus s = natsOptions_Create(&opts);
+  if (s == NATS_OK) s = natsOptions_SetServers(opts, (const char **)p->servers, p->n_servers);
+  if (s == NATS_OK) s = natsOptions_SetTimeout(opts, CONNECT_TIMEOUT_MS);
+  /* ebb reconnects itself, and resynchronises after every reconnection. */
+  if (s == NATS_OK) s = natsOptions_SetAllowReconnect(opts, false);
+  if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(opts, on_disconnected, p->h);
+  if (s == NATS_OK) s = natsOptions_SetClosedCB(opts, on_nc_closed, p->h);
+  if (s == NATS_OK && o->token && *o->token) s = natsOptions_SetToken(opts, o->token);
+  if (s == NATS_OK && o->user && *o->user)
+    s = natsOptions_SetUserInfo(opts, o->user, o->password ? o->password : "");
+  p->opts = opts;
+  if (s != NATS_OK) return ebb_error_set(err, EBB_ENOMEM, "NATS options: %s", nats_why(s));
+  if (o->creds && *o->creds) {
+    if (check_creds(o->creds, err) != 0) return err->code;
+    if ((s = natsOptions_SetUserCredentialsFromFiles(opts, o->creds, NULL)) != NATS_OK)
+      return ebb_error_set(err, EBB_EBADREQ, "nats_creds: %s: %s", o->creds, nats_why(s));
+  }
+  int tls = 0;
+  if (o->tls_ca && *o->tls_ca) {
+    tls = 1;
+    if ((s = natsOptions_LoadCATrustedCertificates(opts, o->tls_ca)) != NATS_OK)
+      return ebb_error_set(err, EBB_EBADREQ, "nats_tls_ca: cannot load the CA certificates in %s: %s",
+                           o->tls_ca, nats_why(s));
+  }
+  if (o->tls_cert && *o->tls_cert) {
+    tls = 1;
+    if ((s = natsOptions_LoadCertificatesChain(opts, o->tls_cert, o->tls_key)) != NATS_OK)
+      return ebb_error_set(err, EBB_EBADREQ,
+                           "nats_tls_cert, nats_tls_key: cannot load the client certificate %s "
+                           "with the key %s: %s",
+                           o->tls_cert, o->tls_key ? o->tls_key : "", nats_why(s));
+  }
+  /* TLS files mean TLS, whatever the URLs' scheme (tls:// asks for it too). */
+  if (tls && (s = natsOptions_SetSecure(opts, true)) != NATS_OK)
+    return ebb_error_set(err, EBB_EBADREQ, "NATS TLS: %s", nats_why(s));
+  return 0;
+}
 
 static char *dup_or_null(const char *s, int *oom) {
   char *d = strdup(s ? s : "");
@@ -776,6 +1009,11 @@ int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *o, ebb
     publisher_free(p);
     return ebb_error_set(err, EBB_EBADREQ, "nats: no server URL in \"%s\"", o->urls);
   }
+  if (build_options(p, o, err) != 0) {
+    publisher_free(p);
+    return err->code;
+  }
+  p->raw_headers = raw_headers_work();
   read_checkpoint(p);
   p->f.position = p->acked;
   if (ebb_store_head(ebb_runtime_store(p->rt), &p->head, err) != 0) {

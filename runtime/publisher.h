@@ -8,13 +8,16 @@
  * Content-Type.
  *
  * Delivery is at least once, in the global order, duplicates dropped by
- * JetStream through Nats-Msg-Id. Publishing is asynchronous with a bounded
- * window in flight; acks come back to the loop through a uv_async. Every
- * message also carries Nats-Expected-Last-Sequence, the stream sequence its
- * predecessor got: JetStream refuses a message that would land out of order
- * (one lost on a broken connection while its successors got through), so
- * the stream holds ebb's events in order and without gaps, and the last
- * message's Ebb-Position says that every event up to it is there.
+ * JetStream through Nats-Msg-Id. Every message also carries
+ * Nats-Expected-Last-Sequence, the stream sequence its predecessor got:
+ * JetStream refuses a message that would land out of order (one lost on a
+ * broken connection while its successors got through), so the stream holds
+ * ebb's events in order and without gaps, and the last message's
+ * Ebb-Position says that every event up to it is there. Publishing is core
+ * NATS with a bounded window in flight; one message in 64 (and the last of
+ * each read from the store) asks JetStream for an ack, on a reply subject
+ * that names its position: by the rule above, its ack acknowledges every
+ * message before it too. Acks come back to the loop through a uv_async.
  *
  * On every (re)connection, on a thread of libuv's pool (NATS calls block),
  * the publisher creates the stream if it is missing (subjects PREFIX.>,
@@ -53,11 +56,21 @@ typedef struct ebb_publisher_options {
   const char *stream;  /* the JetStream stream */
   const char *prefix;  /* the subjects' first tokens */
   const char *from;    /* categories or event types, comma-separated; "" for all */
+  /* Authentication and TLS ("" or NULL: not used). The token and the
+   * password are secrets: no message of the publisher shows them. */
+  const char *creds;   /* a .creds file: user JWT and NKey seed */
+  const char *token;
+  const char *user, *password;
+  const char *tls_ca;  /* PEM file of the CA certificates to trust (turns TLS on) */
+  const char *tls_cert, *tls_key; /* a client certificate and its key (turn TLS on) */
 } ebb_publisher_options;
 
-/* Starts publishing. It tries to connect once (at most ~2 s): a stream that
- * exists with subjects that do not cover PREFIX.> is an error here (the
- * daemon refuses to start); NATS unreachable is not (it keeps trying). */
+/* Starts publishing. It loads the credentials and TLS files (one that
+ * cannot be used is an error naming its setting) and tries to connect once
+ * (at most ~2 s): a stream that exists with subjects that do not cover
+ * PREFIX.> is an error here (the daemon refuses to start); NATS unreachable,
+ * or refusing ebb's credentials, is not (it keeps trying, and /health says
+ * why). */
 int ebb_publisher_start(ebb_publisher **out, const ebb_publisher_options *opt, ebb_error *err);
 /* Waits at most wait_ms for the acks of the messages in flight, writes the
  * checkpoint, closes the connection and frees the publisher (once its

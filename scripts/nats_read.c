@@ -2,11 +2,15 @@
  * nats_read.c: ebb-nats-read, the NATS specs' independent reader of a
  * JetStream stream (linked with libnats, nothing of ebb's).
  *
- *   ebb-nats-read URL STREAM            every message, one JSON line each:
+ *   ebb-nats-read [TLS] URL STREAM      every message, one JSON line each:
  *       {"seq":N,"subject":"...","headers":{"Name":"value",...},"data":BODY}
  *       (BODY as stored: ebb's messages are JSON)
  *   ebb-nats-read URL STREAM --info     {"messages":N,"first_seq":N,"last_seq":N}
  *   ebb-nats-read URL STREAM --create SUBJECT   creates the stream with that one subject
+ *
+ * TLS (before the URL): --tls-ca FILE (trust these CA certificates),
+ * --tls-cert FILE --tls-key FILE (a client certificate). A token or a user
+ * and password go in the URL (nats://TOKEN@host:port).
  *
  * Exit status 0, or 1 with the reason on stderr.
  */
@@ -33,15 +37,32 @@ static int die(const char *what, natsStatus s, jsErrCode je) {
 }
 
 int main(int argc, char **argv) {
+  const char *ca = NULL, *cert = NULL, *key = NULL;
+  while (argc >= 3 && strncmp(argv[1], "--tls-", 6) == 0) {
+    if (strcmp(argv[1], "--tls-ca") == 0) ca = argv[2];
+    else if (strcmp(argv[1], "--tls-cert") == 0) cert = argv[2];
+    else if (strcmp(argv[1], "--tls-key") == 0) key = argv[2];
+    else break;
+    argv += 2;
+    argc -= 2;
+  }
   if (argc < 3) {
-    fprintf(stderr, "usage: ebb-nats-read URL STREAM [--info | --create SUBJECT]\n");
+    fprintf(stderr, "usage: ebb-nats-read [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] URL "
+                    "STREAM [--info | --create SUBJECT]\n");
     return 2;
   }
   natsConnection *nc = NULL;
+  natsOptions *opts = NULL;
   jsCtx *js = NULL;
   jsErrCode je = 0;
-  natsStatus s = natsConnection_ConnectTo(&nc, argv[1]);
-  if (s != NATS_OK) return die("connect", s, 0);
+  natsStatus s = natsOptions_Create(&opts);
+  if (s == NATS_OK) s = natsOptions_SetURL(opts, argv[1]);
+  if (s == NATS_OK && ca) s = natsOptions_LoadCATrustedCertificates(opts, ca);
+  if (s == NATS_OK && cert) s = natsOptions_LoadCertificatesChain(opts, cert, key);
+  if (s == NATS_OK && (ca || cert)) s = natsOptions_SetSecure(opts, true);
+  if (s != NATS_OK) return die("options", s, 0);
+  if ((s = natsConnection_Connect(&nc, opts)) != NATS_OK) return die("connect", s, 0);
+  natsOptions_Destroy(opts);
   if ((s = natsConnection_JetStream(&js, nc, NULL)) != NATS_OK) return die("jetstream", s, 0);
   if (argc >= 5 && strcmp(argv[3], "--create") == 0) {
     jsStreamConfig sc;

@@ -1,8 +1,9 @@
 -- Publishing to NATS JetStream against a real nats-server (Debian's 2.9),
--- started here on a free loopback port with JetStream and a temporary store
--- directory, killed and restarted as each spec needs. The stream is read
--- back by ebb-nats-read (scripts/nats_read.c, libnats, nothing of ebb's).
--- Every wait is for a condition, with support.eventually's generous bound.
+-- started here (spec/nats_support.lua) on a free loopback port with
+-- JetStream and a temporary store directory, killed and restarted as each
+-- spec needs. The stream is read back by ebb-nats-read
+-- (scripts/nats_read.c, libnats, nothing of ebb's). Every wait is for a
+-- condition, with support.eventually's generous bound.
 local socket = require "socket"
 local json = require "cjson"
 local support = require "support"
@@ -11,160 +12,14 @@ local daemon = require "daemon_support"
 -- The publisher is per daemon, not per store: the specs run on SQLite only.
 if support.store_kind ~= "sqlite" then return end
 
-local reader = support.build .. "/ebb-nats-read"
+local ns = require "nats_support"
+local new_nats, caught_up, metric, open, run = ns.new, ns.caught_up, ns.metric, ns.open, ns.run
+local assert_stream_is_store = ns.assert_stream_is_store
 local q = support.quote
 
-local function port_free(port)
-  local c = socket.tcp()
-  c:settimeout(0.2)
-  local ok = c:connect("127.0.0.1", port)
-  c:close()
-  return not ok
-end
-
--- A nats-server: n.url, n.dir (its store, kept across restarts), n.pid.
-local Nats = {}
-Nats.__index = Nats
-
-local function nats_start(n)
-  n.log = n.log or os.tmpname()
-  -- not the sanitizer runtimes scripts/test --sanitize preloads for busted
-  local p = assert(io.popen("env -u LD_PRELOAD nats-server -js -a 127.0.0.1 -p " .. n.port ..
-    " -sd " .. q(n.dir) .. " >> " .. q(n.log) .. " 2>&1 & echo $!"))
-  n.pid = tonumber(p:read("l"))
-  p:close()
-  -- Ready, or gone (another process took the port first: the caller picks another).
-  local ready = support.eventually(function()
-    local text = support.read(n.log) or ""
-    local from = n.log_at or 1
-    if text:find("Server is ready", from, true) then return "ready" end
-    if not os.execute("kill -0 " .. n.pid .. " 2>/dev/null") then return "gone" end
-  end, 60, "nats-server to be ready")
-  n.log_at = #(support.read(n.log) or "") + 1
-  if ready == "gone" then return nil end
-  -- JetStream answers (here: that there is no such stream) once it has read its store
-  support.eventually(function()
-    local r = assert(io.popen("env -u LD_PRELOAD " .. q(reader) .. " " .. q(n.url) .. " NOSUCH --info 2>&1"))
-    local text = r:read("a")
-    r:close()
-    return text:find("10059", 1, true)
-  end, 60, "JetStream to answer")
-  return n
-end
-
--- Ports below the kernel's ephemeral range (32768 and up), so that no
--- outgoing connection or port-0 listener of another spec takes it meanwhile;
--- if something still does, nats-server exits and another port is tried.
-local function new_nats()
-  local n = setmetatable({ dir = support.tmpdir() }, Nats)
-  for _ = 1, 20 do
-    for _ = 1, 50 do
-      n.port = 20000 + math.random(0, 12000)
-      if port_free(n.port) then break end
-    end
-    n.url = "nats://127.0.0.1:" .. n.port
-    if nats_start(n) then return n end
-  end
-  error("nats-server did not start: " .. (support.read(n.log) or ""))
-end
-
-function Nats:kill(sig)
-  os.execute("kill -" .. (sig or "KILL") .. " " .. self.pid .. " 2>/dev/null")
-  support.eventually(function()
-    local f = io.open("/proc/" .. self.pid .. "/stat")
-    if not f then return true end
-    local zombie = f:read("a"):match("^%d+ %b() (%a)") == "Z"
-    f:close()
-    return zombie
-  end, 60, "nats-server to exit")
-  support.eventually(function() return port_free(self.port) end, 60, "the port to be free")
-end
-
-function Nats:restart() return assert(nats_start(self), "nats-server did not start again on its port") end
-
-function Nats:close()
-  if self.pid then os.execute("kill -KILL " .. self.pid .. " 2>/dev/null") end
-  support.rmdir(self.dir)
-  if self.log then os.remove(self.log) end
-end
-
--- The stream's messages, decoded, in stream order.
-function Nats:read(stream)
-  local p = assert(io.popen("env -u LD_PRELOAD " .. q(reader) .. " " .. q(self.url) .. " " ..
-    q(stream or "EBB") .. " 2>&1"))
-  local text = p:read("a")
-  p:close()
-  local list = {}
-  for line in text:gmatch("[^\n]+") do
-    local ok, m = pcall(json.decode, line)
-    assert(ok, "ebb-nats-read: " .. line)
-    list[#list + 1] = m
-  end
-  return list
-end
-
-local function health(d)
-  local status, h = d:get("/health")
-  return status == 200 and h or nil
-end
-
 local function nats_state(d)
-  local h = health(d)
+  local h = ns.health(d)
   return h and h.nats
-end
-
--- Waits until JetStream acknowledged every committed event.
-local function caught_up(d)
-  return support.eventually(function()
-    local h = health(d)
-    return h and h.nats and h.nats.state == "live" and h.nats.position == h.position and h.nats.lag_events == 0
-        and h.nats
-  end, 120, "the publisher to catch up")
-end
-
-local function metric(d, name)
-  local _, _, text = d:get("/metrics")
-  return tonumber(text:match("\n" .. name .. " (%d+)"))
-end
-
-local function open(d, i)
-  local status, answer = d:command("bank_account", "acct-" .. i, "OpenAccount", { owner = "o" .. i })
-  assert.are.equal(200, status, json.encode(answer))
-  return answer
-end
-
--- Every event of the store, once, in order, as GET /events shows it.
-local function assert_stream_is_store(d, n, stream)
-  local msgs = n:read(stream)
-  local events, after = {}, 0
-  while true do
-    local status, page = d:get(("/events?limit=500&after=%d"):format(after))
-    assert.are.equal(200, status)
-    if #page.events == 0 then break end
-    for _, e in ipairs(page.events) do events[#events + 1] = e end
-    after = page.next
-  end
-  assert.are.equal(#events, #msgs, "messages in the stream")
-  for i, m in ipairs(msgs) do
-    local e = events[i]
-    assert.are.equal(("%d"):format(e.position), m.headers["Ebb-Position"], "message " .. i)
-    assert.are.equal(e.id, m.headers["Nats-Msg-Id"])
-    assert.are.same(e, m.data)
-  end
-  return msgs
-end
-
--- `ebb args...` with a time limit and VAR=value assignments: stdout, stderr, exit code.
-local function run(args, env)
-  local parts = { "timeout", "20", q(support.ebb) }
-  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
-  local errfile = os.tmpname()
-  local p = assert(io.popen((env or "") .. " " .. table.concat(parts, " ") .. " 2> " .. q(errfile) .. " < /dev/null"))
-  local out = p:read("a")
-  local _, _, code = p:close()
-  local err = support.read(errfile)
-  os.remove(errfile)
-  return out, err, code
 end
 
 describe("the nats settings", function()
@@ -225,16 +80,16 @@ describe("publishing to NATS JetStream", function()
     support.rmdir(data)
   end)
 
-  local function start(extra)
+  local function start(extra, env)
     local args = { "--nats", n.url }
     for _, a in ipairs(extra or {}) do args[#args + 1] = a end
-    d = daemon.start { data = data, args = args }
+    d = daemon.start { data = data, args = args, env = env }
     assert.is_not_nil(d.url, "the daemon did not start: " .. d:logs())
     return d
   end
 
-  it("publishes every committed event once, in order, with ebb's subject, headers and body", function()
-    start()
+  -- 40 accounts opened: their messages, with every header and nothing else.
+  local function forty_accounts()
     for i = 1, 40 do open(d, i) end
     local s = caught_up(d)
     assert.are.equal(40, s.position)
@@ -242,12 +97,26 @@ describe("publishing to NATS JetStream", function()
     for i, m in ipairs(msgs) do
       assert.are.equal(i, m.seq)
       assert.are.equal("ebb.BankAccount.AccountOpened", m.subject)
+      local names = {}
+      for k in pairs(m.headers) do names[#names + 1] = k end
+      table.sort(names)
+      local want = { "Content-Type", "Ebb-Position", "Ebb-Schema", "Ebb-Stream", "Ebb-Type", "Ebb-Version",
+                     "Nats-Msg-Id" }
+      -- the stream sequence of the message before (none before the first)
+      if i > 1 then table.insert(want, 7, "Nats-Expected-Last-Sequence") end
+      assert.are.same(want, names)
+      assert.are.equal(i > 1 and tostring(i - 1) or nil, m.headers["Nats-Expected-Last-Sequence"])
       assert.are.equal("BankAccount-acct-" .. i, m.headers["Ebb-Stream"])
       assert.are.equal("1", m.headers["Ebb-Version"])
       assert.are.equal("AccountOpened", m.headers["Ebb-Type"])
       assert.are.equal("1", m.headers["Ebb-Schema"])
       assert.are.equal("application/json", m.headers["Content-Type"])
     end
+  end
+
+  it("publishes every committed event once, in order, with ebb's subject, headers and body", function()
+    start()
+    forty_accounts()
     assert.are.equal(40, metric(d, "ebb_nats_published_total"))
     assert.are.equal(1, metric(d, "ebb_nats_connected"))
     assert.are.equal(0, metric(d, "ebb_nats_lag_events"))
@@ -258,6 +127,11 @@ describe("publishing to NATS JetStream", function()
     caught_up(d)
     assert_stream_is_store(d, n)
     assert.are.equal(1, metric(d, "ebb_nats_published_total"))
+  end)
+
+  it("builds the same messages with libnats's header map (EBB_NATS_HEADER_MAP=1)", function()
+    start({}, "EBB_NATS_HEADER_MAP=1")
+    forty_accounts()
   end)
 
   it("escapes '.', '*', '>', whitespace and '%' in subject tokens, reversibly", function()
@@ -298,7 +172,7 @@ describe("publishing to NATS JetStream", function()
   end)
 
   it("refuses to start on an existing stream whose subjects do not cover the prefix", function()
-    assert(os.execute("env -u LD_PRELOAD " .. q(reader) .. " " .. q(n.url) .. " EBB --create 'other.>'"))
+    assert(n:create("EBB", "other.>"))
     d = daemon.start { data = data, args = { "--nats", n.url } }
     assert.is_nil(d.url)
     assert.is_truthy(d:wait(60))

@@ -118,9 +118,14 @@ static int link_up(const ebb_store_link *base) {
 
 static int connected(pg_link *l, ebb_error *err) {
   if (PQsetnonblocking(l->conn, 1) != 0) return fail(l, err, "setting up the connection", NULL);
+  /* LISTEN takes effect when its transaction commits: the head is read
+   * after that, in a transaction of its own. Read in the same one, a commit
+   * landing between the read's snapshot and the LISTEN's commit would be in
+   * neither the head nor a notification, and this daemon would not see it
+   * until the next commit anywhere. */
   if (l->kind == EBB_LINK_WATCH)
     return send(l,
-                "LISTEN " EBB__PG_CHANNEL "; SELECT current_schema(), "
+                "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; SELECT current_schema(), "
                 "(SELECT position FROM ebb_head WHERE id = 1)",
                 err);
   return send(l,

@@ -8,8 +8,6 @@ local json = require "cjson"
 local support = require "support"
 local daemon = require "daemon_support"
 
--- The publisher is per daemon, not per store: the specs run on SQLite only.
-if support.store_kind ~= "sqlite" then return end
 
 local reader = support.build .. "/ebb-nats-read"
 local q = support.quote
@@ -157,7 +155,7 @@ end
 -- `ebb args...` with a time limit and VAR=value assignments: stdout, stderr, exit code.
 local function run(args, env)
   local parts = { "timeout", "20", q(support.ebb) }
-  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
+  for _, a in ipairs(support.store_args(args)) do parts[#parts + 1] = q(a) end
   local errfile = os.tmpname()
   local p = assert(io.popen((env or "") .. " " .. table.concat(parts, " ") .. " 2> " .. q(errfile) .. " < /dev/null"))
   local out = p:read("a")

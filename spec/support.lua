@@ -32,7 +32,8 @@ end
 -- Runs SQL on the test server (psql, stopping at the first error).
 function support.psql(sql)
   -- without the sanitizer runtimes scripts/test --sanitize preloads (psql hangs under them)
-  assert(os.execute("env -u LD_PRELOAD psql -q -X -v ON_ERROR_STOP=1 " .. sh_quote(pg_uri()) .. " -c " ..
+  assert(os.execute("env -u LD_PRELOAD PGOPTIONS=-cclient_min_messages=warning psql -q -X -v ON_ERROR_STOP=1 " ..
+    sh_quote(pg_uri()) .. " -c " ..
     sh_quote(sql) .. " >/dev/null"))
 end
 

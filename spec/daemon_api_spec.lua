@@ -1110,9 +1110,9 @@ describe("ebb serve", function()
         -- one daemon on its own SQLite store is always the leader, with no store link to show
         assert.same({ true, nil }, { h.leader, h.connection })
       else
-        -- on PostgreSQL its links to the server connect after it listens (the
-        -- loop does not wait for them): "reconnecting" and not leader until
-        -- they are up and the server grants the lock
+        -- on PostgreSQL it listens without waiting for its links to the
+        -- server: "reconnecting" and not leader until they are up and the
+        -- server grants the lock
         assert.is_truthy(h.connection == "connected" or h.connection == "reconnecting", h.connection)
         support.eventually(function()
           local _, now = d:get("/health")

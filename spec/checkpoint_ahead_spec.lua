@@ -1,5 +1,5 @@
--- A projection whose checkpoint is ahead of the store (an older events.db
--- restored, or commits lost in an OS crash at durability normal) has seen
+-- A projection whose checkpoint is ahead of the store (an older backup of
+-- the store restored, or commits lost in an OS crash at durability normal) has seen
 -- events the store no longer holds: it is rebuilt, saying why in its status
 -- and the log, and never answers the lost data again.
 local support = require "support"
@@ -33,14 +33,6 @@ local function order(d, id, customer)
   return answer.position
 end
 
-local function copy_store(from, to)
-  assert(os.execute("mkdir -p '" .. to .. "' && cp '" .. from .. "'/events.db* '" .. to .. "'/"))
-end
-
-local function restore_store(from, to)
-  assert(os.execute("rm -f '" .. to .. "'/events.db* && cp '" .. from .. "'/events.db* '" .. to .. "'/"))
-end
-
 describe("a projection checkpoint ahead of the store", function()
   local data, backup, d
   before_each(function()
@@ -48,14 +40,14 @@ describe("a projection checkpoint ahead of the store", function()
     d = daemon.start({ data = data, args = PROJECTIONS })
     order(d, "a", "c-1")
     d:stop()
-    copy_store(data, backup) -- the store with one event
+    support.backup_store(data, backup) -- the store with one event
     d = daemon.start({ data = data, args = PROJECTIONS })
     order(d, "b", "c-2")
     local last = order(d, "c", "c-3")
     live(d, "order_summary", last)
     assert.are.equal("c", get(d, "c").id)
     d:stop()
-    restore_store(backup, data) -- back to one event; the read model has seen three
+    support.restore_store(backup, data) -- back to one event; the read model has seen three
   end)
   after_each(function()
     d:stop()

@@ -274,8 +274,10 @@ describe("stopping", function()
     d = daemon.start()
     local data = d.data
     local out, other = os.tmpname(), support.tmpdir()
-    local pid = spawn(("%s serve --data %s --listen 127.0.0.1:0 --aggregates %s; echo exit=$?")
-      :format(support.ebb, support.quote(other), support.quote(support.root .. "/aggregates")), out)
+    local args = support.store_args { "serve", "--data", other, "--listen", "127.0.0.1:0", "--aggregates",
+                                      support.root .. "/aggregates" }
+    for i, a in ipairs(args) do args[i] = support.quote(a) end
+    local pid = spawn(("%s %s; echo exit=$?"):format(support.ebb, table.concat(args, " ")), out)
     -- The daemon's own pid, from its lock, once it listens.
     local daemon_pid
     for _ = 1, 500 do

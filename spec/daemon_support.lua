@@ -39,19 +39,19 @@ function M.start(opts)
   local p = assert(io.popen(cmd))
   d.pid = tonumber(p:read("l"))
   p:close()
-  -- Wait for the line saying where it listens, or for the process to end.
-  for _ = 1, 500 do
-    local text = support.read(d.out)
-    local url = text:match("ebb listening on (http://%S+)")
+  -- Wait for the line saying where it listens, or for the process to end:
+  -- conditions, not a count of polls (a loaded machine, or a PostgreSQL
+  -- store that creates its schema first, can take seconds to start).
+  support.eventually(function()
+    local url = support.read(d.out):match("ebb listening on (http://%S+)")
     if url then
       d.url = url
       d.host, d.port = url:match("http://([%d%.]+):(%d+)")
       d.port = tonumber(d.port)
-      break
+      return true
     end
-    if not M.alive(d) then break end
-    sleep(0.01)
-  end
+    return not M.alive(d)
+  end, nil, "the daemon to listen or exit")
   return setmetatable(d, { __index = M })
 end
 

@@ -24,8 +24,11 @@ end
 local function start(agg, proj)
   local d = { data = support.tmpdir(), out = os.tmpname(), log = os.tmpname(), status = os.tmpname() }
   os.remove(d.status)
-  local cmd = ("%s serve --data %s --aggregates %s --projections %s --listen 127.0.0.1:0 --log-format json "
-      .. "--durability normal > %s 2> %s"):format(q(support.ebb), q(d.data), q(agg), q(proj), q(d.out), q(d.log))
+  local args = support.store_args { "serve", "--data", d.data, "--aggregates", agg, "--projections", proj,
+                                    "--listen", "127.0.0.1:0", "--log-format", "json", "--durability", "normal" }
+  local parts = { q(support.ebb) }
+  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
+  local cmd = ("%s > %s 2> %s"):format(table.concat(parts, " "), q(d.out), q(d.log))
   os.execute(("(%s; echo $? > %s) > /dev/null 2>&1 &"):format(cmd, q(d.status)))
   for _ = 1, 1000 do
     local url = support.read(d.out):match("ebb listening on (http://%S+)")

@@ -9,8 +9,6 @@ local json = require "cjson"
 local support = require "support"
 local daemon = require "daemon_support"
 
--- The publisher is per daemon, not per store: the specs run on SQLite only.
-if support.store_kind ~= "sqlite" then return end
 
 local ns = require "nats_support"
 local new_nats, caught_up, metric, open, run = ns.new, ns.caught_up, ns.metric, ns.open, ns.run

@@ -177,7 +177,7 @@ end
 -- `ebb args...` with a time limit and VAR=value assignments: stdout, stderr, exit code.
 function M.run(args, env)
   local parts = { "timeout", "20", q(support.ebb) }
-  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
+  for _, a in ipairs(support.store_args(args)) do parts[#parts + 1] = q(a) end
   local errfile = os.tmpname()
   local p = assert(io.popen((env or "") .. " " .. table.concat(parts, " ") .. " 2> " .. q(errfile) .. " < /dev/null"))
   local out = p:read("a")

@@ -7,7 +7,10 @@ local core = require "ebb.core"
 local support = require "support"
 local daemon = require "daemon_support"
 
-if support.store_kind ~= "postgres" then return end
+if support.store_kind ~= "postgres" then
+  pending("several daemons on one PostgreSQL store: in scripts/test's PostgreSQL pass")
+  return
+end
 
 describe("several daemons on one PostgreSQL store", function()
   local store, ds, dirs

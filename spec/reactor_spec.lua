@@ -186,8 +186,11 @@ describe("the example reactor order_payment", function()
     end
   end)
 
-  it("7. a crash before each fsync of a reaction, in turn (store and reactors.db): each command once", function()
-    if support.store_kind ~= "sqlite" then return end
+  -- SQLite only (scripts/test lists the exclusions): the cuts count the
+  -- fsyncs of SQLite's VFS (EBB_TEST_FAULTS), and the copies of the data
+  -- directory are copies of the store. A crash on PostgreSQL: postgres_spec.
+  local it_sqlite = support.store_kind == "sqlite" and it or pending
+  it_sqlite("7. a crash before each fsync of a reaction, in turn (store and reactors.db): each command once", function()
     local empty = support.tmpdir()
     local base = daemon.start({ args = { "--reactors", empty }, durability = "full" })
     for i = 1, 3 do
@@ -233,17 +236,16 @@ describe("the example reactor order_payment", function()
   end)
 
   it("6. a store restored behind the reactor's checkpoint: resumes at the head and reacts to new events", function()
-    if support.store_kind ~= "sqlite" then return end
     d = start()
     local data, backup = d.data, support.tmpdir()
     command(d, "bank_account", "r-1", "OpenAccount", { owner = "R", initial_deposit = 1000 })
     d:stop()
-    assert(os.execute("cp '" .. data .. "'/events.db* '" .. backup .. "'/"))
+    support.backup_store(data, backup)
     d = start({ data = data })
     order(d, "lost", "r-1", 100) -- positions 2 and 3, lost by the restore
     settled(d, "order_payment", 3)
     d:stop()
-    assert(os.execute("rm -f '" .. data .. "'/events.db* && cp '" .. backup .. "'/events.db* '" .. data .. "'/"))
+    support.restore_store(backup, data)
     d = start({ data = data })
     assert.matches("reactor checkpoint is past the store's head: resuming at the head", d:logs(), 1, true)
     order(d, "o-6", "r-1", 300) -- the reused positions 2 and 3

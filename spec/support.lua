@@ -23,19 +23,67 @@ end
 -- PostgreSQL schema of its own per data directory, so each spec starts empty
 -- and reopening the same directory reopens the same store.
 support.store_kind = os.getenv("EBB_TEST_STORE") or "sqlite"
+
+local function pg_uri()
+  return assert(os.getenv("EBB_TEST_PG_URI"),
+    "EBB_TEST_STORE=postgres needs EBB_TEST_PG_URI: run the specs under scripts/pg")
+end
+
+-- Runs SQL on the test server (psql, stopping at the first error).
+function support.psql(sql)
+  -- without the sanitizer runtimes scripts/test --sanitize preloads (psql hangs under them)
+  assert(os.execute("env -u LD_PRELOAD PGOPTIONS=-cclient_min_messages=warning psql -q -X -v ON_ERROR_STOP=1 " ..
+    sh_quote(pg_uri()) .. " -c " ..
+    sh_quote(sql) .. " >/dev/null"))
+end
+
+local function schema_of(dir)
+  return "t" .. dir:gsub("%u", function(c) return "_" .. c:lower() end):gsub("[^%w_]", "_")
+end
+
 local pg_made = {}
 function support.store_for(dir)
   if support.store_kind ~= "postgres" then return nil end
-  local uri = assert(os.getenv("EBB_TEST_PG_URI"),
-    "EBB_TEST_STORE=postgres needs EBB_TEST_PG_URI: run the specs under scripts/pg")
-  local schema = "t" .. dir:gsub("%u", function(c) return "_" .. c:lower() end):gsub("[^%w_]", "_")
+  local schema = schema_of(dir)
   if not pg_made[schema] then
-    -- without the sanitizer runtimes scripts/test --sanitize preloads (psql hangs under them)
-    assert(os.execute("env -u LD_PRELOAD psql -q -X -v ON_ERROR_STOP=1 " .. sh_quote(uri) .. " -c " ..
-      sh_quote("CREATE SCHEMA IF NOT EXISTS " .. schema) .. " >/dev/null"))
+    support.psql("CREATE SCHEMA IF NOT EXISTS " .. schema)
     pg_made[schema] = true
   end
-  return uri .. "?options=-csearch_path%3D" .. schema
+  return pg_uri() .. "?options=-csearch_path%3D" .. schema
+end
+
+-- A copy of the store of data directory dir (no daemon may be running on
+-- it) in the directory backup: events.db and its WAL on SQLite, the tables of
+-- its schema on PostgreSQL (in backup's schema). restore_store(backup, dir)
+-- puts it back, as restoring an older backup of the store would.
+local STORE_TABLES = { "ebb_head", "events", "commands", "snapshots" }
+function support.backup_store(dir, backup)
+  if support.store_kind == "sqlite" then
+    assert(os.execute("cp " .. sh_quote(dir) .. "/events.db* " .. sh_quote(backup) .. "/"))
+    return
+  end
+  support.store_for(backup)
+  local sql = {}
+  for _, t in ipairs(STORE_TABLES) do
+    sql[#sql + 1] = ("DROP TABLE IF EXISTS %s.%s; CREATE TABLE %s.%s AS TABLE %s.%s;")
+      :format(schema_of(backup), t, schema_of(backup), t, schema_of(dir), t)
+  end
+  support.psql(table.concat(sql, " "))
+end
+
+function support.restore_store(backup, dir)
+  if support.store_kind == "sqlite" then
+    assert(os.execute("rm -f " .. sh_quote(dir) .. "/events.db* && cp " .. sh_quote(backup) .. "/events.db* "
+      .. sh_quote(dir) .. "/"))
+    return
+  end
+  local sql = { "BEGIN;" }
+  for _, t in ipairs(STORE_TABLES) do
+    sql[#sql + 1] = ("DELETE FROM %s.%s; INSERT INTO %s.%s SELECT * FROM %s.%s;")
+      :format(schema_of(dir), t, schema_of(dir), t, schema_of(backup), t)
+  end
+  sql[#sql + 1] = "COMMIT;"
+  support.psql(table.concat(sql, " "))
 end
 
 -- Under EBB_TEST_STORE=postgres, ebb.core's open gets that store for its data
@@ -77,20 +125,25 @@ function support.aggregates_copy()
   return dir
 end
 
+-- `ebb` arguments (a list of strings) with the store of their --data
+-- directory added: under EBB_TEST_STORE=postgres every ebb a spec starts
+-- opens the same store as ebb.core for the same data directory. The list
+-- itself when there is nothing to add.
+function support.store_args(args)
+  if support.store_kind == "sqlite" then return args end
+  local data, store
+  for i, a in ipairs(args) do
+    if args[i - 1] == "--data" then data = a end
+    if a == "--store" then store = true end
+  end
+  if data == nil or store then return args end
+  return { "--store", support.store_for(data), table.unpack(args) }
+end
+
 -- Runs `ebb args...` (a list of strings); returns stdout, stderr, exit code.
 function support.run(args, opts)
   opts = opts or {}
-  if support.store_kind ~= "sqlite" then
-    -- the CLI opens the same store as ebb.core for the same data directory
-    local data, store
-    for i, a in ipairs(args) do
-      if args[i - 1] == "--data" then data = a end
-      if a == "--store" then store = true end
-    end
-    if data and not store then
-      args = { "--store", support.store_for(data), table.unpack(args) }
-    end
-  end
+  args = support.store_args(args)
   local parts = { sh_quote(support.ebb) }
   for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
   local errfile = os.tmpname()

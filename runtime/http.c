@@ -307,10 +307,24 @@ static int send_response(ebb_http_conn *c, int status, const char *content_type,
   ebb_buf b = EBB_BUF_INIT;
   ebb_buf_reserve(&b, 160 + extra_len + (content_type ? strlen(content_type) : 0) +
                           (send_body ? len : 0));
-  ebb_buf_printf(&b, "HTTP/1.1 %d %s\r\n", status, ebb_http_status_text(status));
-  if (content_type) ebb_buf_printf(&b, "Content-Type: %s\r\n", content_type);
+  /* Appends, not printf: this runs once per request, and printf's cost was
+   * a fifth of the daemon's own instructions for GET /health. */
+  ebb_buf_append(&b, "HTTP/1.1 ", 9);
+  ebb_buf_int(&b, status);
+  ebb_buf_putc(&b, ' ');
+  ebb_buf_puts(&b, ebb_http_status_text(status));
+  ebb_buf_append(&b, "\r\n", 2);
+  if (content_type) {
+    ebb_buf_append(&b, "Content-Type: ", 14);
+    ebb_buf_puts(&b, content_type);
+    ebb_buf_append(&b, "\r\n", 2);
+  }
   ebb_buf_append(&b, extra_headers, extra_len);
-  if (!bodiless) ebb_buf_printf(&b, "Content-Length: %zu\r\n", len);
+  if (!bodiless) {
+    ebb_buf_append(&b, "Content-Length: ", 16);
+    ebb_buf_int(&b, (long long)len);
+    ebb_buf_append(&b, "\r\n", 2);
+  }
   ebb_buf_puts(&b, keep_alive ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n");
   if (send_body) ebb_buf_append(&b, body, len);
   return send_buf(c, &b);

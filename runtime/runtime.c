@@ -75,18 +75,30 @@ ebb_store *ebb_runtime_store(ebb_runtime *rt) {
 
 /* ---------------------------------------------------------------- JSON of events */
 
+/* Literal text of known length (no strlen at run time). */
+#define PUT_LIT(out, s) ebb_buf_append((out), (s), sizeof(s) - 1)
+
 void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
-  ebb_buf_printf(out, "{\"position\":%lld,\"stream\":", (long long)e->position);
-  ebb_buf_json_string(out, e->stream, strlen(e->stream));
-  ebb_buf_printf(out, ",\"version\":%lld,\"id\":", (long long)e->version);
+  size_t slen = strlen(e->stream);
+  /* the whole object at once, give or take a few escapes */
+  ebb_buf_reserve(out, 160 + 2 * slen + e->data_len + e->metadata_len + 48);
+  PUT_LIT(out, "{\"position\":");
+  ebb_buf_int(out, (long long)e->position);
+  PUT_LIT(out, ",\"stream\":");
+  ebb_buf_json_string(out, e->stream, slen);
+  PUT_LIT(out, ",\"version\":");
+  ebb_buf_int(out, (long long)e->version);
+  PUT_LIT(out, ",\"id\":");
   ebb_buf_json_string(out, e->id, strlen(e->id));
-  ebb_buf_puts(out, ",\"type\":");
+  PUT_LIT(out, ",\"type\":");
   ebb_buf_json_string(out, e->type, strlen(e->type));
-  ebb_buf_printf(out, ",\"schema\":%lld,\"data\":", (long long)e->schema);
+  PUT_LIT(out, ",\"schema\":");
+  ebb_buf_int(out, (long long)e->schema);
+  PUT_LIT(out, ",\"data\":");
   ebb_buf_append(out, e->data, e->data_len);
-  ebb_buf_puts(out, ",\"metadata\":");
+  PUT_LIT(out, ",\"metadata\":");
   ebb_buf_append(out, e->metadata, e->metadata_len);
-  ebb_buf_puts(out, ",\"recorded_at\":");
+  PUT_LIT(out, ",\"recorded_at\":");
   ebb_buf_json_string(out, e->recorded_at, strlen(e->recorded_at));
   if (e->upcast_error) {
     ebb_buf_puts(out, ",\"upcast_error\":");
@@ -97,10 +109,13 @@ void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
 
 void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result *r,
                        const ebb_event_in *in, size_t n) {
-  ebb_buf_puts(out, "{\"stream\":");
+  PUT_LIT(out, "{\"stream\":");
   ebb_buf_json_string(out, stream, strlen(stream));
-  ebb_buf_printf(out, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
-                 (long long)r->position);
+  PUT_LIT(out, ",\"version\":");
+  ebb_buf_int(out, (long long)r->version);
+  PUT_LIT(out, ",\"position\":");
+  ebb_buf_int(out, (long long)r->position);
+  PUT_LIT(out, ",\"events\":[");
   for (size_t i = 0; i < n; i++) {
     ebb_event e = {
         .position = r->first_position + (int64_t)i,
@@ -118,7 +133,7 @@ void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result
     if (i) ebb_buf_putc(out, ',');
     ebb_event_to_json(&e, out);
   }
-  ebb_buf_puts(out, "]}");
+  PUT_LIT(out, "]}");
 }
 
 /* `apply` sees no global position (with_position 0), since a command's new

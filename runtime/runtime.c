@@ -1075,13 +1075,19 @@ int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report) {
 
 /* ---------------------------------------------------------------- deciding */
 
+/* An event a handler returned. Its type, data and metadata are one block,
+ * each NUL-terminated, at offsets 0, data_off and metadata_off (one malloc
+ * per event, not three and their growth). */
 typedef struct new_event {
   char id[EBB_UUID_LEN + 1];
-  char *type;
   int64_t schema;
-  char *data, *metadata;
-  size_t data_len, metadata_len;
+  ebb_buf text;
+  size_t data_off, data_len, metadata_off, metadata_len;
 } new_event;
+
+/* Most commands decide one event: that many are kept in the decision itself,
+ * which the runtime reuses (MAX_SPARE), so they cost no malloc. */
+#define INLINE_EVENTS 4
 
 /* Everything one protected call needs and produces; owned by the C caller,
  * so memory it holds is freed even when Lua unwinds past it. */
@@ -1109,9 +1115,10 @@ typedef struct decision {
   int64_t snap_version;
   /* out */
   ebb_error err;
-  new_event *events;
+  new_event *events;           /* events_inline, or malloc'd beyond INLINE_EVENTS */
   size_t n_events;
   char *state_json;
+  new_event events_inline[INLINE_EVENTS];
 } decision;
 
 static void decision_free(decision *d) {
@@ -1121,12 +1128,10 @@ static void decision_free(decision *d) {
   ebb_event_list_free(&d->chunk);
   ebb_buf_free(&d->loaded);
   ebb_buf_free(&d->snap);
-  for (size_t i = 0; i < d->n_events; i++) {
-    free(d->events[i].type);
-    free(d->events[i].data);
-    free(d->events[i].metadata);
-  }
-  free(d->events);
+  for (size_t i = 0; i < d->n_events; i++) ebb_buf_free(&d->events[i].text);
+  if (d->events != d->events_inline) free(d->events);
+  d->events = NULL;
+  d->n_events = 0;
   free(d->state_json);
   ebb_error_clear(&d->err);
 }
@@ -1139,21 +1144,26 @@ typedef struct event_part {
   int i;
 } event_part;
 
-/* Encodes the value at idx into a malloc'd JSON object text, or raises. */
-static char *encode_object(lua_State *L, int idx, size_t *len, const event_part *ep) {
-  ebb_buf b = EBB_BUF_INIT;
+/* Appends the JSON object text of the value at idx to out, and a NUL:
+ * its offset and length in *off, *len. Raises when it cannot be stored. */
+static void encode_object(lua_State *L, int idx, ebb_buf *out, size_t *off, size_t *len,
+                          const event_part *ep) {
   char msg[512], what[128];
-  int bad = ebb_json_encode(L, idx, &b, msg, sizeof msg) != 0;
-  if (bad || b.len == 0 || b.data[0] != '{') {
-    ebb_buf_free(&b);
+  size_t mark = out->len;
+  int bad = ebb_json_encode(L, idx, out, msg, sizeof msg) != 0;
+  if (bad || out->len == mark || out->data[mark] != '{') {
     snprintf(what, sizeof what, "the %s of event %d (%s) from handle.%s", ep->part, ep->i,
              ep->type, ep->handler);
     if (bad) luaL_error(L, "%s cannot be stored: %s", what, msg);
     luaL_error(L, "%s must be a table with string keys (a JSON object)", what);
   }
-  char *p = ebb_buf_take(&b, len);
-  if (p == NULL) luaL_error(L, "out of memory encoding %s", what);
-  return p;
+  *off = mark;
+  *len = out->len - mark;
+  if (ebb_buf_append(out, "", 1) != 0) {
+    snprintf(what, sizeof what, "the %s of event %d (%s) from handle.%s", ep->part, ep->i,
+             ep->type, ep->handler);
+    luaL_error(L, "out of memory encoding %s", what);
+  }
 }
 
 static int l_new_id(lua_State *L) {
@@ -1195,8 +1205,9 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
       luaL_error(L, "handle.%s returned a table that is not a list of events", handler);
     lua_pop(L, 1);
   }
-  d->events = calloc((size_t)n ? (size_t)n : 1, sizeof *d->events);
-  if (d->events == NULL) luaL_error(L, "out of memory");
+  if (n <= INLINE_EVENTS) d->events = d->events_inline;
+  else if ((d->events = calloc((size_t)n, sizeof *d->events)) == NULL)
+    luaL_error(L, "out of memory");
   lua_getfield(L, cmdi, "metadata");
   int cmeta = lua_gettop(L);
   for (lua_Integer i = 1; i <= n; i++) {
@@ -1212,10 +1223,13 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
     ebb_error_init(&verr);
     if (ebb_validate_name("event type", type, &verr) != 0)
       luaL_error(L, "handle.%s returned event %d: %s", handler, (int)i, verr.message);
-    new_event *ne = &d->events[d->n_events];
-    ne->type = strdup(type);
-    if (ne->type == NULL) luaL_error(L, "out of memory");
-    d->n_events++;
+    new_event *ne = &d->events[d->n_events++];
+    size_t tlen = lua_rawlen(L, -1);
+    /* the type, and room for the usual data and metadata (the metadata's
+     * three ids alone are over 128 bytes) */
+    if (ebb_buf_reserve(&ne->text, tlen + 1 + 448) != 0 ||
+        ebb_buf_append(&ne->text, type, tlen + 1) != 0)
+      luaL_error(L, "out of memory");
     ebb_uuid_new(ne->id);
     lua_getfield(L, mi, "schemas");
     ne->schema = 1;
@@ -1232,7 +1246,7 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
                  (int)i, type, luaL_typename(L, -1));
     }
     event_part ep = {"data", type, handler, (int)i};
-    ne->data = encode_object(L, -1, &ne->data_len, &ep);
+    encode_object(L, -1, &ne->text, &ne->data_off, &ne->data_len, &ep);
     lua_pop(L, 1);
     /* metadata: the command's, then the event's own, then the causal links
      * (sized for the links, so the usual table is made at once) */
@@ -1276,7 +1290,7 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
     lua_setfield(L, mt, "correlation_id");
     lua_pop(L, 1); /* cid */
     ep.part = "metadata";
-    ne->metadata = encode_object(L, mt, &ne->metadata_len, &ep);
+    encode_object(L, mt, &ne->text, &ne->metadata_off, &ne->metadata_len, &ep);
     /* Fold it too: an apply that fails on the new event fails the command. */
     lua_createtable(L, 0, 9);
     lua_pushstring(L, d->stream);
@@ -1877,7 +1891,8 @@ struct ebb_decided {
   decision d;
   const ebb_command *cmd;
   uint64_t generation;         /* of the Lua state the decision's state lives in */
-  ebb_event_in *in;
+  ebb_event_in *in;            /* in_inline, or malloc'd beyond INLINE_EVENTS */
+  ebb_event_in in_inline[INLINE_EVENTS];
   ebb_append req;
   int appends;                 /* req must be stored (events, or a command id to record) */
   struct ebb_decided *next_spare;
@@ -1892,7 +1907,8 @@ static void decided_release(ebb_runtime *rt, ebb_decided *dc) {
   }
   decision_free(&dc->d);
   ebb_error_clear(&dc->req.err);
-  free(dc->in);
+  if (dc->in != dc->in_inline) free(dc->in);
+  dc->in = NULL;
   /* Kept for the next command: a decision is a few KiB, and allocating that
    * much per command makes malloc consolidate its free lists every time. */
   if (rt->n_spare < MAX_SPARE) {
@@ -1972,20 +1988,21 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
     decided_release(rt, dc);
     return code;
   }
-  dc->in = calloc(d->n_events ? d->n_events : 1, sizeof *dc->in);
+  dc->in = d->n_events <= INLINE_EVENTS ? dc->in_inline : calloc(d->n_events, sizeof *dc->in);
   if (dc->in == NULL) {
     decided_release(rt, dc);
     return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   }
   for (size_t i = 0; i < d->n_events; i++) {
+    const new_event *ne = &d->events[i];
     dc->in[i] = (ebb_event_in){
-        .id = d->events[i].id,
-        .type = d->events[i].type,
-        .schema = d->events[i].schema,
-        .data = d->events[i].data,
-        .data_len = d->events[i].data_len,
-        .metadata = d->events[i].metadata,
-        .metadata_len = d->events[i].metadata_len,
+        .id = ne->id,
+        .type = ne->text.data,
+        .schema = ne->schema,
+        .data = ne->text.data + ne->data_off,
+        .data_len = ne->data_len,
+        .metadata = ne->text.data + ne->metadata_off,
+        .metadata_len = ne->metadata_len,
         .recorded_at = d->now,
     };
   }

@@ -342,9 +342,11 @@ describe("ebb serve", function()
         { '{"aggr\\u0065gate":"Order","id":"sp2","type":"CreateOrder","data":{"customer_id":"c1"}}', "Order-sp2", "c1" },
         { '{"aggregate":"Order","id":"sp\\u0033","type":"Create\\u004frder","data":{"customer_id":"c\\"1"}}', "Order-sp3", 'c"1' },
         { '{"aggregate":"Order","id":"x","id":"sp4","type":"CreateOrder","data":{"customer_id":"a"},"data":{"customer_id":"b"}}', "Order-sp4", "b" },
-        { ' {\n "aggregate" : "Order" , "id" : "sp5" , "type" : "CreateOrder" , "expected_version" : 0 ,\t"data" : { "customer_id" : "c" } } ', "Order-sp5", "c" },
+        { ' {\n "aggregate" : "Order" , "id" : "sp5" , "type" : "CreateOrder" , "expected_version" : 0 ,'
+          .. '\t"data" : { "customer_id" : "c" } } ', "Order-sp5", "c" },
         { '{"aggregate":"Order","id":"sp6","type":"CreateOrder","expected_version":"no_stream","data":{"customer_id":"c"}}', "Order-sp6", "c" },
-        { '{"aggregate":"Order","id":"sp7","type":"CreateOrder","expected_version":"0","data":{"customer_id":"c"},"metadata":{"user_id":"u\\n"}}', "Order-sp7", "c" },
+        { '{"aggregate":"Order","id":"sp7","type":"CreateOrder","expected_version":"0","data":{"customer_id":"c"},'
+          .. '"metadata":{"user_id":"u\\n"}}', "Order-sp7", "c" },
       }
       for _, c in ipairs(cases) do
         local status, r, text = post(c[1])

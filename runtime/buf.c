@@ -79,6 +79,18 @@ int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) {
   return 0;
 }
 
+int ebb_buf_int(ebb_buf *b, long long v) {
+  char s[24], *p = s + sizeof s;
+  /* negated in unsigned arithmetic, so LLONG_MIN is fine */
+  unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+  do {
+    *--p = (char)('0' + u % 10);
+    u /= 10;
+  } while (u);
+  if (v < 0) *--p = '-';
+  return ebb_buf_append(b, p, (size_t)(s + sizeof s - p));
+}
+
 int ebb_buf_json_string(ebb_buf *b, const char *s, size_t n) {
   static const char hex[] = "0123456789abcdef";
   if (ebb_buf_reserve(b, n + 2) != 0) return -1;

@@ -26,6 +26,9 @@ int ebb_buf_append(ebb_buf *b, const void *p, size_t n);
 int ebb_buf_puts(ebb_buf *b, const char *s);
 int ebb_buf_putc(ebb_buf *b, char c);
 int ebb_buf_printf(ebb_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends v in decimal, as "%lld" would, without printf's cost (the
+ * daemon writes several per answer). */
+int ebb_buf_int(ebb_buf *b, long long v);
 /* Appends s as a JSON string literal (quotes and escapes). A byte that is
  * not part of a UTF-8 sequence becomes U+FFFD, so the literal is valid JSON
  * even when s quotes what a client sent (error messages). */

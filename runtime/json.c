@@ -497,13 +497,10 @@ int ebb_json_validate_document(const char *text, size_t len, char *err, size_t e
   return validate(text, len, err, errlen, DOCUMENT_DEPTH);
 }
 
-int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
-                    size_t *value_len) {
+int ebb_json_members(const char *text, size_t len, ebb_json_member_fn fn, void *ud) {
   char err[8];
   parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
                (const unsigned char *)text + len, err, sizeof err, 0, DOCUMENT_DEPTH};
-  size_t klen = strlen(key);
-  int found = 0;
   skip_ws(&ps);
   if (ps.p == ps.end || *ps.p != '{') return -1;
   ps.p++;
@@ -515,20 +512,16 @@ int ebb_json_member(const char *text, size_t len, const char *key, const char **
       if (ps.p == ps.end || *ps.p != '"') return -1;
       const unsigned char *k = ps.p + 1;
       if (parse_string(&ps) != 0) return -1;
-      /* Raw comparison: a key spelled with escapes is not matched, and the
-       * caller falls back to the decoded value. */
-      int match = (size_t)(ps.p - 1 - k) == klen && memcmp(k, key, klen) == 0;
+      size_t klen = (size_t)(ps.p - 1 - k);
       skip_ws(&ps);
       if (ps.p == ps.end || *ps.p != ':') return -1;
       ps.p++;
       skip_ws(&ps);
       const unsigned char *v = ps.p;
       if (parse_value(&ps, 1) != 0) return -1;
-      if (match) { /* the last occurrence wins, as in decode */
-        *value = (const char *)v;
-        *value_len = (size_t)(ps.p - v);
-        found = 1;
-      }
+      int rc = fn(ud, (const char *)k, klen, memchr(k, '\\', klen) != NULL, (const char *)v,
+                  (size_t)(ps.p - v));
+      if (rc) return rc;
       skip_ws(&ps);
       if (ps.p < ps.end && *ps.p == ',') {
         ps.p++;
@@ -543,8 +536,40 @@ int ebb_json_member(const char *text, size_t len, const char *key, const char **
     }
   }
   skip_ws(&ps);
-  if (ps.p != ps.end) return -1;
-  return found;
+  return ps.p == ps.end ? 0 : -1;
+}
+
+typedef struct {
+  const char *key;
+  size_t klen;
+  const char *value;
+  size_t value_len;
+  int found;
+} member_search;
+
+static int match_member(void *ud, const char *k, size_t klen, int escaped, const char *v,
+                        size_t vlen) {
+  member_search *m = ud;
+  /* Raw comparison: a key spelled with escapes is not matched, and the
+   * caller falls back to the decoded value. */
+  (void)escaped;
+  if (klen == m->klen && memcmp(k, m->key, klen) == 0) { /* the last occurrence wins, as in decode */
+    m->value = v;
+    m->value_len = vlen;
+    m->found = 1;
+  }
+  return 0;
+}
+
+int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
+                    size_t *value_len) {
+  member_search m = {key, strlen(key), NULL, 0, 0};
+  if (ebb_json_members(text, len, match_member, &m) != 0) return -1;
+  if (m.found) {
+    *value = m.value;
+    *value_len = m.value_len;
+  }
+  return m.found;
 }
 
 int ebb_json_array_items(const char *text, size_t len,

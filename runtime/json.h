@@ -61,6 +61,16 @@ int ebb_json_validate_document(const char *text, size_t len, char *err, size_t e
 int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
                     size_t *value_len);
 
+/* Calls fn with each top-level member of a JSON object text, in order: the
+ * key's bytes as written (between the quotes; escaped: it holds a backslash,
+ * so they are not the key itself) and the exact text of its value, until fn
+ * returns non-zero (returned). 0 at the end, when the whole text was one
+ * valid object (the checks of ebb_json_validate_document; fn may have run
+ * for members before the fault); -1 if it was not. */
+typedef int (*ebb_json_member_fn)(void *ud, const char *key, size_t key_len, int escaped,
+                                  const char *value, size_t value_len);
+int ebb_json_members(const char *text, size_t len, ebb_json_member_fn fn, void *ud);
+
 /* Calls fn with the exact text of each item of a JSON array text, in order,
  * until fn returns non-zero (returned). 0 at the end; -1 if text is not an array. */
 int ebb_json_array_items(const char *text, size_t len,

@@ -75,18 +75,30 @@ ebb_store *ebb_runtime_store(ebb_runtime *rt) {
 
 /* ---------------------------------------------------------------- JSON of events */
 
+/* Literal text of known length (no strlen at run time). */
+#define PUT_LIT(out, s) ebb_buf_append((out), (s), sizeof(s) - 1)
+
 void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
-  ebb_buf_printf(out, "{\"position\":%lld,\"stream\":", (long long)e->position);
-  ebb_buf_json_string(out, e->stream, strlen(e->stream));
-  ebb_buf_printf(out, ",\"version\":%lld,\"id\":", (long long)e->version);
+  size_t slen = strlen(e->stream);
+  /* the whole object at once, give or take a few escapes */
+  ebb_buf_reserve(out, 160 + 2 * slen + e->data_len + e->metadata_len + 48);
+  PUT_LIT(out, "{\"position\":");
+  ebb_buf_int(out, (long long)e->position);
+  PUT_LIT(out, ",\"stream\":");
+  ebb_buf_json_string(out, e->stream, slen);
+  PUT_LIT(out, ",\"version\":");
+  ebb_buf_int(out, (long long)e->version);
+  PUT_LIT(out, ",\"id\":");
   ebb_buf_json_string(out, e->id, strlen(e->id));
-  ebb_buf_puts(out, ",\"type\":");
+  PUT_LIT(out, ",\"type\":");
   ebb_buf_json_string(out, e->type, strlen(e->type));
-  ebb_buf_printf(out, ",\"schema\":%lld,\"data\":", (long long)e->schema);
+  PUT_LIT(out, ",\"schema\":");
+  ebb_buf_int(out, (long long)e->schema);
+  PUT_LIT(out, ",\"data\":");
   ebb_buf_append(out, e->data, e->data_len);
-  ebb_buf_puts(out, ",\"metadata\":");
+  PUT_LIT(out, ",\"metadata\":");
   ebb_buf_append(out, e->metadata, e->metadata_len);
-  ebb_buf_puts(out, ",\"recorded_at\":");
+  PUT_LIT(out, ",\"recorded_at\":");
   ebb_buf_json_string(out, e->recorded_at, strlen(e->recorded_at));
   if (e->upcast_error) {
     ebb_buf_puts(out, ",\"upcast_error\":");
@@ -97,10 +109,13 @@ void ebb_event_to_json(const ebb_event *e, ebb_buf *out) {
 
 void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result *r,
                        const ebb_event_in *in, size_t n) {
-  ebb_buf_puts(out, "{\"stream\":");
+  PUT_LIT(out, "{\"stream\":");
   ebb_buf_json_string(out, stream, strlen(stream));
-  ebb_buf_printf(out, ",\"version\":%lld,\"position\":%lld,\"events\":[", (long long)r->version,
-                 (long long)r->position);
+  PUT_LIT(out, ",\"version\":");
+  ebb_buf_int(out, (long long)r->version);
+  PUT_LIT(out, ",\"position\":");
+  ebb_buf_int(out, (long long)r->position);
+  PUT_LIT(out, ",\"events\":[");
   for (size_t i = 0; i < n; i++) {
     ebb_event e = {
         .position = r->first_position + (int64_t)i,
@@ -118,7 +133,7 @@ void ebb_append_answer(ebb_buf *out, const char *stream, const ebb_append_result
     if (i) ebb_buf_putc(out, ',');
     ebb_event_to_json(&e, out);
   }
-  ebb_buf_puts(out, "]}");
+  PUT_LIT(out, "]}");
 }
 
 /* `apply` sees no global position (with_position 0), since a command's new
@@ -1060,13 +1075,19 @@ int ebb_runtime_check(ebb_runtime *rt, ebb_buf *report) {
 
 /* ---------------------------------------------------------------- deciding */
 
+/* An event a handler returned. Its type, data and metadata are one block,
+ * each NUL-terminated, at offsets 0, data_off and metadata_off (one malloc
+ * per event, not three and their growth). */
 typedef struct new_event {
   char id[EBB_UUID_LEN + 1];
-  char *type;
   int64_t schema;
-  char *data, *metadata;
-  size_t data_len, metadata_len;
+  ebb_buf text;
+  size_t data_off, data_len, metadata_off, metadata_len;
 } new_event;
+
+/* Most commands decide one event: that many are kept in the decision itself,
+ * which the runtime reuses (MAX_SPARE), so they cost no malloc. */
+#define INLINE_EVENTS 4
 
 /* Everything one protected call needs and produces; owned by the C caller,
  * so memory it holds is freed even when Lua unwinds past it. */
@@ -1094,9 +1115,10 @@ typedef struct decision {
   int64_t snap_version;
   /* out */
   ebb_error err;
-  new_event *events;
+  new_event *events;           /* events_inline, or malloc'd beyond INLINE_EVENTS */
   size_t n_events;
   char *state_json;
+  new_event events_inline[INLINE_EVENTS];
 } decision;
 
 static void decision_free(decision *d) {
@@ -1106,31 +1128,42 @@ static void decision_free(decision *d) {
   ebb_event_list_free(&d->chunk);
   ebb_buf_free(&d->loaded);
   ebb_buf_free(&d->snap);
-  for (size_t i = 0; i < d->n_events; i++) {
-    free(d->events[i].type);
-    free(d->events[i].data);
-    free(d->events[i].metadata);
-  }
-  free(d->events);
+  for (size_t i = 0; i < d->n_events; i++) ebb_buf_free(&d->events[i].text);
+  if (d->events != d->events_inline) free(d->events);
+  d->events = NULL;
+  d->n_events = 0;
   free(d->state_json);
   ebb_error_clear(&d->err);
 }
 
-/* Encodes the value at idx into a malloc'd JSON object text, or raises. */
-static char *encode_object(lua_State *L, int idx, size_t *len, const char *what) {
-  ebb_buf b = EBB_BUF_INIT;
-  char msg[512];
-  if (ebb_json_encode(L, idx, &b, msg, sizeof msg) != 0) {
-    ebb_buf_free(&b);
-    luaL_error(L, "%s cannot be stored: %s", what, msg);
-  }
-  if (b.len == 0 || b.data[0] != '{') {
-    ebb_buf_free(&b);
+/* Names the part ("data", "metadata") of event i for an error message. Made
+ * only when there is an error: formatting it per event cost a tenth of
+ * deciding a command. */
+typedef struct event_part {
+  const char *part, *type, *handler;
+  int i;
+} event_part;
+
+/* Appends the JSON object text of the value at idx to out, and a NUL:
+ * its offset and length in *off, *len. Raises when it cannot be stored. */
+static void encode_object(lua_State *L, int idx, ebb_buf *out, size_t *off, size_t *len,
+                          const event_part *ep) {
+  char msg[512], what[128];
+  size_t mark = out->len;
+  int bad = ebb_json_encode(L, idx, out, msg, sizeof msg) != 0;
+  if (bad || out->len == mark || out->data[mark] != '{') {
+    snprintf(what, sizeof what, "the %s of event %d (%s) from handle.%s", ep->part, ep->i,
+             ep->type, ep->handler);
+    if (bad) luaL_error(L, "%s cannot be stored: %s", what, msg);
     luaL_error(L, "%s must be a table with string keys (a JSON object)", what);
   }
-  char *p = ebb_buf_take(&b, len);
-  if (p == NULL) luaL_error(L, "out of memory encoding %s", what);
-  return p;
+  *off = mark;
+  *len = out->len - mark;
+  if (ebb_buf_append(out, "", 1) != 0) {
+    snprintf(what, sizeof what, "the %s of event %d (%s) from handle.%s", ep->part, ep->i,
+             ep->type, ep->handler);
+    luaL_error(L, "out of memory encoding %s", what);
+  }
 }
 
 static int l_new_id(lua_State *L) {
@@ -1172,12 +1205,12 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
       luaL_error(L, "handle.%s returned a table that is not a list of events", handler);
     lua_pop(L, 1);
   }
-  d->events = calloc((size_t)n ? (size_t)n : 1, sizeof *d->events);
-  if (d->events == NULL) luaL_error(L, "out of memory");
+  if (n <= INLINE_EVENTS) d->events = d->events_inline;
+  else if ((d->events = calloc((size_t)n, sizeof *d->events)) == NULL)
+    luaL_error(L, "out of memory");
   lua_getfield(L, cmdi, "metadata");
   int cmeta = lua_gettop(L);
   for (lua_Integer i = 1; i <= n; i++) {
-    char what[128];
     lua_rawgeti(L, ri, i);
     int ei = lua_gettop(L);
     if (!lua_istable(L, ei))
@@ -1190,10 +1223,13 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
     ebb_error_init(&verr);
     if (ebb_validate_name("event type", type, &verr) != 0)
       luaL_error(L, "handle.%s returned event %d: %s", handler, (int)i, verr.message);
-    new_event *ne = &d->events[d->n_events];
-    ne->type = strdup(type);
-    if (ne->type == NULL) luaL_error(L, "out of memory");
-    d->n_events++;
+    new_event *ne = &d->events[d->n_events++];
+    size_t tlen = lua_rawlen(L, -1);
+    /* the type, and room for the usual data and metadata (the metadata's
+     * three ids alone are over 128 bytes) */
+    if (ebb_buf_reserve(&ne->text, tlen + 1 + 448) != 0 ||
+        ebb_buf_append(&ne->text, type, tlen + 1) != 0)
+      luaL_error(L, "out of memory");
     ebb_uuid_new(ne->id);
     lua_getfield(L, mi, "schemas");
     ne->schema = 1;
@@ -1209,11 +1245,12 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
       luaL_error(L, "handle.%s returned event %d (%s) whose data is %s, expected a table", handler,
                  (int)i, type, luaL_typename(L, -1));
     }
-    snprintf(what, sizeof what, "the data of event %d (%s) from handle.%s", (int)i, type, handler);
-    ne->data = encode_object(L, -1, &ne->data_len, what);
+    event_part ep = {"data", type, handler, (int)i};
+    encode_object(L, -1, &ne->text, &ne->data_off, &ne->data_len, &ep);
     lua_pop(L, 1);
-    /* metadata: the command's, then the event's own, then the causal links */
-    lua_newtable(L);
+    /* metadata: the command's, then the event's own, then the causal links
+     * (sized for the links, so the usual table is made at once) */
+    lua_createtable(L, 0, 3);
     int mt = lua_gettop(L);
     for (int src = 0; src < 2; src++) {
       if (src == 1) {
@@ -1235,23 +1272,25 @@ static void take_events(lua_State *L, decision *d, int mi, int si, int ri, int c
       lua_pop(L, 1);
     }
     const char *cmd_id = d->cmd->command_id ? d->cmd->command_id : d->command_uuid;
+    lua_pushstring(L, cmd_id);
+    int cid = lua_gettop(L);
     /* A causation the command names stays (a reactor's command: the event
      * it reacted to); otherwise the command caused its events. */
     if (lua_getfield(L, cmeta, "causation_id") != LUA_TSTRING) {
       lua_pop(L, 1);
-      lua_pushstring(L, cmd_id);
+      lua_pushvalue(L, cid);
     }
     lua_setfield(L, mt, "causation_id");
-    lua_pushstring(L, cmd_id);
+    lua_pushvalue(L, cid);
     lua_setfield(L, mt, "command_id");
     if (lua_getfield(L, cmeta, "correlation_id") == LUA_TNIL) {
       lua_pop(L, 1);
-      lua_pushstring(L, cmd_id);
+      lua_pushvalue(L, cid);
     }
     lua_setfield(L, mt, "correlation_id");
-    snprintf(what, sizeof what, "the metadata of event %d (%s) from handle.%s", (int)i, type,
-             handler);
-    ne->metadata = encode_object(L, mt, &ne->metadata_len, what);
+    lua_pop(L, 1); /* cid */
+    ep.part = "metadata";
+    encode_object(L, mt, &ne->text, &ne->metadata_off, &ne->metadata_len, &ep);
     /* Fold it too: an apply that fails on the new event fails the command. */
     lua_createtable(L, 0, 9);
     lua_pushstring(L, d->stream);
@@ -1465,6 +1504,19 @@ static void cache_state(decision *d, int64_t version, int64_t position) {
   d->state_ref = LUA_NOREF;
 }
 
+/* stream = type "-" id; -1 when that is longer than EBB_MAX_NAME (stream
+ * then holds what fits, as snprintf leaves it). Once per command, twice in
+ * the daemon: without snprintf's cost. */
+static int stream_name(char stream[EBB_MAX_NAME + 1], const char *type, const char *id) {
+  size_t tl = type ? strlen(type) : 0, il = strlen(id);
+  if (type == NULL || tl + 1 + il > EBB_MAX_NAME)
+    return snprintf(stream, EBB_MAX_NAME + 1, "%s-%s", type, id) > EBB_MAX_NAME ? -1 : 0;
+  memcpy(stream, type, tl);
+  stream[tl] = '-';
+  memcpy(stream + tl + 1, id, il + 1);
+  return 0;
+}
+
 /* The protected half of a command or a state query. Argument: the decision. */
 static int l_decide(lua_State *L) {
   decision *d = lua_touserdata(L, 1);
@@ -1477,7 +1529,7 @@ static int l_decide(lua_State *L) {
   int mi = 2;
   lua_getfield(L, mi, "type");
   const char *type = lua_tostring(L, -1);
-  if (snprintf(d->stream, sizeof d->stream, "%s-%s", type, d->id) >= (int)sizeof d->stream) {
+  if (stream_name(d->stream, type, d->id) != 0) {
     ebb_error_set(&d->err, EBB_EBADREQ, "stream name %s-%s is too long", type, d->id);
     return 0;
   }
@@ -1787,10 +1839,10 @@ int ebb_runtime_stream_of(ebb_runtime *rt, const char *aggregate, const char *id
       rt->types[rt->n_types++] = pair;
     }
   }
-  int n = snprintf(stream, EBB_MAX_NAME + 1, "%s-%s", type, id);
-  if (n > EBB_MAX_NAME) ebb_error_set(err, EBB_EBADREQ, "stream name %s-%s is too long", type, id);
+  int bad = stream_name(stream, type, id) != 0;
+  if (bad) ebb_error_set(err, EBB_EBADREQ, "stream name %s-%s is too long", type, id);
   if (pushed) lua_pop(L, 1);
-  return n > EBB_MAX_NAME ? EBB_EBADREQ : 0;
+  return bad ? EBB_EBADREQ : 0;
 }
 
 /* Is `stream` the stream that cmd addresses? */
@@ -1839,7 +1891,8 @@ struct ebb_decided {
   decision d;
   const ebb_command *cmd;
   uint64_t generation;         /* of the Lua state the decision's state lives in */
-  ebb_event_in *in;
+  ebb_event_in *in;            /* in_inline, or malloc'd beyond INLINE_EVENTS */
+  ebb_event_in in_inline[INLINE_EVENTS];
   ebb_append req;
   int appends;                 /* req must be stored (events, or a command id to record) */
   struct ebb_decided *next_spare;
@@ -1854,7 +1907,8 @@ static void decided_release(ebb_runtime *rt, ebb_decided *dc) {
   }
   decision_free(&dc->d);
   ebb_error_clear(&dc->req.err);
-  free(dc->in);
+  if (dc->in != dc->in_inline) free(dc->in);
+  dc->in = NULL;
   /* Kept for the next command: a decision is a few KiB, and allocating that
    * much per command makes malloc consolidate its free lists every time. */
   if (rt->n_spare < MAX_SPARE) {
@@ -1934,20 +1988,21 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
     decided_release(rt, dc);
     return code;
   }
-  dc->in = calloc(d->n_events ? d->n_events : 1, sizeof *dc->in);
+  dc->in = d->n_events <= INLINE_EVENTS ? dc->in_inline : calloc(d->n_events, sizeof *dc->in);
   if (dc->in == NULL) {
     decided_release(rt, dc);
     return ebb_error_set(err, EBB_ENOMEM, "out of memory");
   }
   for (size_t i = 0; i < d->n_events; i++) {
+    const new_event *ne = &d->events[i];
     dc->in[i] = (ebb_event_in){
-        .id = d->events[i].id,
-        .type = d->events[i].type,
-        .schema = d->events[i].schema,
-        .data = d->events[i].data,
-        .data_len = d->events[i].data_len,
-        .metadata = d->events[i].metadata,
-        .metadata_len = d->events[i].metadata_len,
+        .id = ne->id,
+        .type = ne->text.data,
+        .schema = ne->schema,
+        .data = ne->text.data + ne->data_off,
+        .data_len = ne->data_len,
+        .metadata = ne->text.data + ne->metadata_off,
+        .metadata_len = ne->metadata_len,
         .recorded_at = d->now,
     };
   }

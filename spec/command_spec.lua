@@ -25,6 +25,15 @@ probe.handle = {
                metadata = { source = "probe" } } }
   end,
   Nothing = function() return {} end,
+  Several = function(_, c)
+    local out = {}
+    for i = 1, c.data.n do
+      out[i] = { type = i % 2 == 1 and "Counted" or "Tallied",
+                 data = { i = i, pad = string.rep("d", c.data.pad or 0) },
+                 metadata = { k = i, pad = string.rep("m", c.data.pad or 0) } }
+    end
+    return out
+  end,
   Nulls = function(_, c)
     assert(c.data.gone == ebb.null and ebb.null ~= nil, "JSON null must arrive as ebb.null")
     return { { type = "Counted", data = { gone = ebb.null, none = ebb.array(), list = c.data.list } } }
@@ -171,6 +180,32 @@ describe("commands", function()
     assert.equal(core.null, e.data.gone)
     assert.equal('[]', core.json_encode(e.data.none))
     assert.equal('[]', core.json_encode(e.data.list))
+  end)
+
+  -- A decision keeps a few events in itself and more elsewhere, and each
+  -- event's type, data and metadata in one block that grows for big ones.
+  it("appends every event a handler returns, in order, whatever their number and size", function()
+    local version = 0
+    for _, case in ipairs { { 1, 0 }, { 4, 0 }, { 5, 0 }, { 9, 3 }, { 2, 6000 }, { 7, 700 } } do
+      local n, pad = case[1], case[2]
+      local r = assert(send("Several", { n = n, pad = pad }))
+      assert.equal(version + n, r.version)
+      assert.equal(n, #r.events)
+      local stored = rt:read("Probe-p-1", { from = version + 1 })
+      assert.equal(n, #stored)
+      for i = 1, n do
+        local e = stored[i]
+        assert.equal(i % 2 == 1 and "Counted" or "Tallied", e.type)
+        assert.equal(version + i, e.version)
+        assert.same({ i = i, pad = string.rep("d", pad) }, e.data)
+        assert.equal(i, e.metadata.k)
+        assert.equal(string.rep("m", pad), e.metadata.pad)
+        assert.equal(e.metadata.command_id, e.metadata.causation_id)
+        assert.same(r.events[i], e)
+      end
+      version = version + n
+    end
+    assert.equal(16, rt:state("Probe", "p-1").state.count) -- the Counted ones
   end)
 
   it("accepts a handler that returns no events", function()

@@ -333,6 +333,66 @@ describe("ebb serve", function()
       assert.equal(200, status)
     end)
 
+    -- The daemon reads a plain command straight off its text and leaves any
+    -- other spelling to the Lua decoder: both must take the same commands.
+    it("1.7b takes a command the same however its JSON is spelled", function()
+      local function post(body) return d:post("/commands", body) end
+      local cases = {
+        { '{"aggregate":"Order","id":"sp1","type":"CreateOrder","data":{"customer_id":"c1"}}', "Order-sp1", "c1" },
+        { '{"aggr\\u0065gate":"Order","id":"sp2","type":"CreateOrder","data":{"customer_id":"c1"}}', "Order-sp2", "c1" },
+        { '{"aggregate":"Order","id":"sp\\u0033","type":"Create\\u004frder","data":{"customer_id":"c\\"1"}}', "Order-sp3", 'c"1' },
+        { '{"aggregate":"Order","id":"x","id":"sp4","type":"CreateOrder","data":{"customer_id":"a"},"data":{"customer_id":"b"}}', "Order-sp4", "b" },
+        { ' {\n "aggregate" : "Order" , "id" : "sp5" , "type" : "CreateOrder" , "expected_version" : 0 ,'
+          .. '\t"data" : { "customer_id" : "c" } } ', "Order-sp5", "c" },
+        { '{"aggregate":"Order","id":"sp6","type":"CreateOrder","expected_version":"no_stream","data":{"customer_id":"c"}}', "Order-sp6", "c" },
+        { '{"aggregate":"Order","id":"sp7","type":"CreateOrder","expected_version":"0","data":{"customer_id":"c"},'
+          .. '"metadata":{"user_id":"u\\n"}}', "Order-sp7", "c" },
+      }
+      for _, c in ipairs(cases) do
+        local status, r, text = post(c[1])
+        assert.equal(200, status, c[1] .. " -> " .. tostring(text))
+        assert.equal(c[2], r.stream)
+        assert.equal(1, r.version)
+        assert.equal("OrderCreated", r.events[1].type)
+        assert.equal(c[3], r.events[1].data.customer_id)
+      end
+      local _, r7 = d:get("/streams/Order-sp7")
+      assert.equal("u\n", r7.events[1].metadata.user_id)
+      -- The version check, each spelling on each path.
+      local add = '{"aggregate":"Order","id":"sp5","type":"AddItem","data":{"sku":"A","qty":1,"price":1},"expected_version":%s}'
+      local status, r = post(add:format("0"))
+      assert.equal(409, status)
+      assert.equal("wrong expected version for Order-sp5: expected 0, actual 1", r.error.message)
+      status, r = post(add:format('"no_stream"'))
+      assert.equal(409, status)
+      assert.equal("wrong expected version for Order-sp5: expected no_stream, actual 1", r.error.message)
+      assert.equal(200, (post(add:format('"1"'))))
+      assert.equal(200, (post(add:format("2"))))
+      assert.equal(200, (post(add:format('"exists"'))))
+      assert.equal(200, (post(add:format('"an\\u0079"'))))
+      for _, bad in ipairs { "1.0", "-1", "-0.5", "1e0", "99999999999999999999", '"7x"', '"-1"', '"+1"', '""', "null", "true", "[1]" } do
+        status, r = post(add:format(bad))
+        assert.equal(400, status, bad)
+        assert.equal('"expected_version" must be a version (0 or more) or "any", "no_stream" or "exists"',
+          r.error.message, bad)
+      end
+      status, r = post('{"aggregate":"Order","id":"sp5","type":"AddItem","data":{"sku":"A","qty":1,"price":1},"expected_version":9223372036854775807}')
+      assert.equal(409, status)
+      assert.equal("wrong expected version for Order-sp5: expected 9223372036854775807, actual 5", r.error.message)
+      -- "-0" is the integer 0 to the decoder.
+      status, r = post('{"aggregate":"Order","id":"sp5","type":"AddItem","data":{"sku":"A","qty":1,"price":1},"expected_version":-0}')
+      assert.equal(409, status)
+      assert.equal("wrong expected version for Order-sp5: expected 0, actual 5", r.error.message)
+      -- A command id, plain and escaped: the second is the first one's repeat.
+      local body = '{"aggregate":"Order","id":"sp8","type":"CreateOrder","data":{"customer_id":"c"},"command_id":"%s"}'
+      local s1, first = post(body:format("cid-8"))
+      local s2, again = post(body:format("cid\\u002d8"))
+      assert.equal(200, s1)
+      assert.equal(200, s2)
+      assert.same(first, again)
+      assert.equal("cid-8", first.events[1].metadata.command_id)
+    end)
+
     it("1.8 a historical state query does not change what the next command decides on", function()
       d:command("Order", "hist", "CreateOrder", { customer_id = "c" })
       d:command("Order", "hist", "AddItem", { sku = "A", qty = 1, price = 5 })

@@ -61,6 +61,12 @@ int ebb_json_validate_document(const char *text, size_t len, char *err, size_t e
 int ebb_json_member(const char *text, size_t len, const char *key, const char **value,
                     size_t *value_len);
 
+/* The value of a JSON string literal text (such as a member ebb_json_member
+ * found), unescaped into a malloc'd, NUL-terminated copy (*out_len: its length
+ * when not NULL); NULL when text is not exactly one valid string, or without
+ * memory. Needs no Lua. */
+char *ebb_json_string_dup(const char *text, size_t len, size_t *out_len);
+
 /* Calls fn with the exact text of each item of a JSON array text, in order,
  * until fn returns non-zero (returned). 0 at the end; -1 if text is not an array. */
 int ebb_json_array_items(const char *text, size_t len,

@@ -268,10 +268,22 @@ static int setup_schema(sqlite_store *s, ebb_error *err) {
   version = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
   sqlite3_finalize(st);
   if (version >= SCHEMA_VERSION) return exec(s, "COMMIT", err, "creating the schema");
+  /* commands.rejection (4), unless the table has it: made new with it, or
+   * labelled older than it is. */
+  int add_rejection = 0;
+  if (sqlite3_prepare_v2(s->db,
+                         "SELECT count(*) = 1 FROM sqlite_master WHERE name = 'commands' AND NOT "
+                         "EXISTS (SELECT 1 FROM pragma_table_info('commands') WHERE name = "
+                         "'rejection')",
+                         -1, &st, NULL) != SQLITE_OK) {
+    db_error(s, err, "reading the schema");
+    goto fail;
+  }
+  if (sqlite3_step(st) == SQLITE_ROW) add_rejection = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
   char sql[4096];
   snprintf(sql, sizeof sql, "%s %s PRAGMA user_version = %d; COMMIT;", ebb__sqlite_schema_sql,
-           version >= 1 && version < 4 ? "ALTER TABLE commands ADD COLUMN rejection TEXT;" : "",
-           SCHEMA_VERSION);
+           add_rejection ? "ALTER TABLE commands ADD COLUMN rejection TEXT;" : "", SCHEMA_VERSION);
   if (exec(s, sql, err, "creating the schema")) goto fail;
   return 0;
 fail:

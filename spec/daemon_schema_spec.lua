@@ -158,10 +158,12 @@ describe("a store from before recorded refusals", function()
     assert.are.same(first, answer)
     status, answer = d:command("bank_account", "m-1", "Withdraw", { amount = 500 }, { command_id = "w" })
     assert.are.equal(422, status)
+    assert.are.same({ balance = 100, requested = 500 }, answer.error.details)
     assert.are.equal(200, (d:command("bank_account", "m-1", "Deposit", { amount = 500 })))
     status, answer = d:command("bank_account", "m-1", "Withdraw", { amount = 500 }, { command_id = "w" })
     assert.are.equal(422, status)
-    assert.are.equal("insufficient funds", answer.error.message)
+    assert.are.same({ code = "rejected", message = "insufficient funds",
+                      details = { balance = 100, requested = 500 } }, answer.error)
     d:stop()
     if store then
       assert.are.equal("3\n", shell("env -u LD_PRELOAD psql -q -X -At " .. support.quote(store)

@@ -143,7 +143,8 @@ describe("event store", function()
       for _, expected in ipairs { "no_stream", 0, "any" } do
         local again = assert(rt:append("Del-1", expected, events))
         assert.is_true(again.idempotent)
-        assert.same({ first.first_position, first.position, 2 }, { again.first_position, again.position, again.version })
+        assert.same({ first.first_position, first.position, 2 },
+                    { again.first_position, again.position, again.version })
       end
       local tail = assert(rt:append("Del-1", 1, { events[2] }))
       assert.is_true(tail.idempotent)

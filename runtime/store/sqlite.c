@@ -84,6 +84,7 @@ enum {
   S_FIND_ID,
   S_FIND_COMMAND,
   S_INSERT_COMMAND,
+  S_INSERT_REFUSAL,
   S_READ_FWD,
   S_READ_BACK,
   S_READ_ALL,
@@ -119,6 +120,10 @@ static const char *const statements[S_COUNT] = {
     [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position, rejection "
                        "FROM commands WHERE command_id = ?1",
     [S_INSERT_COMMAND] = "INSERT INTO commands (command_id, stream, type, version, "
+                         "first_position, last_position, recorded_at) "
+                         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    /* Its own statement, so that an accepted command costs what it did. */
+    [S_INSERT_REFUSAL] = "INSERT INTO commands (command_id, stream, type, version, "
                          "first_position, last_position, recorded_at, rejection) "
                          "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [S_READ_FWD] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = ?1 AND version >= ?2 "
@@ -494,7 +499,8 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
     }
   }
   if (r->command_id) {
-    st = s->stmt[S_INSERT_COMMAND];
+    int which = r->rejection ? S_INSERT_REFUSAL : S_INSERT_COMMAND;
+    st = s->stmt[which];
     bind_text(st, 1, r->command_id);
     bind_text(st, 2, r->stream);
     bind_text(st, 3, r->command_type ? r->command_type : "");
@@ -503,8 +509,7 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
     sqlite3_bind_int64(st, 6, r->result.position);
     bind_text(st, 7, now);
     if (r->rejection) bind_text(st, 8, r->rejection);
-    else sqlite3_bind_null(st, 8);
-    if (run(s, S_INSERT_COMMAND, err, "recording a command id")) return err->code;
+    if (run(s, which, err, "recording a command id")) return err->code;
   }
   return 0;
 }

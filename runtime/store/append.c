@@ -1,11 +1,12 @@
 /*
  * append.c: what an append decides, written once for every backend (see
  * ebb__append_ops in store_backend.h). Expected versions, deleted streams,
- * command-id dedupe (refusals included), idempotent re-sends by event id, the numbering of
- * versions and positions, batches whose requests fail alone or all together,
- * and the message of every error an append answers are all here; a backend
- * only opens its transaction, shows what is stored (including what this
- * transaction wrote so far), writes what was accepted and commits.
+ * command-id dedupe (refused commands included), idempotent re-sends by
+ * event id, the numbering of versions and positions, batches whose requests
+ * fail alone or all together, and the message of every error an append
+ * answers are all here; a backend only opens its transaction, shows what is
+ * stored (including what this transaction wrote so far), writes what was
+ * accepted and commits.
  *
  * Requests are decided in order, each seeing the ones before it. A backend
  * may answer the questions from the database as they come (SQLite) or from
@@ -114,7 +115,7 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
     }
   }
   ebb__stream_state st;
-  if (ops->stream(s, r->stream, r->n == 0, &st, &r->err)) return FAILED;
+  if (ops->stream(s, r->stream, r->n == 0 && !r->rejection, &st, &r->err)) return FAILED;
   if (st.deleted) {
     /* A re-send of what was stored before the tombstone (an export imported
      * again, with it) is answered like any other; anything else is refused. */

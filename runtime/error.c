@@ -3,6 +3,9 @@
  */
 #include "error.h"
 
+#include "buf.h"
+#include "json.h"
+
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -75,4 +78,42 @@ const char *ebb_expected_name(int64_t expected, char *buf, size_t len) {
   if (expected == EBB_EXPECT_EXISTS) return "exists";
   snprintf(buf, len, "%" PRId64, expected);
   return buf;
+}
+
+void ebb_error_to_json(const ebb_error *err, ebb_buf *out) {
+  ebb_buf_puts(out, "{\"code\":\"");
+  ebb_buf_puts(out, ebb_error_name(err->code));
+  ebb_buf_puts(out, "\",\"message\":");
+  ebb_buf_json_string(out, err->message, strlen(err->message));
+  if (err->details) {
+    ebb_buf_puts(out, ",\"details\":");
+    ebb_buf_puts(out, err->details);
+  }
+  ebb_buf_putc(out, '}');
+}
+
+int ebb_error_from_json(ebb_error *err, const char *json, size_t len) {
+  const char *v;
+  size_t vlen;
+  char *name = NULL, *message = NULL;
+  int code = 0;
+  if (ebb_json_member(json, len, "code", &v, &vlen) == 1 &&
+      (name = ebb_json_string_dup(v, vlen, NULL)) != NULL)
+    for (int c = EBB_EBADREQ; c >= EBB_EDELETED; c--)
+      if (strcmp(ebb_error_name(c), name) == 0) code = c;
+  free(name);
+  if (code == 0 || ebb_json_member(json, len, "message", &v, &vlen) != 1 ||
+      (message = ebb_json_string_dup(v, vlen, NULL)) == NULL)
+    return ebb_error_set(err, EBB_ESTORE, "a stored error is unreadable: %.*s",
+                         (int)(len < 200 ? len : 200), json);
+  if (err == NULL) return code;
+  ebb_error_clear(err);
+  ebb_error_set(err, code, "%s", message);
+  free(message);
+  if (ebb_json_member(json, len, "details", &v, &vlen) == 1) {
+    char *details = strndup(v, vlen);
+    if (details == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    ebb_error_set_details(err, details);
+  }
+  return code;
 }

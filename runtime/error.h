@@ -53,6 +53,14 @@ void ebb_error_set_details(ebb_error *err, char *json);
 /* Moves src into dst (dst cleared first); src is left cleared. */
 void ebb_error_move(ebb_error *dst, ebb_error *src);
 
+/* An error as a JSON object {"code", "message", "details"?} (code: its name;
+ * details: as held), and back into err, returning its code; or EBB_ESTORE
+ * (the text is not such an object) / EBB_ENOMEM, err then saying so. What a
+ * store records of a refused command. */
+struct ebb_buf;
+void ebb_error_to_json(const ebb_error *err, struct ebb_buf *out);
+int ebb_error_from_json(ebb_error *err, const char *json, size_t len);
+
 /* Stable machine name of a code: "wrong_expected_version", "rejected", ... */
 const char *ebb_error_name(int code);
 

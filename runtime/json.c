@@ -175,13 +175,9 @@ static inline void skip_ws(parser *ps) {
   ps->p = p;
 }
 
-/* Unescapes the checked string body [s, q) into a new Lua string. Kept out
- * of line so the luaL_Buffer (about 1 KiB) is not part of every recursive
- * frame of the parser. */
-static __attribute__((noinline)) void push_unescaped(lua_State *L, const unsigned char *s,
-                                                    const unsigned char *q) {
-  luaL_Buffer b;
-  char *out = luaL_buffinitsize(L, &b, (size_t)(q - s));
+/* Unescapes the checked string body [s, q) into out (room for q - s bytes:
+ * unescaping never lengthens); returns the length. */
+static size_t unescape(char *out, const unsigned char *s, const unsigned char *q) {
   size_t n = 0;
   while (s < q) {
     const unsigned char *bs = memchr(s, '\\', (size_t)(q - s));
@@ -209,7 +205,16 @@ static __attribute__((noinline)) void push_unescaped(lua_State *L, const unsigne
       default: out[n++] = (char)bs[1]; break; /* '"', '\\', '/' */
     }
   }
-  luaL_pushresultsize(&b, n);
+  return n;
+}
+
+/* The same into a new Lua string. Kept out of line so the luaL_Buffer (about
+ * 1 KiB) is not part of every recursive frame of the parser. */
+static __attribute__((noinline)) void push_unescaped(lua_State *L, const unsigned char *s,
+                                                    const unsigned char *q) {
+  luaL_Buffer b;
+  char *out = luaL_buffinitsize(L, &b, (size_t)(q - s));
+  luaL_pushresultsize(&b, unescape(out, s, q));
 }
 
 /* ps->p is at the opening quote. Checks the whole string first (escapes,
@@ -570,6 +575,24 @@ int ebb_json_member(const char *text, size_t len, const char *key, const char **
     *value_len = m.value_len;
   }
   return m.found;
+}
+
+char *ebb_json_string_dup(const char *text, size_t len, size_t *out_len) {
+  char err[8];
+  parser ps = {NULL, (const unsigned char *)text, (const unsigned char *)text,
+               (const unsigned char *)text + len, err, sizeof err, 0, DOCUMENT_DEPTH};
+  skip_ws(&ps);
+  const unsigned char *open = ps.p;
+  if (ps.p == ps.end || *ps.p != '"' || parse_string(&ps) != 0) return NULL;
+  const unsigned char *close = ps.p - 1;
+  skip_ws(&ps);
+  if (ps.p != ps.end) return NULL;
+  char *out = malloc((size_t)(close - open));
+  if (out == NULL) return NULL;
+  size_t n = unescape(out, open + 1, close);
+  out[n] = '\0';
+  if (out_len) *out_len = n;
+  return out;
 }
 
 int ebb_json_array_items(const char *text, size_t len,

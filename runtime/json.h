@@ -71,6 +71,12 @@ typedef int (*ebb_json_member_fn)(void *ud, const char *key, size_t key_len, int
                                   const char *value, size_t value_len);
 int ebb_json_members(const char *text, size_t len, ebb_json_member_fn fn, void *ud);
 
+/* The value of a JSON string literal text (such as a member ebb_json_member
+ * found), unescaped into a malloc'd, NUL-terminated copy (*out_len: its length
+ * when not NULL); NULL when text is not exactly one valid string, or without
+ * memory. Needs no Lua. */
+char *ebb_json_string_dup(const char *text, size_t len, size_t *out_len);
+
 /* Calls fn with the exact text of each item of a JSON array text, in order,
  * until fn returns non-zero (returned). 0 at the end; -1 if text is not an array. */
 int ebb_json_array_items(const char *text, size_t len,

@@ -1895,6 +1895,8 @@ struct ebb_decided {
   ebb_event_in in_inline[INLINE_EVENTS];
   ebb_append req;
   int appends;                 /* req must be stored (events, or a command id to record) */
+  ebb_error refusal;           /* the aggregate refused a command with an id: recorded (req) */
+  ebb_buf rejection;           /* ... as req.rejection */
   struct ebb_decided *next_spare;
 };
 
@@ -1907,6 +1909,8 @@ static void decided_release(ebb_runtime *rt, ebb_decided *dc) {
   }
   decision_free(&dc->d);
   ebb_error_clear(&dc->req.err);
+  ebb_error_clear(&dc->refusal);
+  ebb_buf_free(&dc->rejection);
   if (dc->in != dc->in_inline) free(dc->in);
   dc->in = NULL;
   /* Kept for the next command: a decision is a few KiB, and allocating that
@@ -1949,15 +1953,23 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
   if (validate_command(cmd, err)) return err->code;
   if (cmd->command_id) {
     ebb_command_record rec;
+    rec.rejection = NULL;
     int found = ebb_store_find_command(rt->store, cmd->command_id, &rec, err);
     if (found < 0) return err->code;
     if (found) {
-      /* Answered from the record only for the same command on the same aggregate. */
+      /* Answered from the record only for the same command on the same aggregate:
+       * with its result, or with its refusal (never decided again). */
+      int rc;
       if (strcmp(rec.type, cmd->type) != 0 || !same_stream(rt, cmd, rec.stream))
-        return ebb_error_set(err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
-                             cmd->command_id, rec.type, rec.stream);
-      return ebb_runtime_answer_stored(rt, rec.stream, rec.version, rec.first_position,
+        rc = ebb_error_set(err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
+                           cmd->command_id, rec.type, rec.stream);
+      else if (rec.rejection)
+        rc = ebb_error_from_json(err, rec.rejection, strlen(rec.rejection));
+      else
+        rc = ebb_runtime_answer_stored(rt, rec.stream, rec.version, rec.first_position,
                                        rec.position, result, err);
+      ebb_command_record_clear(&rec);
+      return rc;
     }
   }
   ebb_decided *dc = rt->spare;
@@ -1984,6 +1996,26 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
       continue;
     }
     if (code == EBB_EVERSION) cache_state(d, d->version, d->last_position);
+    if (code == EBB_EREJECTED && cmd->command_id) {
+      /* The refusal of a command with an id is recorded like an append (at
+       * the version it was decided on, so a stale state decides again), and
+       * answered once stored: a re-send then gets this refusal, whatever the
+       * aggregate's state has become. */
+      ebb_error_move(&dc->refusal, &d->err);
+      ebb_buf_init(&dc->rejection);
+      ebb_error_to_json(&dc->refusal, &dc->rejection);
+      if (dc->rejection.oom) {
+        decided_release(rt, dc);
+        return ebb_error_set(err, EBB_ENOMEM, "out of memory");
+      }
+      dc->req = (ebb_append){.stream = d->stream, .expected = d->version,
+                             .command_id = cmd->command_id, .command_type = cmd->type,
+                             .rejection = ebb_buf_cstr(&dc->rejection)};
+      ebb_error_init(&dc->req.err);
+      dc->appends = 1;
+      *out = dc;
+      return 0;
+    }
     if (err) ebb_error_move(err, &d->err);
     decided_release(rt, dc);
     return code;
@@ -2040,6 +2072,12 @@ int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_erro
     }
     res = dc->req.result;
     if (d->n_events == 0 && !res.idempotent) res.position = d->last_position;
+  }
+  if (dc->refusal.code && !res.idempotent) { /* the refusal is stored: answer it */
+    int code = dc->refusal.code;
+    if (err) ebb_error_move(err, &dc->refusal);
+    decided_release(rt, dc);
+    return code;
   }
   if (res.idempotent) {
     /* The same command id was handled meanwhile (another process won the

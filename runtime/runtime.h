@@ -66,7 +66,10 @@ int ebb_runtime_send(ebb_runtime *rt, const ebb_command *cmd, char **result, ebb
  *
  *   ebb_runtime_decide: folds and runs the handler. Returns 0 with either
  *     *result (a command id handled before: the original answer) or
- *     *decided; or an EBB_E* code and nothing pending.
+ *     *decided; or an EBB_E* code and nothing pending (a command id refused
+ *     before: EBB_EREJECTED with the original refusal). A command with a
+ *     command id that the aggregate refuses is decided too: its append
+ *     records the refusal, and finish answers it (EBB_EREJECTED).
  *   ebb_decided_append: the request to store, or NULL when the command
  *     records nothing. It and its memory belong to the decision and may be
  *     handed to ebb_store_append on any thread; the runtime does not touch

@@ -44,6 +44,20 @@ probe.handle = {
     return { { type = "Counted", data = { token = ctx.id(), x = x } } }
   end,
   Reject = function(s) ebb.reject("not today", { count = s.count, why = "probe" }) end,
+  NeedsCount = function(s)
+    if s.count == 0 then ebb.reject("nothing counted yet", { count = s.count, list = { 1, "\"two\"" } }) end
+    return { { type = "Counted", data = {} } }
+  end,
+  FailsUncounted = function(s)
+    if s.count == 0 then error("not yet") end
+    return { { type = "Counted", data = {} } }
+  end,
+  SlowMaybe = function(_, c)
+    local x = 0
+    for i = 1, 3000000 do x = x + i end
+    if not c.data.ok then ebb.reject("refused by " .. c.data.who) end
+    return { { type = "Counted", data = { who = c.data.who, x = x } } }
+  end,
   MutateThenReject = function(s) s.count = 999; ebb.reject("changed my mind") end,
   MutateThenFail = function(s) s.count = 999; error("half done") end,
   Fail = function() local t = nil; return t.field end,
@@ -331,6 +345,88 @@ describe("commands", function()
       rt:close()
       rt = open()
       assert.same(first, assert(send("Nothing", {}, { command_id = "c-empty" })))
+    end)
+
+    it("answer a refused command with its refusal, even once the aggregate would accept it", function()
+      local r, msg, code, info = send("NeedsCount", {}, { command_id = "c-no" })
+      assert.is_nil(r)
+      assert.same({ "rejected", "nothing counted yet" }, { code, msg })
+      assert.same({ count = 0, list = { 1, '"two"' } }, info.details)
+      assert(send("Count"))
+      assert.equal(1, rt:head())
+      for _ = 1, 2 do
+        local r2, msg2, code2, info2 = send("NeedsCount", {}, { command_id = "c-no" })
+        assert.is_nil(r2)
+        assert.same({ "rejected", "nothing counted yet" }, { code2, msg2 })
+        assert.same(info.details, info2.details)
+        assert.equal(1, rt:head())
+        rt:close()
+        rt = open()
+      end
+      assert.equal(1, rt:state("Probe", "p-1").state.count)
+      -- a new command id is decided anew
+      assert(send("NeedsCount", {}, { command_id = "c-yes" }))
+      assert.equal(2, rt:head())
+    end)
+
+    it("refused, conflict when reused for another command or aggregate", function()
+      assert.is_nil(send("NeedsCount", {}, { command_id = "c-no" }))
+      local r, _, code = send("Count", {}, { command_id = "c-no" })
+      assert.is_nil(r)
+      assert.equal("conflict", code)
+      r, _, code = send("NeedsCount", {}, { command_id = "c-no", id = "p-2" })
+      assert.is_nil(r)
+      assert.equal("conflict", code)
+      assert.equal(0, rt:head())
+    end)
+
+    it("keep no trace of a command that failed otherwise: it may be sent again", function()
+      local r, _, code = send("FailsUncounted", {}, { command_id = "c-fail" })
+      assert.is_nil(r)
+      assert.equal("script_error", code)
+      r, _, code = send("Count", { n = "x" }, { command_id = "c-bad", expected_version = 5 })
+      assert.is_nil(r)
+      assert.equal("wrong_expected_version", code)
+      assert(send("Count"))
+      assert(send("FailsUncounted", {}, { command_id = "c-fail" }))
+      assert(send("Count", {}, { command_id = "c-bad", expected_version = 2 }))
+      assert.equal(3, rt:head())
+    end)
+
+    it("answer a refusal and an acceptance racing on one id with whichever was stored first", function()
+      rt:close()
+      local q = support.quote
+      local store = support.store_for(dir)
+      local function cmd(ok, who)
+        return table.concat({ q(support.ebb), "--data", q(dir), "--aggregates", q(aggs),
+                              "--durability", "normal", store and "--store " .. q(store) or "",
+                              "send", "Probe", "p-1", "SlowMaybe",
+                              q(core.json_encode { ok = ok, who = who }), "--command-id", "same" }, " ")
+      end
+      local out1, out2 = os.tmpname(), os.tmpname()
+      assert(os.execute("(" .. cmd(false, "a") .. " > " .. out1 .. " 2>&1) & (" .. cmd(true, "b")
+        .. " > " .. out2 .. " 2>&1); wait"))
+      rt = open()
+      local stored = rt:read("Probe-p-1")
+      local a, b = support.read(out1), support.read(out2)
+      os.remove(out1)
+      os.remove(out2)
+      if #stored == 0 then -- the refusal won: both answer it
+        support.contains(a, "refused by a")
+        support.contains(b, "refused by a")
+      else
+        assert.equal(1, #stored)
+        for _, text in ipairs { a, b } do
+          assert.equal(stored[1].id, core.json_decode(text).events[1].id)
+        end
+      end
+      local r, msg = send("SlowMaybe", { ok = #stored == 0, who = "c" }, { command_id = "same" })
+      if #stored == 0 then
+        assert.is_nil(r)
+        assert.equal("refused by a", msg)
+      else
+        assert.equal(stored[1].id, r.events[1].id)
+      end
     end)
 
     it("conflict when reused for another command or aggregate", function()

@@ -272,7 +272,7 @@ if sqlite then
         .. "WHERE name LIKE \"events_by_c%ation\" ORDER BY name;'"))
       local out = p:read("a")
       p:close()
-      assert.equal("3\nevents_by_causation\nevents_by_correlation\n", out)
+      assert.equal("4\nevents_by_causation\nevents_by_correlation\n", out)
       stop(d)
     end)
   end)

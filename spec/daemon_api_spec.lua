@@ -1763,4 +1763,45 @@ describe("ebb serve", function()
       assert.equal(5, stream.version)
     end)
   end)
+
+  describe("13. a refused command's id", function()
+    it("13.1 answers its refusal from then on, across a kill -9, even once the command would pass", function()
+      local data = support.tmpdir()
+      local d = start { data = data, durability = "full" }
+      assert.equal(200, (d:command("BankAccount", "x1", "OpenAccount", { owner = "Ann", initial_deposit = 100 })))
+      local status, r = d:command("BankAccount", "x1", "Withdraw", { amount = 500 }, { command_id = "w-1" })
+      assert.equal(422, status)
+      local refusal = { code = "rejected", message = "insufficient funds",
+                        details = { balance = 100, requested = 500 } }
+      assert.same(refusal, r.error)
+      -- kill -9 right after the 422: the refusal was durable before it was answered
+      daemon.signal(d, "KILL")
+      assert(daemon.wait(d, 10))
+      daemon.stop(d) -- (this file's stop removes the data)
+      d = start { data = data, durability = "full" }
+      local st, dep = d:command("BankAccount", "x1", "Deposit", { amount = 1000 })
+      assert.equal(200, st, json.encode(dep))
+      local head = head_position(d)
+      for _ = 1, 2 do
+        status, r = d:command("BankAccount", "x1", "Withdraw", { amount = 500 }, { command_id = "w-1" })
+        assert.equal(422, status)
+        assert.same(refusal, r.error)
+      end
+      assert.equal(head, head_position(d))
+      local _, state = d:get("/aggregates/bank_account/x1")
+      assert.equal(1100, state.state.balance)
+      -- another command type, or another aggregate, on that id: a conflict, as for an accepted one
+      status, r = d:command("BankAccount", "x1", "Deposit", { amount = 500 }, { command_id = "w-1" })
+      assert.equal(409, status)
+      assert.equal("conflict", r.error.code)
+      status, r = d:command("BankAccount", "x2", "Withdraw", { amount = 500 }, { command_id = "w-1" })
+      assert.equal(409, status)
+      assert.equal("conflict", r.error.code)
+      -- a new command id is decided on the state of now
+      status, r = d:command("BankAccount", "x1", "Withdraw", { amount = 500 }, { command_id = "w-2" })
+      assert.equal(200, status)
+      assert.equal(600, r.events[1].data.balance)
+      stop(d)
+    end)
+  end)
 end)

@@ -3,6 +3,7 @@
 -- path; state as of a version or a time over HTTP; upcaster failures.
 local support = require "support"
 local daemon = require "daemon_support"
+local core_decode = require("cjson").decode
 
 local fixture = support.root .. "/spec/fixtures/orders_schema1.ndjson"
 
@@ -119,5 +120,58 @@ describe("an upcaster that fails, through the daemon", function()
     assert.matches("OrderCreated", answer.error.message)
     d:stop()
     support.rmdir(aggs)
+  end)
+end)
+
+-- A store made before refusals were recorded (SQLite schema 3, PostgreSQL 2:
+-- commands without the rejection column) is upgraded when a daemon opens it:
+-- its command ids still answer, and refusals are recorded from then on.
+describe("a store from before recorded refusals", function()
+  local function shell(cmd)
+    local p = assert(io.popen(cmd))
+    local out = p:read("a")
+    p:close()
+    return out
+  end
+
+  it("is upgraded on open: old command ids answer as before, new refusals stick", function()
+    local data = support.tmpdir()
+    local cli = support.cli(data)
+    local out, err, code = cli("send", "bank_account", "m-1", "OpenAccount", '{"owner":"M","initial_deposit":100}',
+                               "--command-id", "old-open")
+    assert(code == 0, err)
+    local first = core_decode(out)
+    -- back to the previous schema
+    local store = support.store_for(data)
+    if store then
+      shell("env -u LD_PRELOAD psql -q -X -v ON_ERROR_STOP=1 " .. support.quote(store)
+        .. " -c 'ALTER TABLE commands DROP COLUMN rejection; DELETE FROM ebb_schema WHERE version = 3;'")
+    else
+      assert(os.execute("sqlite3 " .. support.quote(data .. "/events.db")
+        .. " 'ALTER TABLE commands DROP COLUMN rejection; PRAGMA user_version = 3;'"))
+    end
+    local d = daemon.start({ data = data })
+    assert(d.url, daemon.logs(d))
+    local status, answer = d:command("bank_account", "m-1", "OpenAccount", { owner = "M", initial_deposit = 100 },
+                                     { command_id = "old-open" })
+    assert.are.equal(200, status)
+    assert.are.same(first, answer)
+    status, answer = d:command("bank_account", "m-1", "Withdraw", { amount = 500 }, { command_id = "w" })
+    assert.are.equal(422, status)
+    assert.are.same({ balance = 100, requested = 500 }, answer.error.details)
+    assert.are.equal(200, (d:command("bank_account", "m-1", "Deposit", { amount = 500 })))
+    status, answer = d:command("bank_account", "m-1", "Withdraw", { amount = 500 }, { command_id = "w" })
+    assert.are.equal(422, status)
+    assert.are.same({ code = "rejected", message = "insufficient funds",
+                      details = { balance = 100, requested = 500 } }, answer.error)
+    d:stop()
+    if store then
+      assert.are.equal("3\n", shell("env -u LD_PRELOAD psql -q -X -At " .. support.quote(store)
+        .. " -c 'SELECT max(version) FROM ebb_schema'"))
+    else
+      assert.are.equal("4\n", shell("sqlite3 -readonly " .. support.quote(data .. "/events.db")
+        .. " 'PRAGMA user_version'"))
+    end
+    support.rmdir(data)
   end)
 end)

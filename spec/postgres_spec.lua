@@ -188,7 +188,7 @@ describe("several daemons on one PostgreSQL store", function()
     local out, err, code = support.run { "--data", dirs[1], "--store", store, "--aggregates",
       support.root .. "/aggregates", "--projections", dirs[1], "check" }
     assert.equal(0, code, err)
-    assert.same({ backend = "postgres", schema_version = 2 }, core.json_decode(out).store)
+    assert.same({ backend = "postgres", schema_version = 3 }, core.json_decode(out).store)
   end)
 end)
 

@@ -235,6 +235,29 @@ describe("the example reactor order_payment", function()
     support.rmdir(base.data)
   end)
 
+  it("2b. a refused charge replayed after the account was funded stays refused: the account is not charged", function()
+    d = start()
+    local data = d.data
+    command(d, "bank_account", "late", "OpenAccount", { owner = "Lu", initial_deposit = 100 })
+    order(d, "o-2b", "late", 5000)
+    local confirmed = command(d, "order", "o-2b", "ConfirmOrder", {}).events[1]
+    eventually(function() return state(d, "order", "o-2b").status == "cancelled" end, 20,
+               "the order to be cancelled")
+    settled(d, "order_payment")
+    command(d, "bank_account", "late", "Deposit", { amount = 10000 })
+    d:stop()
+    -- the reactor handles every event again, as after a crash before its checkpoint
+    assert(os.execute("sqlite3 " .. support.quote(data .. "/reactors.db")
+      .. " 'DELETE FROM reactor_checkpoint'"))
+    d = start({ data = data })
+    local s = settled(d, "order_payment", confirmed.position)
+    assert.are.equal(10100, state(d, "bank_account", "late").balance)
+    assert.are.same({}, of_type(events_of(d, "BankAccount-late"), "MoneyWithdrawn"))
+    assert.are.equal(1, #of_type(events_of(d, "Order-o-2b"), "OrderCancelled"))
+    assert.are.equal("cancelled", state(d, "order", "o-2b").status)
+    assert.are.equal(1, s.commands_rejected) -- the refusal, answered again from the store
+  end)
+
   it("6. a store restored behind the reactor's checkpoint: resumes at the head and reacts to new events", function()
     d = start()
     local data, backup = d.data, support.tmpdir()

@@ -1,11 +1,12 @@
 /*
  * append.c: what an append decides, written once for every backend (see
  * ebb__append_ops in store_backend.h). Expected versions, deleted streams,
- * command-id dedupe, idempotent re-sends by event id, the numbering of
- * versions and positions, batches whose requests fail alone or all together,
- * and the message of every error an append answers are all here; a backend
- * only opens its transaction, shows what is stored (including what this
- * transaction wrote so far), writes what was accepted and commits.
+ * command-id dedupe (refused commands included), idempotent re-sends by
+ * event id, the numbering of versions and positions, batches whose requests
+ * fail alone or all together, and the message of every error an append
+ * answers are all here; a backend only opens its transaction, shows what is
+ * stored (including what this transaction wrote so far), writes what was
+ * accepted and commits.
  *
  * Requests are decided in order, each seeing the ones before it. A backend
  * may answer the questions from the database as they come (SQLite) or from
@@ -79,12 +80,15 @@ static int find_resend(const ebb__append_ops *ops, ebb_store *s, ebb_append *r) 
                        first_found, r->stream, (long long)first_version, found, r->n);
 }
 
-/* A command id handled before answers with what that command did. */
+/* A command id handled before answers with what that command did: its
+ * result, or its refusal (whether this request is a refusal or events: the
+ * first decision stands). */
 static int answer_command(ebb_append *r, const ebb_command_record *rec) {
   if (strcmp(rec->stream, r->stream) != 0 ||
       (r->command_type && strcmp(rec->type, r->command_type) != 0))
     return ebb_error_set(&r->err, EBB_ECONFLICT, "command id %s was already used for %s on %s",
                          r->command_id, rec->type, rec->stream);
+  if (rec->rejection) return ebb_error_from_json(&r->err, rec->rejection, strlen(rec->rejection));
   r->result.first_position = rec->first_position;
   r->result.position = rec->position;
   r->result.version = rec->version;
@@ -101,12 +105,17 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
                   const char *now, int own_savepoint, ebb_error *txerr) {
   if (r->command_id) {
     ebb_command_record rec;
+    rec.rejection = NULL;
     int found = ops->command(s, r->command_id, &rec, &r->err);
     if (found < 0) return FAILED;
-    if (found) return answer_command(r, &rec) ? FAILED : ANSWERED;
+    if (found) {
+      int rc = answer_command(r, &rec);
+      ebb_command_record_clear(&rec);
+      return rc ? FAILED : ANSWERED;
+    }
   }
   ebb__stream_state st;
-  if (ops->stream(s, r->stream, r->n == 0, &st, &r->err)) return FAILED;
+  if (ops->stream(s, r->stream, r->n == 0 && !r->rejection, &st, &r->err)) return FAILED;
   if (st.deleted) {
     /* A re-send of what was stored before the tombstone (an export imported
      * again, with it) is answered like any other; anything else is refused. */
@@ -130,7 +139,7 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
   if (r->n) {
     r->result.first_position = *head + 1;
     r->result.position = *head + (int64_t)r->n;
-  } else if (st.version > 0) {
+  } else if (st.version > 0 && !r->rejection) {
     r->result.position = st.position; /* a command that recorded nothing */
   }
   if (own_savepoint && ops->savepoint && ops->savepoint(s, txerr)) return LOST;

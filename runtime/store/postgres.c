@@ -44,8 +44,9 @@
 #include "strmap.h"
 
 /* 1: events, commands, snapshots, the position counter. 2: the correlation
- * and causation indexes (GET /events?correlation_id=). */
-#define SCHEMA_VERSION 2
+ * and causation indexes (GET /events?correlation_id=). 3: commands.rejection
+ * (a refused command's id answers its refusal). */
+#define SCHEMA_VERSION 3
 /* pg_advisory_xact_lock key for migrations: "ebb-schm" in ASCII. */
 #define MIGRATION_LOCK "7306920406391828845"
 
@@ -93,6 +94,9 @@ static const char *const schema_v2 =
     "CREATE INDEX IF NOT EXISTS events_by_causation ON events "
     "  (((metadata::jsonb) ->> 'causation_id'), position);";
 
+/* NULL: accepted; else the refusal as ebb_error_to_json wrote it. */
+static const char *const schema_v3 = "ALTER TABLE commands ADD COLUMN IF NOT EXISTS rejection text;";
+
 #define EVENT_COLUMNS "position, stream, version, id, type, schema, data, metadata, recorded_at"
 
 enum {
@@ -132,7 +136,7 @@ static const char *const statements[S_COUNT] = {
                    "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
                   "ORDER BY version DESC LIMIT 1",
-    [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position "
+    [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position, rejection "
                        "FROM commands WHERE command_id = $1::text",
     [S_READ_FWD] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = $1::text "
                    "AND version >= $2::bigint ORDER BY version LIMIT $3::bigint",
@@ -169,16 +173,16 @@ static const char *const statements[S_COUNT] = {
                    "s(stream) LEFT JOIN LATERAL (SELECT version, type, position FROM events "
                    "WHERE stream = s.stream ORDER BY version DESC LIMIT 1) e ON true",
     [S_FIND_IDS] = "SELECT id, stream, version, position FROM events WHERE id = ANY($1::text[])",
-    [S_FIND_COMMANDS] = "SELECT command_id, stream, type, version, first_position, last_position "
-                        "FROM commands WHERE command_id = ANY($1::text[])",
+    [S_FIND_COMMANDS] = "SELECT command_id, stream, type, version, first_position, last_position, "
+                        "rejection FROM commands WHERE command_id = ANY($1::text[])",
     [S_INSERT_MANY] = "INSERT INTO events (position, stream, version, id, type, schema, data, "
                       "metadata, recorded_at, category) SELECT * FROM unnest($1::bigint[], "
                       "$2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], "
                       "$8::text[], $9::text[], $10::text[])",
     [S_INSERT_COMMANDS] = "INSERT INTO commands (command_id, stream, type, version, first_position, "
-                          "last_position, recorded_at) SELECT * FROM unnest($1::text[], "
+                          "last_position, recorded_at, rejection) SELECT * FROM unnest($1::text[], "
                           "$2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
-                          "$7::text[])",
+                          "$7::text[], $8::text[])",
     [S_LIST_STREAMS] = "SELECT p.stream, p.v, p.fp, p.lp, e.recorded_at, e.type FROM "
                        "(SELECT stream, max(version) AS v, min(position) AS fp, "
                        "max(position) AS lp FROM events WHERE stream > $1::text AND stream >= $2::text "
@@ -434,6 +438,10 @@ static int migrate(pg_store *s, ebb_error *err) {
                       exec(s, "INSERT INTO ebb_schema (version) VALUES (2)", err,
                            "recording the schema version")))
     goto fail;
+  if (version < 3 && (exec(s, schema_v3, err, "adding the commands' refusals") ||
+                      exec(s, "INSERT INTO ebb_schema (version) VALUES (3)", err,
+                           "recording the schema version")))
+    goto fail;
   if (exec(s, "COMMIT", err, "committing the schema")) goto fail;
   return 0;
 fail:
@@ -483,10 +491,15 @@ int ebb__store_postgres_open(ebb_store **out, const ebb_store_options *opt, ebb_
       read_schema_version(s, &version, err))
     goto fail;
   if (version < SCHEMA_VERSION) {
-    ebb_error_set(err, EBB_ESTORE,
-                  "the PostgreSQL database holds no ebb store yet (schema version %d); open it "
-                  "for writing once to create it",
-                  version);
+    if (version == 0)
+      ebb_error_set(err, EBB_ESTORE,
+                    "the PostgreSQL database holds no ebb store yet; open it for writing once to "
+                    "create it");
+    else
+      ebb_error_set(err, EBB_ESTORE,
+                    "the PostgreSQL store's schema version %d is older than this ebb's (%d); "
+                    "open it for writing once to upgrade it",
+                    version, SCHEMA_VERSION);
     goto fail;
   }
   if (prepare_all(s, err)) goto fail;
@@ -541,6 +554,16 @@ static void arr_bytes(arr *a, const char *p, size_t len) {
 
 static void arr_text(arr *a, const char *p) {
   arr_bytes(a, p, strlen(p));
+}
+
+/* A text, or NULL (length -1). */
+static void arr_text_or_null(arr *a, const char *p) {
+  if (p) {
+    arr_text(a, p);
+    return;
+  }
+  put32(&a->b, UINT32_MAX);
+  a->n++;
 }
 
 static void arr_i64(arr *a, int64_t v) {
@@ -641,6 +664,7 @@ typedef struct place {
 typedef struct command_row {
   const char *stream, *type;
   int64_t version, first_position, position;
+  const char *rejection; /* NULL: accepted */
 } command_row;
 
 /* An append transaction's view of the store and its writes (see above). */
@@ -654,15 +678,15 @@ struct pg_batch {
   command_row *command_rows;
   size_t n_commands, cap_commands;
   PGresult *stored_ids, *stored_commands; /* the rows places and command_rows point into */
-  arr ev[10], cm[7];         /* the rows to insert, column by column */
+  arr ev[10], cm[8];         /* the rows to insert, column by column */
   int64_t start;             /* the counter when the batch began */
   int oom;                   /* tx_write ran out of memory: commit fails */
 };
 
 static const uint32_t ev_oid[10] = {OID_INT8, OID_TEXT, OID_INT8, OID_TEXT, OID_TEXT,
                                     OID_INT8, OID_TEXT, OID_TEXT, OID_TEXT, OID_TEXT};
-static const uint32_t cm_oid[7] = {OID_TEXT, OID_TEXT, OID_TEXT, OID_INT8,
-                                   OID_INT8, OID_INT8, OID_TEXT};
+static const uint32_t cm_oid[8] = {OID_TEXT, OID_TEXT, OID_TEXT, OID_INT8,
+                                   OID_INT8, OID_INT8, OID_TEXT, OID_TEXT};
 
 static void batch_free(pg_batch *b) {
   if (b == NULL) return;
@@ -675,7 +699,7 @@ static void batch_free(pg_batch *b) {
   PQclear(b->stored_ids);
   PQclear(b->stored_commands);
   for (int i = 0; i < 10; i++) ebb_buf_free(&b->ev[i].b);
-  for (int i = 0; i < 7; i++) ebb_buf_free(&b->cm[i].b);
+  for (int i = 0; i < 8; i++) ebb_buf_free(&b->cm[i].b);
   free(b);
 }
 
@@ -720,7 +744,8 @@ static int batch_read(pg_batch *b, PGresult *versions, size_t n_streams, ebb_err
   PGresult *cmds = b->stored_commands;
   for (int row = 0; cmds && row < PQntuples(cmds); row++) {
     command_row c = {PQgetvalue(cmds, row, 1), PQgetvalue(cmds, row, 2), get_i64(cmds, row, 3),
-                     get_i64(cmds, row, 4), get_i64(cmds, row, 5)};
+                     get_i64(cmds, row, 4), get_i64(cmds, row, 5),
+                     PQgetisnull(cmds, row, 6) ? NULL : PQgetvalue(cmds, row, 6)};
     if (!add_command(b, PQgetvalue(cmds, row, 0), &c)) goto oom;
   }
   return 0;
@@ -735,7 +760,7 @@ static int tx_begin(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head, 
   pg_batch *b = s->batch = calloc(1, sizeof *b);
   if (b == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
   for (int i = 0; i < 10; i++) arr_init(&b->ev[i], ev_oid[i]);
-  for (int i = 0; i < 7; i++) arr_init(&b->cm[i], cm_oid[i]);
+  for (int i = 0; i < 8; i++) arr_init(&b->cm[i], cm_oid[i]);
   if (ensure(s, err)) return err->code;
   b->streams = ebb_strmap_new();
   b->ids = ebb_strmap_new();
@@ -819,6 +844,9 @@ static int tx_command(ebb_store *base, const char *command_id, ebb_command_recor
   out->version = c->version;
   out->first_position = c->first_position;
   out->position = c->position;
+  out->rejection = c->rejection ? strdup(c->rejection) : NULL;
+  if (c->rejection && out->rejection == NULL)
+    return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
   return 1;
 }
 
@@ -863,7 +891,7 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
   }
   if (r->command_id) {
     command_row c = {r->stream, r->command_type ? r->command_type : "", r->result.version,
-                     r->result.first_position, r->result.position};
+                     r->result.first_position, r->result.position, r->rejection};
     arr_text(&b->cm[0], r->command_id);
     arr_text(&b->cm[1], c.stream);
     arr_text(&b->cm[2], c.type);
@@ -871,6 +899,7 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
     arr_i64(&b->cm[4], c.first_position);
     arr_i64(&b->cm[5], c.position);
     arr_text(&b->cm[6], now);
+    arr_text_or_null(&b->cm[7], c.rejection);
     if (!add_command(b, r->command_id, &c)) b->oom = 1;
   }
   return 0;
@@ -883,7 +912,7 @@ static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
   params pe = {0}, pc = {0}, ph = {0};
   int rc = b->oom;
   for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &b->ev[i]);
-  for (int i = 0; i < 7 && rc == 0; i++) rc = arr_param(&pc, &b->cm[i]);
+  for (int i = 0; i < 8 && rc == 0; i++) rc = arr_param(&pc, &b->cm[i]);
   if (rc) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
   p_int(&ph, head);
   pipe_item items[4];
@@ -1058,6 +1087,9 @@ static int pg_find_command(ebb_store *base, const char *command_id, ebb_command_
     out->version = get_i64(res, 0, 2);
     out->first_position = get_i64(res, 0, 3);
     out->position = get_i64(res, 0, 4);
+    out->rejection = PQgetisnull(res, 0, 5) ? NULL : strdup(PQgetvalue(res, 0, 5));
+    if (!PQgetisnull(res, 0, 5) && out->rejection == NULL)
+      found = ebb_error_set(err, EBB_ENOMEM, "out of memory looking up a command id");
   }
   PQclear(res);
   return found;

@@ -25,9 +25,11 @@
 #include "clock.h"
 
 /* 1: events, commands. 2: snapshots. 3: the correlation and causation
- * indexes (GET /events?correlation_id=). Every statement of the schema is
- * IF NOT EXISTS, so running it again upgrades an older store. */
-#define SCHEMA_VERSION 3
+ * indexes (GET /events?correlation_id=). 4: commands.rejection (a refused
+ * command's id answers its refusal). Every statement of the schema is IF NOT
+ * EXISTS, so running it again upgrades an older store; what it cannot say
+ * that way (a new column) is in migrations. */
+#define SCHEMA_VERSION 4
 
 const char *const ebb__sqlite_schema_sql =
     "CREATE TABLE IF NOT EXISTS events ("
@@ -55,7 +57,8 @@ const char *const ebb__sqlite_schema_sql =
     "  version INTEGER NOT NULL,"
     "  first_position INTEGER NOT NULL,"
     "  last_position INTEGER NOT NULL,"
-    "  recorded_at TEXT NOT NULL) WITHOUT ROWID;"
+    "  recorded_at TEXT NOT NULL,"
+    "  rejection TEXT) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS snapshots ("
     "  stream TEXT NOT NULL,"
     "  fingerprint TEXT NOT NULL,"
@@ -81,6 +84,7 @@ enum {
   S_FIND_ID,
   S_FIND_COMMAND,
   S_INSERT_COMMAND,
+  S_INSERT_REFUSAL,
   S_READ_FWD,
   S_READ_BACK,
   S_READ_ALL,
@@ -113,11 +117,15 @@ static const char *const statements[S_COUNT] = {
     [S_INSERT] = "INSERT INTO events (stream, version, id, type, schema, data, metadata, "
                  "recorded_at, category) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [S_FIND_ID] = "SELECT stream, version, position FROM events WHERE id = ?1",
-    [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position "
+    [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position, rejection "
                        "FROM commands WHERE command_id = ?1",
     [S_INSERT_COMMAND] = "INSERT INTO commands (command_id, stream, type, version, "
                          "first_position, last_position, recorded_at) "
                          "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    /* Its own statement, so that an accepted command costs what it did. */
+    [S_INSERT_REFUSAL] = "INSERT INTO commands (command_id, stream, type, version, "
+                         "first_position, last_position, recorded_at, rejection) "
+                         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [S_READ_FWD] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = ?1 AND version >= ?2 "
                    "ORDER BY version LIMIT ?3",
     [S_READ_BACK] = "SELECT " EVENT_COLUMNS " FROM events WHERE stream = ?1 AND version <= ?2 "
@@ -255,14 +263,37 @@ static int setup_schema(sqlite_store *s, ebb_error *err) {
                          "the store's schema version %d is newer than this ebb knows (%d)", version,
                          SCHEMA_VERSION);
   if (version == SCHEMA_VERSION) return 0;
-  char sql[4096];
-  snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version = %d; COMMIT;", ebb__sqlite_schema_sql,
-           SCHEMA_VERSION);
-  if (exec(s, sql, err, "creating the schema")) {
-    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
-    return err->code;
+  /* Read again under the write lock: another process may have upgraded the
+   * store meanwhile, and a column cannot be added twice. */
+  if (exec(s, "BEGIN IMMEDIATE", err, "creating the schema")) return err->code;
+  if (sqlite3_prepare_v2(s->db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK) {
+    db_error(s, err, "reading the schema version");
+    goto fail;
   }
+  version = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+  sqlite3_finalize(st);
+  if (version >= SCHEMA_VERSION) return exec(s, "COMMIT", err, "creating the schema");
+  /* commands.rejection (4), unless the table has it: made new with it, or
+   * labelled older than it is. */
+  int add_rejection = 0;
+  if (sqlite3_prepare_v2(s->db,
+                         "SELECT count(*) = 1 FROM sqlite_master WHERE name = 'commands' AND NOT "
+                         "EXISTS (SELECT 1 FROM pragma_table_info('commands') WHERE name = "
+                         "'rejection')",
+                         -1, &st, NULL) != SQLITE_OK) {
+    db_error(s, err, "reading the schema");
+    goto fail;
+  }
+  if (sqlite3_step(st) == SQLITE_ROW) add_rejection = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  char sql[4096];
+  snprintf(sql, sizeof sql, "%s %s PRAGMA user_version = %d; COMMIT;", ebb__sqlite_schema_sql,
+           add_rejection ? "ALTER TABLE commands ADD COLUMN rejection TEXT;" : "", SCHEMA_VERSION);
+  if (exec(s, sql, err, "creating the schema")) goto fail;
   return 0;
+fail:
+  sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  return err->code;
 }
 
 static const ebb_store_vtable sqlite_vtable;
@@ -377,6 +408,12 @@ static int find_command(sqlite_store *s, const char *command_id, ebb_command_rec
     out->version = sqlite3_column_int64(st, 2);
     out->first_position = sqlite3_column_int64(st, 3);
     out->position = sqlite3_column_int64(st, 4);
+    const char *rejection = (const char *)sqlite3_column_text(st, 5);
+    out->rejection = rejection ? strdup(rejection) : NULL;
+    if (rejection && out->rejection == NULL) {
+      sqlite3_reset(st);
+      return ebb_error_set(err, EBB_ENOMEM, "out of memory looking up a command id");
+    }
   }
   sqlite3_reset(st);
   if (rc == SQLITE_ROW) return 1;
@@ -462,7 +499,8 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
     }
   }
   if (r->command_id) {
-    st = s->stmt[S_INSERT_COMMAND];
+    int which = r->rejection ? S_INSERT_REFUSAL : S_INSERT_COMMAND;
+    st = s->stmt[which];
     bind_text(st, 1, r->command_id);
     bind_text(st, 2, r->stream);
     bind_text(st, 3, r->command_type ? r->command_type : "");
@@ -470,7 +508,8 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
     sqlite3_bind_int64(st, 5, r->result.first_position);
     sqlite3_bind_int64(st, 6, r->result.position);
     bind_text(st, 7, now);
-    if (run(s, S_INSERT_COMMAND, err, "recording a command id")) return err->code;
+    if (r->rejection) bind_text(st, 8, r->rejection);
+    if (run(s, which, err, "recording a command id")) return err->code;
   }
   return 0;
 }

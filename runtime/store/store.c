@@ -275,6 +275,8 @@ static int check_request(ebb_append *r) {
   if (r->command_id && ebb_validate_name("command id", r->command_id, &r->err)) return -1;
   if (r->n == 0 && r->command_id == NULL)
     return ebb_error_set(&r->err, EBB_EBADREQ, "an append needs at least one event");
+  if (r->rejection && (r->command_id == NULL || r->n))
+    return ebb_error_set(&r->err, EBB_EBADREQ, "a refusal is recorded for a command id, without events");
   for (size_t i = 0; i < r->n; i++) {
     const ebb_event_in *e = &r->events[i];
     if (ebb_validate_name("event id", e->id, &r->err) ||
@@ -438,4 +440,9 @@ int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_rec
                            ebb_error *err) {
   if (ebb_validate_name("command id", command_id, err)) return err->code;
   return s->vt->find_command(s, command_id, out, err);
+}
+
+void ebb_command_record_clear(ebb_command_record *rec) {
+  free(rec->rejection);
+  rec->rejection = NULL;
 }

@@ -65,13 +65,20 @@ typedef struct ebb_append_result {
   int idempotent;                    /* 1: these events were already stored; nothing new */
 } ebb_append_result;
 
-/* A command that has been handled, for command-id deduplication. */
+/* A command that has been handled, for command-id deduplication: accepted,
+ * or refused by its aggregate (a refusal is answered again, never decided
+ * again). Set rejection to NULL before a look-up; free it after one
+ * (ebb_command_record_clear). */
 typedef struct ebb_command_record {
   char stream[EBB_MAX_NAME + 1];
   char type[EBB_MAX_NAME + 1];
-  int64_t version;                   /* the stream's version after the command */
+  int64_t version;                   /* the stream's version after the command (refused: then) */
   int64_t first_position, position;  /* 0, 0 when the command recorded no event */
+  char *rejection;                   /* malloc'd: the refusal as ebb_error_to_json wrote it;
+                                      * NULL: the command was accepted */
 } ebb_command_record;
+
+void ebb_command_record_clear(ebb_command_record *rec); /* frees rejection */
 
 /* One append request: a stream, its expected version and events. Several go
  * into one ebb_store_append call (one transaction), each failing alone. */
@@ -82,6 +89,10 @@ typedef struct ebb_append {
   size_t n;
   const char *command_id;        /* non-NULL: record the command, atomically with the events */
   const char *command_type;
+  const char *rejection;         /* non-NULL (with command_id, no events): record that the
+                                  * command was refused, this being the error as
+                                  * ebb_error_to_json wrote it; it is recorded at the stream's
+                                  * version if that is still `expected` */
   int reserved;                  /* may append reserved ('$') types: only ebb_store_delete */
   int json_checked;              /* data and metadata come from ebb_json_encode: no re-check */
   ebb_append_result result;      /* out */
@@ -263,7 +274,8 @@ int ebb_store_delete(ebb_store *s, const char *stream, int64_t expected, const c
                      ebb_append_result *result, ebb_error *err);
 /* The last position in the store; 0 when empty. */
 int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err);
-/* 1 and *out filled when command_id was handled before, 0 when not, or < 0. */
+/* 1 and *out filled when command_id was handled before (out->rejection set
+ * when it was refused), 0 when not, or < 0. */
 int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_record *out,
                            ebb_error *err);
 

@@ -67,13 +67,15 @@ typedef struct ebb__append_ops {
   /* with_position: out->position is wanted (a request without events answers it). */
   int (*stream)(ebb_store *, const char *stream, int with_position, ebb__stream_state *out,
                 ebb_error *err);
-  /* 1 with *out filled when the command id is recorded, 0 when not. */
+  /* 1 with *out filled when the command id is recorded (out->rejection a
+   * malloc'd copy or NULL), 0 when not. */
   int (*command)(ebb_store *, const char *command_id, ebb_command_record *out, ebb_error *err);
   /* 1 with *out filled when the event id is stored, 0 when not. */
   int (*event)(ebb_store *, const char *id, ebb__event_place *out, ebb_error *err);
   /* Writes an accepted request: event i at version r->result.first_version + i
    * and position r->result.first_position + i, and its command record (version
-   * r->result.version, positions r->result.first_position and .position). 0,
+   * r->result.version, positions r->result.first_position and .position,
+   * and r->rejection: NULL for an accepted command). 0,
    * EBB__CLASH (err says what clashed), or < 0. What a failed write left in
    * the transaction is undone by release, or by the rollback of the whole
    * batch when it is the only request. */

@@ -176,15 +176,7 @@ end
 
 -- `ebb args...` with a time limit and VAR=value assignments: stdout, stderr, exit code.
 function M.run(args, env)
-  local parts = { "timeout", "20", q(support.ebb) }
-  for _, a in ipairs(support.store_args(args)) do parts[#parts + 1] = q(a) end
-  local errfile = os.tmpname()
-  local p = assert(io.popen((env or "") .. " " .. table.concat(parts, " ") .. " 2> " .. q(errfile) .. " < /dev/null"))
-  local out = p:read("a")
-  local _, _, code = p:close()
-  local err = support.read(errfile)
-  os.remove(errfile)
-  return out, err, code
+  return support.run(args, { env = env, timeout = 20, stdin = "" })
 end
 
 return M

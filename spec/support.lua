@@ -141,15 +141,19 @@ function support.store_args(args)
 end
 
 -- Runs `ebb args...` (a list of strings); returns stdout, stderr, exit code.
+-- opts: stdin (text), cwd, env ("VAR=value ..." before the command), timeout (seconds).
 function support.run(args, opts)
   opts = opts or {}
   args = support.store_args(args)
   local parts = { sh_quote(support.ebb) }
+  if opts.timeout then table.insert(parts, 1, "timeout " .. opts.timeout) end
+  if opts.env then table.insert(parts, 1, opts.env) end
   for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
   local errfile = os.tmpname()
   local cmd = table.concat(parts, " ")
+  local infile
   if opts.stdin then
-    local infile = os.tmpname()
+    infile = os.tmpname()
     support.write(infile, opts.stdin)
     cmd = cmd .. " < " .. sh_quote(infile)
   end
@@ -159,6 +163,7 @@ function support.run(args, opts)
   local _, _, code = p:close()
   local err = support.read(errfile)
   os.remove(errfile)
+  if infile then os.remove(infile) end
   return out, err, code
 end
 

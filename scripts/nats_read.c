@@ -37,9 +37,10 @@ static int die(const char *what, natsStatus s, jsErrCode je) {
 }
 
 int main(int argc, char **argv) {
-  const char *ca = NULL, *cert = NULL, *key = NULL;
-  while (argc >= 3 && strncmp(argv[1], "--tls-", 6) == 0) {
-    if (strcmp(argv[1], "--tls-ca") == 0) ca = argv[2];
+  const char *ca = NULL, *cert = NULL, *key = NULL, *creds = NULL;
+  while (argc >= 3 && strncmp(argv[1], "--", 2) == 0) {
+    if (strcmp(argv[1], "--creds") == 0) creds = argv[2];
+    else if (strcmp(argv[1], "--tls-ca") == 0) ca = argv[2];
     else if (strcmp(argv[1], "--tls-cert") == 0) cert = argv[2];
     else if (strcmp(argv[1], "--tls-key") == 0) key = argv[2];
     else break;
@@ -47,7 +48,7 @@ int main(int argc, char **argv) {
     argc -= 2;
   }
   if (argc < 3) {
-    fprintf(stderr, "usage: ebb-nats-read [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] URL "
+    fprintf(stderr, "usage: ebb-nats-read [--creds FILE] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] URL "
                     "STREAM [--info | --create SUBJECT]\n");
     return 2;
   }
@@ -60,6 +61,7 @@ int main(int argc, char **argv) {
   if (s == NATS_OK && ca) s = natsOptions_LoadCATrustedCertificates(opts, ca);
   if (s == NATS_OK && cert) s = natsOptions_LoadCertificatesChain(opts, cert, key);
   if (s == NATS_OK && (ca || cert)) s = natsOptions_SetSecure(opts, true);
+  if (s == NATS_OK && creds) s = natsOptions_SetUserCredentialsFromFiles(opts, creds, NULL);
   if (s != NATS_OK) return die("options", s, 0);
   if ((s = natsConnection_Connect(&nc, opts)) != NATS_OK) return die("connect", s, 0);
   natsOptions_Destroy(opts);

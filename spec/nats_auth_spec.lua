@@ -8,16 +8,14 @@
 local support = require "support"
 local daemon = require "daemon_support"
 local ns = require "nats_support"
+local jwt = require "nats_jwt"
 
 -- The publisher is per daemon, not per store: the specs run on SQLite only.
 if support.store_kind ~= "sqlite" then return end
 
 local q = support.quote
 
-local function sh(cmd)
-  local ok = os.execute("env -u LD_PRELOAD sh -c " .. q(cmd .. " > /dev/null 2>&1"))
-  assert(ok, "failed: " .. cmd)
-end
+local sh = require("nats_support").sh
 
 -- A self-signed CA `name` in dir (name.pem, name.key), and certificates it
 -- signs: name.pem/name.key, with ext (an openssl extension line) if given.
@@ -120,6 +118,31 @@ describe("publishing to NATS with credentials and TLS", function()
     ns.open(d, 4)
     ns.caught_up(d)
     ns.assert_stream_is_store(d, n)
+  end)
+
+  it("with nats_creds: a user of an account the server trusts publishes; another account's is refused", function()
+    local operator, account, user = jwt.keypair("operator"), jwt.keypair("account"), jwt.keypair("user")
+    local conf = jwt.server_conf(operator, { [account.public] = jwt.jwt(operator, account, "account",
+                                                                          jwt.account_claims()) })
+    local good = dir .. "/ebb.creds"
+    support.write(good, jwt.creds(jwt.jwt(account, user, "user", jwt.user_claims()), user))
+    -- the same user key, signed by an account the server does not know
+    local stranger = jwt.keypair("account")
+    support.write(dir .. "/other.creds", jwt.creds(jwt.jwt(stranger, user, "user", jwt.user_claims()), user))
+    n = ns.new { conf = conf, reader_args = { "--creds", good } }
+    start { "--nats-creds", dir .. "/other.creds" }
+    local s = refused(d, "Authorization Violation")
+    nothing_published(n)
+    d:stop()
+    start({}, "EBB_NATS_CREDS=" .. q(good))
+    for i = 4, 10 do ns.open(d, i) end
+    ns.caught_up(d)
+    ns.assert_stream_is_store(d, n)
+    for _, text in ipairs { d:logs(), s.error, (select(3, d:get("/metrics"))) } do
+      assert.is_nil(text:find(user.seed, 1, true), "the seed shows")
+      assert.is_nil(text:find(user.seed:sub(1, 12), 1, true), "part of the seed shows")
+    end
+    jwt.cleanup()
   end)
 
   it("over TLS with nats_tls_ca; without the CA that signed the server's certificate it refuses", function()

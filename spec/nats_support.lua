@@ -174,6 +174,12 @@ function M.assert_stream_is_store(d, n, stream)
   return msgs
 end
 
+-- A shell command without the sanitizer runtimes, its output dropped; fails the spec if it fails.
+function M.sh(cmd)
+  local ok = os.execute("env -u LD_PRELOAD sh -c " .. q(cmd .. " > /dev/null 2>&1"))
+  luassert(ok, "failed: " .. cmd)
+end
+
 -- `ebb args...` with a time limit and VAR=value assignments: stdout, stderr, exit code.
 function M.run(args, env)
   return support.run(args, { env = env, timeout = 20, stdin = "" })

@@ -446,3 +446,58 @@ describe("the PostgreSQL store across a server restart", function()
     support.rmdir(d.data)
   end)
 end)
+
+describe("publishing to NATS with several daemons on one PostgreSQL store", function()
+  local ns = require "nats_support"
+  local n, ds, dirs
+
+  before_each(function()
+    n = ns.new()
+    dirs = { support.tmpdir() }
+    local store = support.store_for(dirs[1])
+    ds = {}
+    for i = 1, 2 do
+      ds[i] = daemon.start { store = store, args = { "--nats", n.url } }
+      dirs[#dirs + 1] = ds[i].data
+      assert.is_not_nil(ds[i].url, "daemon " .. i .. " did not start: " .. ds[i]:logs())
+    end
+  end)
+
+  after_each(function()
+    for _, d in ipairs(ds) do d:stop() end
+    n:close()
+    for _, dir in ipairs(dirs) do support.rmdir(dir) end
+  end)
+
+  it("publish from the leader only; the next leader goes on from the stream's last message, each event once", function()
+    local function health(d)
+      local status, h = d:get("/health")
+      assert.equal(200, status)
+      return h
+    end
+    local leader = support.eventually(function()
+      local a, b = health(ds[1]), health(ds[2])
+      if a.leader ~= b.leader and a.nats.state == (a.leader and "live" or "inactive")
+          and b.nats.state == (b.leader and "live" or "inactive") then
+        return a.leader and 1 or 2
+      end
+    end, 60, "one leader publishing, the other inactive")
+    local other = leader == 1 and 2 or 1
+    -- commands on both daemons; the leader publishes them all
+    for i = 1, 20 do ns.open(ds[i % 2 + 1], "pg-" .. i) end
+    ns.caught_up(ds[leader])
+    ns.assert_stream_is_store(ds[leader], n)
+    assert.equal(20, ns.metric(ds[leader], "ebb_nats_published_total"))
+    assert.equal(0, ns.metric(ds[other], "ebb_nats_published_total"))
+    assert.equal("inactive", health(ds[other]).nats.state)
+    -- The leader dies; the other, whose own checkpoint is at 0, takes over
+    -- and resumes after the stream's last Ebb-Position: nothing again.
+    ds[leader]:signal("KILL")
+    assert(ds[leader]:wait(30))
+    for i = 21, 30 do ns.open(ds[other], "pg-" .. i) end
+    ns.caught_up(ds[other])
+    ns.assert_stream_is_store(ds[other], n)
+    assert.equal(10, ns.metric(ds[other], "ebb_nats_published_total"))
+    assert.equal(0, ns.metric(ds[other], "ebb_nats_republished_total"))
+  end)
+end)

@@ -160,6 +160,12 @@ typedef struct job {
   ebb_write write;
   ebb_reactor_issued done;   /* a command a reactor issued: told instead of a client */
   void *done_ud;
+  /* a command's stream read off the loop (see prefetch) */
+  int prefetched, pre_ready;
+  uv_work_t work;
+  ebb_event_list pre;
+  int pre_complete, pre_unknown_id;
+  ebb_error pre_err;
 } job;
 
 typedef struct stream_queue {
@@ -192,6 +198,8 @@ static void job_free(job *j) {
   free(j->owned);
   free(j->in);
   ebb_error_clear(&j->req.err);
+  ebb_error_clear(&j->pre_err);
+  ebb_event_list_free(&j->pre);
   /* Kept for the next request: see MAX_SPARE in runtime.c. */
   if (d->n_spare_jobs < MAX_SPARE_JOBS) {
     j->next = d->spare_jobs;
@@ -550,6 +558,71 @@ static int job_finish(job *j) {
   return 1;
 }
 
+static void run_queue(ebb_daemon *d, stream_queue *q, const char *stream);
+
+/* A command on a stream the runtime has not cached must read it before
+ * deciding. On SQLite that read is a local page-cache read, cheaper than a
+ * hand-over; on PostgreSQL it is a round trip, and one to a server that has
+ * stopped answering would stop the loop and every request with it. There,
+ * a reader's store handle reads the stream (and looks up the command id) on
+ * libuv's thread pool, and the loop decides once it is back. */
+static void prefetch_work(uv_work_t *w) {
+  job *j = w->data;
+  ebb_runtime *rt = ebb_readers_take(j->d->readers, &j->pre_err);
+  if (rt == NULL) return;
+  ebb_store *s = ebb_runtime_store(rt);
+  if (ebb_store_read_stream(s, j->stream, 1, EBB_PRELOAD_EVENTS, 0, &j->pre, &j->pre_err) == 0) {
+    j->pre_complete = j->pre.n < EBB_PRELOAD_EVENTS;
+    if (j->cmd.command_id) {
+      ebb_command_record rec;
+      rec.rejection = NULL;
+      int found = ebb_store_find_command(s, j->cmd.command_id, &rec, &j->pre_err);
+      if (found > 0) ebb_command_record_clear(&rec);
+      j->pre_unknown_id = found == 0;
+    }
+  }
+  ebb_readers_give(j->d->readers, rt);
+}
+
+static void prefetch_done(uv_work_t *w, int status) {
+  job *j = w->data;
+  ebb_daemon *d = j->d;
+  if (status == UV_ECANCELED && j->pre_err.code == 0)
+    ebb_error_set(&j->pre_err, EBB_EUNAVAIL, "ebb is shutting down");
+  j->pre_ready = 1;
+  char stream[EBB_MAX_NAME + 1];
+  memcpy(stream, j->stream, sizeof stream);
+  run_queue(d, j->queue, stream);
+}
+
+static int prefetch(job *j) {
+  ebb_daemon *d = j->d;
+  if (j->is_append || j->prefetched || !d->remote_store ||
+      !ebb_runtime_wants_preload(d->rt, j->stream))
+    return 0;
+  j->prefetched = 1;
+  ebb_event_list_init(&j->pre);
+  ebb_error_init(&j->pre_err);
+  j->work.data = j;
+  uv_queue_work(&d->loop, &j->work, prefetch_work, prefetch_done);
+  return 1;
+}
+
+/* Hands what prefetch read to the runtime: 1 when the job ended (the read failed). */
+static int preloaded(job *j) {
+  if (j->pre_err.code) {
+    ebb_error err;
+    ebb_error_init(&err);
+    ebb_error_move(&err, &j->pre_err);
+    job_end(j, 0, NULL, 0, &err);
+    return 1;
+  }
+  if (ebb_runtime_preload(j->d->rt, j->stream, &j->pre, j->pre_complete,
+                          j->pre_unknown_id ? j->cmd.command_id : NULL) != 0)
+    ebb_event_list_clear(&j->pre); /* out of memory: deciding reads the stream itself */
+  return 0;
+}
+
 /* Starts the job at the head of its queue: 1 when it ended right away. */
 static int job_start(job *j) {
   ebb_daemon *d = j->d;
@@ -564,6 +637,11 @@ static int job_start(job *j) {
     ebb_error_init(&j->req.err);
     submit(d, j, &j->req);
     return 0;
+  }
+  if (prefetch(j)) return 0;
+  if (j->pre_ready) {
+    j->pre_ready = 0;
+    if (preloaded(j)) return 1;
   }
   for (;;) {
     char *result = NULL;
@@ -1818,6 +1896,7 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   }
   ebb_buf_free(&problems);
   if (ebb_readers_new(&d->readers, &ro, err)) goto out;
+  d->remote_store = strcmp(ebb_store_kind(ebb_runtime_store(d->rt)), "sqlite") != 0;
   if ((d->queues = ebb_strmap_new()) == NULL || (d->parser = luaL_newstate()) == NULL) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto out;

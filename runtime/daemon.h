@@ -63,6 +63,7 @@ typedef struct ebb_daemon {
   ebb_http_server *http;
   ebb_runtime *rt;
   ebb_readers *readers;         /* runtimes for the read routes, on libuv's thread pool */
+  int remote_store;             /* reads are round trips (PostgreSQL): commands prefetch */
   size_t reads;                 /* read routes running there */
   ebb_writer *writer;
   ebb_projections *projections;

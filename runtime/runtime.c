@@ -67,6 +67,12 @@ struct ebb_runtime {
   struct ebb_decided *spare;    /* finished decisions kept for reuse */
   size_t n_spare;
   ebb_buf problems; /* what loading the modules found, one line each */
+  struct {                      /* see ebb_runtime_preload */
+    int set, complete;
+    char stream[EBB_MAX_NAME + 1];
+    ebb_event_list events;
+    char *unknown_command_id;
+  } preload;
 };
 
 ebb_store *ebb_runtime_store(ebb_runtime *rt) {
@@ -1016,6 +1022,8 @@ void ebb_runtime_close(ebb_runtime *rt) {
   ebb_sandbox_sources_free(rt->sources);
   free_module_names(rt);
   free_spares(rt);
+  ebb_event_list_free(&rt->preload.events);
+  free(rt->preload.unknown_command_id);
   for (size_t i = 0; i < rt->n_types; i++) free(rt->types[i]);
   ebb_store_close(rt->store);
   ebb_buf_free(&rt->problems);
@@ -1103,6 +1111,7 @@ typedef struct decision {
   int64_t version, last_position;
   int state_ref;               /* the folded (and, after a command, evolved) state */
   int from_cache;              /* a command decided on cached state, not re-read */
+  int preloaded;               /* ... or on events read before, elsewhere (ebb_runtime_preload) */
   int64_t until_version;       /* a state query as of this version (-1: the latest) */
   const char *until_time;      /* ... or as of this canonical RFC 3339 time (NULL: now) */
   int deleted;                 /* the fold ended on a tombstone */
@@ -1518,6 +1527,27 @@ static int stream_name(char stream[EBB_MAX_NAME + 1], const char *type, const ch
 }
 
 /* The protected half of a command or a state query. Argument: the decision. */
+static void preload_drop(ebb_runtime *rt) {
+  if (!rt->preload.set) return;
+  rt->preload.set = 0;
+  ebb_event_list_clear(&rt->preload.events);
+  free(rt->preload.unknown_command_id);
+  rt->preload.unknown_command_id = NULL;
+}
+
+/* Moves a complete preload of d's stream into d->chunk: 1 when there was one. */
+static int take_preload(decision *d) {
+  ebb_runtime *rt = d->rt;
+  if (!rt->preload.set || !rt->preload.complete || strcmp(rt->preload.stream, d->stream) != 0)
+    return 0;
+  ebb_event_list t = d->chunk;
+  d->chunk = rt->preload.events;
+  rt->preload.events = t;
+  preload_drop(rt);
+  d->preloaded = 1;
+  return 1;
+}
+
 static int l_decide(lua_State *L) {
   decision *d = lua_touserdata(L, 1);
   lua_settop(L, 0);
@@ -1569,7 +1599,9 @@ static int l_decide(lua_State *L) {
      * fewer events has none, and most streams a command touches cold are
      * short (new ones are empty). So read their beginning first, and ask for
      * a snapshot only when the stream turns out to be that long. */
-    if (fingerprint) {
+    if (d->cmd && !past && take_preload(d)) {
+      preloaded = 1; /* the whole stream, short: no snapshot needed */
+    } else if (fingerprint) {
       ebb_error rerr;
       ebb_error_init(&rerr);
       if (ebb_store_read_stream(d->rt->store, d->stream, 1, every, 0, &d->chunk, &rerr) != 0) {
@@ -1945,13 +1977,50 @@ const char *ebb_decided_stream(const ebb_decided *dc) {
   return dc->d.stream;
 }
 
+int ebb_runtime_wants_preload(ebb_runtime *rt, const char *stream) {
+  return !ebb_state_cache_has(rt->cache, stream);
+}
+
+int ebb_runtime_preload(ebb_runtime *rt, const char *stream, ebb_event_list *events, int complete,
+                        const char *unknown_command_id) {
+  preload_drop(rt);
+  if (strlen(stream) > EBB_MAX_NAME) return 0;
+  char *id = NULL;
+  if (unknown_command_id && (id = strdup(unknown_command_id)) == NULL) return EBB_ENOMEM;
+  memcpy(rt->preload.stream, stream, strlen(stream) + 1);
+  ebb_event_list t = rt->preload.events;
+  rt->preload.events = *events;
+  *events = t;
+  rt->preload.complete = complete;
+  rt->preload.unknown_command_id = id;
+  rt->preload.set = 1;
+  return 0;
+}
+
+/* The command id was looked up off the loop and found unknown. If another
+ * process records it meanwhile, the append finds it (res.idempotent). */
+static int preload_knows_unknown(const ebb_runtime *rt, const ebb_command *cmd) {
+  return rt->preload.set && rt->preload.unknown_command_id &&
+         strcmp(rt->preload.unknown_command_id, cmd->command_id) == 0;
+}
+
+static int decide_command(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **out,
+                          char **result, ebb_error *err);
+
 int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **out, char **result,
                        ebb_error *err) {
+  int rc = decide_command(rt, cmd, out, result, err);
+  preload_drop(rt); /* one decision's: never a later one's */
+  return rc;
+}
+
+static int decide_command(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **out,
+                          char **result, ebb_error *err) {
   *out = NULL;
   *result = NULL;
   if (recover(rt, err) != 0) return err->code;
   if (validate_command(cmd, err)) return err->code;
-  if (cmd->command_id) {
+  if (cmd->command_id && !preload_knows_unknown(rt, cmd)) {
     ebb_command_record rec;
     rec.rejection = NULL;
     int found = ebb_store_find_command(rt->store, cmd->command_id, &rec, err);
@@ -1987,9 +2056,9 @@ int ebb_runtime_decide(ebb_runtime *rt, const ebb_command *cmd, ebb_decided **ou
   d->cmd = cmd;
   while (decide(rt, d) != 0) {
     int code = d->err.code;
-    if (code == EBB_EVERSION && d->from_cache) {
-      /* The expected version may be right and the cache behind: its entry
-       * is gone, so deciding again reads the stream. */
+    if (code == EBB_EVERSION && (d->from_cache || d->preloaded)) {
+      /* The expected version may be right and the cache (or the events read
+       * before) behind: its entry is gone, so deciding again reads the stream. */
       decision_free(d);
       decision_init(d, rt, cmd->aggregate, cmd->id);
       d->cmd = cmd;

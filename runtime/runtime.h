@@ -89,6 +89,25 @@ const char *ebb_decided_stream(const ebb_decided *dc);
 int ebb_runtime_finish(ebb_runtime *rt, ebb_decided *dc, char **result, ebb_error *err);
 void ebb_decided_free(ebb_runtime *rt, ebb_decided *dc); /* without finishing; NULL-safe */
 
+/* Reading off the loop. A host whose store is across a network (PostgreSQL)
+ * has what a command folds read on another thread, with a store handle of its
+ * own, and hands it over just before deciding, so that the thread deciding
+ * never waits for a round trip (or for a server that stopped answering):
+ *   ebb_runtime_wants_preload: 1 when deciding a command on stream would read
+ *     the store (its state is not cached).
+ *   ebb_runtime_preload: the stream's first events (version 1 on, at most
+ *     EBB_PRELOAD_EVENTS), moved into the runtime; complete when they are the
+ *     whole stream (fewer than asked for); and a command id found unknown
+ *     then (NULL: none looked up). Only the next ebb_runtime_decide uses them,
+ *     and only if complete and for its stream; any other drops them.
+ * What was read may be behind by then (another process appended): the
+ * append's version check catches it as it catches a stale cached state, and
+ * the command is decided again on a fresh read. */
+#define EBB_PRELOAD_EVENTS 256
+int ebb_runtime_wants_preload(ebb_runtime *rt, const char *stream);
+int ebb_runtime_preload(ebb_runtime *rt, const char *stream, ebb_event_list *events, int complete,
+                        const char *unknown_command_id);
+
 /* The answer {"stream","version","position","events"} of an append that
  * committed earlier (a repeated command id, an idempotent re-append), read
  * back from the store: its events are at positions first..last (first = 0:

@@ -90,6 +90,13 @@ int ebb_state_cache_take(ebb_state_cache *c, const char *stream, int *ref, int64
   return 0;
 }
 
+int ebb_state_cache_has(const ebb_state_cache *c, const char *stream) {
+  uint64_t h = hash_of(stream);
+  for (const entry *e = c->buckets[h & (c->nbuckets - 1)]; e; e = e->chain)
+    if (e->hash == h && strcmp(e->stream, stream) == 0) return 1;
+  return 0;
+}
+
 void ebb_state_cache_put(ebb_state_cache *c, lua_State *L, const char *stream, int ref,
                          int64_t version, int64_t position) {
   size_t n = strlen(stream);

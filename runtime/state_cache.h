@@ -31,6 +31,8 @@ void ebb_state_cache_free(ebb_state_cache *c, lua_State *L);
  * cache and its reference now belongs to the caller), else 0. */
 int ebb_state_cache_take(ebb_state_cache *c, const char *stream, int *ref, int64_t *version,
                          int64_t *position);
+/* Whether the stream is cached; counts neither a hit nor a miss. */
+int ebb_state_cache_has(const ebb_state_cache *c, const char *stream);
 /* Stores a reference the caller owned (it now belongs to the cache). If the
  * entry cannot be stored it is released in L. */
 void ebb_state_cache_put(ebb_state_cache *c, lua_State *L, const char *stream, int ref,

@@ -4,6 +4,7 @@
 -- across writers, the CLI writes beside running daemons, and `ebb check`
 -- reports the schema. Nothing here runs on the SQLite pass.
 local core = require "ebb.core"
+local json = require "cjson"
 local support = require "support"
 local daemon = require "daemon_support"
 
@@ -182,6 +183,57 @@ describe("several daemons on one PostgreSQL store", function()
     end
     -- a link's handles left open kept the loop, and the daemon, running for ever
     for i, d in ipairs(ds) do assert(d:wait(60), "daemon " .. i .. " did not stop") end
+  end)
+
+  -- A command on a stream the daemon has not cached reads it first. On
+  -- PostgreSQL that read runs on the thread pool: a server that stops
+  -- answering (here: a lock the read waits for) holds up that command only.
+  -- Before, it ran on the loop, and /health, every other request and every
+  -- answer waited with it.
+  it("read a stream they have not cached off the loop: /health answers while that read waits", function()
+    local d = ds[1]
+    local q = support.quote
+    local psql = "env -u LD_PRELOAD PGAPPNAME=ebb-spec-lock psql -q -X " .. q(store)
+    local holder = assert(io.popen(psql .. " -c " ..
+      q("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600)") .. " > /dev/null 2>&1 & echo $!"))
+    local holder_pid = holder:read("l")
+    holder:close()
+    local function sql_value(text)
+      local p = assert(io.popen("env -u LD_PRELOAD psql -At -X " .. q(store) .. " -c " .. q(text)))
+      local v = p:read("a")
+      p:close()
+      return v
+    end
+    local ok, why = pcall(function()
+      support.eventually(function()
+        return tonumber(sql_value("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) " ..
+          "WHERE a.application_name = 'ebb-spec-lock' AND l.mode = 'AccessExclusiveLock' AND l.granted"))
+          == 1
+      end, 60, "the lock on the events table")
+      -- the command, sent; its answer is read once the lock is gone
+      local c = daemon.connect(d, 120)
+      local body = json.encode { aggregate = "bank_account", id = "cold-1", type = "OpenAccount",
+                                 data = { owner = "o" } }
+      assert(c:send("POST /commands HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" ..
+        "Content-Length: " .. #body .. "\r\n\r\n" .. body))
+      -- the read waits on the lock; the loop does not
+      support.eventually(function()
+        return sql_value("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' " ..
+          "AND application_name <> 'ebb-spec-lock'"):match("^[1-9]")
+      end, 60, "the daemon's read to wait for the lock")
+      local status, health = d:get("/health", { timeout = 20 })
+      assert.equal(200, status, "GET /health did not answer while a command's read waited")
+      assert.equal("ok", health.status)
+      -- the lock goes; the command goes on
+      sql_value("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'ebb-spec-lock'")
+      local st, _, text = daemon.read_response(c)
+      c:close()
+      assert.equal(200, st, text)
+      assert.equal(1, json.decode(text).version)
+    end)
+    os.execute("kill " .. holder_pid .. " 2>/dev/null")
+    sql_value("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'ebb-spec-lock'")
+    assert(ok, why)
   end)
 
   it("reports the store and its schema version in ebb check", function()

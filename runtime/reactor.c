@@ -189,9 +189,9 @@ static int commit_works(reactor *r, size_t from, size_t to) {
     for (size_t i = 0; i < w->n_ops; i++) {
       schedop *op = &w->ops[i];
       int rc = op->at_ms < 0
-                   ? ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?",
+                   ? ebb__rdb_run(h, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?",
                                   "tt", r->name, op->key)
-                   : ebb__rdb_run(h->db,
+                   : ebb__rdb_run(h,
                                   "INSERT OR REPLACE INTO reactor_schedules (name, key, fire_at_ms, "
                                   "aggregate, id, type, data, command_id, event_id, created_at, "
                                   "event_position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -201,7 +201,7 @@ static int commit_works(reactor *r, size_t from, size_t to) {
       if (rc != 0) goto fail;
     }
     for (size_t i = 0; i < w->n_rej; i++)
-      if (ebb__rdb_run(h->db,
+      if (ebb__rdb_run(h,
                        "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, "
                        "type, error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        "titttttt", r->name, w->e->position, w->rej[i].command_id,
@@ -690,7 +690,7 @@ int ebb_reactors_start(ebb_reactors **out, const ebb_reactors_options *opt, ebb_
   *out = h;
   return 0;
 fail:
-  if (h->db) sqlite3_close(h->db);
+  if (h->db) ebb__rdb_close(h);
   free(h->reactors_dir);
   free(h->lua_dir);
   free(h);
@@ -719,8 +719,7 @@ void ebb__reactors_maybe_free(ebb_reactors *h) {
     h->list = r->link;
     free_reactor(r);
   }
-  sqlite3_close(h->db);
-  h->db = NULL;
+  ebb__rdb_close(h);
   uv_close((uv_handle_t *)&h->pump, on_handle_closed);
   uv_close((uv_handle_t *)&h->sched_timer, on_handle_closed);
   uv_close((uv_handle_t *)&h->rescan_timer, on_handle_closed);
@@ -860,12 +859,12 @@ int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, 
     char now[EBB_TIME_LEN + 1];
     ebb_clock_format(ebb_clock_now_ms(), now);
     int ok = ebb__rdb_exec(h->db, "BEGIN IMMEDIATE", NULL) == 0 &&
-             ebb__rdb_run(h->db,
+             ebb__rdb_run(h,
                           "INSERT INTO reactor_rejections (name, position, command_id, aggregate, "
                           "id, type, error, at) SELECT name, NULL, command_id, aggregate, id, type, "
                           "?, ? FROM reactor_schedules WHERE name = ? AND key = ?",
                           "tttt", r->fault ? r->fault : "", now, r->name, r->fault_key) == 0 &&
-             ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?", "tt",
+             ebb__rdb_run(h, "DELETE FROM reactor_schedules WHERE name = ? AND key = ?", "tt",
                           r->name, r->fault_key) == 0 &&
              ebb__rdb_exec(h->db, "COMMIT", NULL) == 0;
     if (!ok) {
@@ -877,7 +876,7 @@ int ebb_reactors_control(ebb_reactors *h, const char *name, const char *action, 
   } else if (skip) {
     char now[EBB_TIME_LEN + 1];
     ebb_clock_format(ebb_clock_now_ms(), now);
-    if (ebb__rdb_run(h->db, "INSERT OR IGNORE INTO reactor_skipped (name, position, error, skipped_at) "
+    if (ebb__rdb_run(h, "INSERT OR IGNORE INTO reactor_skipped (name, position, error, skipped_at) "
                        "VALUES (?, ?, ?, ?)",
                 "titt", r->name, r->fault_position, r->fault ? r->fault : "", now) != 0)
       return error_body(out, 500, "storage_error", sqlite3_errmsg(h->db));

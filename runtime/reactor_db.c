@@ -36,9 +36,20 @@ int ebb__rdb_exec(sqlite3 *db, const char *sql, char **msg) {
   return rc == SQLITE_OK ? 0 : -1;
 }
 
-int ebb__rdb_run(sqlite3 *db, const char *sql, const char *types, ...) {
-  sqlite3_stmt *st;
-  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+int ebb__rdb_run(ebb_reactors *h, const char *sql, const char *types, ...) {
+  sqlite3_stmt *st = NULL;
+  int cached = 0;
+  for (size_t i = 0; i < h->n_stmts && !cached; i++)
+    if (h->stmts[i].sql == sql) st = h->stmts[i].st, cached = 1;
+  if (!cached) {
+    if (sqlite3_prepare_v3(h->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+      return -1;
+    if (h->n_stmts < sizeof h->stmts / sizeof h->stmts[0]) {
+      h->stmts[h->n_stmts].sql = sql;
+      h->stmts[h->n_stmts++].st = st;
+      cached = 1;
+    }
+  }
   va_list ap;
   va_start(ap, types);
   for (int i = 0; types[i]; i++) {
@@ -48,14 +59,26 @@ int ebb__rdb_run(sqlite3 *db, const char *sql, const char *types, ...) {
   }
   va_end(ap);
   int rc = sqlite3_step(st);
-  sqlite3_finalize(st);
+  if (cached) {
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+  } else {
+    sqlite3_finalize(st);
+  }
   return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+void ebb__rdb_close(ebb_reactors *h) {
+  for (size_t i = 0; i < h->n_stmts; i++) sqlite3_finalize(h->stmts[i].st);
+  h->n_stmts = 0;
+  sqlite3_close(h->db);
+  h->db = NULL;
 }
 
 int ebb__rdb_write_checkpoint(reactor *r) {
   char now[EBB_TIME_LEN + 1];
   ebb_clock_format(ebb_clock_now_ms(), now);
-  return ebb__rdb_run(r->h->db,
+  return ebb__rdb_run(r->h,
                  "INSERT INTO reactor_checkpoint (name, position, event_position, event_id, "
                  "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET position = "
                  "excluded.position, event_position = excluded.event_position, event_id = "

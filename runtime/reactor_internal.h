@@ -125,6 +125,13 @@ typedef struct firing {
 
 struct ebb_reactors {
   ebb_reactors_options o;
+  /* ebb__rdb_run's prepared statements, by the address of their SQL text (a
+   * literal): the checkpoint is written for every batch of answers. */
+  struct {
+    const char *sql;
+    sqlite3_stmt *st;
+  } stmts[16];
+  size_t n_stmts;
   char *reactors_dir, *lua_dir;
   sqlite3 *db;
   reactor *list;
@@ -184,8 +191,11 @@ int ebb__reactor_l_rejected(lua_State *L);
 /* reactor_db.c */
 int ebb__rdb_open(sqlite3 **db, const char *data_dir, int durability, ebb_error *err);
 int ebb__rdb_exec(sqlite3 *db, const char *sql, char **msg);
-/* One statement with arguments by `types`: 't' text, 'i' int64, 'n' NULL. 0 or -1. */
-int ebb__rdb_run(sqlite3 *db, const char *sql, const char *types, ...);
+/* One statement with arguments by `types`: 't' text, 'i' int64, 'n' NULL. 0 or
+ * -1. sql must be text that outlives h (a literal): it is prepared once. */
+int ebb__rdb_run(ebb_reactors *h, const char *sql, const char *types, ...);
+/* Finalizes those statements and closes h->db. */
+void ebb__rdb_close(ebb_reactors *h);
 int ebb__rdb_write_checkpoint(reactor *r);
 /* Reads the checkpoint and skipped positions: 1 if it has a checkpoint, 0 if
  * not (from 0). */

@@ -66,14 +66,14 @@ static void finish_firing(ebb_reactors *h, firing *fi, reactor *r, const char *r
       "INSERT INTO reactor_rejections (name, position, command_id, aggregate, id, type, error, "
       "at) VALUES (?, NULL, ?, ?, ?, ?, ?, ?)";
   if (ok && refusal)
-    ok = ebb__rdb_run(h->db, record, "ttttttt", fi->name, fi->cmd.command_id, fi->cmd.aggregate,
+    ok = ebb__rdb_run(h, record, "ttttttt", fi->name, fi->cmd.command_id, fi->cmd.aggregate,
                       fi->cmd.id, fi->cmd.type, refusal, now) == 0;
   for (size_t i = 0; ok && i < fi->w.n_rej; i++)
-    ok = ebb__rdb_run(h->db, record, "ttttttt", fi->name, fi->w.rej[i].command_id,
+    ok = ebb__rdb_run(h, record, "ttttttt", fi->name, fi->w.rej[i].command_id,
                       fi->w.rej[i].aggregate, fi->w.rej[i].id, fi->w.rej[i].type,
                       fi->w.rej[i].error, now) == 0;
   if (ok)
-    ok = ebb__rdb_run(h->db, "DELETE FROM reactor_schedules WHERE name = ? AND key = ? AND "
+    ok = ebb__rdb_run(h, "DELETE FROM reactor_schedules WHERE name = ? AND key = ? AND "
                              "command_id = ?",
                       "ttt", fi->name, fi->key, fi->cmd.command_id) == 0;
   if (ok) ok = ebb__rdb_exec(h->db, "COMMIT", NULL) == 0;
@@ -167,7 +167,7 @@ static void on_fired(void *ud, const ebb_error *err) {
                                    err->message);
     }
     /* The row stays: the timer fires it again after a pause. */
-    ebb__rdb_run(h->db, "UPDATE reactor_schedules SET fire_at_ms = ? WHERE name = ? AND key = ?",
+    ebb__rdb_run(h, "UPDATE reactor_schedules SET fire_at_ms = ? WHERE name = ? AND key = ?",
                  "itt", ebb_clock_now_ms() + REFIRE_MS, fi->name, fi->key);
     unlink_firing(h, fi);
     ebb__firing_free(fi);

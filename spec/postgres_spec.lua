@@ -13,19 +13,24 @@ if support.store_kind ~= "postgres" then
   return
 end
 
+-- Two daemons on a new store, started with args: the store, the daemons,
+-- and the directories to remove (the store's first, then the daemons').
+local function start_two(args)
+  local dirs = { support.tmpdir() }
+  local store = support.store_for(dirs[1])
+  local ds = {}
+  for i = 1, 2 do
+    ds[i] = daemon.start { store = store, args = args }
+    dirs[#dirs + 1] = ds[i].data
+    assert.is_not_nil(ds[i].url, "daemon " .. i .. " did not start: " .. ds[i]:logs())
+  end
+  return store, ds, dirs
+end
+
 describe("several daemons on one PostgreSQL store", function()
   local store, ds, dirs
 
-  before_each(function()
-    dirs = { support.tmpdir() }
-    store = support.store_for(dirs[1])
-    ds = {}
-    for i = 1, 2 do
-      ds[i] = daemon.start { store = store }
-      dirs[#dirs + 1] = ds[i].data
-      assert.is_not_nil(ds[i].url, "daemon " .. i .. " did not start: " .. ds[i]:logs())
-    end
-  end)
+  before_each(function() store, ds, dirs = start_two() end)
 
   after_each(function()
     for _, d in ipairs(ds) do d:stop() end
@@ -505,14 +510,7 @@ describe("publishing to NATS with several daemons on one PostgreSQL store", func
 
   before_each(function()
     n = ns.new()
-    dirs = { support.tmpdir() }
-    local store = support.store_for(dirs[1])
-    ds = {}
-    for i = 1, 2 do
-      ds[i] = daemon.start { store = store, args = { "--nats", n.url } }
-      dirs[#dirs + 1] = ds[i].data
-      assert.is_not_nil(ds[i].url, "daemon " .. i .. " did not start: " .. ds[i]:logs())
-    end
+    _, ds, dirs = start_two { "--nats", n.url }
   end)
 
   after_each(function()

@@ -161,7 +161,7 @@ typedef struct job {
   ebb_reactor_issued done;   /* a command a reactor issued: told instead of a client */
   void *done_ud;
   /* a command's stream read off the loop (see prefetch) */
-  int prefetched, pre_ready;
+  int prefetched, pre_ready, pre_final;
   uv_work_t work;
   ebb_event_list pre;
   int pre_complete, pre_unknown_id;
@@ -549,7 +549,10 @@ static int job_finish(job *j) {
   ebb_decided *dc = j->dc;
   j->dc = NULL;
   int rc = ebb_runtime_finish(d->rt, dc, &result, &err);
-  if (rc == EBB_RETRY) return 0;
+  if (rc == EBB_RETRY) { /* decided on stale state: read again (off the loop on PostgreSQL) */
+    j->prefetched = 0;
+    return 0;
+  }
   if (rc != 0) {
     job_end(j, 0, NULL, 0, &err);
     return 1;
@@ -601,8 +604,9 @@ static int prefetch(job *j) {
       !ebb_runtime_wants_preload(d->rt, j->stream))
     return 0;
   j->prefetched = 1;
-  ebb_event_list_init(&j->pre);
-  ebb_error_init(&j->pre_err);
+  ebb_event_list_clear(&j->pre); /* the list the runtime gave back, or an empty one */
+  ebb_error_clear(&j->pre_err);
+  j->pre_unknown_id = 0;
   j->work.data = j;
   uv_queue_work(&d->loop, &j->work, prefetch_work, prefetch_done);
   return 1;
@@ -617,7 +621,7 @@ static int preloaded(job *j) {
     job_end(j, 0, NULL, 0, &err);
     return 1;
   }
-  if (ebb_runtime_preload(j->d->rt, j->stream, &j->pre, j->pre_complete,
+  if (ebb_runtime_preload(j->d->rt, j->stream, &j->pre, j->pre_complete, j->pre_final,
                           j->pre_unknown_id ? j->cmd.command_id : NULL) != 0)
     ebb_event_list_clear(&j->pre); /* out of memory: deciding reads the stream itself */
   return 0;
@@ -645,7 +649,14 @@ static int job_start(job *j) {
   }
   for (;;) {
     char *result = NULL;
-    if (ebb_runtime_decide(d->rt, &j->cmd, &j->dc, &result, &err) != 0) {
+    int rc = ebb_runtime_decide(d->rt, &j->cmd, &j->dc, &result, &err);
+    if (rc == EBB_RETRY) { /* what prefetch read was behind: read again, once */
+      j->prefetched = 0;
+      j->pre_final = 1;
+      if (prefetch(j)) return 0;
+      continue;
+    }
+    if (rc != 0) {
       job_end(j, 0, NULL, 0, &err);
       return 1;
     }
@@ -659,6 +670,7 @@ static int job_start(job *j) {
       return 0;
     }
     if (job_finish(j)) return 1;
+    if (prefetch(j)) return 0;
   }
 }
 

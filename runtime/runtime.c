@@ -68,7 +68,7 @@ struct ebb_runtime {
   size_t n_spare;
   ebb_buf problems; /* what loading the modules found, one line each */
   struct {                      /* see ebb_runtime_preload */
-    int set, complete;
+    int set, complete, final;
     char stream[EBB_MAX_NAME + 1];
     ebb_event_list events;
     char *unknown_command_id;
@@ -1112,6 +1112,7 @@ typedef struct decision {
   int state_ref;               /* the folded (and, after a command, evolved) state */
   int from_cache;              /* a command decided on cached state, not re-read */
   int preloaded;               /* ... or on events read before, elsewhere (ebb_runtime_preload) */
+  int preload_final;           /* ... and read again after those were behind */
   int64_t until_version;       /* a state query as of this version (-1: the latest) */
   const char *until_time;      /* ... or as of this canonical RFC 3339 time (NULL: now) */
   int deleted;                 /* the fold ended on a tombstone */
@@ -1543,6 +1544,7 @@ static int take_preload(decision *d) {
   ebb_event_list t = d->chunk;
   d->chunk = rt->preload.events;
   rt->preload.events = t;
+  d->preload_final = rt->preload.final;
   preload_drop(rt);
   d->preloaded = 1;
   return 1;
@@ -1982,7 +1984,7 @@ int ebb_runtime_wants_preload(ebb_runtime *rt, const char *stream) {
 }
 
 int ebb_runtime_preload(ebb_runtime *rt, const char *stream, ebb_event_list *events, int complete,
-                        const char *unknown_command_id) {
+                        int final, const char *unknown_command_id) {
   preload_drop(rt);
   if (strlen(stream) > EBB_MAX_NAME) return 0;
   char *id = NULL;
@@ -1992,6 +1994,7 @@ int ebb_runtime_preload(ebb_runtime *rt, const char *stream, ebb_event_list *eve
   rt->preload.events = *events;
   *events = t;
   rt->preload.complete = complete;
+  rt->preload.final = final;
   rt->preload.unknown_command_id = id;
   rt->preload.set = 1;
   return 0;
@@ -2056,9 +2059,15 @@ static int decide_command(ebb_runtime *rt, const ebb_command *cmd, ebb_decided *
   d->cmd = cmd;
   while (decide(rt, d) != 0) {
     int code = d->err.code;
-    if (code == EBB_EVERSION && (d->from_cache || d->preloaded)) {
-      /* The expected version may be right and the cache (or the events read
-       * before) behind: its entry is gone, so deciding again reads the stream. */
+    if (code == EBB_EVERSION && d->preloaded && !d->preload_final) {
+      /* The expected version may be right and the events read before behind:
+       * the host reads them again (off this thread) and decides again. */
+      decided_release(rt, dc);
+      return EBB_RETRY;
+    }
+    if (code == EBB_EVERSION && d->from_cache) {
+      /* The expected version may be right and the cache behind: its entry
+       * is gone, so deciding again reads the stream. */
       decision_free(d);
       decision_init(d, rt, cmd->aggregate, cmd->id);
       d->cmd = cmd;

@@ -101,12 +101,16 @@ void ebb_decided_free(ebb_runtime *rt, ebb_decided *dc); /* without finishing; N
  *     then (NULL: none looked up). Only the next ebb_runtime_decide uses them,
  *     and only if complete and for its stream; any other drops them.
  * What was read may be behind by then (another process appended): the
- * append's version check catches it as it catches a stale cached state, and
- * the command is decided again on a fresh read. */
+ * append's version check catches it as it catches a stale cached state
+ * (ebb_runtime_finish: EBB_RETRY). When the command's own expected_version
+ * does not match what was read, ebb_runtime_decide returns EBB_RETRY with
+ * nothing pending: read again and preload that with final set, which the
+ * next decision trusts as it trusts a read of its own (a mismatch is then
+ * the command's: 409). */
 #define EBB_PRELOAD_EVENTS 256
 int ebb_runtime_wants_preload(ebb_runtime *rt, const char *stream);
 int ebb_runtime_preload(ebb_runtime *rt, const char *stream, ebb_event_list *events, int complete,
-                        const char *unknown_command_id);
+                        int final, const char *unknown_command_id);
 
 /* The answer {"stream","version","position","events"} of an append that
  * committed earlier (a repeated command id, an idempotent re-append), read

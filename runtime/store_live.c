@@ -101,6 +101,7 @@ static void broke(side *s, const ebb_error *err) {
 }
 
 static void on_timer(uv_timer_t *t);
+static void on_retry(uv_timer_t *t);
 
 static void schedule(side *s) {
   uv_timer_start(&s->timer, on_timer, s->backoff_ms, 0);
@@ -138,6 +139,7 @@ static void step(side *s) {
     l->wakeups++;
     if (l->opt.on_head) l->opt.on_head(l->opt.ud, news.head);
   }
+  if (news.retry_ms > 0) uv_timer_start(&s->timer, on_retry, (uint64_t)news.retry_ms, 0);
   if (news.leader && !l->is_leader) {
     l->is_leader = 1;
     ebb_log(EBB_LOG_INFO, "leader lock taken: this daemon is the leader", NULL);
@@ -166,6 +168,21 @@ static void connect_side(side *s) {
 
 static void on_timer(uv_timer_t *t) {
   connect_side(t->data);
+}
+
+/* The leader lock was held elsewhere: ask again. */
+static void on_retry(uv_timer_t *t) {
+  side *s = t->data;
+  if (s->owner->stopping) return;
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_store_link_retry(s->link, &err) != 0) {
+    broke(s, &err);
+    schedule(s);
+  } else {
+    sync_poll(s);
+  }
+  ebb_error_clear(&err);
 }
 
 static int init_side(ebb_live *l, side *s, int kind, ebb_error *err) {

@@ -181,6 +181,39 @@ describe("several daemons on one PostgreSQL store", function()
     assert.matches("\nebb_leader 1\n", metrics)
   end)
 
+  -- The daemon that is not the leader asks for the leader lock again and
+  -- again; it must not wait for it inside a statement. A statement holds a
+  -- snapshot while it waits, which keeps VACUUM (and the pruning of a page
+  -- as it is read) from removing any row version deleted since, in every
+  -- table of the cluster: the position counter's row, updated at every
+  -- commit, then piled up dead versions that every append and every head
+  -- read walked through, slower with each commit, and the two daemons
+  -- together ran at half the speed of one.
+  it("keep no snapshot open while one waits for the leader lock: old row versions can be removed", function()
+    local function sql_value(text)
+      local p = assert(io.popen("env -u LD_PRELOAD psql -At -X " .. support.quote(store) .. " -c " ..
+                                support.quote(text) .. " 2>&1"))
+      local v = p:read("a")
+      p:close()
+      return v
+    end
+    support.eventually(function()
+      local n = 0
+      for _, d in ipairs(ds) do
+        local status, h = d:get("/health")
+        if status == 200 and h.leader then n = n + 1 end
+      end
+      return n == 1
+    end, 60, "one daemon to take the leader lock")
+    for i = 1, 40 do
+      assert.equal(200, (ds[i % 2 + 1]:post("/streams/Vac-" .. i, { events = { { type = "Noted", data = {} } } })))
+    end
+    local out = sql_value("VACUUM (VERBOSE) ebb_head")
+    local dead = tonumber(out:match("(%d+) are dead but not yet removable"))
+    assert.is_number(dead, out)
+    assert.equal(0, dead, out)
+  end)
+
   it("stop on SIGTERM with their store links open", function()
     for _, d in ipairs(ds) do
       support.eventually(function() return d:get("/health") == 200 end, 60, "the daemon to answer")

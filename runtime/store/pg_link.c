@@ -13,15 +13,17 @@
  * and a reader never trusts a number it was sent. After a reconnect the first
  * head read covers whatever was committed while the link was down.
  *
- * Leader: `pg_advisory_lock` on the link's own connection, sent without
- * waiting for it: the server answers when the lock is granted, so a standby
- * takes over as soon as the holder's session ends (its process died or its
- * connection broke), with no retry timer. The lock's key is a constant and
- * the schema's hash, so stores in other schemas elect their own leaders.
- * client_connection_check_interval makes a waiting session notice that its
- * client went away, so a dead standby is never granted the lock. Keepalives
- * (unless the URI sets its own) detect a server that vanished without
- * closing the connection.
+ * Leader: `pg_try_advisory_lock` on the link's own connection, asked again
+ * every LEADER_RETRY_MS while another session holds it (news.retry_ms), so a
+ * standby takes over within that pause once the holder's session ends (its
+ * process died or its connection broke). It never waits for the lock inside
+ * a statement (pg_advisory_lock): a statement keeps its snapshot while it
+ * waits, and for as long as a standby waited, no row version deleted in the
+ * whole cluster could be removed, the position counter's among them, whose
+ * dead versions every append then walked through. The lock's key is a
+ * constant and the schema's hash, so stores in other schemas elect their own
+ * leaders. Keepalives (unless the URI sets its own) detect a server that
+ * vanished without closing the connection.
  */
 #include "store_backend.h"
 
@@ -32,6 +34,8 @@
 
 /* pg_advisory_lock's first key: "ebbl" in ASCII. */
 #define LEADER_KEY "1700946540"
+#define LEADER_RETRY_MS 500
+#define TRY_LOCK "SELECT pg_try_advisory_lock(" LEADER_KEY ", hashtext(current_schema()))"
 
 enum { DOWN, CONNECTING, QUERY, IDLE };
 
@@ -44,6 +48,7 @@ typedef struct pg_link {
   int wants;          /* EBB_LINK_READ / EBB_LINK_WRITE */
   int again;          /* watch: a wake-up came while a head read was running */
   int leader;         /* the lock is held */
+  int refused;        /* leader: the last try found the lock held elsewhere */
   char schema[256];   /* watch: the payload that concerns this store */
 } pg_link;
 
@@ -59,6 +64,7 @@ static void drop(pg_link *l) {
   l->wants = 0;
   l->again = 0;
   l->leader = 0;
+  l->refused = 0;
 }
 
 /* The link broke: why, and down it goes. */
@@ -128,11 +134,7 @@ static int connected(pg_link *l, ebb_error *err) {
                 "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; SELECT current_schema(), "
                 "(SELECT position FROM ebb_head WHERE id = 1)",
                 err);
-  return send(l,
-              "SELECT set_config('client_connection_check_interval', '1000', false) "
-              "WHERE current_setting('server_version_num')::int >= 140000; "
-              "SELECT pg_advisory_lock(" LEADER_KEY ", hashtext(current_schema()))",
-              err);
+  return send(l, TRY_LOCK, err);
 }
 
 /* One result of the query in flight. */
@@ -144,9 +146,11 @@ static int take(pg_link *l, PGresult *res, ebb_store_link_news *news, ebb_error 
                 res);
   if (st == PGRES_TUPLES_OK && PQntuples(res) > 0) {
     if (l->kind == EBB_LINK_LEADER) {
-      if (PQnfields(res) == 1 && strcmp(PQfname(res, 0), "pg_advisory_lock") == 0) {
+      if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
         l->leader = 1;
         news->leader = 1;
+      } else {
+        l->refused = 1;
       }
     } else {
       int col = PQnfields(res) - 1;
@@ -191,6 +195,10 @@ static int link_step(ebb_store_link *base, ebb_store_link_news *news, ebb_error 
     if (l->kind == EBB_LINK_WATCH && strcmp(n->extra, l->schema) == 0) l->again = 1;
     PQfreemem(n);
   }
+  if (l->state == IDLE && l->refused) {
+    l->refused = 0;
+    news->retry_ms = LEADER_RETRY_MS;
+  }
   if (l->state == IDLE && l->again) {
     l->again = 0;
     if (send(l, "SELECT position FROM ebb_head WHERE id = 1", err)) return err->code;
@@ -198,6 +206,12 @@ static int link_step(ebb_store_link *base, ebb_store_link_news *news, ebb_error 
   if (PQstatus(l->conn) != CONNECTION_OK)
     return fail(l, err, "the PostgreSQL store connection broke", NULL);
   return 0;
+}
+
+static int link_retry(ebb_store_link *base, ebb_error *err) {
+  pg_link *l = (pg_link *)base;
+  if (l->kind != EBB_LINK_LEADER || l->state != IDLE || l->leader) return 0;
+  return send(l, TRY_LOCK, err);
 }
 
 static void link_free(ebb_store_link *base) {
@@ -213,6 +227,7 @@ static const ebb_store_link_vtable pg_link_vtable = {
     .wants = link_wants,
     .up = link_up,
     .step = link_step,
+    .retry = link_retry,
     .free = link_free,
 };
 

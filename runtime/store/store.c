@@ -203,7 +203,12 @@ int ebb_store_link_up(const ebb_store_link *l) {
 int ebb_store_link_step(ebb_store_link *l, ebb_store_link_news *news, ebb_error *err) {
   news->head = -1;
   news->leader = 0;
+  news->retry_ms = 0;
   return l->vt->step(l, news, err);
+}
+
+int ebb_store_link_retry(ebb_store_link *l, ebb_error *err) {
+  return l->vt->retry(l, err);
 }
 
 void ebb_store_link_free(ebb_store_link *l) {

@@ -310,10 +310,10 @@ int ebb_store_snapshot_delete(ebb_store *s, const char *stream, const char *fing
  *     transaction notifies on commit) and reads the head after each wake-up
  *     and after every (re)connect: a wake-up, never the data itself, so a
  *     notification lost while disconnected costs nothing.
- *   EBB_LINK_LEADER: waits for the store's leader lock (a session advisory
- *     lock) and holds it while the link lives; whoever holds it runs the
- *     singleton work. A process that dies, or whose link breaks, loses it
- *     and another waiting link gets it. */
+ *   EBB_LINK_LEADER: asks for the store's leader lock (a session advisory
+ *     lock) until it gets it, and holds it while the link lives; whoever
+ *     holds it runs the singleton work. A process that dies, or whose link
+ *     breaks, loses it, and another link gets it at its next try. */
 typedef struct ebb_store_link ebb_store_link;
 enum ebb_store_link_kind { EBB_LINK_WATCH = 0, EBB_LINK_LEADER = 1 };
 enum { EBB_LINK_READ = 1, EBB_LINK_WRITE = 2 };
@@ -321,6 +321,8 @@ enum { EBB_LINK_READ = 1, EBB_LINK_WRITE = 2 };
 typedef struct ebb_store_link_news {
   int64_t head;   /* the store's head read just now; -1: none read in this step */
   int leader;     /* LEADER links: 1 once the lock was granted in this step */
+  int retry_ms;   /* LEADER links: > 0: the lock is held elsewhere; call
+                   * ebb_store_link_retry after this many milliseconds */
 } ebb_store_link_news;
 
 /* A link of `kind` to the store `uri` names; *out is NULL (and 0 returned)
@@ -339,6 +341,8 @@ int ebb_store_link_up(const ebb_store_link *l);
  * connection failed or broke (err says why): the link is down (a leader lost
  * the lock), and start must be called again, after a pause. */
 int ebb_store_link_step(ebb_store_link *l, ebb_store_link_news *news, ebb_error *err);
+/* Asks again for the leader lock, as a step's news.retry_ms said to. */
+int ebb_store_link_retry(ebb_store_link *l, ebb_error *err);
 void ebb_store_link_free(ebb_store_link *l); /* NULL-safe */
 
 /* The store's category of a stream: the text before its first '-' (all of it without one). */

@@ -27,6 +27,7 @@ typedef struct ebb_store_link_vtable {
   int (*wants)(const ebb_store_link *);
   int (*up)(const ebb_store_link *);
   int (*step)(ebb_store_link *, ebb_store_link_news *news, ebb_error *err);
+  int (*retry)(ebb_store_link *, ebb_error *err);
   void (*free)(ebb_store_link *);
 } ebb_store_link_vtable;
 struct ebb_store_link {

@@ -404,6 +404,133 @@ describe("export from SQLite, import into PostgreSQL", function()
   end)
 end)
 
+-- An append reads what deciding it needs without the position lock, and
+-- takes the lock only in its commit's round trip (so another writer reads
+-- and decides while one commits). Here another writer (a psql session) holds
+-- the lock with a write of its own while the daemon's append reads: the
+-- append waits at the lock with what it read now behind, and must still give
+-- the answer the locked path would.
+describe("an append on PostgreSQL while another writer holds the position lock", function()
+  local dir, store, d
+  local q = support.quote
+
+  before_each(function()
+    dir = support.tmpdir()
+    store = support.store_for(dir)
+    d = daemon.start { store = store }
+    assert.is_not_nil(d.url, "the daemon did not start: " .. d:logs())
+  end)
+
+  after_each(function()
+    d:stop()
+    support.rmdir(dir)
+  end)
+
+  local function sql_value(text)
+    local p = assert(io.popen("env -u LD_PRELOAD psql -At -X " .. q(store) .. " -c " .. q(text)))
+    local v = p:read("a")
+    p:close()
+    return (v:gsub("%s+$", ""))
+  end
+
+  -- A session that takes the lock and writes event `id` into `stream`, and
+  -- keeps its transaction open until commit() is called.
+  local function intruder(stream, id)
+    local p = assert(io.popen("env -u LD_PRELOAD PGAPPNAME=ebb-spec-intruder psql -q -X -v ON_ERROR_STOP=1 " ..
+      q(store) .. " > /dev/null 2>&1", "w"))
+    p:write("BEGIN;\nUPDATE ebb_head SET position = position + 1 WHERE id = 1;\n" ..
+      "INSERT INTO events (position, stream, version, id, type, schema, data, metadata, recorded_at, category) " ..
+      "SELECT h.position, " .. "'" .. stream .. "', coalesce((SELECT max(version) FROM events WHERE stream = '" ..
+      stream .. "'), 0) + 1, '" .. id .. "', 'Intruded', 1, '{}', '{}', '2026-12-03T00:00:00.000Z', '" ..
+      stream:match("^[^-]*") .. "' FROM ebb_head h WHERE h.id = 1;\n")
+    p:flush()
+    support.eventually(function()
+      return sql_value("SELECT state FROM pg_stat_activity WHERE application_name = 'ebb-spec-intruder'")
+        == "idle in transaction"
+    end, 60, "the other writer to hold the lock")
+    return function()
+      p:write("COMMIT;\n")
+      p:close()
+    end
+  end
+
+  -- Sends body to path and waits until the daemon's commit waits for the lock.
+  local function send_and_wait(path, body)
+    local c = daemon.connect(d, 120)
+    local text = json.encode(body)
+    assert(c:send("POST " .. path .. " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" ..
+      "Content-Length: " .. #text .. "\r\n\r\n" .. text))
+    support.eventually(function()
+      return sql_value("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' " ..
+        "AND application_name <> 'ebb-spec-intruder' AND query LIKE 'WITH u AS (UPDATE ebb_head%'") == "1"
+    end, 60, "the daemon's commit to wait for the lock")
+    return c
+  end
+
+  local function answer(c)
+    local status, _, text = daemon.read_response(c)
+    c:close()
+    return status, json.decode(text)
+  end
+
+  it("places its events after the other writer's, and answers where they are", function()
+    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
+    local commit = intruder("Other-1", "other-1")
+    local c = send_and_wait("/commands", { aggregate = "BankAccount", id = "race-2", type = "OpenAccount",
+                                            data = { owner = "o" }, command_id = "race-cmd" })
+    commit()
+    local status, r = answer(c)
+    assert.equal(200, status)
+    -- position 2 is the other writer's; the append's events come after it
+    assert.equal(3, r.position)
+    assert.equal(3, r.events[1].position)
+    assert.equal("1|Race-1|r1\n2|Other-1|other-1\n3|BankAccount-race-2|" .. r.events[1].id,
+                 sql_value("SELECT string_agg(position || '|' || stream || '|' || id, E'\\n' ORDER BY position) FROM events"))
+    assert.equal("3", sql_value("SELECT position FROM ebb_head"))
+    -- the command's record names the same positions
+    assert.equal("3|3", sql_value("SELECT first_position || '|' || last_position FROM commands " ..
+                                  "WHERE command_id = 'race-cmd'"))
+  end)
+
+  it("finds the stream it read moved: a wrong expected version is refused with the version now", function()
+    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
+    local commit = intruder("Race-1", "intruder-2")
+    local c = send_and_wait("/streams/Race-1", { expected_version = 1,
+                                                 events = { { id = "r2", type = "Noted", data = {} } } })
+    commit()
+    local status, r = answer(c)
+    assert.equal(409, status)
+    assert.same({ "wrong_expected_version", 1, 2 }, { r.error.code, r.error.expected, r.error.actual })
+    assert.equal("0", sql_value("SELECT count(*) FROM events WHERE id = 'r2'"))
+    assert.equal("2", sql_value("SELECT position FROM ebb_head"))
+  end)
+
+  it("finds the stream it read moved: an append at any version goes after the other writer's", function()
+    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
+    local commit = intruder("Race-1", "intruder-2")
+    local c = send_and_wait("/streams/Race-1", { events = { { id = "r3", type = "Noted", data = {} } } })
+    commit()
+    local status, r = answer(c)
+    assert.equal(200, status)
+    assert.same({ 3, 3 }, { r.version, r.position })
+    assert.equal("1|r1\n2|intruder-2\n3|r3",
+                 sql_value("SELECT string_agg(version || '|' || id, E'\\n' ORDER BY version) FROM events " ..
+                           "WHERE stream = 'Race-1'"))
+  end)
+
+  it("finds the event id it sends stored meanwhile: answered as the idempotent re-send it is", function()
+    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
+    local commit = intruder("Race-1", "same-id")
+    local c = send_and_wait("/streams/Race-1", { expected_version = 1,
+                                                 events = { { id = "same-id", type = "Intruded", data = {} } } })
+    commit()
+    local status, r = answer(c)
+    assert.equal(200, status)
+    assert.same({ 2, 2 }, { r.version, r.position })
+    assert.equal("1", sql_value("SELECT count(*) FROM events WHERE id = 'same-id'"))
+  end)
+end)
+
 describe("the PostgreSQL store", function()
   it("refuses a server that does not answer with a clear error", function()
     local r, msg, code = core.open { data = support.tmpdir(), store = "postgresql://ebb@127.0.0.1:1/ebb",

@@ -16,12 +16,22 @@
 #include "store_backend.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "clock.h"
 
-/* How a request ended. */
-enum { WROTE, ANSWERED, FAILED, LOST };
+/* How a request ended. STALE: read without the lock, what it saw cannot
+ * decide it (see begin_unlocked): the batch is decided again, locked. */
+enum { WROTE, ANSWERED, FAILED, LOST, STALE };
+
+/* A stream's version read without the lock may be behind, never ahead, and a
+ * tombstone stays: is a mismatch with what was read a mismatch now too? */
+static int surely_mismatched(int64_t expected, int64_t seen) {
+  if (expected == EBB_EXPECT_NO_STREAM) return seen > 0;
+  if (expected >= 0) return seen > expected;
+  return 0; /* exists, with nothing seen: the stream may exist by now */
+}
 
 static int version_error(ebb_append *r, int64_t actual) {
   char buf[24];
@@ -100,9 +110,13 @@ static int answer_command(ebb_append *r, const ebb_command_record *rec) {
 
 /* Decides one request inside the open transaction and writes it when it is
  * accepted, its events taking the positions after *head. own_savepoint: the
- * batch has other requests, so a failed write must be undone alone. */
+ * batch has other requests, so a failed write must be undone alone.
+ * unlocked: the batch was read by begin_unlocked. Stored command records and
+ * event places never change, so answers from them stand; a write of events
+ * is checked by the commit (its version or ids clash); everything else that
+ * depends on a stream's version being current is STALE. */
 static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64_t *head,
-                  const char *now, int own_savepoint, ebb_error *txerr) {
+                  const char *now, int own_savepoint, int unlocked, ebb_error *txerr) {
   if (r->command_id) {
     ebb_command_record rec;
     rec.rejection = NULL;
@@ -131,9 +145,12 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
   if (!ebb_expected_matches(r->expected, st.version)) {
     int rc = r->n ? find_resend(ops, s, r) : 0;
     if (rc != 0) return rc > 0 ? ANSWERED : FAILED;
+    if (unlocked && !surely_mismatched(r->expected, st.version)) return STALE;
     version_error(r, st.version);
     return FAILED;
   }
+  /* Nothing of it would clash at the commit if the stream moved meanwhile. */
+  if (unlocked && r->n == 0) return STALE;
   r->result.first_version = r->n ? st.version + 1 : st.version;
   r->result.version = st.version + (int64_t)r->n;
   if (r->n) {
@@ -166,21 +183,39 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
   return rc > 0 ? ANSWERED : FAILED;
 }
 
+/* Positions past start (given by this batch) move by moved (see commit). */
+static void move_results(ebb_append *reqs, size_t n, int64_t start, int64_t moved) {
+  for (size_t i = 0; i < n; i++) {
+    ebb_append_result *res = &reqs[i].result;
+    if (reqs[i].err.code) continue;
+    if (res->first_position > start) res->first_position += moved;
+    if (res->position > start) res->position += moved;
+  }
+}
+
 int ebb__append_run(ebb_store *s, ebb_append *reqs, size_t n, int atomic, ebb_error *err) {
   const ebb__append_ops *ops = s->vt->append;
   char now[EBB_TIME_LEN + 1];
   ebb_clock_format(ebb_clock_now_ms(), now);
   ebb_error txerr;
   ebb_error_init(&txerr);
-  int64_t head = 0;
+  /* The requests refused by store.c's checks, to tell them apart when a
+   * batch read without the lock is decided again. */
+  unsigned char *refused = ops->begin_unlocked ? malloc(n ? n : 1) : NULL;
+  int unlocked = refused != NULL;
+  for (size_t i = 0; unlocked && i < n; i++) refused[i] = reqs[i].err.code != 0;
+again:;
+  int64_t head = 0, start = 0, moved = 0;
   size_t failed = 0;
   int wrote = 0;
-  if (ops->begin(s, reqs, n, &head, &txerr)) goto fail;
+  if ((unlocked ? ops->begin_unlocked : ops->begin)(s, reqs, n, &head, &txerr)) goto fail;
+  start = head;
   for (size_t i = 0; i < n; i++) {
     ebb_append *r = &reqs[i];
     if (r->err.code == 0) { /* else refused by the checks in store.c */
-      int how = decide(ops, s, r, &head, now, n > 1, &txerr);
+      int how = decide(ops, s, r, &head, now, n > 1, unlocked, &txerr);
       if (how == LOST) goto fail;
+      if (how == STALE) goto locked;
       if (how == WROTE) wrote = 1;
       if (how != FAILED) continue;
     }
@@ -198,12 +233,27 @@ int ebb__append_run(ebb_store *s, ebb_append *reqs, size_t n, int atomic, ebb_er
   /* Nothing new (all failed or were answered): write nothing, release the lock. */
   if (!wrote) {
     ops->rollback(s);
-    return 0;
+    goto done;
   }
-  if (ops->commit(s, head, &txerr)) goto fail;
+  int rc = ops->commit(s, head, &moved, &txerr);
+  if (rc == EBB__STALE && unlocked) goto locked;
+  if (rc) goto fail;
+  move_results(reqs, n, start, moved);
+done:
+  free(refused);
   return 0;
+locked:
+  ops->rollback(s);
+  ebb_error_clear(&txerr);
+  for (size_t i = 0; i < n; i++) {
+    memset(&reqs[i].result, 0, sizeof reqs[i].result);
+    if (!refused[i]) ebb_error_clear(&reqs[i].err);
+  }
+  unlocked = 0;
+  goto again;
 undo_all:
   ops->rollback(s);
+  free(refused);
   for (size_t i = 0; i < n; i++) {
     memset(&reqs[i].result, 0, sizeof reqs[i].result);
     if (i == failed) continue;
@@ -214,6 +264,7 @@ undo_all:
   return reqs[failed].err.code;
 fail:
   ops->rollback(s);
+  free(refused);
   for (size_t i = 0; i < n; i++) {
     memset(&reqs[i].result, 0, sizeof reqs[i].result);
     ebb_error_clear(&reqs[i].err);

@@ -4,14 +4,16 @@
  * event store; what an append decides is append.c's, the same for SQLite.
  *
  * Global order: `ebb_head` is a one-row counter holding the last position.
- * Every append transaction first locks that row (SELECT ... FOR UPDATE),
- * numbers its events from it, sets it to the last position used and commits,
- * releasing the lock. Writers are therefore serialized on one lock, taken once
- * per append call (one group-commit batch), and a transaction that got
- * positions 11..12 is visible before the one that gets 13 can even start
- * numbering: commit order equals position order and there are no gaps (a
- * request that fails inside the batch hands its positions back before the
- * counter is written). No sequences, timers or high-water marks.
+ * Every append transaction locks that row, numbers its events from it, sets
+ * it to the last position used and commits, releasing the lock. Writers are
+ * therefore serialized on one lock, taken once per append call (one
+ * group-commit batch), and a transaction that got positions 11..12 is
+ * visible before the one that gets 13 can even start numbering: commit order
+ * equals position order and there are no gaps (a request that fails inside
+ * the batch hands its positions back before the counter is written). No
+ * sequences, timers or high-water marks. The lock is taken in the commit's
+ * round trip, not before the batch is read (read_batch, tx_commit): one
+ * writer reads and decides while another commits.
  *
  * Data, metadata and names are kept in text columns (never jsonb), so their
  * bytes come back exactly as stored; names and times use the "C" collation so
@@ -122,6 +124,9 @@ enum {
   S_FIND_COMMANDS,
   S_INSERT_MANY,
   S_INSERT_COMMANDS,
+  S_CLAIM,
+  S_INSERT_MANY_MOVED,
+  S_INSERT_COMMANDS_MOVED,
   S_LIST_STREAMS,
   S_READ_CORRELATION,
   S_READ_CAUSATION,
@@ -183,6 +188,30 @@ static const char *const statements[S_COUNT] = {
                           "last_position, recorded_at, rejection) SELECT * FROM unnest($1::text[], "
                           "$2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
                           "$7::text[], $8::text[])",
+    /* The commit of a batch read without the lock (see "batches" below):
+     * the lock and the batch's positions, then its rows placed after the
+     * head found there. $11 / $10: the head the batch was numbered up to,
+     * so the head row minus it is how far others moved it meanwhile; $9:
+     * where the batch's numbering started (positions at or below it are
+     * stored ones, which a command record may name). */
+    [S_CLAIM] = "WITH u AS (UPDATE ebb_head SET position = position + $1::bigint WHERE id = 1 "
+                "RETURNING position) SELECT u.position - $1::bigint, pg_notify('" EBB__PG_CHANNEL
+                "', current_schema()) FROM u",
+    [S_INSERT_MANY_MOVED] = "INSERT INTO events (position, stream, version, id, type, schema, "
+                            "data, metadata, recorded_at, category) SELECT e.p + h.position - "
+                            "$11::bigint, e.s, e.v, e.i, e.t, e.sc, e.d, e.m, e.r, e.c FROM "
+                            "unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
+                            "$5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[], "
+                            "$10::text[]) AS e(p, s, v, i, t, sc, d, m, r, c), ebb_head h "
+                            "WHERE h.id = 1",
+    [S_INSERT_COMMANDS_MOVED] = "INSERT INTO commands (command_id, stream, type, version, "
+                                "first_position, last_position, recorded_at, rejection) SELECT "
+                                "c.i, c.s, c.t, c.v, CASE WHEN c.f > $9::bigint THEN c.f + "
+                                "h.position - $10::bigint ELSE c.f END, CASE WHEN c.l > $9::bigint "
+                                "THEN c.l + h.position - $10::bigint ELSE c.l END, c.r, c.x FROM "
+                                "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
+                                "$5::bigint[], $6::bigint[], $7::text[], $8::text[]) AS "
+                                "c(i, s, t, v, f, l, r, x), ebb_head h WHERE h.id = 1",
     [S_LIST_STREAMS] = "SELECT p.stream, p.v, p.fp, p.lp, e.recorded_at, e.type FROM "
                        "(SELECT stream, max(version) AS v, min(position) AS fp, "
                        "max(position) AS lp FROM events WHERE stream > $1::text AND stream >= $2::text "
@@ -205,12 +234,13 @@ typedef struct pg_store {
   PGconn *conn;
   int durability, readonly;
   int ready; /* this connection has its settings and prepared statements */
+  char state[6]; /* the SQLSTATE of the last failure pg_error saw, or "" */
   pg_batch *batch; /* while an append runs */
 } pg_store;
 
 /* ---------------------------------------------------------------- parameters */
 
-#define MAX_PARAMS 10
+#define MAX_PARAMS 11
 
 typedef struct params {
   const char *value[MAX_PARAMS];
@@ -263,6 +293,7 @@ static int pg_error(pg_store *s, PGresult *res, ebb_error *err, const char *doin
                                                                       : PQerrorMessage(s->conn));
   trim(msg);
   const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  snprintf(s->state, sizeof s->state, "%s", state ? state : "");
   int code = EBB_ESTORE;
   if (is_unavailable(s, res)) code = EBB_EUNAVAIL;
   else if (state && strncmp(state, "40", 2) == 0) code = EBB_EBUSY; /* serialization, deadlock */
@@ -680,6 +711,7 @@ struct pg_batch {
   PGresult *stored_ids, *stored_commands; /* the rows places and command_rows point into */
   arr ev[10], cm[8];         /* the rows to insert, column by column */
   int64_t start;             /* the counter when the batch began */
+  int unlocked;              /* read by begin_unlocked: commit places the rows */
   int oom;                   /* tx_write ran out of memory: commit fails */
 };
 
@@ -753,9 +785,13 @@ oom:
   return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
 }
 
-/* BEGIN, the lock, and what deciding the batch needs: one round trip. */
-static int tx_begin(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err) {
-  pg_store *s = (pg_store *)base;
+/* BEGIN, the lock, and what deciding the batch needs: one round trip.
+ * unlocked: no BEGIN and no lock, the head read last (see begin_unlocked):
+ * each statement sees at least what the ones before it saw, and positions
+ * are given in commit order, so every stored position the batch reads is at
+ * or below that head, and every position it gives is above it. */
+static int read_batch(pg_store *s, ebb_append *reqs, size_t n, int unlocked, int64_t *head,
+                      ebb_error *err) {
   batch_free(s->batch);
   pg_batch *b = s->batch = calloc(1, sizeof *b);
   if (b == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
@@ -794,24 +830,27 @@ static int tx_begin(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head, 
   if (b->states == NULL || b->places == NULL || b->command_rows == NULL) goto oom;
   params pv = {0}, pi = {0}, pc = {0};
   if (arr_param(&pv, &streams) || arr_param(&pi, &idv) || arr_param(&pc, &cmdv)) goto oom;
-  pipe_item items[5] = {
-      {.which = -1, .sql = "BEGIN"},
-      {.which = S_LOCK_HEAD},
-      {.which = S_VERSIONS, .p = &pv},
-  };
-  size_t k = 3, at_ids = 0, at_commands = 0;
+  pipe_item items[5];
+  size_t k = 0, at_head, at_versions, at_ids = 0, at_commands = 0;
+  if (!unlocked) {
+    items[k++] = (pipe_item){.which = -1, .sql = "BEGIN"};
+    at_head = k, items[k++] = (pipe_item){.which = S_LOCK_HEAD};
+  }
+  at_versions = k, items[k++] = (pipe_item){.which = S_VERSIONS, .p = &pv};
   if (idv.n) at_ids = k, items[k++] = (pipe_item){.which = S_FIND_IDS, .p = &pi};
   if (cmdv.n) at_commands = k, items[k++] = (pipe_item){.which = S_FIND_COMMANDS, .p = &pc};
+  if (unlocked) at_head = k, items[k++] = (pipe_item){.which = S_HEAD};
+  b->unlocked = unlocked;
   if (pipeline(s, items, k, err)) {
     if (!lost(s)) goto done;
     /* Gone since the last call (a server restart): nothing was done, try once more. */
     ebb_error_clear(err);
     if (ensure(s, err) || pipeline(s, items, k, err)) goto done;
   }
-  *head = b->start = PQntuples(items[1].res) > 0 ? get_i64(items[1].res, 0, 0) : -1;
+  *head = b->start = PQntuples(items[at_head].res) > 0 ? get_i64(items[at_head].res, 0, 0) : -1;
   if (at_ids) b->stored_ids = items[at_ids].res, items[at_ids].res = NULL;
   if (at_commands) b->stored_commands = items[at_commands].res, items[at_commands].res = NULL;
-  rc = batch_read(b, items[2].res, n_streams, err);
+  rc = batch_read(b, items[at_versions].res, n_streams, err);
   for (size_t i = 0; i < k; i++) PQclear(items[i].res);
   if (rc == 0 && b->start < 0)
     rc = ebb_error_set(err, EBB_ESTORE, "the position counter (ebb_head) is missing");
@@ -825,6 +864,15 @@ done:
   ebb_buf_free(&idv.b);
   ebb_buf_free(&cmdv.b);
   return rc;
+}
+
+static int tx_begin(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err) {
+  return read_batch((pg_store *)base, reqs, n, 0, head, err);
+}
+
+static int tx_begin_unlocked(ebb_store *base, ebb_append *reqs, size_t n, int64_t *head,
+                             ebb_error *err) {
+  return read_batch((pg_store *)base, reqs, n, 1, head, err);
 }
 
 static int tx_stream(ebb_store *base, const char *stream, int with_position,
@@ -905,8 +953,13 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
   return 0;
 }
 
-/* Writes the batch's rows, the counter and COMMIT: one round trip. */
-static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
+/* Writes the batch's rows, the counter and COMMIT: one round trip. After
+ * read_batch unlocked, the lock is taken there, first: held from then to the
+ * commit only, while the next batch, here or on another daemon, is read and
+ * decided. Rows then move past what others wrote meanwhile; a unique key
+ * they clash on (a stream's version, an event id, a command id) means the
+ * batch read something behind: EBB__STALE, and the transaction is undone. */
+static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *err) {
   pg_store *s = (pg_store *)base;
   pg_batch *b = s->batch;
   params pe = {0}, pc = {0}, ph = {0};
@@ -914,12 +967,24 @@ static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
   for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &b->ev[i]);
   for (int i = 0; i < 8 && rc == 0; i++) rc = arr_param(&pc, &b->cm[i]);
   if (rc) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
-  p_int(&ph, head);
-  pipe_item items[4];
-  size_t k = 0;
-  if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
-  if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
-  if (head != b->start) items[k++] = (pipe_item){.which = S_SET_HEAD, .p = &ph};
+  *moved = 0;
+  pipe_item items[6];
+  size_t k = 0, at_claim = 0;
+  if (b->unlocked) {
+    p_int(&ph, head - b->start);
+    p_int(&pe, head);
+    p_int(&pc, b->start);
+    p_int(&pc, head);
+    items[k++] = (pipe_item){.which = -1, .sql = "BEGIN"};
+    at_claim = k, items[k++] = (pipe_item){.which = S_CLAIM, .p = &ph};
+    if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY_MOVED, .p = &pe};
+    if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS_MOVED, .p = &pc};
+  } else {
+    p_int(&ph, head);
+    if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
+    if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
+    if (head != b->start) items[k++] = (pipe_item){.which = S_SET_HEAD, .p = &ph};
+  }
   items[k++] = (pipe_item){.which = -1, .sql = "COMMIT"};
   /* No answer to COMMIT: it may or may not have happened. It is reported
    * failed; a re-send is idempotent by event id and command id. */
@@ -927,7 +992,12 @@ static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
     /* COMMIT of a transaction that failed answers ROLLBACK. */
     if (strcmp(PQcmdStatus(items[k - 1].res), "COMMIT") != 0)
       rc = ebb_error_set(err, EBB_ESTORE, "committing: the transaction was rolled back");
+    else if (b->unlocked)
+      *moved = get_i64(items[at_claim].res, 0, 0) - b->start;
     for (size_t i = 0; i < k; i++) PQclear(items[i].res);
+  } else if (b->unlocked && strcmp(s->state, "23505") == 0) { /* unique_violation */
+    ebb_error_clear(err);
+    rc = EBB__STALE;
   }
   if (rc == 0) {
     batch_free(b);
@@ -947,6 +1017,7 @@ static void tx_rollback(ebb_store *base) {
  * no statement runs between the two round trips: no savepoints. */
 static const ebb__append_ops pg_append_ops = {
     .begin = tx_begin,
+    .begin_unlocked = tx_begin_unlocked,
     .stream = tx_stream,
     .command = tx_command,
     .event = tx_event,

@@ -530,8 +530,9 @@ static int tx_lost(ebb_store *base) {
   return sqlite3_get_autocommit(((sqlite_store *)base)->db);
 }
 
-static int tx_commit(ebb_store *base, int64_t head, ebb_error *err) {
+static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *err) {
   sqlite_store *s = (sqlite_store *)base;
+  *moved = 0;
   s->head_known = 0;
   if (run(s, S_COMMIT, err, "committing")) return err->code;
   s->head = head;

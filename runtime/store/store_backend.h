@@ -58,6 +58,10 @@ typedef struct ebb__event_place {
 
 /* write's answer when one of the request's event ids is stored already. */
 #define EBB__CLASH 1
+/* commit's answer after begin_unlocked when what was read turned out behind
+ * (another writer wrote a stream, an event id or a command id of the batch
+ * in between): nothing was written, and the batch is decided again, locked. */
+#define EBB__STALE 2
 
 typedef struct ebb__append_ops {
   /* Opens the transaction, holding the store's write lock until it ends, and
@@ -65,6 +69,15 @@ typedef struct ebb__append_ops {
    * what deciding it needs at once (requests with err set are not decided).
    * On failure the driver still calls rollback. */
   int (*begin)(ebb_store *, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err);
+  /* NULL, or as begin but without the lock: reads what deciding the batch
+   * needs as of some moment, and the last position after it. Versions only
+   * grow and what is stored is never changed, so the reads may be behind but
+   * never wrong; commit then takes the lock, places the events after the
+   * position it finds, and answers EBB__STALE if any stream, event id or
+   * command id it writes was written in between. A writer that holds the
+   * lock only from that point to its commit lets another writer read and
+   * decide meanwhile. */
+  int (*begin_unlocked)(ebb_store *, ebb_append *reqs, size_t n, int64_t *head, ebb_error *err);
   /* with_position: out->position is wanted (a request without events answers it). */
   int (*stream)(ebb_store *, const char *stream, int with_position, ebb__stream_state *out,
                 ebb_error *err);
@@ -88,8 +101,10 @@ typedef struct ebb__append_ops {
   int (*release)(ebb_store *, int undo, ebb_error *err);
   /* NULL, or 1 when a request's failure took the transaction with it. */
   int (*lost)(ebb_store *);
-  /* Makes the batch durable; head: the last position now used. */
-  int (*commit)(ebb_store *, int64_t head, ebb_error *err);
+  /* Makes the batch durable; head: the last position now used. *moved: after
+   * begin_unlocked, how far the store's head had moved since: every position
+   * the batch gave past begin's head is that much further (0 after begin). */
+  int (*commit)(ebb_store *, int64_t head, int64_t *moved, ebb_error *err);
   /* Ends the transaction without writing, whatever state it is in. */
   void (*rollback)(ebb_store *);
 } ebb__append_ops;

@@ -132,7 +132,7 @@ static int connected(pg_link *l, ebb_error *err) {
   if (l->kind == EBB_LINK_WATCH)
     return send(l,
                 "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; SELECT current_schema(), "
-                "(SELECT position FROM ebb_head WHERE id = 1)",
+                "(SELECT " EBB__PG_HEAD ")",
                 err);
   return send(l, TRY_LOCK, err);
 }
@@ -201,7 +201,7 @@ static int link_step(ebb_store_link *base, ebb_store_link_news *news, ebb_error 
   }
   if (l->state == IDLE && l->again) {
     l->again = 0;
-    if (send(l, "SELECT position FROM ebb_head WHERE id = 1", err)) return err->code;
+    if (send(l, "SELECT " EBB__PG_HEAD, err)) return err->code;
   }
   if (PQstatus(l->conn) != CONNECTION_OK)
     return fail(l, err, "the PostgreSQL store connection broke", NULL);

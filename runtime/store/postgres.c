@@ -3,17 +3,17 @@
  * ebb_store_vtable (store.h) so several `ebb serve` processes can share one
  * event store; what an append decides is append.c's, the same for SQLite.
  *
- * Global order: `ebb_head` is a one-row counter holding the last position.
- * Every append transaction locks that row, numbers its events from it, sets
- * it to the last position used and commits, releasing the lock. Writers are
- * therefore serialized on one lock, taken once per append call (one
- * group-commit batch), and a transaction that got positions 11..12 is
- * visible before the one that gets 13 can even start numbering: commit order
- * equals position order and there are no gaps (a request that fails inside
- * the batch hands its positions back before the counter is written). No
- * sequences, timers or high-water marks. The lock is taken in the commit's
- * round trip, not before the batch is read (read_batch, tx_commit): one
- * writer reads and decides while another commits.
+ * Global order: every append transaction locks `ebb_head`'s one row (SELECT
+ * ... FOR UPDATE, which writes no new row version), numbers its events after
+ * the largest position stored (EBB__PG_HEAD, read once the lock is held) and
+ * commits, releasing the lock. Writers are therefore serialized on one lock,
+ * taken once per append call (one group-commit batch), and a transaction that
+ * got positions 11..12 is visible before the one that gets 13 can even start
+ * numbering: commit order equals position order and there are no gaps (a
+ * request that fails inside the batch is not written, and the positions
+ * after it close up). No sequences, timers or high-water marks. The lock is
+ * taken in the commit's round trip, not before the batch is read (read_batch,
+ * tx_commit): one writer reads and decides while another commits.
  *
  * Data, metadata and names are kept in text columns (never jsonb), so their
  * bytes come back exactly as stored; names and times use the "C" collation so
@@ -47,8 +47,10 @@
 
 /* 1: events, commands, snapshots, the position counter. 2: the correlation
  * and causation indexes (GET /events?correlation_id=). 3: commands.rejection
- * (a refused command's id answers its refusal). */
-#define SCHEMA_VERSION 3
+ * (a refused command's id answers its refusal). 4: ebb_head's row is only
+ * the position lock, its position no longer written (EBB__PG_HEAD): an ebb
+ * of schema 3 numbering from it must not write beside this one. */
+#define SCHEMA_VERSION 4
 /* pg_advisory_xact_lock key for migrations: "ebb-schm" in ASCII. */
 #define MIGRATION_LOCK "7306920406391828845"
 
@@ -99,11 +101,15 @@ static const char *const schema_v2 =
 /* NULL: accepted; else the refusal as ebb_error_to_json wrote it. */
 static const char *const schema_v3 = "ALTER TABLE commands ADD COLUMN IF NOT EXISTS rejection text;";
 
+static const char *const schema_v4 =
+    "COMMENT ON COLUMN ebb_head.position IS 'not written since schema 4: the head is "
+    "max(events.position); the row is the position lock';";
+
 #define EVENT_COLUMNS "position, stream, version, id, type, schema, data, metadata, recorded_at"
 
 enum {
   S_LOCK_HEAD,
-  S_SET_HEAD,
+  S_NOTIFY,
   S_VERSION,
   S_FIND_COMMAND,
   S_READ_FWD,
@@ -124,7 +130,7 @@ enum {
   S_FIND_COMMANDS,
   S_INSERT_MANY,
   S_INSERT_COMMANDS,
-  S_CLAIM,
+  S_TAIL,
   S_INSERT_MANY_MOVED,
   S_INSERT_COMMANDS_MOVED,
   S_LIST_STREAMS,
@@ -134,11 +140,11 @@ enum {
 };
 
 static const char *const statements[S_COUNT] = {
-    [S_LOCK_HEAD] = "SELECT position FROM ebb_head WHERE id = 1 FOR UPDATE",
-    /* The new head, and the wake-up of every daemon's watch link (pg_link.c),
-     * sent by the server on COMMIT only: in the same round trip. */
-    [S_SET_HEAD] = "WITH u AS (UPDATE ebb_head SET position = $1::bigint WHERE id = 1) "
-                   "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
+    /* The position lock: a row lock, which leaves no row version behind. */
+    [S_LOCK_HEAD] = "SELECT 1 FROM ebb_head WHERE id = 1 FOR UPDATE",
+    /* The wake-up of every daemon's watch link (pg_link.c), sent by the
+     * server on COMMIT only: in the same round trip. */
+    [S_NOTIFY] = "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
                   "ORDER BY version DESC LIMIT 1",
     [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position, rejection "
@@ -158,7 +164,7 @@ static const char *const statements[S_COUNT] = {
                             "ORDER BY position LIMIT $2::bigint",
     [S_READ_RANGE] = "SELECT " EVENT_COLUMNS " FROM events WHERE position BETWEEN $1::bigint "
                      "AND $2::bigint ORDER BY position",
-    [S_HEAD] = "SELECT position FROM ebb_head WHERE id = 1",
+    [S_HEAD] = "SELECT " EBB__PG_HEAD,
     [S_SNAP_SAVE] = "INSERT INTO snapshots (stream, fingerprint, version, position, recorded_at, "
                     "state, created_at) VALUES ($1::text, $2::text, $3::bigint, $4::bigint, "
                     "$5::text, $6::bytea, $7::text) ON CONFLICT (stream, fingerprint, version) "
@@ -189,29 +195,28 @@ static const char *const statements[S_COUNT] = {
                           "$2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
                           "$7::text[], $8::text[])",
     /* The commit of a batch read without the lock (see "batches" below):
-     * the lock and the batch's positions, then its rows placed after the
-     * head found there. $11 / $10: the head the batch was numbered up to,
-     * so the head row minus it is how far others moved it meanwhile; $9:
-     * where the batch's numbering started (positions at or below it are
-     * stored ones, which a command record may name). */
-    [S_CLAIM] = "WITH u AS (UPDATE ebb_head SET position = position + $1::bigint WHERE id = 1 "
-                "RETURNING position) SELECT u.position - $1::bigint, pg_notify('" EBB__PG_CHANNEL
-                "', current_schema()) FROM u",
+     * after S_LOCK_HEAD, its rows placed after the head found then, which
+     * the statement's snapshot, taken once the lock is held, shows. $11: the
+     * head the batch was numbered from; $10: the head it numbered up to (the
+     * events are in by then: the head less it is how far others moved it
+     * meanwhile); $9: where its numbering started (positions at or below it
+     * are stored ones, which a command record may name). */
+    [S_TAIL] = "SELECT " EBB__PG_HEAD ", pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_INSERT_MANY_MOVED] = "INSERT INTO events (position, stream, version, id, type, schema, "
-                            "data, metadata, recorded_at, category) SELECT e.p + h.position - "
-                            "$11::bigint, e.s, e.v, e.i, e.t, e.sc, e.d, e.m, e.r, e.c FROM "
+                            "data, metadata, recorded_at, category) SELECT e.p + h.h - $11::bigint, "
+                            "e.s, e.v, e.i, e.t, e.sc, e.d, e.m, e.r, e.c FROM "
                             "unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
                             "$5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[], "
-                            "$10::text[]) AS e(p, s, v, i, t, sc, d, m, r, c), ebb_head h "
-                            "WHERE h.id = 1",
+                            "$10::text[]) AS e(p, s, v, i, t, sc, d, m, r, c), "
+                            "(SELECT " EBB__PG_HEAD ") AS h(h)",
     [S_INSERT_COMMANDS_MOVED] = "INSERT INTO commands (command_id, stream, type, version, "
                                 "first_position, last_position, recorded_at, rejection) SELECT "
                                 "c.i, c.s, c.t, c.v, CASE WHEN c.f > $9::bigint THEN c.f + "
-                                "h.position - $10::bigint ELSE c.f END, CASE WHEN c.l > $9::bigint "
-                                "THEN c.l + h.position - $10::bigint ELSE c.l END, c.r, c.x FROM "
+                                "h.h - $10::bigint ELSE c.f END, CASE WHEN c.l > $9::bigint "
+                                "THEN c.l + h.h - $10::bigint ELSE c.l END, c.r, c.x FROM "
                                 "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
                                 "$5::bigint[], $6::bigint[], $7::text[], $8::text[]) AS "
-                                "c(i, s, t, v, f, l, r, x), ebb_head h WHERE h.id = 1",
+                                "c(i, s, t, v, f, l, r, x), (SELECT " EBB__PG_HEAD ") AS h(h)",
     [S_LIST_STREAMS] = "SELECT p.stream, p.v, p.fp, p.lp, e.recorded_at, e.type FROM "
                        "(SELECT stream, max(version) AS v, min(position) AS fp, "
                        "max(position) AS lp FROM events WHERE stream > $1::text AND stream >= $2::text "
@@ -471,6 +476,10 @@ static int migrate(pg_store *s, ebb_error *err) {
     goto fail;
   if (version < 3 && (exec(s, schema_v3, err, "adding the commands' refusals") ||
                       exec(s, "INSERT INTO ebb_schema (version) VALUES (3)", err,
+                           "recording the schema version")))
+    goto fail;
+  if (version < 4 && (exec(s, schema_v4, err, "making the position counter a lock only") ||
+                      exec(s, "INSERT INTO ebb_schema (version) VALUES (4)", err,
                            "recording the schema version")))
     goto fail;
   if (exec(s, "COMMIT", err, "committing the schema")) goto fail;
@@ -830,11 +839,12 @@ static int read_batch(pg_store *s, ebb_append *reqs, size_t n, int unlocked, int
   if (b->states == NULL || b->places == NULL || b->command_rows == NULL) goto oom;
   params pv = {0}, pi = {0}, pc = {0};
   if (arr_param(&pv, &streams) || arr_param(&pi, &idv) || arr_param(&pc, &cmdv)) goto oom;
-  pipe_item items[5];
-  size_t k = 0, at_head, at_versions, at_ids = 0, at_commands = 0;
+  pipe_item items[6];
+  size_t k = 0, at_lock = 0, at_head, at_versions, at_ids = 0, at_commands = 0;
   if (!unlocked) {
     items[k++] = (pipe_item){.which = -1, .sql = "BEGIN"};
-    at_head = k, items[k++] = (pipe_item){.which = S_LOCK_HEAD};
+    at_lock = k, items[k++] = (pipe_item){.which = S_LOCK_HEAD};
+    at_head = k, items[k++] = (pipe_item){.which = S_HEAD};
   }
   at_versions = k, items[k++] = (pipe_item){.which = S_VERSIONS, .p = &pv};
   if (idv.n) at_ids = k, items[k++] = (pipe_item){.which = S_FIND_IDS, .p = &pi};
@@ -847,13 +857,14 @@ static int read_batch(pg_store *s, ebb_append *reqs, size_t n, int unlocked, int
     ebb_error_clear(err);
     if (ensure(s, err) || pipeline(s, items, k, err)) goto done;
   }
-  *head = b->start = PQntuples(items[at_head].res) > 0 ? get_i64(items[at_head].res, 0, 0) : -1;
+  *head = b->start = get_i64(items[at_head].res, 0, 0);
+  int locked = !at_lock || PQntuples(items[at_lock].res) == 1;
   if (at_ids) b->stored_ids = items[at_ids].res, items[at_ids].res = NULL;
   if (at_commands) b->stored_commands = items[at_commands].res, items[at_commands].res = NULL;
   rc = batch_read(b, items[at_versions].res, n_streams, err);
   for (size_t i = 0; i < k; i++) PQclear(items[i].res);
-  if (rc == 0 && b->start < 0)
-    rc = ebb_error_set(err, EBB_ESTORE, "the position counter (ebb_head) is missing");
+  if (rc == 0 && !locked)
+    rc = ebb_error_set(err, EBB_ESTORE, "the position lock's row (ebb_head) is missing");
   goto done;
 oom:
   rc = ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
@@ -962,28 +973,27 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
 static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *err) {
   pg_store *s = (pg_store *)base;
   pg_batch *b = s->batch;
-  params pe = {0}, pc = {0}, ph = {0};
+  params pe = {0}, pc = {0};
   int rc = b->oom;
   for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &b->ev[i]);
   for (int i = 0; i < 8 && rc == 0; i++) rc = arr_param(&pc, &b->cm[i]);
   if (rc) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
   *moved = 0;
-  pipe_item items[6];
-  size_t k = 0, at_claim = 0;
+  pipe_item items[7];
+  size_t k = 0, at_tail = 0;
   if (b->unlocked) {
-    p_int(&ph, head - b->start);
-    p_int(&pe, head);
+    p_int(&pe, b->start);
     p_int(&pc, b->start);
     p_int(&pc, head);
     items[k++] = (pipe_item){.which = -1, .sql = "BEGIN"};
-    at_claim = k, items[k++] = (pipe_item){.which = S_CLAIM, .p = &ph};
+    items[k++] = (pipe_item){.which = S_LOCK_HEAD};
     if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY_MOVED, .p = &pe};
     if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS_MOVED, .p = &pc};
+    at_tail = k, items[k++] = (pipe_item){.which = S_TAIL};
   } else {
-    p_int(&ph, head);
     if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
     if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
-    if (head != b->start) items[k++] = (pipe_item){.which = S_SET_HEAD, .p = &ph};
+    if (head != b->start) items[k++] = (pipe_item){.which = S_NOTIFY};
   }
   items[k++] = (pipe_item){.which = -1, .sql = "COMMIT"};
   /* No answer to COMMIT: it may or may not have happened. It is reported
@@ -993,7 +1003,7 @@ static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *e
     if (strcmp(PQcmdStatus(items[k - 1].res), "COMMIT") != 0)
       rc = ebb_error_set(err, EBB_ESTORE, "committing: the transaction was rolled back");
     else if (b->unlocked)
-      *moved = get_i64(items[at_claim].res, 0, 0) - b->start;
+      *moved = get_i64(items[at_tail].res, 0, 0) - head;
     for (size_t i = 0; i < k; i++) PQclear(items[i].res);
   } else if (b->unlocked && strcmp(s->state, "23505") == 0) { /* unique_violation */
     ebb_error_clear(err);

@@ -18,6 +18,13 @@ int ebb__store_postgres_open(ebb_store **out, const ebb_store_options *opt, ebb_
 /* The channel every PostgreSQL append notifies on commit (its payload: the
  * store's schema, so stores in other schemas of one database ignore it). */
 #define EBB__PG_CHANNEL "ebb_events"
+/* The last committed position, read by the store and its watch links alike:
+ * positions are given under one lock in commit order, so the largest one a
+ * snapshot shows is its head (a backward step of the primary key's index).
+ * Since schema 4 no counter is written: a row updated at every commit piled
+ * up dead versions that every reader walked through while any snapshot in
+ * the cluster was older than them (a pg_dump, a long report). */
+#define EBB__PG_HEAD "coalesce(max(position), 0) FROM events"
 /* The link constructor of a shared backend (pg_link.c; see ebb_store_link_new). */
 int ebb__store_postgres_link_new(ebb_store_link **out, const char *uri, int kind, ebb_error *err);
 /* Every link starts with this: the backend's operations on it. */

@@ -201,7 +201,7 @@ static const char *const statements[S_COUNT] = {
      * events are in by then: the head less it is how far others moved it
      * meanwhile); $9: where its numbering started (positions at or below it
      * are stored ones, which a command record may name). */
-    [S_TAIL] = "SELECT " EBB__PG_HEAD ", pg_notify('" EBB__PG_CHANNEL "', current_schema())",
+    [S_TAIL] = "SELECT (SELECT " EBB__PG_HEAD "), pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_INSERT_MANY_MOVED] = "INSERT INTO events (position, stream, version, id, type, schema, "
                             "data, metadata, recorded_at, category) SELECT e.p + h.h - $11::bigint, "
                             "e.s, e.v, e.i, e.t, e.sc, e.d, e.m, e.r, e.c FROM "

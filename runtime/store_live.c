@@ -154,16 +154,21 @@ static void on_poll(uv_poll_t *p, int status, int events) {
   step(p->data);
 }
 
-static void connect_side(side *s) {
+/* Starts what the link sends next (connecting, or asking for the lock). */
+static void send_next(side *s, int (*fn)(ebb_store_link *, ebb_error *)) {
   ebb_error err;
   ebb_error_init(&err);
-  if (ebb_store_link_start(s->link, &err) != 0) {
+  if (fn(s->link, &err) != 0) {
     broke(s, &err);
     schedule(s);
   } else {
     sync_poll(s);
   }
   ebb_error_clear(&err);
+}
+
+static void connect_side(side *s) {
+  send_next(s, ebb_store_link_start);
 }
 
 static void on_timer(uv_timer_t *t) {
@@ -173,16 +178,7 @@ static void on_timer(uv_timer_t *t) {
 /* The leader lock was held elsewhere: ask again. */
 static void on_retry(uv_timer_t *t) {
   side *s = t->data;
-  if (s->owner->stopping) return;
-  ebb_error err;
-  ebb_error_init(&err);
-  if (ebb_store_link_retry(s->link, &err) != 0) {
-    broke(s, &err);
-    schedule(s);
-  } else {
-    sync_poll(s);
-  }
-  ebb_error_clear(&err);
+  if (!s->owner->stopping) send_next(s, ebb_store_link_retry);
 }
 
 static int init_side(ebb_live *l, side *s, int kind, ebb_error *err) {

@@ -490,19 +490,22 @@ describe("an append on PostgreSQL while another writer holds the position lock",
     return c
   end
 
-  local function answer(c)
+  -- Race-1 at version 1; then, while another writer holds the lock with
+  -- its event `id` in `stream`, body is sent to path; the other writer
+  -- commits once the daemon waits for the lock. The daemon's answer.
+  local function race(stream, id, path, body)
+    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
+    local commit = intruder(stream, id)
+    local c = send_and_wait(path, body)
+    commit()
     local status, _, text = daemon.read_response(c)
     c:close()
     return status, json.decode(text)
   end
 
   it("places its events after the other writer's, and answers where they are", function()
-    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
-    local commit = intruder("Other-1", "other-1")
-    local c = send_and_wait("/commands", { aggregate = "BankAccount", id = "race-2", type = "OpenAccount",
-                                            data = { owner = "o" }, command_id = "race-cmd" })
-    commit()
-    local status, r = answer(c)
+    local status, r = race("Other-1", "other-1", "/commands", { aggregate = "BankAccount", id = "race-2",
+      type = "OpenAccount", data = { owner = "o" }, command_id = "race-cmd" })
     assert.equal(200, status)
     -- position 2 is the other writer's; the append's events come after it
     assert.equal(3, r.position)
@@ -516,12 +519,8 @@ describe("an append on PostgreSQL while another writer holds the position lock",
   end)
 
   it("finds the stream it read moved: a wrong expected version is refused with the version now", function()
-    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
-    local commit = intruder("Race-1", "intruder-2")
-    local c = send_and_wait("/streams/Race-1", { expected_version = 1,
-                                                 events = { { id = "r2", type = "Noted", data = {} } } })
-    commit()
-    local status, r = answer(c)
+    local status, r = race("Race-1", "intruder-2", "/streams/Race-1", { expected_version = 1,
+      events = { { id = "r2", type = "Noted", data = {} } } })
     assert.equal(409, status)
     assert.same({ "wrong_expected_version", 1, 2 }, { r.error.code, r.error.expected, r.error.actual })
     assert.equal("0", sql("SELECT count(*) FROM events WHERE id = 'r2'"))
@@ -529,11 +528,8 @@ describe("an append on PostgreSQL while another writer holds the position lock",
   end)
 
   it("finds the stream it read moved: an append at any version goes after the other writer's", function()
-    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
-    local commit = intruder("Race-1", "intruder-2")
-    local c = send_and_wait("/streams/Race-1", { events = { { id = "r3", type = "Noted", data = {} } } })
-    commit()
-    local status, r = answer(c)
+    local status, r = race("Race-1", "intruder-2", "/streams/Race-1",
+      { events = { { id = "r3", type = "Noted", data = {} } } })
     assert.equal(200, status)
     assert.same({ 3, 3 }, { r.version, r.position })
     assert.equal("1|r1\n2|intruder-2\n3|r3",
@@ -542,12 +538,8 @@ describe("an append on PostgreSQL while another writer holds the position lock",
   end)
 
   it("finds the event id it sends stored meanwhile: answered as the idempotent re-send it is", function()
-    assert.equal(200, (d:post("/streams/Race-1", { events = { { id = "r1", type = "Noted", data = {} } } })))
-    local commit = intruder("Race-1", "same-id")
-    local c = send_and_wait("/streams/Race-1", { expected_version = 1,
-                                                 events = { { id = "same-id", type = "Intruded", data = {} } } })
-    commit()
-    local status, r = answer(c)
+    local status, r = race("Race-1", "same-id", "/streams/Race-1", { expected_version = 1,
+      events = { { id = "same-id", type = "Intruded", data = {} } } })
     assert.equal(200, status)
     assert.same({ 2, 2 }, { r.version, r.position })
     assert.equal("1", sql("SELECT count(*) FROM events WHERE id = 'same-id'"))

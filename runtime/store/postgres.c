@@ -554,15 +554,16 @@ fail:
  *
  * The operations of one append transaction (ebb__append_ops); append.c
  * decides. A batch (one append call, one group commit of the daemon) is two
- * round trips whatever it holds: libpq's pipeline mode sends BEGIN, the lock
- * of the position counter, the last event of every stream the batch names,
- * and the stored rows of its event ids and command ids, all at once
- * (tx_begin). The requests are then decided from what was read, kept up to
- * date with what the batch writes (tx_write), so that each request sees the
- * ones before it; an idempotent re-send or a conflict is answered from the
- * stored rows read with the rest. The accepted events go into bound arrays,
- * and one pipeline writes them all (one INSERT through unnest), the command
- * records, the counter, and COMMIT (tx_commit). */
+ * round trips whatever it holds: libpq's pipeline mode sends the last event
+ * of every stream the batch names, the stored rows of its event ids and
+ * command ids, and the head, all at once, without a lock (tx_begin_unlocked;
+ * tx_begin, for a batch decided again, sends BEGIN and the lock first). The
+ * requests are then decided from what was read, kept up to date with what
+ * the batch writes (tx_write), so that each request sees the ones before it;
+ * an idempotent re-send or a conflict is answered from the stored rows read
+ * with the rest. The accepted events go into bound arrays, and one pipeline
+ * sends BEGIN and the lock, the events (one INSERT through unnest), the
+ * command records, the wake-up and COMMIT (tx_commit). */
 
 /* A PostgreSQL binary array (the format array_recv reads) of text or int8. */
 typedef struct arr {
@@ -719,7 +720,7 @@ struct pg_batch {
   size_t n_commands, cap_commands;
   PGresult *stored_ids, *stored_commands; /* the rows places and command_rows point into */
   arr ev[10], cm[8];         /* the rows to insert, column by column */
-  int64_t start;             /* the counter when the batch began */
+  int64_t start;             /* the head the batch was read at */
   int unlocked;              /* read by begin_unlocked: commit places the rows */
   int oom;                   /* tx_write ran out of memory: commit fails */
 };
@@ -964,8 +965,8 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
   return 0;
 }
 
-/* Writes the batch's rows, the counter and COMMIT: one round trip. After
- * read_batch unlocked, the lock is taken there, first: held from then to the
+/* Writes the batch's rows and COMMIT: one round trip. After read_batch
+ * unlocked, the lock is taken there, first: held from then to the
  * commit only, while the next batch, here or on another daemon, is read and
  * decided. Rows then move past what others wrote meanwhile; a unique key
  * they clash on (a stream's version, an event id, a command id) means the

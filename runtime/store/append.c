@@ -144,6 +144,10 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
   }
   if (!ebb_expected_matches(r->expected, st.version)) {
     int rc = r->n ? find_resend(ops, s, r) : 0;
+    /* Unlocked, the ids were read after the stream: refused for an id stored
+     * elsewhere, the stream may have been deleted in between, which the
+     * locked path answers first. */
+    if (rc < 0 && unlocked) return STALE;
     if (rc != 0) return rc > 0 ? ANSWERED : FAILED;
     if (unlocked && !surely_mismatched(r->expected, st.version)) return STALE;
     version_error(r, st.version);
@@ -180,6 +184,7 @@ static int decide(const ebb__append_ops *ops, ebb_store *s, ebb_append *r, int64
   rc = find_resend(ops, s, r);
   if (rc == 0) ebb_error_move(&r->err, &clash); /* none found after all: the write's own error */
   ebb_error_clear(&clash);
+  if (rc <= 0 && unlocked) return STALE; /* as above */
   return rc > 0 ? ANSWERED : FAILED;
 }
 
@@ -237,6 +242,8 @@ again:;
   }
   int rc = ops->commit(s, head, &moved, &txerr);
   if (rc == EBB__STALE && unlocked) goto locked;
+  if (rc == EBB__STALE) /* only an unlocked batch can be behind: a backend's bug */
+    ebb_error_set(&txerr, EBB_ESTORE, "committing: a batch read under the lock was behind");
   if (rc) goto fail;
   move_results(reqs, n, start, moved);
 done:

@@ -482,6 +482,11 @@ static int migrate(pg_store *s, ebb_error *err) {
                       exec(s, "INSERT INTO ebb_schema (version) VALUES (4)", err,
                            "recording the schema version")))
     goto fail;
+  /* Every append locks this row; without it an unlocked batch would commit
+   * unserialized (positions then kept unique by the key, but not in order). */
+  if (exec(s, "INSERT INTO ebb_head (id, position) VALUES (1, 0) ON CONFLICT (id) DO NOTHING", err,
+           "checking the position lock's row"))
+    goto fail;
   if (exec(s, "COMMIT", err, "committing the schema")) goto fail;
   return 0;
 fail:

@@ -205,8 +205,11 @@ int ebb__append_run(ebb_store *s, ebb_append *reqs, size_t n, int atomic, ebb_er
   ebb_error txerr;
   ebb_error_init(&txerr);
   /* The requests refused by store.c's checks, to tell them apart when a
-   * batch read without the lock is decided again. */
-  unsigned char *refused = ops->begin_unlocked ? malloc(n ? n : 1) : NULL;
+   * batch read without the lock is decided again. A daemon's batches fit
+   * the buffer on the stack. */
+  unsigned char small[256];
+  unsigned char *refused =
+      ops->begin_unlocked == NULL ? NULL : n <= sizeof small ? small : malloc(n);
   int unlocked = refused != NULL;
   for (size_t i = 0; unlocked && i < n; i++) refused[i] = reqs[i].err.code != 0;
 again:;
@@ -247,7 +250,7 @@ again:;
   if (rc) goto fail;
   move_results(reqs, n, start, moved);
 done:
-  free(refused);
+  if (refused != small) free(refused);
   return 0;
 locked:
   ops->rollback(s);
@@ -260,7 +263,7 @@ locked:
   goto again;
 undo_all:
   ops->rollback(s);
-  free(refused);
+  if (refused != small) free(refused);
   for (size_t i = 0; i < n; i++) {
     memset(&reqs[i].result, 0, sizeof reqs[i].result);
     if (i == failed) continue;
@@ -271,7 +274,7 @@ undo_all:
   return reqs[failed].err.code;
 fail:
   ops->rollback(s);
-  free(refused);
+  if (refused != small) free(refused);
   for (size_t i = 0; i < n; i++) {
     memset(&reqs[i].result, 0, sizeof reqs[i].result);
     ebb_error_clear(&reqs[i].err);

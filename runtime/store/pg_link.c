@@ -210,7 +210,13 @@ static int link_step(ebb_store_link *base, ebb_store_link_news *news, ebb_error 
 
 static int link_retry(ebb_store_link *base, ebb_error *err) {
   pg_link *l = (pg_link *)base;
-  if (l->kind != EBB_LINK_LEADER || l->state != IDLE || l->leader) return 0;
+  if (l->kind != EBB_LINK_LEADER || l->leader) return 0;
+  /* Busy (connecting, or a try in flight): whatever it answers, ask again
+   * once the link is idle. */
+  if (l->state != IDLE) {
+    l->refused = 1;
+    return 0;
+  }
   return send(l, TRY_LOCK, err);
 }
 

@@ -109,7 +109,6 @@ static const char *const schema_v4 =
 
 enum {
   S_LOCK_HEAD,
-  S_NOTIFY,
   S_VERSION,
   S_FIND_COMMAND,
   S_READ_FWD,
@@ -128,8 +127,6 @@ enum {
   S_VERSIONS,
   S_FIND_IDS,
   S_FIND_COMMANDS,
-  S_INSERT_MANY,
-  S_INSERT_COMMANDS,
   S_TAIL,
   S_INSERT_MANY_MOVED,
   S_INSERT_COMMANDS_MOVED,
@@ -142,9 +139,6 @@ enum {
 static const char *const statements[S_COUNT] = {
     /* The position lock: a row lock, which leaves no row version behind. */
     [S_LOCK_HEAD] = "SELECT 1 FROM ebb_head WHERE id = 1 FOR UPDATE",
-    /* The wake-up of every daemon's watch link (pg_link.c), sent by the
-     * server on COMMIT only: in the same round trip. */
-    [S_NOTIFY] = "SELECT pg_notify('" EBB__PG_CHANNEL "', current_schema())",
     [S_VERSION] = "SELECT version, type FROM events WHERE stream = $1::text "
                   "ORDER BY version DESC LIMIT 1",
     [S_FIND_COMMAND] = "SELECT stream, type, version, first_position, last_position, rejection "
@@ -186,17 +180,12 @@ static const char *const statements[S_COUNT] = {
     [S_FIND_IDS] = "SELECT id, stream, version, position FROM events WHERE id = ANY($1::text[])",
     [S_FIND_COMMANDS] = "SELECT command_id, stream, type, version, first_position, last_position, "
                         "rejection FROM commands WHERE command_id = ANY($1::text[])",
-    [S_INSERT_MANY] = "INSERT INTO events (position, stream, version, id, type, schema, data, "
-                      "metadata, recorded_at, category) SELECT * FROM unnest($1::bigint[], "
-                      "$2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], "
-                      "$8::text[], $9::text[], $10::text[])",
-    [S_INSERT_COMMANDS] = "INSERT INTO commands (command_id, stream, type, version, first_position, "
-                          "last_position, recorded_at, rejection) SELECT * FROM unnest($1::text[], "
-                          "$2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
-                          "$7::text[], $8::text[])",
-    /* The commit of a batch read without the lock (see "batches" below):
-     * after S_LOCK_HEAD, its rows placed after the head found then, which
-     * the statement's snapshot, taken once the lock is held, shows. $11: the
+    /* The commit of a batch (see "batches" below): after S_LOCK_HEAD, its
+     * rows placed after the head found then, which the statement's snapshot,
+     * taken once the lock is held, shows (under the lock since the batch was
+     * read, that is where it numbered them: they move by 0). S_TAIL's
+     * pg_notify wakes every daemon's watch link (pg_link.c), and the server
+     * sends it on COMMIT only. $11: the
      * head the batch was numbered from; $10: the head it numbered up to (the
      * events are in by then: the head less it is how far others moved it
      * meanwhile); $9: where its numbering started (positions at or below it
@@ -975,7 +964,9 @@ static int tx_write(ebb_store *base, const ebb_append *r, const char *now, ebb_e
  * commit only, while the next batch, here or on another daemon, is read and
  * decided. Rows then move past what others wrote meanwhile; a unique key
  * they clash on (a stream's version, an event id, a command id) means the
- * batch read something behind: EBB__STALE, and the transaction is undone. */
+ * batch read something behind: EBB__STALE, and the transaction is undone.
+ * A batch read under the lock goes through the same statements: nobody
+ * moved the head, so they move its rows by 0. */
 static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *err) {
   pg_store *s = (pg_store *)base;
   pg_batch *b = s->batch;
@@ -984,23 +975,20 @@ static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *e
   for (int i = 0; i < 10 && rc == 0; i++) rc = arr_param(&pe, &b->ev[i]);
   for (int i = 0; i < 8 && rc == 0; i++) rc = arr_param(&pc, &b->cm[i]);
   if (rc) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
+  p_int(&pe, b->start);
+  p_int(&pc, b->start);
+  p_int(&pc, head);
   *moved = 0;
-  pipe_item items[7];
+  pipe_item items[6];
   size_t k = 0, at_tail = 0;
   if (b->unlocked) {
-    p_int(&pe, b->start);
-    p_int(&pc, b->start);
-    p_int(&pc, head);
     items[k++] = (pipe_item){.which = -1, .sql = "BEGIN"};
     items[k++] = (pipe_item){.which = S_LOCK_HEAD};
-    if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY_MOVED, .p = &pe};
-    if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS_MOVED, .p = &pc};
-    at_tail = k, items[k++] = (pipe_item){.which = S_TAIL};
-  } else {
-    if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY, .p = &pe};
-    if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS, .p = &pc};
-    if (head != b->start) items[k++] = (pipe_item){.which = S_NOTIFY};
   }
+  if (b->ev[0].n) items[k++] = (pipe_item){.which = S_INSERT_MANY_MOVED, .p = &pe};
+  if (b->cm[0].n) items[k++] = (pipe_item){.which = S_INSERT_COMMANDS_MOVED, .p = &pc};
+  /* Only new events move anything, and wake the watch links. */
+  if (b->ev[0].n) at_tail = k, items[k++] = (pipe_item){.which = S_TAIL};
   items[k++] = (pipe_item){.which = -1, .sql = "COMMIT"};
   /* No answer to COMMIT: it may or may not have happened. It is reported
    * failed; a re-send is idempotent by event id and command id. */
@@ -1008,7 +996,7 @@ static int tx_commit(ebb_store *base, int64_t head, int64_t *moved, ebb_error *e
     /* COMMIT of a transaction that failed answers ROLLBACK. */
     if (strcmp(PQcmdStatus(items[k - 1].res), "COMMIT") != 0)
       rc = ebb_error_set(err, EBB_ESTORE, "committing: the transaction was rolled back");
-    else if (b->unlocked)
+    else if (at_tail)
       *moved = get_i64(items[at_tail].res, 0, 0) - head;
     for (size_t i = 0; i < k; i++) PQclear(items[i].res);
   } else if (b->unlocked && strcmp(s->state, "23505") == 0) { /* unique_violation */

@@ -36,6 +36,10 @@
 #define LEADER_KEY "1700946540"
 #define LEADER_RETRY_MS 500
 #define TRY_LOCK "SELECT pg_try_advisory_lock(" LEADER_KEY ", hashtext(current_schema()))"
+/* The watch link's head read, prepared once per connection: it runs after
+ * every burst of commits, and planning it each time cost the server more
+ * than running it (perf: 57% of that backend's CPU parsing and planning). */
+#define HEAD_PLAN "ebb_head"
 
 enum { DOWN, CONNECTING, QUERY, IDLE };
 
@@ -131,8 +135,8 @@ static int connected(pg_link *l, ebb_error *err) {
    * until the next commit anywhere. */
   if (l->kind == EBB_LINK_WATCH)
     return send(l,
-                "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; SELECT current_schema(), "
-                "(SELECT " EBB__PG_HEAD ")",
+                "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; PREPARE " HEAD_PLAN " AS SELECT "
+                EBB__PG_HEAD "; SELECT current_schema(), (SELECT " EBB__PG_HEAD ")",
                 err);
   return send(l, TRY_LOCK, err);
 }
@@ -201,7 +205,7 @@ static int link_step(ebb_store_link *base, ebb_store_link_news *news, ebb_error 
   }
   if (l->state == IDLE && l->again) {
     l->again = 0;
-    if (send(l, "SELECT " EBB__PG_HEAD, err)) return err->code;
+    if (send(l, "EXECUTE " HEAD_PLAN, err)) return err->code;
   }
   if (PQstatus(l->conn) != CONNECTION_OK)
     return fail(l, err, "the PostgreSQL store connection broke", NULL);

@@ -162,7 +162,7 @@ typedef struct job {
   void *done_ud;
   /* a command's stream read off the loop (see prefetch) */
   int prefetched, pre_ready, pre_final;
-  uv_work_t work;
+  struct job *pre_next;      /* waiting for a batch */
   ebb_event_list pre;
   int pre_complete, pre_unknown_id;
   ebb_error pre_err;
@@ -568,34 +568,80 @@ static void run_queue(ebb_daemon *d, stream_queue *q, const char *stream);
  * hand-over; on PostgreSQL it is a round trip, and one to a server that has
  * stopped answering would stop the loop and every request with it. There,
  * a reader's store handle reads the stream (and looks up the command id) on
- * libuv's thread pool, and the loop decides once it is back. */
+ * libuv's thread pool, and the loop decides once it is back. The commands
+ * that arrive while EBB_PREFETCH_BATCHES such reads are out wait, and go
+ * together in the next (ebb_store_prefetch: one round trip for them all):
+ * one per command cost the server two statements, more than the command's
+ * share of its commit (bench postgres, opens). */
+#define EBB_PREFETCH_BATCHES 2
+#define EBB_PREFETCH_MAX 128
+
+typedef struct prefetch_batch {
+  uv_work_t work;
+  ebb_daemon *d;
+  size_t n; /* 0: idle */
+  ebb_error err;
+  job *jobs[EBB_PREFETCH_MAX];
+  ebb_prefetch items[EBB_PREFETCH_MAX];
+} prefetch_batch;
+
 static void prefetch_work(uv_work_t *w) {
-  job *j = w->data;
-  ebb_runtime *rt = ebb_readers_take(j->d->readers, &j->pre_err);
+  prefetch_batch *b = w->data;
+  ebb_runtime *rt = ebb_readers_take(b->d->readers, &b->err);
   if (rt == NULL) return;
-  ebb_store *s = ebb_runtime_store(rt);
-  if (ebb_store_read_stream(s, j->stream, 1, EBB_PRELOAD_EVENTS, 0, &j->pre, &j->pre_err) == 0) {
-    j->pre_complete = j->pre.n < EBB_PRELOAD_EVENTS;
-    if (j->cmd.command_id) {
-      ebb_command_record rec;
-      rec.rejection = NULL;
-      int found = ebb_store_find_command(s, j->cmd.command_id, &rec, &j->pre_err);
-      if (found > 0) ebb_command_record_clear(&rec);
-      j->pre_unknown_id = found == 0;
-    }
-  }
-  ebb_readers_give(j->d->readers, rt);
+  ebb_store_prefetch(ebb_runtime_store(rt), b->items, b->n, EBB_PRELOAD_EVENTS, &b->err);
+  ebb_readers_give(b->d->readers, rt);
 }
 
+static void prefetch_kick(ebb_daemon *d);
+
 static void prefetch_done(uv_work_t *w, int status) {
-  job *j = w->data;
-  ebb_daemon *d = j->d;
-  if (status == UV_ECANCELED && j->pre_err.code == 0)
-    ebb_error_set(&j->pre_err, EBB_EUNAVAIL, "ebb is shutting down");
-  j->pre_ready = 1;
-  char stream[EBB_MAX_NAME + 1];
-  memcpy(stream, j->stream, sizeof stream);
-  run_queue(d, j->queue, stream);
+  prefetch_batch *b = w->data;
+  ebb_daemon *d = b->d;
+  if (status == UV_ECANCELED && b->err.code == 0)
+    ebb_error_set(&b->err, EBB_EUNAVAIL, "ebb is shutting down");
+  job *jobs[EBB_PREFETCH_MAX];
+  size_t n = b->n;
+  for (size_t i = 0; i < n; i++) {
+    job *j = jobs[i] = b->jobs[i];
+    ebb_prefetch *it = &b->items[i];
+    if (b->err.code) ebb_error_set(&j->pre_err, b->err.code, "%s", b->err.message);
+    else if (it->err.code) ebb_error_move(&j->pre_err, &it->err);
+    j->pre_complete = j->pre.n < EBB_PRELOAD_EVENTS;
+    j->pre_unknown_id = j->cmd.command_id && !it->command_known;
+    j->pre_ready = 1;
+    ebb_error_clear(&it->err);
+  }
+  ebb_error_clear(&b->err);
+  b->n = 0;
+  prefetch_kick(d); /* the next batch goes out before these are decided */
+  for (size_t i = 0; i < n; i++) {
+    char stream[EBB_MAX_NAME + 1];
+    memcpy(stream, jobs[i]->stream, sizeof stream);
+    run_queue(d, jobs[i]->queue, stream);
+  }
+}
+
+/* Sends the waiting commands' reads, in batches, while one is idle. */
+static void prefetch_kick(ebb_daemon *d) {
+  for (int k = 0; k < EBB_PREFETCH_BATCHES && d->pre_head; k++) {
+    prefetch_batch *b = &d->pre_batches[k];
+    if (b->n) continue;
+    b->d = d;
+    while (d->pre_head && b->n < EBB_PREFETCH_MAX) {
+      job *j = d->pre_head;
+      d->pre_head = j->pre_next;
+      b->jobs[b->n] = j;
+      b->items[b->n] = (ebb_prefetch){.stream = j->stream, .command_id = j->cmd.command_id,
+                                      .events = &j->pre};
+      ebb_error_init(&b->items[b->n].err);
+      b->n++;
+    }
+    if (d->pre_head == NULL) d->pre_tail = NULL;
+    ebb_error_init(&b->err);
+    b->work.data = b;
+    uv_queue_work(&d->loop, &b->work, prefetch_work, prefetch_done);
+  }
 }
 
 static int prefetch(job *j) {
@@ -607,8 +653,11 @@ static int prefetch(job *j) {
   ebb_event_list_clear(&j->pre); /* the list the runtime gave back, or an empty one */
   ebb_error_clear(&j->pre_err);
   j->pre_unknown_id = 0;
-  j->work.data = j;
-  uv_queue_work(&d->loop, &j->work, prefetch_work, prefetch_done);
+  j->pre_next = NULL;
+  if (d->pre_tail) d->pre_tail->pre_next = j;
+  else d->pre_head = j;
+  d->pre_tail = j;
+  prefetch_kick(d);
   return 1;
 }
 
@@ -1909,6 +1958,11 @@ int ebb_daemon_run(const ebb_config *cfg, ebb_error *err) {
   ebb_buf_free(&problems);
   if (ebb_readers_new(&d->readers, &ro, err)) goto out;
   d->remote_store = strcmp(ebb_store_kind(ebb_runtime_store(d->rt)), "sqlite") != 0;
+  if (d->remote_store &&
+      (d->pre_batches = calloc(EBB_PREFETCH_BATCHES, sizeof *d->pre_batches)) == NULL) {
+    ebb_error_set(err, EBB_ENOMEM, "out of memory");
+    goto out;
+  }
   if ((d->queues = ebb_strmap_new()) == NULL || (d->parser = luaL_newstate()) == NULL) {
     ebb_error_set(err, EBB_ENOMEM, "out of memory");
     goto out;
@@ -2029,6 +2083,7 @@ out:
     uv_loop_close(&d->loop);
   }
   ebb_readers_free(d->readers); /* the loop ran every read to its end */
+  free(d->pre_batches);         /* ... and every prefetch batch */
   ebb_runtime_close(d->rt); /* writes the snapshots still waiting */
   if (d->parser) lua_close(d->parser);
   ebb_strmap_free(d->queues);

@@ -64,6 +64,8 @@ typedef struct ebb_daemon {
   ebb_runtime *rt;
   ebb_readers *readers;         /* runtimes for the read routes, on libuv's thread pool */
   int remote_store;             /* reads are round trips (PostgreSQL): commands prefetch */
+  struct job *pre_head, *pre_tail; /* commands waiting for the next prefetch batch */
+  struct prefetch_batch *pre_batches; /* EBB_PREFETCH_BATCHES, each idle or out */
   size_t reads;                 /* read routes running there */
   ebb_writer *writer;
   ebb_projections *projections;

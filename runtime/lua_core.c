@@ -312,6 +312,61 @@ static int l_read(lua_State *L) {
   return push_events(L, rt, &l, raw);
 }
 
+/* rt:prefetch({{stream=, command_id=}, ...}, limit) -> for each item, in
+ * order, {events = {...}, command_known = bool} or {error = {code=,
+ * message=}}: ebb_store_prefetch, what the daemon reads for commands on
+ * streams it has not cached. */
+static int l_prefetch(lua_State *L) {
+  ebb_runtime *rt = check_rt(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  int64_t limit = (int64_t)luaL_optinteger(L, 3, EBB_PRELOAD_EVENTS);
+  size_t n = (size_t)lua_rawlen(L, 2);
+  /* Freed by Lua, whatever raises; the strings stay in the argument. */
+  ebb_prefetch *items = lua_newuserdatauv(L, (n ? n : 1) * sizeof *items, 0);
+  ebb_event_list *lists = lua_newuserdatauv(L, (n ? n : 1) * sizeof *lists, 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 2, (lua_Integer)i + 1);
+    luaL_argcheck(L, lua_istable(L, -1), 2, "a list of {stream=, command_id=}");
+    items[i] = (ebb_prefetch){.stream = opt_string_field(L, -1, "stream", ""),
+                              .command_id = opt_string_field(L, -1, "command_id", NULL),
+                              .events = &lists[i]};
+    ebb_error_init(&items[i].err);
+    ebb_event_list_init(&lists[i]);
+    lua_pop(L, 1);
+  }
+  ebb_error err;
+  ebb_error_init(&err);
+  if (ebb_store_prefetch(ebb_runtime_store(rt), items, n, limit, &err) != 0) {
+    for (size_t i = 0; i < n; i++) {
+      ebb_event_list_free(&lists[i]);
+      ebb_error_clear(&items[i].err);
+    }
+    return push_failure(L, &err);
+  }
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_createtable(L, 0, 2);
+    if (items[i].err.code) {
+      lua_createtable(L, 0, 2);
+      lua_pushstring(L, ebb_error_name(items[i].err.code));
+      lua_setfield(L, -2, "code");
+      lua_pushstring(L, items[i].err.message);
+      lua_setfield(L, -2, "message");
+      lua_setfield(L, -2, "error");
+      ebb_error_clear(&items[i].err);
+      ebb_event_list_free(&lists[i]);
+    } else {
+      lua_pushboolean(L, items[i].command_known);
+      lua_setfield(L, -2, "command_known");
+      int r = push_events(L, rt, &lists[i], 0);
+      if (r != 1) return r; /* an upcaster failed: nil, message, code, error */
+      lua_setfield(L, -2, "events");
+    }
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  return 1;
+}
+
 /* rt:events({after=, limit=, category=, type=}) */
 static int l_events(lua_State *L) {
   ebb_runtime *rt = check_rt(L);
@@ -600,7 +655,7 @@ static int l_projection_db(lua_State *L) {
 }
 
 static const luaL_Reg runtime_methods[] = {
-    {"append", l_append}, {"read", l_read},   {"events", l_events}, {"version", l_version},
+    {"append", l_append}, {"read", l_read}, {"prefetch", l_prefetch},   {"events", l_events}, {"version", l_version},
     {"head", l_head},     {"send", l_send},   {"state", l_state},   {"check", l_check},
     {"cache_stats", l_cache_stats}, {"delete", l_delete},
     {"flush", l_flush}, {"snapshots", l_snapshots}, {"delete_snapshots", l_delete_snapshots}, {"close", l_close}, {NULL, NULL},

@@ -255,6 +255,50 @@ describe("event store", function()
       assert.same({ 2, 1 }, { list[1].version, list[2].version })
     end)
 
+    -- What the daemon reads, on PostgreSQL in one round trip, for the commands
+    -- on streams it has not cached that arrive together.
+    it("prefetches several streams' first events and command ids at once", function()
+      assert(rt:send { aggregate = "BankAccount", id = "pf", type = "OpenAccount",
+        data = { owner = "o" }, command_id = "cmd-pf" })
+      local got = assert(rt:prefetch({
+        { stream = "Order-1", command_id = "cmd-none" },
+        { stream = "Order-404" },
+        { stream = "bad name\1" },
+        { stream = "BankAccount-pf", command_id = "cmd-pf" },
+        { stream = "Order-2", command_id = "cmd-pf" },
+        { stream = "Order-1" },
+      }, 4))
+      assert.equal(6, #got)
+      local function versions(r)
+        local v = {}
+        for i, e in ipairs(r.events) do v[i] = e.version end
+        return v
+      end
+      -- The first events of each stream, in order, at most the limit.
+      assert.same({ 1, 2, 3, 4 }, versions(got[1]))
+      assert.equal(1, got[1].events[1].data.i)
+      assert.is_false(got[1].command_known)
+      assert.same({}, versions(got[2]))
+      assert.is_false(got[2].command_known)
+      -- A bad name fails its item alone.
+      assert.equal("bad_request", got[3].error.code)
+      assert.matches("stream name", got[3].error.message)
+      assert.is_nil(got[3].events)
+      assert.same({ 1 }, versions(got[4]))
+      assert.equal("AccountOpened", got[4].events[1].type)
+      assert.is_true(got[4].command_known)
+      -- A command id is looked up whatever stream it comes with.
+      assert.same({ 1 }, versions(got[5]))
+      assert.equal(200, got[5].events[1].data.i)
+      assert.is_true(got[5].command_known)
+      -- The same stream twice: each item has all of it.
+      assert.same({ 1, 2, 3, 4 }, versions(got[6]))
+      assert.same({}, assert(rt:prefetch({})))
+      local r, _, code = rt:prefetch({ { stream = "Order-1" } }, 0)
+      assert.is_nil(r)
+      assert.equal("bad_request", code)
+    end)
+
     it("reads nothing from a missing stream, and its version is 0", function()
       assert.same({}, rt:read("Order-404"))
       assert.equal(0, rt:version("Order-404"))

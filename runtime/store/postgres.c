@@ -131,6 +131,7 @@ enum {
   S_INSERT_MANY_MOVED,
   S_INSERT_COMMANDS_MOVED,
   S_LIST_STREAMS,
+  S_READ_FIRST_MANY,
   S_READ_CORRELATION,
   S_READ_CAUSATION,
   S_COUNT
@@ -213,6 +214,11 @@ static const char *const statements[S_COUNT] = {
                        "AND ($3::text IS NULL OR category = $3::text) "
                        "GROUP BY stream ORDER BY stream LIMIT $4::bigint) AS p "
                        "JOIN events AS e ON e.position = p.lp ORDER BY p.stream",
+    /* ebb_store_prefetch: each stream's first events, by its index in $1. */
+    [S_READ_FIRST_MANY] = "SELECT s.i, e.* FROM unnest($1::text[]) WITH ORDINALITY AS s(name, i) "
+                          "CROSS JOIN LATERAL (SELECT " EVENT_COLUMNS " FROM events WHERE "
+                          "stream = s.name ORDER BY version LIMIT $2::bigint) AS e "
+                          "ORDER BY s.i, e.version",
     [S_READ_CORRELATION] = "SELECT " EVENT_COLUMNS " FROM events WHERE "
                            "((metadata::jsonb) ->> 'correlation_id') = $1::text "
                            "AND position > $2::bigint ORDER BY position LIMIT $3::bigint",
@@ -1032,31 +1038,32 @@ static const ebb__append_ops pg_append_ops = {
 
 /* ---------------------------------------------------------------- reads */
 
+/* Pushes row i's EVENT_COLUMNS, from column c on, onto out. */
+static int push_event(const PGresult *res, int i, int c, ebb_event_list *out, ebb_error *err) {
+  ebb_event ev = {
+      .position = get_i64(res, i, c),
+      .stream = PQgetvalue(res, i, c + 1),
+      .version = get_i64(res, i, c + 2),
+      .id = PQgetvalue(res, i, c + 3),
+      .type = PQgetvalue(res, i, c + 4),
+      .schema = get_i64(res, i, c + 5),
+      .data = PQgetvalue(res, i, c + 6),
+      .data_len = (size_t)PQgetlength(res, i, c + 6),
+      .metadata = PQgetvalue(res, i, c + 7),
+      .metadata_len = (size_t)PQgetlength(res, i, c + 7),
+      .recorded_at = PQgetvalue(res, i, c + 8),
+  };
+  if (ebb_event_list_push(out, &ev)) return ebb_error_set(err, EBB_ENOMEM, "out of memory reading events");
+  return 0;
+}
+
 static int collect(pg_store *s, int which, const params *p, ebb_event_list *out, ebb_error *err) {
   PGresult *res = run_alone(s, which, p, 0, err, "reading events");
   if (res == NULL) return err->code;
-  int rows = PQntuples(res);
-  for (int i = 0; i < rows; i++) {
-    ebb_event ev = {
-        .position = get_i64(res, i, 0),
-        .stream = PQgetvalue(res, i, 1),
-        .version = get_i64(res, i, 2),
-        .id = PQgetvalue(res, i, 3),
-        .type = PQgetvalue(res, i, 4),
-        .schema = get_i64(res, i, 5),
-        .data = PQgetvalue(res, i, 6),
-        .data_len = (size_t)PQgetlength(res, i, 6),
-        .metadata = PQgetvalue(res, i, 7),
-        .metadata_len = (size_t)PQgetlength(res, i, 7),
-        .recorded_at = PQgetvalue(res, i, 8),
-    };
-    if (ebb_event_list_push(out, &ev)) {
-      PQclear(res);
-      return ebb_error_set(err, EBB_ENOMEM, "out of memory reading events");
-    }
-  }
+  int rows = PQntuples(res), rc = 0;
+  for (int i = 0; i < rows && rc == 0; i++) rc = push_event(res, i, 0, out, err);
   PQclear(res);
-  return 0;
+  return rc;
 }
 
 static int pg_read_stream(ebb_store *base, const char *stream, int64_t from, int64_t limit,
@@ -1170,6 +1177,64 @@ static int pg_find_command(ebb_store *base, const char *command_id, ebb_command_
   return found;
 }
 
+/* Every item's first events and command id in one round trip, instead of
+ * two per command: on a busy daemon, the commands on streams it has not
+ * cached that arrive while one such read is out go in the next. */
+static int pg_prefetch(ebb_store *base, ebb_prefetch *items, size_t n, int64_t limit,
+                       ebb_error *err) {
+  pg_store *s = (pg_store *)base;
+  arr streams, ids;
+  arr_init(&streams, OID_TEXT);
+  arr_init(&ids, OID_TEXT);
+  size_t *at = malloc((n ? n : 1) * sizeof *at); /* the array's index -> the item's */
+  size_t n_streams = 0;
+  int rc = 0;
+  if (at == NULL) goto oom;
+  for (size_t i = 0; i < n; i++) {
+    if (items[i].err.code) continue;
+    arr_text(&streams, items[i].stream);
+    at[n_streams++] = i;
+    if (items[i].command_id) arr_text(&ids, items[i].command_id);
+  }
+  if (n_streams == 0) goto done;
+  params ps = {0}, pi = {0};
+  if (arr_param(&ps, &streams) || arr_param(&pi, &ids)) goto oom;
+  p_int(&ps, limit);
+  pipe_item pipe[2] = {{.which = S_READ_FIRST_MANY, .p = &ps}, {.which = S_FIND_COMMANDS, .p = &pi}};
+  size_t k = ids.n ? 2 : 1;
+  if (ensure(s, err)) goto done;
+  if (pipeline(s, pipe, k, err)) {
+    if (!lost(s)) goto done;
+    ebb_error_clear(err); /* gone since the last call: nothing was done, try once more */
+    if (ensure(s, err) || pipeline(s, pipe, k, err)) goto done;
+  }
+  PGresult *ev = pipe[0].res, *cm = k > 1 ? pipe[1].res : NULL;
+  for (int r = 0; r < PQntuples(ev) && rc == 0; r++) {
+    int64_t i = get_i64(ev, r, 0);
+    if (i < 1 || (size_t)i > n_streams) {
+      rc = ebb_error_set(err, EBB_ESTORE, "reading streams: a row for stream %lld of %zu",
+                         (long long)i, n_streams);
+      break;
+    }
+    rc = push_event(ev, r, 1, items[at[i - 1]].events, err);
+  }
+  for (int r = 0; cm && r < PQntuples(cm); r++)
+    for (size_t j = 0; j < n_streams; j++) {
+      ebb_prefetch *it = &items[at[j]];
+      if (it->command_id && strcmp(it->command_id, PQgetvalue(cm, r, 0)) == 0) it->command_known = 1;
+    }
+  for (size_t j = 0; j < k; j++) PQclear(pipe[j].res);
+  goto done;
+oom:
+  rc = ebb_error_set(err, EBB_ENOMEM, "out of memory reading streams");
+done:
+  if (rc == 0 && err->code) rc = err->code;
+  free(at);
+  ebb_buf_free(&streams.b);
+  ebb_buf_free(&ids.b);
+  return rc;
+}
+
 static int pg_schema_version(ebb_store *base, int *version, ebb_error *err) {
   pg_store *s = (pg_store *)base;
   PGresult *res = run_alone(s, S_SCHEMA_VERSION, NULL, 0, err, "reading the schema version");
@@ -1274,6 +1339,7 @@ static const ebb_store_vtable pg_vtable = {
     .stream_version = pg_stream_version,
     .head = pg_head,
     .find_command = pg_find_command,
+    .prefetch = pg_prefetch,
     .snapshot_save = pg_snapshot_save,
     .snapshot_load = pg_snapshot_load,
     .snapshot_list = pg_snapshot_list,

@@ -447,6 +447,30 @@ int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_rec
   return s->vt->find_command(s, command_id, out, err);
 }
 
+int ebb_store_prefetch(ebb_store *s, ebb_prefetch *items, size_t n, int64_t limit, ebb_error *err) {
+  if (check_limit(limit, err)) return err->code;
+  for (size_t i = 0; i < n; i++) {
+    items[i].command_known = 0;
+    if (ebb_validate_name("stream name", items[i].stream, &items[i].err) == 0 &&
+        items[i].command_id)
+      ebb_validate_name("command id", items[i].command_id, &items[i].err);
+  }
+  if (s->vt->prefetch) return s->vt->prefetch(s, items, n, limit, err);
+  for (size_t i = 0; i < n; i++) {
+    ebb_prefetch *it = &items[i];
+    if (it->err.code) continue;
+    if (s->vt->read_stream(s, it->stream, 1, limit, 0, it->events, err)) return err->code;
+    if (it->command_id) {
+      ebb_command_record rec = {.rejection = NULL};
+      int found = s->vt->find_command(s, it->command_id, &rec, err);
+      if (found < 0) return err->code;
+      ebb_command_record_clear(&rec);
+      it->command_known = found > 0;
+    }
+  }
+  return 0;
+}
+
 void ebb_command_record_clear(ebb_command_record *rec) {
   free(rec->rejection);
   rec->rejection = NULL;

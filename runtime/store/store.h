@@ -172,6 +172,16 @@ typedef int (*ebb_snapshot_fn)(void *ud, const ebb_snapshot *snap);
 
 typedef struct ebb_store ebb_store;
 
+/* What deciding a command on a stream not cached needs first, asked for
+ * several commands at once (see ebb_store_prefetch). */
+typedef struct ebb_prefetch {
+  const char *stream;     /* in */
+  const char *command_id; /* in; NULL: none */
+  ebb_event_list *events; /* out: the stream's first events (version 1 on), appended */
+  int command_known;      /* out: command_id is stored (handled before) */
+  ebb_error err;          /* out: this item's own failure (a bad name); init'd by the caller */
+} ebb_prefetch;
+
 struct ebb__append_ops; /* store_backend.h */
 
 typedef struct ebb_store_vtable {
@@ -185,6 +195,9 @@ typedef struct ebb_store_vtable {
                         ebb_error *err);
   int (*head)(ebb_store *, int64_t *position, ebb_error *err);
   int (*find_command)(ebb_store *, const char *command_id, ebb_command_record *out, ebb_error *err);
+  /* NULL: each item read in turn (read_stream, find_command). Items with
+   * err set are skipped. */
+  int (*prefetch)(ebb_store *, ebb_prefetch *items, size_t n, int64_t limit, ebb_error *err);
   int (*snapshot_save)(ebb_store *, const ebb_snapshot *snaps, size_t n, ebb_error *err);
   int (*snapshot_load)(ebb_store *, const char *stream, const char *fingerprint,
                        int64_t max_version, const char *max_time, int64_t *version,
@@ -278,6 +291,14 @@ int ebb_store_head(ebb_store *s, int64_t *position, ebb_error *err);
  * when it was refused), 0 when not, or < 0. */
 int ebb_store_find_command(ebb_store *s, const char *command_id, ebb_command_record *out,
                            ebb_error *err);
+
+/* For each item, its stream's first events (at most limit, > 0) and whether
+ * its command id is stored: what a command on a stream not cached needs
+ * before it is decided. A backend reads them all at once where a read is a
+ * round trip (PostgreSQL: one for every item). An item with a bad name gets
+ * its own error (items[i].err) and the others go on; a failure of the store
+ * fails the call, and every item with it. */
+int ebb_store_prefetch(ebb_store *s, ebb_prefetch *items, size_t n, int64_t limit, ebb_error *err);
 
 /* Saves snapshots in one transaction (a snapshot at the same stream, version
  * and fingerprint is replaced). */

@@ -258,6 +258,26 @@ describe("the example reactor order_payment", function()
     assert.are.equal(1, s.commands_rejected) -- the refusal, answered again from the store
   end)
 
+  -- Events it does nothing for move its checkpoint in memory, written at most
+  -- once a second while events flow (not at every commit it catches up with);
+  -- a stop writes what is left.
+  it("writes the checkpoint over the events it ignored when the daemon stops", function()
+    d = start()
+    local last
+    for i = 1, 20 do
+      last = command(d, "bank_account", "ign-" .. i, "OpenAccount", { owner = "I" }).position
+    end
+    settled(d, "order_payment", last)
+    local data = d.data
+    d:stop()
+    d = nil
+    local p = assert(io.popen("sqlite3 -readonly " .. support.quote(data .. "/reactors.db")
+      .. " \"SELECT position FROM reactor_checkpoint WHERE name = 'order_payment'\""))
+    local written = tonumber(p:read("a"))
+    p:close()
+    assert.are.equal(last, written)
+  end)
+
   it("6. a store restored behind the reactor's checkpoint: resumes at the head and reacts to new events", function()
     d = start()
     local data, backup = d.data, support.tmpdir()

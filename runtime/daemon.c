@@ -614,11 +614,21 @@ static void prefetch_done(uv_work_t *w, int status) {
   }
   ebb_error_clear(&b->err);
   b->n = 0;
-  prefetch_kick(d); /* the next batch goes out before these are decided */
+  /* Stopped: nothing more is read, the waiting are answered 503 as they start. */
+  job *waiting = d->stopped ? d->pre_head : NULL;
+  if (waiting) d->pre_head = d->pre_tail = NULL;
+  else prefetch_kick(d); /* the next batch goes out before these are decided */
   for (size_t i = 0; i < n; i++) {
     char stream[EBB_MAX_NAME + 1];
     memcpy(stream, jobs[i]->stream, sizeof stream);
     run_queue(d, jobs[i]->queue, stream);
+  }
+  while (waiting) {
+    job *j = waiting;
+    waiting = j->pre_next;
+    char stream[EBB_MAX_NAME + 1];
+    memcpy(stream, j->stream, sizeof stream);
+    run_queue(d, j->queue, stream);
   }
 }
 

@@ -359,7 +359,13 @@ static int l_prefetch(lua_State *L) {
       lua_pushboolean(L, items[i].command_known);
       lua_setfield(L, -2, "command_known");
       int r = push_events(L, rt, &lists[i], 0);
-      if (r != 1) return r; /* an upcaster failed: nil, message, code, error */
+      if (r != 1) { /* an upcaster failed: nil, message, code, error */
+        for (size_t k = i + 1; k < n; k++) {
+          ebb_event_list_free(&lists[k]);
+          ebb_error_clear(&items[k].err);
+        }
+        return r;
+      }
       lua_setfield(L, -2, "events");
     }
     lua_rawseti(L, -2, (lua_Integer)i + 1);

@@ -38,7 +38,10 @@
 #define TRY_LOCK "SELECT pg_try_advisory_lock(" LEADER_KEY ", hashtext(current_schema()))"
 /* The watch link's head read, prepared once per connection: it runs after
  * every burst of commits, and planning it each time cost the server more
- * than running it (perf: 57% of that backend's CPU parsing and planning). */
+ * than running it (perf: 57% of that backend's CPU parsing and planning).
+ * Without parameters its one plan is made at once, and kept: without
+ * sequential scans (as on the store's connections, postgres.c), lest a plan
+ * made while the table looked empty scan it whole at every wake-up. */
 #define HEAD_PLAN "ebb_head"
 
 enum { DOWN, CONNECTING, QUERY, IDLE };
@@ -135,8 +138,9 @@ static int connected(pg_link *l, ebb_error *err) {
    * until the next commit anywhere. */
   if (l->kind == EBB_LINK_WATCH)
     return send(l,
-                "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; PREPARE " HEAD_PLAN " AS SELECT "
-                EBB__PG_HEAD "; SELECT current_schema(), (SELECT " EBB__PG_HEAD ")",
+                "BEGIN; LISTEN " EBB__PG_CHANNEL "; COMMIT; SET enable_seqscan = off; PREPARE "
+                HEAD_PLAN " AS SELECT " EBB__PG_HEAD "; SELECT current_schema(), (SELECT "
+                EBB__PG_HEAD ")",
                 err);
   return send(l, TRY_LOCK, err);
 }

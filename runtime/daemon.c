@@ -563,6 +563,14 @@ static int job_finish(job *j) {
 
 static void run_queue(ebb_daemon *d, stream_queue *q, const char *stream);
 
+/* Runs the queue j heads. The job may end (and be freed) at once: the queue
+ * is keyed by a copy of its stream. */
+static void run_queue_of(job *j) {
+  char stream[EBB_MAX_NAME + 1];
+  memcpy(stream, j->stream, sizeof stream);
+  run_queue(j->d, j->queue, stream);
+}
+
 /* A command on a stream the runtime has not cached must read it before
  * deciding. On SQLite that read is a local page-cache read, cheaper than a
  * hand-over; on PostgreSQL it is a round trip, and one to a server that has
@@ -618,17 +626,11 @@ static void prefetch_done(uv_work_t *w, int status) {
   job *waiting = d->stopped ? d->pre_head : NULL;
   if (waiting) d->pre_head = d->pre_tail = NULL;
   else prefetch_kick(d); /* the next batch goes out before these are decided */
-  for (size_t i = 0; i < n; i++) {
-    char stream[EBB_MAX_NAME + 1];
-    memcpy(stream, jobs[i]->stream, sizeof stream);
-    run_queue(d, jobs[i]->queue, stream);
-  }
+  for (size_t i = 0; i < n; i++) run_queue_of(jobs[i]);
   while (waiting) {
     job *j = waiting;
     waiting = j->pre_next;
-    char stream[EBB_MAX_NAME + 1];
-    memcpy(stream, j->stream, sizeof stream);
-    run_queue(d, j->queue, stream);
+    run_queue_of(j);
   }
 }
 
@@ -854,12 +856,7 @@ static void enqueue(ebb_daemon *d, job *j) {
   if (q->tail) q->tail->next = j;
   else q->head = j;
   q->tail = j;
-  if (q->head == j) {
-    /* The job may end (and be freed) at once: the queue is keyed by a copy. */
-    char stream[EBB_MAX_NAME + 1];
-    memcpy(stream, j->stream, sizeof stream);
-    run_queue(d, q, stream);
-  }
+  if (q->head == j) run_queue_of(j);
 }
 
 static job *job_new(ebb_daemon *d, ebb_http_conn *c, const reqinfo *ri) {

@@ -40,12 +40,10 @@ static void push_json(lua_State *L, const char *text, size_t len) {
   if (ebb_json_decode(L, text, len, msg, sizeof msg) != 0) luaL_error(L, "internal: %s", msg);
 }
 
-/* nil, message, code, info. Frees nothing: err is cleared by the caller. */
-static int push_failure(lua_State *L, ebb_error *err) {
+/* The info table of an error: code, message and, where they apply,
+ * expected, actual and details. */
+static void push_error_info(lua_State *L, const ebb_error *err) {
   char buf[24];
-  lua_pushnil(L);
-  lua_pushstring(L, err->message);
-  lua_pushstring(L, ebb_error_name(err->code));
   lua_createtable(L, 0, 5);
   lua_pushstring(L, ebb_error_name(err->code));
   lua_setfield(L, -2, "code");
@@ -62,6 +60,14 @@ static int push_failure(lua_State *L, ebb_error *err) {
     push_json(L, err->details, strlen(err->details));
     lua_setfield(L, -2, "details");
   }
+}
+
+/* nil, message, code, info; clears err. */
+static int push_failure(lua_State *L, ebb_error *err) {
+  lua_pushnil(L);
+  lua_pushstring(L, err->message);
+  lua_pushstring(L, ebb_error_name(err->code));
+  push_error_info(L, err);
   ebb_error_clear(err);
   return 4;
 }
@@ -347,11 +353,7 @@ static int l_prefetch(lua_State *L) {
   for (size_t i = 0; i < n; i++) {
     lua_createtable(L, 0, 2);
     if (items[i].err.code) {
-      lua_createtable(L, 0, 2);
-      lua_pushstring(L, ebb_error_name(items[i].err.code));
-      lua_setfield(L, -2, "code");
-      lua_pushstring(L, items[i].err.message);
-      lua_setfield(L, -2, "message");
+      push_error_info(L, &items[i].err);
       lua_setfield(L, -2, "error");
       ebb_error_clear(&items[i].err);
       ebb_event_list_free(&lists[i]);
@@ -661,8 +663,9 @@ static int l_projection_db(lua_State *L) {
 }
 
 static const luaL_Reg runtime_methods[] = {
-    {"append", l_append}, {"read", l_read}, {"prefetch", l_prefetch},   {"events", l_events}, {"version", l_version},
+    {"append", l_append}, {"read", l_read},   {"events", l_events}, {"version", l_version},
     {"head", l_head},     {"send", l_send},   {"state", l_state},   {"check", l_check},
+    {"prefetch", l_prefetch},
     {"cache_stats", l_cache_stats}, {"delete", l_delete},
     {"flush", l_flush}, {"snapshots", l_snapshots}, {"delete_snapshots", l_delete_snapshots}, {"close", l_close}, {NULL, NULL},
 };

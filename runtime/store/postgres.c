@@ -696,6 +696,18 @@ static int pipeline(pg_store *s, pipe_item *items, size_t n, ebb_error *err) {
   return rc;
 }
 
+/* A pipeline that writes nothing (reads, or a batch's BEGIN, lock and
+ * reads): on a connection gone since the last call (a server restart)
+ * nothing was done, so it reconnects and sends it once more, as run_alone
+ * does for one statement. */
+static int pipeline_alone(pg_store *s, pipe_item *items, size_t n, ebb_error *err) {
+  if (ensure(s, err)) return err->code;
+  if (pipeline(s, items, n, err) == 0 || !lost(s)) return err->code;
+  ebb_error_clear(err);
+  if (ensure(s, err)) return err->code;
+  return pipeline(s, items, n, err);
+}
+
 /* Where an event id is stored, or where this batch writes it. */
 typedef struct place {
   const char *stream; /* in a stored row or a request: both outlive the batch */
@@ -807,7 +819,6 @@ static int read_batch(pg_store *s, ebb_append *reqs, size_t n, int unlocked, int
   if (b == NULL) return ebb_error_set(err, EBB_ENOMEM, "out of memory appending");
   for (int i = 0; i < 10; i++) arr_init(&b->ev[i], ev_oid[i]);
   for (int i = 0; i < 8; i++) arr_init(&b->cm[i], cm_oid[i]);
-  if (ensure(s, err)) return err->code;
   b->streams = ebb_strmap_new();
   b->ids = ebb_strmap_new();
   b->commands = ebb_strmap_new();
@@ -852,12 +863,7 @@ static int read_batch(pg_store *s, ebb_append *reqs, size_t n, int unlocked, int
   if (cmdv.n) at_commands = k, items[k++] = (pipe_item){.which = S_FIND_COMMANDS, .p = &pc};
   if (unlocked) at_head = k, items[k++] = (pipe_item){.which = S_HEAD};
   b->unlocked = unlocked;
-  if (pipeline(s, items, k, err)) {
-    if (!lost(s)) goto done;
-    /* Gone since the last call (a server restart): nothing was done, try once more. */
-    ebb_error_clear(err);
-    if (ensure(s, err) || pipeline(s, items, k, err)) goto done;
-  }
+  if (pipeline_alone(s, items, k, err)) goto done;
   *head = b->start = get_i64(items[at_head].res, 0, 0);
   int locked = !at_lock || PQntuples(items[at_lock].res) == 1;
   if (at_ids) b->stored_ids = items[at_ids].res, items[at_ids].res = NULL;
@@ -1202,17 +1208,12 @@ static int pg_prefetch(ebb_store *base, ebb_prefetch *items, size_t n, int64_t l
   p_int(&ps, limit);
   pipe_item pipe[2] = {{.which = S_READ_FIRST_MANY, .p = &ps}, {.which = S_FIND_COMMANDS, .p = &pi}};
   size_t k = ids.n ? 2 : 1;
-  if (ensure(s, err)) goto done;
-  if (pipeline(s, pipe, k, err)) {
-    if (!lost(s)) goto done;
-    ebb_error_clear(err); /* gone since the last call: nothing was done, try once more */
-    if (ensure(s, err) || pipeline(s, pipe, k, err)) goto done;
-  }
+  if (pipeline_alone(s, pipe, k, err)) goto done;
   PGresult *ev = pipe[0].res, *cm = k > 1 ? pipe[1].res : NULL;
   for (int r = 0; r < PQntuples(ev) && rc == 0; r++) {
     int64_t i = get_i64(ev, r, 0);
     if (i < 1 || (size_t)i > n_streams) {
-      rc = ebb_error_set(err, EBB_ESTORE, "reading streams: a row for stream %lld of %zu",
+      rc = ebb_error_set(err, EBB_ESTORE, "prefetching streams: the server answered for stream %lld of the %zu asked",
                          (long long)i, n_streams);
       break;
     }
